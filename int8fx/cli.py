@@ -1,0 +1,54 @@
+"""The `int8fx` command line (also `python -m int8fx`).
+
+Each subcommand lives with the code it drives: a module exposing `add_arguments(parser)` and
+`run(args) -> int`. This file only maps names to those modules and imports them lazily, so
+`int8fx --help` stays fast and one subcommand's dependencies never break another.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("int8fx.training", "train a model on real data in FP32 and INT8 side by side"),
+    "inspect": ("int8fx.report", "show which conv/linear sites a model converts, and why not"),
+    "export": ("int8fx.onnx_export", "export a converted model to ONNX with its quantization parameters"),
+    "bench": ("int8fx.bench", "time a training step of FP32 vs INT8 on this machine"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="int8fx", description="Train PyTorch CNNs in INT8 (forward and backward).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # a subcommand whose optional dependency is missing
+            p = sub.add_parser(name, help=f"{help_text} (unavailable: {e})")
+            p.set_defaults(_run=lambda args, e=e: _unavailable(e))
+            continue
+        if not hasattr(mod, "add_arguments"):
+            continue
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _unavailable(e: Exception) -> int:
+    print(f"int8fx: this command needs a missing package: {e}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The INT8 training op: one `torch.autograd.Function` for every conv dimensionality and for linear.
+
+Forward:  X per tensor, W per output channel -> exact integer GEMM -> x s_X s_W[o] (+ bias in fp32).
+          The INT8 activation (not the FP32 one) is saved for backward.
+Backward: dW = (dY quantized with one clip per output channel)^T . Xcol_int8      (INT8 GEMM)
+          dX = col2im((dY s_W[o] quantized per tensor) . W_int8)                (INT8 GEMM)
+Folding the per-channel weight scale into dY before its per-tensor quantization keeps the forward's
+per-output-channel INT8 weights usable in the dX GEMM, where o is the reduction index and a
+per-o scale could not be factored out (ALGORITHMS.md, granularity table). It is the exact gradient of
+the quantized forward (straight-through for the quantizers).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import resolve_backend
+from ..kernels.im2col import GemmSpec, cols_to_output, from_cols, output_to_rows, to_cols
+from ..quant.core import (absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
+                          scale_from_clip)
+
+
+def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend):
+    """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export."""
+    s_x = scale_from_clip(absmax(x))
+    x_q = quantize(x, s_x)
+    w2 = weight.reshape(weight.shape[0], -1)
+    w_q, s_w = quantize_per_channel(w2, 0, out_dtype=backend.operand_dtype)
+    g = spec.groups
+    cols, out = to_cols(x_q.to(backend.operand_dtype), spec)
+    acc = backend.bmm(cols, w_q.view(g, -1, w_q.shape[1]).transpose(1, 2))  # [g, M, O/g]
+    y = acc.float() * (s_x * s_w.view(g, 1, -1))
+    batch_shape = x.shape[:-1] if spec.is_linear else x.shape[:1]
+    return cols_to_output(y, spec, batch_shape, out), x_q, s_x, w_q, s_w
+
+
+class Int8GemmFunction(torch.autograd.Function):
+    """apply(x, weight, bias, spec, layer) -> y. `layer` is the Int8 module owning quantizer state."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, layer) -> Tensor:
+        backend = resolve_backend(layer.backend_choice, x.device)
+        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec, backend)
+        if bias is not None:
+            y = y + (bias.view(-1, *([1] * spec.dims)) if not spec.is_linear else bias)
+        layer.observe_forward(s_x)
+        ctx.save_for_backward(x_q, s_x, w_q, s_w)
+        ctx.spec, ctx.layer, ctx.has_bias = spec, layer, bias is not None
+        ctx.x_shape, ctx.x_dtype, ctx.w_shape = x.shape, x.dtype, weight.shape
+        return y.to(x.dtype) if x.dtype != y.dtype and x.dtype.is_floating_point else y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x_q, s_x, w_q, s_w = ctx.saved_tensors
+        spec, layer = ctx.spec, ctx.layer
+        backend = resolve_backend(layer.backend_choice, dy.device)
+        g = spec.groups
+        rows = output_to_rows(dy.float(), spec)  # [M, O]
+        O = rows.shape[1]
+        poison = nonfinite_poison(rows)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rounding, gen = layer.grad_rounding()
+        scaled = rows * s_w  # dY s_W[o]: the dX operand (see module docstring)
+        clip_w, clip_x = layer.grad_quantizer.clips(rows, scaled)
+        dx = dw = db = None
+        if need_x:
+            s_gx = scale_from_clip(clip_x + poison)
+            gq = quantize(scaled, s_gx, rounding, gen, backend.operand_dtype)
+            acc = backend.bmm(gq.view(-1, g, O // g).transpose(0, 1), w_q.view(g, O // g, -1))  # [g, M, K]
+            dx_int = from_cols(acc, spec, ctx.x_shape)
+            dx = (dx_int.float() * s_gx).to(ctx.x_dtype)
+        if need_w or layer.tracks_deviation:
+            s_gw = scale_from_clip(clip_w + poison)
+            dq = quantize(rows, s_gw, rounding, gen, backend.operand_dtype)
+            if layer.tracks_deviation:
+                layer.observe_deviation(cosine_distance(rows, dequantize(dq, s_gw)))
+        if need_w:
+            cols, _ = to_cols(x_q.to(backend.operand_dtype), spec)  # [g, M, K]
+            acc = backend.bmm(dq.view(-1, g, O // g).permute(1, 2, 0), cols)  # [g, O/g, K]
+            dw = (acc.float() * (s_gw.view(g, -1, 1) * s_x)).reshape(ctx.w_shape)
+        if need_b and ctx.has_bias:
+            db = rows.sum(0)
+        layer.observe_backward()
+        return dx, dw, db, None, None

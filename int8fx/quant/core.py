@@ -1,0 +1,88 @@
+"""Symmetric INT8 quantization math, device-agnostic (ALGORITHMS.md, "INT8 quantizer").
+
+Levels are -127..127 (never -128, so negation is exact and the fp32 reference GEMM stays exact).
+scale = clip / 127. A zero clip gives scale 0 and quantizes to 0, never NaN. A non-finite clip gives a
+non-finite scale, which makes every dequantized value non-finite: that is deliberate, it is how an
+Inf/NaN gradient stays visible to loss scalers instead of being clamped into 127.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+QMAX = 127
+
+
+def scale_from_clip(clip: Tensor) -> Tensor:
+    """clip (any shape) -> scale = clip / 127, in fp32."""
+    return clip.float() / QMAX
+
+
+def absmax(x: Tensor, dim: int | tuple | None = None) -> Tensor:
+    """max |x| over `dim` (all dims when None), in fp32. NaN anywhere gives NaN, Inf gives Inf."""
+    if dim is None:
+        return x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    return x.detach().abs().amax(dim=dim).float()
+
+
+def nonfinite_poison(x: Tensor) -> Tensor:
+    """0 when x is all finite, NaN otherwise: add it to any clip so that a non-finite input poisons
+    the scale even when the clip comes from running state rather than from x itself."""
+    m = absmax(x)
+    return m - m
+
+
+def quantize(
+    x: Tensor,
+    scale: Tensor,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    out_dtype: torch.dtype = torch.int8,
+) -> Tensor:
+    """q = clamp(round(x / scale), -127, 127), with `scale` broadcastable against x.
+
+    rounding "nearest" is round-half-to-even; "stochastic" is floor(x/s + u), u ~ U[0,1) drawn from
+    `generator` (unbiased: E[q] = x/s inside the range). Where scale is 0 or NaN, q is 0.
+    out_dtype lets a backend receive its GEMM operand type directly (the reference GEMM wants fp32
+    holding the integers), saving one pass over memory.
+    """
+    scale = scale.to(x.device, torch.float32)
+    ok = scale > 0
+    v = torch.where(ok, x.float() / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros((), device=x.device))
+    if rounding == "nearest":
+        v = v.round_()
+    elif rounding == "stochastic":
+        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+        v = v.add_(u).floor_()
+    else:
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    v = v.clamp_(-QMAX, QMAX)
+    return v if out_dtype == v.dtype else v.to(out_dtype)
+
+
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """x_hat = scale * q (fp32)."""
+    return q.float() * scale.to(q.device, torch.float32)
+
+
+def quantize_per_tensor(x: Tensor, rounding: str = "nearest", generator=None, out_dtype=torch.int8):
+    """Absmax per-tensor quantization: (q, scale)."""
+    s = scale_from_clip(absmax(x))
+    return quantize(x, s, rounding, generator, out_dtype), s
+
+
+def quantize_per_channel(x: Tensor, axis: int = 0, rounding: str = "nearest", generator=None, out_dtype=torch.int8):
+    """Absmax quantization with one scale per index of `axis`: (q, scale of shape [x.shape[axis]])."""
+    axis = axis % x.dim()
+    dims = tuple(d for d in range(x.dim()) if d != axis)
+    s = scale_from_clip(absmax(x, dims) if dims else x.detach().abs().float())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return quantize(x, s.view(shape), rounding, generator, out_dtype), s
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """1 - <a, b> / (|a| |b|), in fp32; 0 when both are zero."""
+    a, b = a.detach().reshape(-1).float(), b.detach().reshape(-1).float()
+    den = a.norm() * b.norm()
+    return torch.where(den > 0, 1 - (a @ b) / den.clamp_min(1e-38), torch.zeros((), device=a.device))
