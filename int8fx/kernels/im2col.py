@@ -64,7 +64,8 @@ def to_cols(x: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
     if all(k == 1 for k in spec.kernel):
         # 1x1: no window, only a strided subsample
         v = x[(slice(None), slice(None)) + tuple(slice(None, s * (o - 1) + 1, s) for s, o in zip(spec.stride, out))]
-        cols = v.reshape(n, g, c // g, -1).permute(1, 0, 3, 2).reshape(g, -1, c // g)
+        m = math.prod(out)  # explicit sizes, not -1: an empty batch (n = 0) makes -1 ambiguous
+        cols = v.reshape(n, g, c // g, m).permute(1, 0, 3, 2).reshape(g, n * m, c // g)
         return cols, out
     v = x
     for i, (k, d, s) in enumerate(zip(spec.kernel, spec.dilation, spec.stride)):
@@ -86,6 +87,9 @@ def from_cols(cols: Tensor, spec: GemmSpec, in_shape: tuple) -> Tensor:
     g, nd = spec.groups, spec.dims
     padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(in_shape[2:], spec.padding))
     out = spec.out_size(tuple(in_shape[2:]))
+    if nd <= 2:
+        return _fold(cols, spec, (n, c) + padded, out)[_unpad(spec, in_shape)]
+    # 3-d: no F.fold; add each kernel offset's slab into a strided view of the padded input
     # [g, N, *out, C/g, *kernel] -> [N, g, C/g, *out, *kernel]
     v = cols.reshape(g, n, *out, c // g, *spec.kernel)
     v = v.permute((1, 0, 2 + nd) + tuple(range(2, 2 + nd)) + tuple(range(3 + nd, 3 + 2 * nd)))
@@ -94,9 +98,23 @@ def from_cols(cols: Tensor, spec: GemmSpec, in_shape: tuple) -> Tensor:
     for offs in itertools.product(*(range(k) for k in spec.kernel)):
         sl = tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offs, spec.dilation, spec.stride, out))
         dx[(slice(None), slice(None)) + sl] += v[(Ellipsis,) + offs]
-    if spec.has_padding:
-        dx = dx[(slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(in_shape[2:], spec.padding))]
-    return dx
+    return dx[_unpad(spec, in_shape)]
+
+
+def _unpad(spec: GemmSpec, in_shape: tuple) -> tuple:
+    return (slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(in_shape[2:], spec.padding))
+
+
+def _fold(cols: Tensor, spec: GemmSpec, padded_shape: tuple, out: tuple) -> Tensor:
+    """col2im of 1-d/2-d convolutions through F.fold (C++), 1-d as 2-d with height 1. The sum over
+    overlapping windows is exact when the caller hands accumulators in a dtype that holds it exactly."""
+    g, m, k = cols.shape
+    n, c = padded_shape[:2]
+    lsz = m // n if n else 0
+    v = cols.reshape(g, n, lsz, k).permute(1, 0, 3, 2).reshape(n, g * k, lsz)
+    as2d = lambda t: (1,) * (2 - spec.dims) + tuple(t)  # noqa: E731
+    dx = F.fold(v, as2d(padded_shape[2:]), as2d(spec.kernel), dilation=as2d(spec.dilation), stride=as2d(spec.stride))
+    return dx.reshape(padded_shape)
 
 
 def cols_to_output(y: Tensor, spec: GemmSpec, batch_shape: tuple, out: tuple) -> Tensor:
@@ -107,7 +125,7 @@ def cols_to_output(y: Tensor, spec: GemmSpec, batch_shape: tuple, out: tuple) ->
     n = batch_shape[0]
     nd = len(out)
     y = y.reshape(g, n, *out, y.shape[-1]).permute((1, 0, 2 + nd) + tuple(range(2, 2 + nd)))
-    return y.reshape(n, -1, *out)
+    return y.reshape(n, g * y.shape[2], *out)  # not -1: ambiguous for an empty batch
 
 
 def output_to_rows(dy: Tensor, spec: GemmSpec) -> Tensor:

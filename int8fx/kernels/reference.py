@@ -72,6 +72,14 @@ class ReferenceBackend:
         return exact_int_bmm(a, b)
 
 
+def exact_sum_dtype(acc: Tensor, max_abs: float) -> Tensor:
+    """`acc` in a float dtype that still holds sums of magnitude up to `max_abs` exactly (fp32 below 2^24,
+    else fp64); integer accumulators are returned unchanged."""
+    if acc.dtype == torch.float32 and max_abs >= 2**24:
+        return acc.double()
+    return acc
+
+
 def naive_int64_bmm(a: Tensor, b: Tensor) -> Tensor:
     """Slow ground truth for tests: int64 products summed in int64."""
     return torch.einsum("gmk,gkn->gmn", a.to(torch.int64), b.to(torch.int64))

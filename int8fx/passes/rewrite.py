@@ -66,6 +66,7 @@ class Rewriter:
         self.sites: list[Site] = []
         self.index = 0
         self._swapped: dict[int, Int8Layer] = {}
+        self._seen: set[int] = set()  # conv/linear modules already reported, converted or not
 
     # ------------------------------------------------------------------ modules
     def swap_module(self, root: nn.Module, path: str, full_name: str, source: str) -> None:
@@ -77,6 +78,7 @@ class Rewriter:
             return
         op = _module_op(mod)
         reason = self._why_not_module(mod, full_name)
+        self._seen.add(id(mod))
         if reason:
             self.sites.append(Site(full_name, op, source, False, reason))
             return
@@ -193,7 +195,7 @@ def rewrite(root: nn.Module, config: Int8Config) -> tuple[nn.Module, list[Site]]
         rw.rewrite_graph(gm, name)
     inside_graph = {id(m) for _, gm in graph_modules for m in gm.modules() if m is not gm}
     for name, mod in list(root.named_modules()):
-        if _module_op(mod) is not None and not isinstance(mod, Int8Layer) and name:
+        if _module_op(mod) is not None and not isinstance(mod, Int8Layer) and name and id(mod) not in rw._seen:
             if id(mod) in inside_graph:
                 rw.sites.append(Site(name, _module_op(mod), "module", False,
                                      "never called as a module in the traced graph (unused, or its weight is used by "

@@ -21,8 +21,12 @@ def scale_from_clip(clip: Tensor) -> Tensor:
 def absmax(x: Tensor, dim: int | tuple | None = None) -> Tensor:
     """max |x| over `dim` (all dims when None), in fp32. NaN anywhere gives NaN, Inf gives Inf."""
     if dim is None:
-        return x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
-    return x.detach().abs().amax(dim=dim).float()
+        if x.numel() == 0:
+            return x.new_zeros((), dtype=torch.float32)
+        return torch.linalg.vector_norm(x.detach(), float("inf")).float()  # one pass, no |x| temporary
+    if x.numel() == 0:  # amax refuses empty reductions; an empty slice has range 0 (scale 0, never NaN)
+        return x.detach().float().sum(dim=dim).zero_()
+    return torch.linalg.vector_norm(x.detach(), float("inf"), dim=dim).float()  # one pass, no |x| temporary
 
 
 def nonfinite_poison(x: Tensor) -> Tensor:
@@ -47,8 +51,9 @@ def quantize(
     holding the integers), saving one pass over memory.
     """
     scale = scale.to(x.device, torch.float32)
-    ok = scale > 0
-    v = torch.where(ok, x.float() / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros((), device=x.device))
+    # dividing by +inf where the scale is 0 or NaN gives q = 0 with one pass over x (the `where` only
+    # touches the small scale tensor); a NaN scale still poisons the dequantized result
+    v = x.float() / torch.where(scale > 0, scale, torch.full_like(scale, float("inf")))
     if rounding == "nearest":
         v = v.round_()
     elif rounding == "stochastic":
@@ -82,7 +87,13 @@ def quantize_per_channel(x: Tensor, axis: int = 0, rounding: str = "nearest", ge
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
-    """1 - <a, b> / (|a| |b|), in fp32; 0 when both are zero."""
+    """1 - <a, b> / (|a| |b|), in fp32; 0 when either is zero; NaN when either holds Inf/NaN.
+
+    Each vector is divided by its absmax first: the distance is scale-invariant, and without this the
+    squares overflow for |x| ~ 1e20 (NaN) and underflow for |x| ~ 1e-20 (distance reported as 0)."""
     a, b = a.detach().reshape(-1).float(), b.detach().reshape(-1).float()
+    a = a / torch.where(absmax(a) > 0, absmax(a), torch.ones((), device=a.device))
+    b = b / torch.where(absmax(b) > 0, absmax(b), torch.ones((), device=b.device))
     den = a.norm() * b.norm()
-    return torch.where(den > 0, 1 - (a @ b) / den.clamp_min(1e-38), torch.zeros((), device=a.device))
+    d = torch.where(den > 0, 1 - (a @ b) / den.clamp_min(1e-38), torch.zeros((), device=a.device))
+    return d + nonfinite_poison(a) + nonfinite_poison(b)  # Inf/NaN input: NaN, not a plausible number
