@@ -11,19 +11,33 @@ the quantized forward (straight-through for the quantizers).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch import Tensor
 
 from ..kernels import resolve_backend
+from ..kernels.reference import exact_sum_dtype
 from ..kernels.im2col import GemmSpec, cols_to_output, from_cols, output_to_rows, to_cols
-from ..quant.core import (absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
+from ..quant.core import (QMAX, absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
                           scale_from_clip)
+
+
+def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", generator=None,
+              out_dtype: torch.dtype = torch.int8) -> Tensor:
+    """`quantize` through the backend's fused kernel when it has one (optional `backend.quantize` hook,
+    same arguments and semantics; it returns None for cases it does not cover). The reference backend
+    has no hook, so its path is exactly `quantize`."""
+    hook = getattr(backend, "quantize", None)
+    q = hook(x, scale, rounding, generator, out_dtype) if hook is not None else None
+    return quantize(x, scale, rounding, generator, out_dtype) if q is None else q
 
 
 def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend):
     """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export."""
     s_x = scale_from_clip(absmax(x))
-    x_q = quantize(x, s_x)
+    x_q = _quantize(backend, x, s_x)
     w2 = weight.reshape(weight.shape[0], -1)
     w_q, s_w = quantize_per_channel(w2, 0, out_dtype=backend.operand_dtype)
     g = spec.groups
@@ -34,22 +48,45 @@ def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend):
     return cols_to_output(y, spec, batch_shape, out), x_q, s_x, w_q, s_w
 
 
+def _autocast_off(fn):
+    """Run an op method with autocast disabled on its first tensor's device.
+
+    The reference GEMM computes exact integer products with fp32 matmuls; under `torch.autocast` those
+    matmuls would run in bf16/fp16 and round the int32 accumulators (measured: outputs off by 3e-3,
+    weight gradients by 4e-2 on a small CNN under CPU bf16 autocast). The op's own precision is INT8
+    with fp32 scales whatever autocast says, so it shields its inside and keeps its input dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        try:
+            off = torch.autocast(args[0].device.type, enabled=False)
+        except RuntimeError:  # a device type without autocast support
+            off = contextlib.nullcontext()
+        with off:
+            return fn(ctx, *args)
+
+    return wrapper
+
+
 class Int8GemmFunction(torch.autograd.Function):
     """apply(x, weight, bias, spec, layer) -> y. `layer` is the Int8 module owning quantizer state."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, layer) -> Tensor:
         backend = resolve_backend(layer.backend_choice, x.device)
         y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec, backend)
         if bias is not None:
             y = y + (bias.view(-1, *([1] * spec.dims)) if not spec.is_linear else bias)
-        layer.observe_forward(s_x)
+        if x.numel():  # an empty batch carries no statistics
+            layer.observe_forward(s_x)
         ctx.save_for_backward(x_q, s_x, w_q, s_w)
         ctx.spec, ctx.layer, ctx.has_bias = spec, layer, bias is not None
         ctx.x_shape, ctx.x_dtype, ctx.w_shape = x.shape, x.dtype, weight.shape
         return y.to(x.dtype) if x.dtype != y.dtype and x.dtype.is_floating_point else y
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy: Tensor):
         x_q, s_x, w_q, s_w = ctx.saved_tensors
         spec, layer = ctx.spec, ctx.layer
@@ -57,21 +94,26 @@ class Int8GemmFunction(torch.autograd.Function):
         g = spec.groups
         rows = output_to_rows(dy.float(), spec)  # [M, O]
         O = rows.shape[1]
-        poison = nonfinite_poison(rows)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if rows.shape[0] == 0:  # empty batch: zero gradients as in FP32; no statistics, so no state update
+            return (dy.new_zeros(ctx.x_shape, dtype=ctx.x_dtype) if need_x else None,
+                    dy.new_zeros(ctx.w_shape) if need_w else None,
+                    dy.new_zeros(O) if need_b and ctx.has_bias else None, None, None)
+        poison = nonfinite_poison(rows)
         rounding, gen = layer.grad_rounding()
         scaled = rows * s_w  # dY s_W[o]: the dX operand (see module docstring)
         clip_w, clip_x = layer.grad_quantizer.clips(rows, scaled)
         dx = dw = db = None
         if need_x:
             s_gx = scale_from_clip(clip_x + poison)
-            gq = quantize(scaled, s_gx, rounding, gen, backend.operand_dtype)
+            gq = _quantize(backend, scaled, s_gx, rounding, gen, backend.operand_dtype)
             acc = backend.bmm(gq.view(-1, g, O // g).transpose(0, 1), w_q.view(g, O // g, -1))  # [g, M, K]
-            dx_int = from_cols(acc, spec, ctx.x_shape)
+            # col2im adds up to `window` accumulators of |.| <= 127^2 * O/g: keep that sum exact
+            dx_int = from_cols(exact_sum_dtype(acc, QMAX**2 * (O // g) * spec.window), spec, ctx.x_shape)
             dx = (dx_int.float() * s_gx).to(ctx.x_dtype)
         if need_w or layer.tracks_deviation:
             s_gw = scale_from_clip(clip_w + poison)
-            dq = quantize(rows, s_gw, rounding, gen, backend.operand_dtype)
+            dq = _quantize(backend, rows, s_gw, rounding, gen, backend.operand_dtype)
             if layer.tracks_deviation:
                 layer.observe_deviation(cosine_distance(rows, dequantize(dq, s_gw)))
         if need_w:
