@@ -12,6 +12,23 @@ from .reference import ReferenceBackend
 _BACKENDS: dict[str, object] = {"reference": ReferenceBackend()}
 
 
+def _register_builtin() -> None:
+    """"torch" (torch._int_mm) always; "cupy" when CuPy is installed (found, not imported: importing
+    int8fx never needs CuPy). Neither is picked by "auto" until the GPU tests have verified them."""
+    import importlib.util
+
+    from .torch_backend import TorchBackend
+
+    _BACKENDS["torch"] = TorchBackend()
+    if importlib.util.find_spec("cupy") is not None:
+        from .cupy_backend import CupyBackend
+
+        _BACKENDS["cupy"] = CupyBackend()
+
+
+_register_builtin()
+
+
 def register_backend(backend) -> None:
     _BACKENDS[backend.name] = backend
 
