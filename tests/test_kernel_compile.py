@@ -40,6 +40,8 @@ def test_nvrtc_is_installed_and_targets_ampere_and_hopper():
 def test_every_variant_compiles(src, arch):
     c = _compiled(src, arch)
     assert c.cubin[:4] == b"\x7fELF"
+    # complete: CuPy's own getCUBIN drops the last byte, which nvrtc._get_cubin works around
+    assert len(c.cubin) >= nvrtc.elf_extent(c.cubin)
     for expr in geo.kernel_variants()[src]:
         name = c.lowered[expr]
         assert name.encode() in c.cubin, f"{expr} ({name}) missing from the {arch} cubin"
@@ -189,3 +191,42 @@ def test_ptxas_report_parser():
            "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers\n")
     assert nvrtc.parse_ptxas_log(log) == {"_Zk": {"stack": 8, "spill_stores": 4, "spill_loads": 4, "registers": 255}}
+
+
+# ----------------------------------------------------------------------------- machine code (optional tool)
+def _nvdisasm():
+    import shutil
+    from pathlib import Path
+
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            for cand in Path(root).glob("*/bin/nvdisasm"):
+                return str(cand)
+    except ImportError:
+        pass
+    return None
+
+
+@pytest.mark.parametrize("arch", geo.COMPILE_ARCHS)
+def test_gemm_sass_uses_int8_tensor_cores(arch, tmp_path):
+    """In the machine code: IMMA.16832.S8.S8 (the INT8 tensor cores), LDGSTS (cp.async), LDSM (ldmatrix), no
+    local-memory traffic. Needs nvdisasm (pip install nvidia-cuda-nvdisasm); skipped without it."""
+    import subprocess
+
+    tool = _nvdisasm()
+    if tool is None:
+        pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
+    c = _compiled("gemm_s8.cu", arch)
+    path = tmp_path / "gemm.cubin"
+    path.write_bytes(c.cubin)
+    sass = subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    for t in geo.TILES:
+        body = sass.split(f"\n.text.{c.lowered[t.expression]}:")[1].split("//----")[0]
+        mma_per_ktile = (t.bm // t.warps_m // 16) * (t.bn // t.warps_n // 8) * (t.bk // 32)
+        assert body.count("IMMA.16832.S8.S8") == mma_per_ktile, t.expression
+        assert "LDGSTS" in body and "LDSM" in body and "LDL" not in body and "STL" not in body

@@ -15,11 +15,13 @@ never load a stale cubin.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +142,7 @@ def _compile(name: str, source: str, arch: str, expressions: tuple, options: tup
         except nv.NVRTCError as e:
             raise CompileError(f"NVRTC failed on {name} for {arch}: {e}\n{nv.getProgramLog(prog)}") from None
         log = nv.getProgramLog(prog)
-        cubin = nv.getCUBIN(prog)
+        cubin = _get_cubin(nv, prog)
         lowered = {e: nv.getLoweredName(prog, e) for e in expressions}
     finally:
         nv.destroyProgram(prog)
@@ -148,6 +150,40 @@ def _compile(name: str, source: str, arch: str, expressions: tuple, options: tup
     if disk:
         _store(path, compiled)
     return compiled
+
+
+def elf_extent(image: bytes) -> int:
+    """Bytes an ELF64 image must have: the end of its program and section header tables."""
+    phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
+    return max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+
+
+@functools.lru_cache(maxsize=1)
+def _libnvrtc():
+    """The libnvrtc CuPy loaded (same handle: program handles are only valid with it), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if re.search(r"/libnvrtc\.so[.\d]*$", line.strip())}
+    except OSError:
+        return None
+    return ctypes.CDLL(sorted(paths)[0]) if paths else None
+
+
+def _get_cubin(nv, prog) -> bytes:
+    """The whole cubin. CuPy's getCUBIN (14.2) returns one byte short of nvrtcGetCUBINSize (the end of the
+    program header table is cut: it loads only because a Python bytes object happens to be followed by
+    a NUL), so the buffer is read through libnvrtc directly; without it, the missing byte is restored."""
+    lib = _libnvrtc()
+    if lib is not None:
+        size = ctypes.c_size_t()
+        if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) == 0:
+            buf = ctypes.create_string_buffer(size.value)
+            if lib.nvrtcGetCUBIN(ctypes.c_void_p(prog), buf) == 0:
+                return buf.raw
+    cubin = nv.getCUBIN(prog)
+    missing = elf_extent(cubin) - len(cubin)
+    return cubin + b"\0" * missing if 0 < missing <= 1 else cubin
 
 
 def _store(path: Path, c: Compiled) -> None:
@@ -162,3 +198,28 @@ def _store(path: Path, c: Compiled) -> None:
             os.replace(tmp, path.with_suffix(suffix))
     except OSError:  # a read-only home is not an error: the in-process cache still holds the result
         pass
+
+
+def main() -> None:
+    """`python -m int8fx.kernels.nvrtc`: compile every variant for every target arch and print ptxas's
+    resource report (what CI checks, readable)."""
+    import time
+
+    from .geometry import COMPILE_ARCHS, TILES, kernel_variants
+
+    print(f"NVRTC {'.'.join(map(str, nvrtc_version()))}, targets {', '.join(COMPILE_ARCHS)}")
+    smem = {t.expression: t.smem_bytes for t in TILES}
+    print(f"{'arch':7s} {'kernel':32s} {'regs':>5s} {'spill':>6s} {'stack':>6s} {'dyn smem':>9s}")
+    for arch in COMPILE_ARCHS:
+        for src, exprs in kernel_variants().items():
+            t0 = time.perf_counter()
+            c = compile_source(src, arch, exprs)
+            for e in exprs:
+                u = c.usage(e)
+                print(f"{arch:7s} {e:32s} {u['registers']:5d} {u['spill_stores'] + u['spill_loads']:6d} "
+                      f"{u['stack']:6d} {smem.get(e, 0):9d}")
+            print(f"{arch:7s} {src}: {len(c.cubin)} bytes of cubin in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
