@@ -119,7 +119,9 @@ class Int8GemmFunction(torch.autograd.Function):
         if need_w:
             cols, _ = to_cols(x_q.to(backend.operand_dtype), spec)  # [g, M, K]
             acc = backend.bmm(dq.view(-1, g, O // g).permute(1, 2, 0), cols)  # [g, O/g, K]
-            dw = (acc.float() * (s_gw.view(g, -1, 1) * s_x)).reshape(ctx.w_shape)
+            # one scale at a time: s_gw * s_x alone underflows for tiny dY and X (1e-20 each) while dW is
+            # still representable
+            dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(ctx.w_shape)
         if need_b and ctx.has_bias:
             db = rows.sum(0)
         layer.observe_backward()

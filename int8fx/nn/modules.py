@@ -65,6 +65,7 @@ class Int8Layer(nn.Module):
         self.config, self.site_name, self.index = config, name, index
         self.backend_choice = config.backend
         self.tracks_deviation = False
+        self.rounding_stream = 0  # set per DDP rank by int8fx.distributed.QuantStateSync (plain attribute)
         self.owns_params = weight is not None
         if weight is not None:
             self.weight = weight
@@ -136,11 +137,14 @@ class Int8Layer(nn.Module):
 
     def grad_rounding(self) -> tuple[str, torch.Generator | None]:
         """Rounding mode for gradients and, for stochastic rounding, a generator seeded from (config seed,
-        layer index, step): reproducible, and resumable from the `step` buffer alone."""
+        layer index, step, rounding stream): reproducible, and resumable from the `step` buffer alone.
+        The stream (the DDP rank) keeps ranks from drawing the same noise for their shards, which would
+        correlate their rounding errors (correlation 1/2) instead of averaging them out."""
         if self.config.rounding == "nearest":
             return "nearest", None
         gen = torch.Generator(device=self.step.device)
-        gen.manual_seed((self.config.seed * 1_000_003 + self.index * 7_919 + int(self.step)) % (2**63))
+        gen.manual_seed((self.config.seed * 1_000_003 + self.index * 7_919 + int(self.step)
+                         + self.rounding_stream * 0x9E3779B1) % (2**63))  # CPU generators keep 32 bits
         return "stochastic", gen
 
     # ----------------------------------------------------------------- state_dict compatibility
