@@ -160,3 +160,84 @@ def test_subclass_with_own_forward_is_reported_not_converted():
     rep = int8fx.inspect(int8fx.convert(m))
     # the subclass is traced through (its F.conv2d becomes a functional INT8 site); the plain conv a module site
     assert all(r.converted for r in rep.layers) and len(rep.layers) == 2
+
+
+@torch.fx.wrap
+def _wrapped_attention(x, qkv_weight, proj_weight, qkv_bias):
+    """Stands in for torchvision's fx-wrapped shifted_window_attention: weights arrive as arguments."""
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
+    a = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+    return F.linear(a @ v, proj_weight)
+
+
+class HiddenSites(nn.Module):
+    """Conv/linear weights used only by code the tracer does not enter."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16, bias=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        x = x + _wrapped_attention(x, self.qkv.weight, self.proj.weight, self.qkv.bias)
+        return self.head(x.mean(1))
+
+
+def test_opaque_code_sites_run_in_int8():
+    m = HiddenSites()
+    qm = int8fx.convert(m, PER_TENSOR)
+    rep = int8fx.inspect(qm)
+    names = {r.name: r for r in rep.layers}
+    assert {"mha.in_proj", "mha.out_proj", "qkv", "proj", "head"} <= set(names)
+    assert all(r.converted for r in rep.layers), [(r.name, r.reason) for r in rep.skipped]
+    x = torch.randn(2, 5, 16)
+    y, yq = m(x), qm(x)
+    assert F.cosine_similarity(y.flatten(), yq.flatten(), 0) > 0.99
+    yq.sum().backward()
+    layers = [r for r in rep.layers]
+    steps = {r.name: int(names[r.name].step) for r in layers}
+    rep2 = int8fx.inspect(qm)
+    assert all(r.step == 1 for r in rep2.layers), {r.name: r.step for r in rep2.layers}  # each INT8 backward ran once
+    assert set(int8fx.float_state_dict(qm)) == set(m.state_dict())
+    assert steps  # inspected before the step: nothing had run yet
+    assert all(v == 0 for v in steps.values())
+
+
+def test_unseen_weight_use_is_reported_not_dropped():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x @ self.fc.weight.t()  # a matmul, not a linear call: cannot be converted
+
+    rep = int8fx.inspect(int8fx.convert(Sneaky()))
+    assert len(rep.layers) == 1 and not rep.layers[0].converted and "cannot see" in rep.layers[0].reason
+
+
+def test_detection_model_converts_and_trains_a_step():
+    import torchvision
+
+    m = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
+                                                                           num_classes=3)
+    qm = int8fx.convert(m)
+    rep = int8fx.inspect(qm)
+    assert len(rep.layers) > 60 and all(r.converted for r in rep.layers), [(r.name, r.reason) for r in rep.skipped]
+    assert rep.opaque and rep.opaque[0].name == "(root)"  # data-dependent control flow: the root stays opaque
+    assert type(qm) is type(m)  # the detector keeps its own class and API
+    images = [torch.rand(3, 160, 160), torch.rand(3, 160, 160)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 80.0]]), "labels": torch.tensor([2])}]
+    qm.train()
+    losses = qm(images, targets)
+    loss = sum(losses.values())
+    opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
+    loss.backward()
+    grads = [p.grad for p in qm.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    opt.step()
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -105,6 +105,14 @@ class Int8Layer(nn.Module):
             x = F.pad(x, self.pre_pad, mode=self.padding_mode)
         return Int8GemmFunction.apply(x, weight, bias, self.spec_for(weight), self)
 
+    def call_functional(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                        dilation=1, groups=1) -> Tensor:
+        """An F.linear/F.conv*d call seen inside opaque code (see `int8fx.nn.scope`): the geometry is only
+        known from the call itself, so it is taken from there."""
+        if self.dims:
+            self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        return self.forward(input, weight, bias)
+
     def _check_input(self, x: Tensor, weight: Tensor) -> None:
         want = self.dims + 2
         if self.dims and x.dim() not in (want, want - 1):

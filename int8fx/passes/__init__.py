@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..config import Int8Config
 from .lower import lower
-from .rewrite import Site, rewrite
+from .rewrite import Site, census, rewrite
 from .trace import OpaqueModule, trace_partitioned
 
 
@@ -27,8 +27,9 @@ def convert(model: nn.Module, config: Int8Config | None = None) -> nn.Module:
         raise TypeError(f"config must be an Int8Config, got {type(config).__name__}")
     was_training = model.training
     work = copy.deepcopy(model).train()
+    weights = census(work)
     root, opaque = trace_partitioned(work)
-    root, sites = rewrite(root, config)
+    root, sites = rewrite(root, config, weights)
     root = lower(root, config.backend)
     root.train(was_training)
     root._int8fx_sites = sites  # read by inspect(); plain attributes are not part of state_dict

@@ -5,8 +5,13 @@ Rules (one place to add an op):
     swapped for an Int8Layer that holds the same Parameter objects under the same names;
   * call_function of F.linear / F.conv{1,2,3}d: the node becomes a call of a new Int8Layer (registered
     next to the module that made the call) that takes the weight and bias as arguments;
-  * conv/linear children of modules that could not be traced are swapped the same way.
-Every conv/linear site ends up in the returned `Site` list, converted or with the reason it was not.
+  * conv/linear children of modules that could not be traced are swapped the same way;
+  * opaque code that calls F.linear / F.conv*d on known weights (a leaf module such as
+    nn.MultiheadAttention, or a torch.fx.wrap-ped function such as Swin's attention) runs inside an
+    `Int8Scope` that reroutes those calls to Int8Layers.
+Every conv/linear module of the original model (the census, taken before tracing) and every functional
+site ends up in the returned `Site` list, converted or with the reason it was not: nothing is dropped
+silently.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import Int8Config
 from ..nn.modules import Int8Layer
+from ..nn.scope import Int8Scope, run_scoped
 
 CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -61,8 +67,10 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 class Rewriter:
     """Holds the running layer index (seeds stochastic rounding) and the sites found so far."""
 
-    def __init__(self, config: Int8Config) -> None:
+    def __init__(self, config: Int8Config, census: dict | None = None) -> None:
         self.config = config
+        self.census = census or {}  # id(weight) -> (path, op) of every conv/linear module before tracing
+        self.handled: set[int] = set()  # ids of census weights that some site accounts for
         self.sites: list[Site] = []
         self.index = 0
         self._swapped: dict[int, Int8Layer] = {}
@@ -79,6 +87,7 @@ class Rewriter:
         op = _module_op(mod)
         reason = self._why_not_module(mod, full_name)
         self._seen.add(id(mod))
+        self.handled.add(id(mod.weight))
         if reason:
             self.sites.append(Site(full_name, op, source, False, reason))
             return
@@ -105,8 +114,12 @@ class Rewriter:
                 mod = gm.get_submodule(node.target)
                 if _module_op(mod) is not None:
                     self.swap_module(gm, node.target, _join(prefix, node.target), "module")
+                elif not isinstance(mod, (Int8Layer, Int8Scope)):
+                    self._scope_leaf_module(gm, node, prefix)
             elif node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
                 self._rewrite_function(gm, node, prefix)
+            elif node.op == "call_function" and _is_opaque_function(node.target):
+                self._scope_function(gm, node, prefix)
         gm.graph.lint()
         gm.recompile()
 
@@ -134,6 +147,7 @@ class Rewriter:
                           stride=args.get("stride", 1), padding=args.get("padding", 0),
                           dilation=args.get("dilation", 1), groups=args.get("groups", 1), source="function")
         self.index += 1
+        self.handled.update(id(_attr(gm, a.target)) for a in _ancestors(args.get("weight")) if a.op == "get_attr")
         path = _join(owner, f"int8_{node.name}")
         gm.add_submodule(path, layer)
         with gm.graph.inserting_before(node):
@@ -142,6 +156,101 @@ class Rewriter:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         self.sites.append(Site(name, op, "function", True, "", layer))
+
+
+    # ------------------------------------------------------------------ opaque code
+    def _new_scope_layer(self, name: str, op: str, weight: torch.Tensor) -> Int8Layer | None:
+        reason = "excluded by Int8Config.exclude" if self.config.excludes(name, None) else ""
+        if reason:
+            self.sites.append(Site(name, op, "opaque code", False, reason))
+            return None
+        dims = 0 if op == "linear" else int(op[4])
+        layer = Int8Layer(dims, weight.shape[0], config=self.config.for_layer(name), name=name, index=self.index,
+                          source="opaque code")
+        self.index += 1
+        self.sites.append(Site(name, op, "opaque code", True, "", layer))
+        return layer
+
+    def _scope_leaf_module(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
+        """A leaf module (not traced into) whose code uses conv/linear weights: run it in a scope."""
+        mod = gm.get_submodule(node.target)
+        found = {}  # parameter path inside mod -> (site name, op, weight)
+        for sub_name, sub in mod.named_modules():
+            if _module_op(sub) is not None and not isinstance(sub, Int8Layer):
+                found[_join(sub_name, "weight")] = (_join(node.target, sub_name), _module_op(sub), sub.weight)
+        for pname, p in mod.named_parameters(recurse=False):
+            if pname.endswith("proj_weight") and p.dim() == 2:  # nn.MultiheadAttention's packed projections
+                found[pname] = (_join(node.target, pname[: -len("_weight")]), "linear", p)
+        if not found:
+            return
+        layers, attrs = {}, {}
+        for ppath, (site, op, w) in found.items():
+            self.handled.add(id(w))
+            self._seen.update(id(m) for m in mod.modules())
+            layer = self._new_scope_layer(_join(prefix, site), op, w)
+            if layer is not None:
+                layers[site], attrs[ppath] = layer, site
+        if not layers:
+            return
+        parent, _, leaf = node.target.rpartition(".")
+        path = _join(parent, f"int8scope_{leaf}")
+        gm.add_submodule(path, Int8Scope(layers, attr_layers=attrs))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(run_scoped, (gm.graph.get_attr(path), gm.graph.get_attr(node.target))
+                                         + tuple(node.args), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+    def _scope_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
+        """A wrapped (untraced) function that receives conv/linear weights as arguments: run it in a scope."""
+        found = {}
+        for i, a in enumerate(node.args):
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                w = _attr(gm, a.target)
+                if id(w) in self.census:
+                    found[i] = (self.census[id(w)], w)
+        if not found:
+            return
+        layers, args = {}, {}
+        for i, ((site, op), w) in found.items():
+            self.handled.add(id(w))
+            layer = self._new_scope_layer(_join(prefix, site), op, w)
+            if layer is not None:
+                layers[site], args[i] = layer, site
+        if not layers:
+            return
+        path = _join(_owner_path(node), f"int8scope_{node.name}")
+        gm.add_submodule(path, Int8Scope(layers, fn=node.target, arg_layers=args))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, tuple(node.args), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _is_opaque_function(target) -> bool:
+    """A function the tracer did not enter and that is not a torch/python builtin (e.g. torch.fx.wrap-ped)."""
+    mod = (getattr(target, "__module__", None) or "").split(".")[0]
+    return callable(target) and mod not in ("torch", "_operator", "operator", "builtins", "math", "int8fx")
+
+
+def _ancestors(node) -> list[fx.Node]:
+    """`node` and every node it is computed from."""
+    seen, todo = [], [node] if isinstance(node, fx.Node) else []
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.append(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _join(a: str, b: str) -> str:
@@ -187,9 +296,16 @@ def _static_value(gm: fx.GraphModule, arg):
     return None
 
 
-def rewrite(root: nn.Module, config: Int8Config) -> tuple[nn.Module, list[Site]]:
+def census(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """id(weight) -> (module path, op) for every conv/linear module; taken before tracing, which may keep
+    only the weights of modules the graph never calls."""
+    return {id(m.weight): (n, _module_op(m)) for n, m in model.named_modules() if _module_op(m) is not None
+            and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
+def rewrite(root: nn.Module, config: Int8Config, weight_census: dict | None = None) -> tuple[nn.Module, list[Site]]:
     """Rewrite every GraphModule in `root`'s tree, then swap conv/linear modules left in opaque parents."""
-    rw = Rewriter(config)
+    rw = Rewriter(config, weight_census)
     graph_modules = [(n, m) for n, m in root.named_modules() if isinstance(m, fx.GraphModule)]
     for name, gm in graph_modules:
         rw.rewrite_graph(gm, name)
@@ -202,4 +318,9 @@ def rewrite(root: nn.Module, config: Int8Config) -> tuple[nn.Module, list[Site]]
                                      "other code)"))
             else:
                 rw.swap_module(root, name, name, "module (untraceable parent)")
+    reported = {s.name for s in rw.sites}
+    for wid, (name, op) in rw.census.items():
+        if wid not in rw.handled and name not in reported:
+            rw.sites.append(Site(name, op, "module", False, "its weight is used by code int8fx cannot see into "
+                                 "(not called as a module, nor by a function the graph shows)"))
     return root, rw.sites
