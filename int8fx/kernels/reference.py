@@ -73,11 +73,13 @@ class ReferenceBackend:
 
 
 def exact_sum_dtype(acc: Tensor, max_abs: float) -> Tensor:
-    """`acc` in a float dtype that still holds sums of magnitude up to `max_abs` exactly (fp32 below 2^24,
-    else fp64); integer accumulators are returned unchanged."""
-    if acc.dtype == torch.float32 and max_abs >= 2**24:
-        return acc.double()
-    return acc
+    """`acc` in a float dtype that holds sums of magnitude up to `max_abs` exactly: fp32 below 2^24, else
+    fp64. Integer accumulators (GPU backends) are converted too: col2im (F.fold) is float-only, and an int32
+    sum could overflow where fp64 cannot."""
+    want = torch.float32 if max_abs < 2**24 else torch.float64
+    if acc.dtype == want or (acc.dtype == torch.float64 and want == torch.float32):
+        return acc
+    return acc.to(want)
 
 
 def naive_int64_bmm(a: Tensor, b: Tensor) -> Tensor:
