@@ -47,7 +47,7 @@ class Int8Config:
     seed: seeds stochastic rounding so that runs are reproducible.
     """
 
-    grad_quant: str = "per-tensor"  # TODO(issue 4): "gvq-mcs" once registered
+    grad_quant: str = "gvq-mcs"
     rounding: str = "nearest"
     clip_update_period: int = 10
     mcs_lambda: float = 0.3

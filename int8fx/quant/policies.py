@@ -1,0 +1,230 @@
+"""The gradient clip policies of the two papers (ALGORITHMS.md), built as one structure.
+
+A policy is a clip *rule* applied at two granularities. The input-gradient GEMM reduces over the output
+channel o, so its operand can only have one clip (per tensor); the weight-gradient GEMM reduces over rows,
+so its operand may have one clip per output channel (GVQ). Every rule therefore works on a matrix
+g[N, C] and returns one clip per column: a per-channel slot is dY itself ([M, O]), a per-tensor slot is
+the [numel, 1] view of it. That gives the paper's ablation as a table instead of six classes of code:
+
+    policy            rule          dW operand clip   dX operand clip
+    per-tensor        absmax        per tensor        per tensor       (the baseline, in grad.py)
+    gvq               absmax        per channel       per tensor
+    mcs               mcs           per tensor        per tensor
+    gvq-mcs           mcs           per channel       per tensor       (default)
+    gvq-mcs-search    mcs-search    per channel       per tensor
+    dsgc              dsgc          per tensor        per tensor
+
+State rules: each rule names its running state (one [C] buffer per name and slot, so it is in
+`state_dict` and `inspect` can read it). A column whose gradient is all zero tells nothing about its
+distribution, and a step with a non-finite gradient tells nothing at all: neither updates state (the
+op poisons that step's scales itself, so Inf/NaN still reaches the loss scaler).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .core import dequantize, quantize, scale_from_clip
+from .grad import GradQuantizer, register_grad_quantizer
+
+# Bounded 1-D search over clip = r * absmax, r in [SEARCH_LO, 1]: a geometric grid first (heavy tails
+# put the optimum of a direction/magnitude objective far below absmax, so the grid must reach there
+# at constant relative resolution), then SEARCH_ROUNDS linear grids, each spanning the previous grid's
+# neighbours of its best point: resolution ~0.5% of r for 32 + 3 * 9 objective evaluations.
+SEARCH_LO = 2.0 ** -10
+SEARCH_COARSE = 32
+SEARCH_FINE = 8
+SEARCH_ROUNDS = 3
+
+
+def fake_quant(g: Tensor, clip: Tensor) -> Tensor:
+    """Q_c(g) with nearest rounding, one clip per column of g (clip broadcast against g's last dim)."""
+    s = scale_from_clip(clip)
+    return dequantize(quantize(g, s, out_dtype=torch.float32), s)
+
+
+def column_cosine_distance(g: Tensor, clip: Tensor) -> Tensor:
+    """d(c) = 1 - <g, Q_c(g)> / (|g| |Q_c(g)|) per column; 1 where Q_c(g) is all zero (direction lost).
+
+    Computed as |g/|g| - q/|q||^2 / 2, which equals it but keeps its precision: for INT8, d is ~1e-5,
+    below the rounding error of 1 - cos in fp32 over a large tensor, so the textbook form would make
+    the search chase noise (and can even go negative)."""
+    q = fake_quant(g, clip)
+    gn, qn = g.norm(dim=0), q.norm(dim=0)
+    ok = (gn > 0) & (qn > 0)
+    d = (g * qn - q * gn).square().sum(0) / (2 * (gn * qn).square()).clamp_min(1e-38)
+    return torch.where(ok, d, torch.ones_like(d))
+
+
+def magnitude_weight(g: Tensor, amax: Tensor, alpha: float) -> Tensor:
+    """exp(alpha |g| / |g|_max): large gradient elements move the weights most, so clipping them costs
+    more than rounding many small ones coarsely; dividing by the column's |g|_max makes alpha scale-free."""
+    return torch.exp(alpha * g.abs() / torch.where(amax > 0, amax, torch.ones_like(amax)))
+
+
+def magnitude_weighted_error(g: Tensor, clip: Tensor, weight: Tensor) -> Tensor:
+    """MCS's discrete objective per column: sum |g - Q_c(g)| * weight (weight from `magnitude_weight`)."""
+    return ((g - fake_quant(g, clip)).abs() * weight).sum(0)
+
+
+def search_ratio(objective: Callable[[Tensor], Tensor], amax: Tensor) -> Tensor:
+    """argmin over r in [SEARCH_LO, 1] of objective(r * amax), independently per column: ratio [C].
+
+    Vectorised over columns (each candidate is one pass over g for all columns at once); the loops are
+    over candidates and rounds, never over channels."""
+
+    def best(ratios: Tensor) -> Tensor:  # ratios [R, C] -> index [C] of the best row
+        return torch.stack([objective(r * amax) for r in ratios]).argmin(0)
+
+    C = amax.numel()
+    grid = torch.logspace(math.log2(SEARCH_LO), 0.0, SEARCH_COARSE, base=2.0, device=amax.device)[:, None].expand(-1, C)
+    t = torch.linspace(0.0, 1.0, SEARCH_FINE, device=amax.device)[:, None]
+    for round_ in range(SEARCH_ROUNDS + 1):
+        i = best(grid)[None]
+        centre = grid.gather(0, i)[0]
+        if round_ == SEARCH_ROUNDS:
+            return centre
+        left, right = grid.gather(0, (i - 1).clamp_min(0))[0], grid.gather(0, (i + 1).clamp_max(len(grid) - 1))[0]
+        grid = torch.cat([centre[None], left + t * (right - left)]).sort(0).values  # the winner stays a candidate
+
+
+def mcs_gaussian(g: Tensor, lam: float) -> Tensor:
+    """MCS family test per column: True (bell-shaped) when P(|g| > sigma) > lam, else inverted-T.
+
+    P(|g|>sigma) is 0.317 for a Gaussian and e^-sqrt(2) = 0.243 for a Laplace; lam = 0.3 separates them."""
+    sigma = g.std(dim=0, correction=0)
+    return (g.abs() > sigma).float().mean(0) > lam
+
+
+# ----------------------------------------------------------------------------------------------- rules
+# rule(g [N, C], amax [C], state {name: [C]}, step, config) -> (clip [C], new state {name: [C]})
+
+
+def absmax_rule(g, amax, state, step, cfg):
+    return amax, {}
+
+
+def mcs_rule(g, amax, state, step, cfg):
+    """Gaussian column: clip = absmax. Inverted-T column: s_t = (1 - kA) s_{t-1} + A absmax_t (first
+    time the column is seen, when no previous clip exists: s = absmax)."""
+    gaussian = mcs_gaussian(g, cfg.mcs_lambda)
+    prev = state["clip"]
+    blended = (1 - cfg.mcs_k * cfg.mcs_a) * prev + cfg.mcs_a * amax
+    clip = torch.where(gaussian | (prev <= 0), amax, blended)
+    return clip, {"clip": clip, "gaussian": gaussian.float()}
+
+
+def mcs_search_rule(g, amax, state, step, cfg):
+    w = magnitude_weight(g, amax, cfg.mcs_alpha)
+    ratio = search_ratio(lambda c: magnitude_weighted_error(g, c, w), amax)
+    return ratio * amax, {"ratio": ratio}
+
+
+def dsgc_rule(g, amax, state, step, cfg):
+    """Search every `clip_update_period` steps; in between, reuse the ratio to the current absmax (so
+    the clip follows the gradient's scale, which drifts much faster than its shape)."""
+    if step % cfg.clip_update_period == 0:
+        ratio = search_ratio(lambda c: column_cosine_distance(g, c), amax)
+    else:
+        ratio = torch.where(state["ratio"] > 0, state["ratio"], torch.ones_like(amax))  # never searched: absmax
+    return ratio * amax, {"ratio": ratio}
+
+
+absmax_rule.state = ()
+mcs_rule.state = ("clip", "gaussian")
+mcs_search_rule.state = ("ratio",)
+dsgc_rule.state = ("ratio",)
+
+
+class ClipPolicy(GradQuantizer):
+    """A rule at the granularities of the module docstring. Subclasses set `rule` and `channelwise`.
+
+    Buffers: `steps` (calls to `clips`, i.e. backward passes; DSGC's period counts it) and, per slot
+    `w` (dW operand, [O] or [1]) and `x` (dX operand, [1]), one buffer per name in `rule.state`, e.g.
+    `w_clip`, `w_gaussian`, `x_ratio`.
+    """
+
+    rule = staticmethod(absmax_rule)
+
+    def __init__(self, num_channels: int, config) -> None:
+        super().__init__(num_channels, config)
+        self.cfg = config
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        for slot, width in (("w", num_channels if self.channelwise else 1), ("x", 1)):
+            for name in self.rule.state:
+                self.register_buffer(f"{slot}_{name}", torch.zeros(width))
+        self._step_cache: int | None = None  # host copy of `steps`: the period test needs no device sync
+
+    def _step(self) -> int:
+        if self._step_cache is None:
+            self._step_cache = int(self.steps)
+        return self._step_cache
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._step_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _column_clips(self, g: Tensor, slot: str) -> Tensor:
+        g = g.detach().float()
+        amax = g.abs().amax(0)
+        state = {n: getattr(self, f"{slot}_{n}") for n in self.rule.state}
+        clip, new = self.rule(g, amax, state, self._step(), self.cfg)
+        with torch.no_grad():
+            seen = (amax > 0) & torch.isfinite(amax).all()
+            for n, v in new.items():
+                state[n].copy_(torch.where(seen, v, state[n]))
+        return torch.where(amax > 0, clip, torch.zeros_like(clip))  # zero column: scale 0, zeros, no NaN
+
+    def weight_grad_clip(self, g: Tensor) -> Tensor:
+        if self.channelwise:
+            return self._column_clips(g, "w")
+        return self._column_clips(g.reshape(-1, 1), "w").expand(g.shape[-1])
+
+    def input_grad_clip(self, g: Tensor) -> Tensor:
+        return self._column_clips(g.reshape(-1, 1), "x")[0]
+
+    def clips(self, g: Tensor, g_input: Tensor) -> tuple[Tensor, Tensor]:
+        out = super().clips(g, g_input)
+        self._step_cache = self._step() + 1
+        self.steps.fill_(self._step_cache)
+        return out
+
+
+@register_grad_quantizer("gvq")
+class GVQ(ClipPolicy):
+    """Gradient Vectorized Quantization alone: per-channel absmax for dW (no clipping)."""
+
+    channelwise = True
+
+
+@register_grad_quantizer("mcs")
+class MCS(ClipPolicy):
+    """Magnitude-aware Clipping alone: the MCS rule on one per-tensor clip (the ablation without GVQ)."""
+
+    rule = staticmethod(mcs_rule)
+
+
+@register_grad_quantizer("gvq-mcs")
+class GVQMCS(ClipPolicy):
+    """Distribution Adaptive INT8 as transcribed: per-channel family test and inverted-T running clip."""
+
+    rule = staticmethod(mcs_rule)
+    channelwise = True
+
+
+@register_grad_quantizer("gvq-mcs-search")
+class GVQMCSSearch(ClipPolicy):
+    """Per channel, the clip that numerically minimises MCS's magnitude-weighted error (alpha = mcs_alpha)."""
+
+    rule = staticmethod(mcs_search_rule)
+    channelwise = True
+
+
+@register_grad_quantizer("dsgc")
+class DSGC(ClipPolicy):
+    """Direction Sensitive Gradient Clipping: per-tensor clip minimising the cosine distance."""
+
+    rule = staticmethod(dsgc_rule)
