@@ -3,7 +3,9 @@ from .config import ConfigError, Int8Config
 from .nn.modules import float_state_dict
 from .optim import DeviationLRScaler
 from .passes import convert
+from .onnx_export import export_onnx, read_onnx_metadata
 from .report import inspect
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DeviationLRScaler", "Int8Config", "convert", "float_state_dict", "inspect", "__version__"]
+__all__ = ["ConfigError", "DeviationLRScaler", "Int8Config", "convert", "export_onnx", "float_state_dict", "inspect",
+           "read_onnx_metadata", "__version__"]

@@ -1,16 +1,48 @@
-"""`inspect(qm)`: what the compiler did to a model, as a table, a dict and JSON."""
+"""Inspect a converted model: which conv/linear sites run in INT8, why others do not, live quantizer state.
+
+`inspect(qm)` gives a Report: a table, a dict, JSON and a picture of the rewritten graph.
+
+One row per conv/linear call site (converted or kept in full precision, with the reason), showing its
+shapes, forward granularity, gradient quantizer, the live quantizer state (clip values summarised over
+channels, deviation) and the backend it binds to; a summary counts sites and the share of conv/linear
+FLOPs that run in INT8.
+
+Shapes and FLOPs need an example input: `inspect(qm, example_inputs)` runs the model once in eval mode
+under `no_grad` (BatchNorm statistics and quantizer state are left untouched, every module's training
+flag is restored; nn.MultiheadAttention's fused eval path is turned off so that its projections run
+through their INT8 layers as in training). Every INT8 layer call is observed (however it is reached,
+`Int8Scope` included), forward hooks see conv/linear modules kept in FP32, and conv/linear *functions* kept
+in FP32 have no module, so each GraphModule runs through a small `torch.fx.Interpreter` that records their
+argument shapes. A site's MACs are
+`output.numel() * weight[0].numel()` summed over its calls (FLOPs = 2 MACs); elementwise ops
+(BatchNorm, activations, pooling) are not counted. Without an example input the shape columns are empty.
+"""
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+import torch.fx as fx
 import torch.nn as nn
+from torch import Tensor
 
 from .nn.modules import Int8Layer
 
+REPORT_SCHEMA = "int8fx.report/1"
+_CONV_FUNCS = None  # filled lazily from passes.rewrite (avoids an import cycle at package import)
 
+
+# --------------------------------------------------------------------------- rows
 @dataclass
 class LayerRow:
+    """One conv/linear site. Clip values are those of the last backward step (zeros before the first)."""
+
     name: str
     op: str
     source: str
@@ -25,9 +57,31 @@ class LayerRow:
     grad_clip_median: float = 0.0
     grad_clip_max: float = 0.0
     deviation: float | None = None
+    # shapes and cost (filled when inspect() got an example input)
+    input_shape: tuple = ()
+    output_shape: tuple = ()
+    macs: int | None = None
+    calls: int = 0
+    # quantization details
+    fwd_granularity: str = ""
+    rounding: str = ""
+    backend_choice: str = ""
+    act_clip_ema: float = 0.0
+    grad_clip_x: float = 0.0
+    quant_state: dict = field(default_factory=dict)
+
+    @property
+    def fwd_granularity_short(self) -> str:
+        """The table's cell: "T/C" = X per tensor, W per output channel."""
+        if not self.fwd_granularity:
+            return "-"
+        return "/".join("T" if "tensor" in p else "C" for p in self.fwd_granularity.split(", "))
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__, weight_shape=list(self.weight_shape))
+        d = dict(self.__dict__)
+        for k in ("weight_shape", "input_shape", "output_shape"):
+            d[k] = list(d[k])
+        return d
 
 
 @dataclass
@@ -35,6 +89,9 @@ class Report:
     layers: list[LayerRow]
     opaque: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    shapes_from: str | None = None  # how shapes were obtained, None when no example input was given
+    model_name: str = ""
+    _model: Any = field(default=None, repr=False, compare=False)
 
     @property
     def converted(self) -> list[LayerRow]:
@@ -44,41 +101,274 @@ class Report:
     def skipped(self) -> list[LayerRow]:
         return [r for r in self.layers if not r.converted]
 
+    @property
+    def summary(self) -> dict:
+        by_op: dict[str, dict] = {}
+        for r in self.layers:
+            e = by_op.setdefault(r.op or "?", {"sites": 0, "converted": 0})
+            e["sites"] += 1
+            e["converted"] += int(r.converted)
+        known = self.shapes_from is not None
+        total = sum(r.macs for r in self.layers if r.macs is not None) if known else None
+        int8 = sum(r.macs for r in self.converted if r.macs is not None) if known else None
+        return {
+            "sites": len(self.layers),
+            "converted": len(self.converted),
+            "skipped": len(self.skipped),
+            "opaque_modules": len(self.opaque),
+            "by_op": by_op,
+            "macs_total": total,
+            "macs_int8": int8,
+            "int8_flop_percent": (100.0 * int8 / total if total else None) if known else None,
+            # sites the example forward never reached (their cost is unknown and not in the totals)
+            "unobserved_sites": [r.name for r in self.layers if r.macs is None] if known else [],
+            "shapes_from": self.shapes_from,
+        }
+
     def to_dict(self) -> dict:
         return {
-            "summary": {"sites": len(self.layers), "converted": len(self.converted), "skipped": len(self.skipped)},
+            "schema": REPORT_SCHEMA,
+            "model": self.model_name,
+            "summary": self.summary,
             "layers": [r.to_dict() for r in self.layers],
-            "opaque_modules": [o.__dict__ for o in self.opaque],
+            "opaque_modules": [dict(o.__dict__) for o in self.opaque],
             "config": self.config,
         }
 
-    def to_json(self, path: str | None = None) -> str:
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             with open(path, "w") as f:
-                f.write(text)
+                f.write(text + "\n")
         return text
 
+    # ------------------------------------------------------------------ text
+    def __rich__(self):
+        from rich.console import Group
+
+        return Group(*self._renderables())
+
+    def render(self, width: int | None = None, color: bool = False) -> str:
+        """The table as text, `width` columns wide at most (default: the terminal's, 120 when unknown)."""
+        from rich.console import Console
+
+        width = width or shutil.get_terminal_size((120, 24)).columns
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, color_system="standard" if color else None, force_terminal=color,
+                          legacy_windows=False, soft_wrap=False, emoji=False, highlight=False)
+        for part in self._renderables():
+            console.print(part)
+        return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines())
+
     def __str__(self) -> str:
-        head = ("name", "op", "src", "conv", "grad quant", "weight", "clip min/med/max", "reason")
-        rows = [head]
+        return self.render()
+
+    def _renderables(self) -> list:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        s = self.summary
+        title = f"{self.model_name + ': ' if self.model_name else ''}{s['converted']}/{s['sites']} conv/linear sites in INT8"
+        if s["int8_flop_percent"] is not None:
+            title += (f", {_macs(s['macs_int8'])} of {_macs(s['macs_total'])} MACs "
+                      f"({s['int8_flop_percent']:.1f}% of conv/linear FLOPs)")
+            if s["unobserved_sites"]:
+                title += f"; {len(s['unobserved_sites'])} sites not reached by the example input"
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), title_justify="left",
+                      caption=("INT8 X/W: granularity of the forward quantizers (T per tensor, C per output channel); "
+                               "dY clip: clip of the output gradient per channel at the last step, min/median/max; "
+                               "dev: cosine distance of the quantized dY (DCLRS)"),
+                      caption_justify="left")
+        shapes = self.shapes_from is not None
+        table.add_column("site", no_wrap=True, overflow="fold")
+        table.add_column("op", no_wrap=True)
+        if shapes:
+            table.add_column("input", no_wrap=True, overflow="fold")
+        table.add_column("weight", no_wrap=True, overflow="fold")
+        if shapes:
+            table.add_column("MACs", justify="right", no_wrap=True)
+        table.add_column("INT8 X/W", no_wrap=True)
+        table.add_column("dY quant", no_wrap=True, overflow="fold")
+        table.add_column("dY clip min/med/max", no_wrap=True, overflow="fold")
+        table.add_column("dev", justify="right", no_wrap=True)
+        table.add_column("backend", no_wrap=True, overflow="fold")
         for r in self.layers:
-            clips = f"{r.grad_clip_min:.2g}/{r.grad_clip_median:.2g}/{r.grad_clip_max:.2g}" if r.step else "-"
-            rows.append((r.name, r.op, r.source.split(" ")[0][:4], "yes" if r.converted else "NO", r.grad_quant,
-                         "x".join(map(str, r.weight_shape)), clips, r.reason[:60]))
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "-" * min(120, len(lines[0])))
-        lines.append(f"{len(self.converted)}/{len(self.layers)} conv/linear sites converted to INT8")
-        for o in self.opaque:
-            lines.append(f"untraceable: {o.name} ({o.type}): {o.reason}")
-        return "\n".join(lines)
+            cells = [Text(r.name, style="" if r.converted else "bold red"), r.op]
+            if shapes:
+                cells.append(_shape(r.input_shape))
+            cells.append(_shape(r.weight_shape))
+            if shapes:
+                cells.append(_macs(r.macs) if r.macs is not None else "-")
+            if r.converted:
+                clips = f"{_g(r.grad_clip_min)}/{_g(r.grad_clip_median)}/{_g(r.grad_clip_max)}" if r.step else "-"
+                cells += [Text(f"yes {r.fwd_granularity_short}", style="green"), r.grad_quant, clips,
+                          _g(r.deviation) if r.deviation is not None else "-", r.backend]
+            else:
+                cells += [Text("no*", style="bold red"), "-", "-", "-", "-"]
+            table.add_row(*cells)
+        parts: list = [table]
+        if self.skipped:
+            lines = Text(f"* kept in full precision ({len(self.skipped)}):\n", style="bold")
+            for r in self.skipped:
+                lines.append(f"  {r.name} ({r.op}, {r.source}): {r.reason}\n")
+            parts.append(lines)
+        if self.opaque:
+            lines = Text(f"not traceable, kept as Python code (their conv/linear children are still swapped) "
+                         f"({len(self.opaque)}):\n", style="bold")
+            for o in self.opaque:
+                lines.append(f"  {o.name} ({o.type}): {o.reason}\n")
+            parts.append(lines)
+        if not shapes:
+            parts.append(Text("shapes and FLOPs: pass an example input (inspect(qm, x) or --input-shape)", style="dim"))
+        return parts
+
+    # ------------------------------------------------------------------ picture
+    def save_graph(self, path: str | os.PathLike, format: str | None = None) -> str:
+        """Write the rewritten graph as SVG/PNG/PDF (needs graphviz's `dot`) or as Graphviz source (.dot).
+
+        INT8 sites are green, conv/linear sites kept in full precision red (their tooltip holds the reason),
+        other nodes grey. A model that did not trace as a whole gets one cluster per traced part.
+        Returns the path written.
+        """
+        if self._model is None:
+            raise ValueError("save_graph() needs the report of a live model (int8fx.inspect(qm)), not one read from JSON")
+        dot = graph_dot(self._model, self)
+        path = os.fspath(path)
+        fmt = (format or os.path.splitext(path)[1].lstrip(".") or "svg").lower()
+        if fmt in ("dot", "gv"):
+            with open(path, "w") as f:
+                f.write(dot.to_string())
+            return path
+        if shutil.which("dot") is None:
+            raise RuntimeError("save_graph() needs Graphviz's `dot` program for ." + fmt +
+                               " (apt-get install graphviz); or save as .dot")
+        data = dot.create(prog="dot", format=fmt)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
 
 
-def inspect(qmodel: nn.Module) -> Report:
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
+
+
+def _g(v) -> str:
+    """Compact float: 3 significant digits, exponent without padding (1.2e-05 -> 1.2e-5)."""
+    if v is None:
+        return "-"
+    s = f"{v:.2g}"
+    if "e" in s:
+        m, e = s.split("e")
+        s = f"{m}e{int(e)}"
+    return s
+
+
+def _macs(n) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+# --------------------------------------------------------------------------- shapes
+class _ShapeInterpreter(fx.Interpreter):
+    """Runs a GraphModule node by node and records the shapes of conv/linear *function* calls (those left
+    in full precision; converted ones became Int8Layer modules, which forward hooks see)."""
+
+    def __init__(self, gm: fx.GraphModule, prefix: str, record: dict) -> None:
+        super().__init__(gm)
+        self.prefix, self.record = prefix, record
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target in _conv_functions():
+            from .passes.rewrite import _join, _owner_path
+
+            args = dict(zip(("input", "weight"), self.map_nodes_to_values(n.args, n)[:2]))
+            args.update({k: v for k, v in self.map_nodes_to_values(n.kwargs, n).items() if k in ("input", "weight")})
+            name = _join(self.prefix, _join(_owner_path(n), n.name))
+            _add_call(self.record, name, args.get("input"), args.get("weight"), out)
+        return out
+
+
+def _conv_functions():
+    global _CONV_FUNCS
+    if _CONV_FUNCS is None:
+        from .passes.rewrite import CONV_FUNCTIONS, LINEAR_FUNCTIONS
+
+        _CONV_FUNCS = set(CONV_FUNCTIONS) | set(LINEAR_FUNCTIONS)
+    return _CONV_FUNCS
+
+
+def _add_call(record: dict, name: str, x, weight, out) -> None:
+    rec = record.setdefault(name, {"calls": 0, "macs": 0})
+    rec["calls"] += 1
+    if isinstance(x, Tensor) and "input" not in rec:
+        rec["input"] = tuple(x.shape)
+    if isinstance(weight, Tensor) and "weight" not in rec:
+        rec["weight"] = tuple(weight.shape)
+    if isinstance(out, Tensor):
+        rec.setdefault("output", tuple(out.shape))
+        if isinstance(weight, Tensor):
+            rec["macs"] += out.numel() * weight[0].numel()
+
+
+def record_shapes(qmodel: nn.Module, example_inputs) -> dict[str, dict]:
+    """{site name: {"input", "weight", "output" shapes, "calls", "macs"}} from one eval-mode forward."""
+    from .onnx_export import _as_args, _device_of, _to, eval_mode, no_mha_fastpath, observe_int8_calls
+
+    sites = {s.name: s for s in getattr(qmodel, "_int8fx_sites", [])}
+    record: dict[str, dict] = {}
+    handles = []
+    for name, mod in qmodel.named_modules():
+        if name in sites and not isinstance(mod, Int8Layer) and isinstance(getattr(mod, "weight", None), Tensor):
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, name=name: _add_call(record, name, args[0] if args else None, m.weight, out)))
+    patched = []
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, fx.GraphModule):
+            interp = _ShapeInterpreter(mod, name, record)
+            mod.forward = lambda *a, _i=interp, **k: _i.run(*a, **k)  # instance attribute, removed below
+            patched.append(mod)
+    int8_calls = observe_int8_calls(qmodel, lambda m, x, w, b, out: _add_call(record, m.site_name, x, w, out))
+    try:
+        with int8_calls, eval_mode(qmodel), no_mha_fastpath():
+            qmodel(*_to(_as_args(example_inputs), _device_of(qmodel)))
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in patched:
+            del mod.forward
+    return record
+
+
+# --------------------------------------------------------------------------- inspect
+def _summ(t: Tensor) -> Any:
+    t = t.detach().cpu()
+    if t.numel() == 1:
+        return t.item()
+    if t.dtype == torch.bool or not t.dtype.is_floating_point:
+        vals, counts = torch.unique(t.reshape(-1), return_counts=True)
+        if len(vals) <= 8:
+            return {"counts": {str(v.item()): int(c) for v, c in zip(vals, counts)}, "shape": list(t.shape)}
+        t = t.double()
+    f = t.reshape(-1).double()
+    return {"min": f.min().item(), "median": f.median().item(), "max": f.max().item(), "shape": list(t.shape)}
+
+
+def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
+    """Report on a model returned by `int8fx.convert`. With `example_inputs` (a tensor or tuple of
+    tensors), also shapes and FLOPs (see the module docstring for how)."""
+    from .kernels import resolve_backend
+    from .onnx_export import _device_of
+
     sites = getattr(qmodel, "_int8fx_sites", None)
     if sites is None:
         raise ValueError("inspect() needs a model returned by int8fx.convert()")
+    shapes = record_shapes(qmodel, example_inputs) if example_inputs is not None else {}
     rows = []
     for s in sites:
         row = LayerRow(s.name, s.op, s.source, s.converted, s.reason)
@@ -87,14 +377,159 @@ def inspect(qmodel: nn.Module) -> Report:
             q = layer.grad_quantizer
             clips = q.last_clip_w.detach().float().cpu()
             row.grad_quant = q.policy
-            row.backend = layer.backend_choice
+            row.backend_choice = layer.backend_choice
+            try:
+                row.backend = resolve_backend(layer.backend_choice, _device_of(layer)).name
+            except RuntimeError:
+                row.backend = f"{layer.backend_choice} (unavailable)"
             row.weight_shape = tuple(layer.weight.shape) if layer.owns_params else ()
             row.step = int(layer.step)
             row.act_clip = float(layer.act_clip)
+            row.act_clip_ema = float(layer.act_clip_ema)
+            row.grad_clip_x = float(q.last_clip_x)
+            row.rounding = layer.config.rounding
+            row.fwd_granularity = "X per-tensor, W per-channel"
             if clips.numel():
                 row.grad_clip_min, row.grad_clip_median, row.grad_clip_max = (
                     float(clips.min()), float(clips.median()), float(clips.max()))
             row.deviation = float(layer.deviation) if layer.tracks_deviation else None
+            row.quant_state = {n: _summ(b) for n, b in q.named_buffers() if b is not None}
+        else:
+            mod = _get(qmodel, s.name)
+            w = getattr(mod, "weight", None) if mod is not None else None
+            if isinstance(w, Tensor) and not nn.parameter.is_lazy(w):  # a lazy weight has no shape yet
+                row.weight_shape = tuple(w.shape)
+        rec = shapes.get(s.name)
+        if rec:
+            row.input_shape = rec.get("input", ())
+            row.output_shape = rec.get("output", ())
+            row.weight_shape = row.weight_shape or rec.get("weight", ())
+            row.calls = rec["calls"]
+            row.macs = rec["macs"] if "weight" in rec else None
         rows.append(row)
     cfg = getattr(qmodel, "_int8fx_config", None)
-    return Report(rows, list(getattr(qmodel, "_int8fx_opaque", [])), cfg.to_dict() if cfg else {})
+    how = None
+    if example_inputs is not None:
+        from .onnx_export import _as_args
+
+        ins = ", ".join("x".join(map(str, a.shape)) for a in _as_args(example_inputs) if isinstance(a, Tensor))
+        how = f"one eval-mode forward on an example input {ins} (module hooks + fx.Interpreter)"
+    return Report(rows, list(getattr(qmodel, "_int8fx_opaque", [])), cfg.to_dict() if cfg else {}, how,
+                  name or type(qmodel).__name__, qmodel)
+
+
+def _get(root: nn.Module, name: str):
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+# --------------------------------------------------------------------------- graph picture
+_INT8_FILL, _SKIP_FILL, _OTHER_FILL = "#8fd694", "#f28b82", "#eeeeee"
+
+
+def graph_dot(qmodel: nn.Module, report: Report):
+    """A pydot graph of every traced part of `qmodel`, INT8 sites highlighted (see Report.save_graph)."""
+    try:
+        import pydot
+        from torch.fx.passes.graph_drawer import FxGraphDrawer
+    except ImportError as e:  # pragma: no cover - pydot is a dev dependency
+        raise RuntimeError(f"save_graph() needs pydot ({e}); pip install pydot") from e
+    parts = _graph_parts(qmodel)
+    if not parts:
+        raise ValueError("this model has no traced graph to draw (nothing of it was traceable by torch.fx)")
+    skipped = {r.name: r.reason for r in report.skipped}
+    out = pydot.Dot("int8fx", graph_type="digraph", rankdir="TB", fontname="Helvetica")
+    legend = pydot.Cluster("legend", label="legend", fontsize="10")
+    for key, fill, text in (("legend_int8", _INT8_FILL, "INT8 conv/linear"),
+                            ("legend_fp", _SKIP_FILL, "conv/linear kept in FP32"),
+                            ("legend_other", _OTHER_FILL, "other op (floating point)")):
+        legend.add_node(pydot.Node(key, label=text, shape="box", style="filled", fillcolor=fill, fontsize="10"))
+    out.add_subgraph(legend)
+    for i, (prefix, gm) in enumerate(parts):
+        drawer = FxGraphDrawer(gm, f"part{i}", ignore_getattr=True, ignore_parameters_and_buffers=True)
+        g = drawer.get_dot_graph()
+        target = out if len(parts) == 1 else pydot.Cluster(f"part{i}", label=prefix or "(root)")
+        tag = "" if len(parts) == 1 else f"p{i}_"
+        styles = {}
+        from .passes.rewrite import _join, _owner_path
+
+        for node in gm.graph.nodes:
+            style = {"fillcolor": _OTHER_FILL}
+            if node.op == "call_module":
+                mod = _get(gm, node.target)
+                full = _join(prefix, node.target)
+                if isinstance(mod, Int8Layer):
+                    style = {"fillcolor": _INT8_FILL, "tooltip": f"INT8: {mod.site_name}",
+                             "_note": f"INT8 X per-tensor, W per-channel\\ndY: {mod.grad_quantizer.policy}"}
+                elif full in skipped:
+                    style = {"fillcolor": _SKIP_FILL, "tooltip": f"FP32: {skipped[full]}", "_note": "FP32 (kept)"}
+            elif node.op == "call_function" and node.target in _conv_functions():
+                full = _join(prefix, _join(_owner_path(node), node.name))
+                style = {"fillcolor": _SKIP_FILL, "tooltip": f"FP32: {skipped.get(full, '')}", "_note": "FP32 (kept)"}
+            styles[node.name] = style
+        for n in g.get_nodes():
+            name = n.get_name().strip('"')
+            if name in ("node", "edge", "graph"):
+                continue
+            attrs = dict(n.get_attributes())
+            style = dict(styles.get(name, {"fillcolor": _OTHER_FILL}))
+            note = style.pop("_note", None)
+            label = attrs.get("label", "")
+            quoted = label.startswith('"')
+            body = label[1:-1] if quoted else label
+            if note and body.endswith("}"):  # a record label "{a|b}": add a field
+                body = body[:-1] + "|" + note + "}"
+                attrs["label"] = f'"{body}"' if quoted else body
+            attrs.update(style="filled", **style)
+            attrs.pop("color", None)
+            target.add_node(pydot.Node(tag + name, **attrs))
+        for e in g.get_edges():
+            target.add_edge(pydot.Edge(tag + e.get_source().strip('"'), tag + e.get_destination().strip('"')))
+        if target is not out:
+            out.add_subgraph(target)
+    return out
+
+
+def _graph_parts(qmodel: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """The outermost GraphModules of the model (the model itself when it traced as a whole)."""
+    if isinstance(qmodel, fx.GraphModule):
+        return [("", qmodel)]
+    parts = []
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, fx.GraphModule) and not any(name.startswith(p + ".") for p, _ in parts):
+            parts.append((name, mod))
+    return parts
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(parser) -> None:
+    from .modelspec import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--json", metavar="PATH", help="also write the full report (every field, every site) as JSON")
+    parser.add_argument("--graph", metavar="PATH",
+                        help="also draw the rewritten graph, INT8 sites in green, FP32 sites in red: .svg, .png, "
+                             ".pdf (need Graphviz `dot`) or .dot")
+    parser.add_argument("--width", type=int, default=None,
+                        help="table width in columns (default: the terminal's width, 120 when not a terminal)")
+
+
+def run(args) -> int:
+    from .modelspec import ModelSpecError, load_converted
+
+    try:
+        qm, example, label = load_converted(args)
+    except ModelSpecError as e:
+        print(f"int8fx inspect: {e}", file=sys.stderr)
+        return 2
+    rep = inspect(qm, example, name=label)
+    print(rep.render(width=args.width))
+    if args.json:
+        rep.to_json(args.json)
+        print(f"report written to {args.json}")
+    if args.graph:
+        rep.save_graph(args.graph)
+        print(f"graph written to {args.graph}")
+    return 0

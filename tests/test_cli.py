@@ -1,0 +1,171 @@
+"""The `inspect` and `export` subcommands, and every MODEL form they accept (run in-process: importing
+torch once keeps this file fast)."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from int8fx.cli import main
+from int8fx.modelspec import ModelSpecError, load_model, parse_shape
+from int8fx.onnx_export import read_onnx_metadata
+from int8fx.quant.core import quantize_per_channel
+
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many small ops; with several intra-op threads on a busy CI machine (2 cores shared
+    by several jobs) each small op waits for descheduled threads and runs ~100x slower. One thread here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+USER_MODULE = textwrap.dedent('''
+    import torch, torch.nn as nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    def build():
+        torch.manual_seed(0)
+        return Tiny(), torch.randn(2, 3, 6, 6)
+
+    def just_model():
+        return Tiny()
+
+    not_a_model = 3
+''')
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_models.py"
+    path.write_text(USER_MODULE)
+    return path
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_help_explains_every_option_and_the_model_forms(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for words in ("torchvision:NAME", "module:function", "checkpoint", "--input-shape", "--exclude", "--grad-quant"):
+        assert words in out
+    if command == "export":
+        for words in ("-o OUT.onnx", "--opset", "--calibration {inputs,ema}", "--calibration-data", "--static-batch"):
+            assert words in out
+    else:
+        assert "--json" in out and "--graph" in out
+
+
+def test_inspect_torchvision_model_writes_json_and_graph(tmp_path, capsys):
+    rc = main(["inspect", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--exclude", "fc",
+               "--json", str(tmp_path / "r.json"), "--graph", str(tmp_path / "g.dot"), "--width", "120"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "resnet18: 20/21 conv/linear sites in INT8" in out
+    assert "  fc (linear, module): excluded by Int8Config.exclude" in out.splitlines()
+    assert max(len(line) for line in out.splitlines()) <= 120
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["skipped"] == 1 and report["layers"][0]["input_shape"] == [1, 3, 32, 32]
+    assert "Int8Layer" in (tmp_path / "g.dot").read_text()
+
+
+def test_export_module_function_runs_in_onnxruntime(user_file, tmp_path, capsys):
+    out_path = tmp_path / "tiny.onnx"
+    rc = main(["export", f"{user_file}:build", "-o", str(out_path), "--grad-quant", "dsgc"])
+    assert rc == 0, capsys.readouterr()
+    assert "2 INT8 sites" in capsys.readouterr().out
+    meta = read_onnx_metadata(out_path)
+    assert list(meta["layers"]) == ["conv", "fc"] and meta["config"]["grad_quant"] == "dsgc"
+    onnx.checker.check_model(onnx.load(out_path), full_check=True)
+    y = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": np.random.default_rng(0).standard_normal((5, 3, 6, 6), dtype=np.float32)})[0]
+    assert y.shape == (5, 2)  # dynamic batch
+
+
+def test_export_needs_an_example_input(user_file, tmp_path, capsys):
+    rc = main(["export", f"{user_file}:just_model", "-o", str(tmp_path / "x.onnx")])
+    assert rc == 2 and "--input-shape" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+    assert main(["export", f"{user_file}:just_model", "-o", str(tmp_path / "x.onnx"), "--input-shape", "1,3,5,5"]) == 0
+
+
+def test_state_dict_checkpoint_with_arch_uses_its_weights(tmp_path, capsys):
+    torch.manual_seed(3)
+    model = torchvision.models.resnet18()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"arch": "torchvision:resnet18", "state_dict": model.state_dict(),
+                "int8fx_config": {"grad_quant": "per-tensor"}}, ckpt)
+    out_path = tmp_path / "r18.onnx"
+    assert main(["export", str(ckpt), "-o", str(out_path), "--input-shape", "1,3,32,32", "--exclude", "fc"]) == 0
+    meta = read_onnx_metadata(out_path)
+    assert meta["config"]["grad_quant"] == "per-tensor" and meta["config"]["exclude"] == ["fc"]
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(out_path).graph.initializer}
+    w_q, _ = quantize_per_channel(model.conv1.weight.detach().reshape(64, -1), 0)
+    stored = init[meta["layers"]["conv1"]["onnx"][0]["weight_initializer"]]
+    assert np.array_equal(stored.reshape(64, -1), w_q.to(torch.int8).numpy())
+
+
+def test_whole_model_checkpoint_and_bare_state_dict(tmp_path, capsys):
+    torch.manual_seed(1)
+    model = torchvision.models.mobilenet_v3_small()
+    torch.save(model, tmp_path / "whole.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    assert main(["inspect", str(tmp_path / "whole.pt"), "--input-shape", "none"]) == 0
+    assert "whole.pt: 54/54 conv/linear sites in INT8" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "bare.pt")]) == 2
+    assert "--arch" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "bare.pt"), "--arch", "torchvision:mobilenet_v3_small",
+                 "--input-shape", "none"]) == 0
+
+
+def test_unresolvable_models_get_helpful_errors(user_file, tmp_path, capsys):
+    with pytest.raises(ModelSpecError, match="did you mean: .*resnet50"):
+        load_model("torchvision:resnet5")
+    with pytest.raises(ModelSpecError, match="no attribute 'nope'"):
+        load_model(f"{user_file}:nope")
+    with pytest.raises(ModelSpecError, match="gave a int"):
+        load_model(f"{user_file}:not_a_model")
+    with pytest.raises(ModelSpecError, match="not torchvision:NAME, not module:function, and no such file"):
+        load_model("missing.pt")
+    with pytest.raises(ModelSpecError, match="positive integer"):
+        parse_shape("1,0,3")
+    assert parse_shape("1x3x8x8") == (1, 3, 8, 8) and parse_shape("none") == ()
+    assert main(["inspect", "torchvision:resnet5"]) == 2
+    assert "did you mean" in capsys.readouterr().err
+
+
+def test_export_failure_exits_1_and_leaves_no_file(tmp_path, capsys):
+    path = tmp_path / "bad_models.py"
+    path.write_text(textwrap.dedent('''
+        import torch, torch.nn as nn
+        class Bad(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 3, 1)
+            def forward(self, x):
+                return torch.cummax(self.conv(x), 1).values
+    '''))
+    out_path = tmp_path / "bad.onnx"
+    rc = main(["export", f"{path}:Bad", "-o", str(out_path), "--input-shape", "1,3,4,4"])
+    assert rc == 1
+    assert "fx node 'cummax'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["__pycache__", "bad_models.py"] or sorted(os.listdir(tmp_path)) == [
+        "bad_models.py"]
