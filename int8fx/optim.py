@@ -57,8 +57,8 @@ class DeviationLRScaler:
     def factors(self) -> dict[str, float]:
         """phi of every layer's current deviation (one device sync for all layers)."""
         names = list(self.layers)
-        d = torch.stack([self.layers[n].deviation.detach().float().cpu() for n in names])
-        return dict(zip(names, deviation_factor(d, self.alpha, self.beta).tolist()))
+        d = torch.stack([self.layers[n].deviation.detach().float().cpu() for n in names]).tolist()
+        return {n: deviation_factor(v, self.alpha, self.beta) for n, v in zip(names, d)}
 
     def _split_groups(self, factors: dict[str, float]) -> list[dict]:
         groups = []
