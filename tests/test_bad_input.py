@@ -462,8 +462,6 @@ def test_lazy_module_is_reported_not_crashed():
     assert not any(isinstance(m, Int8Layer) for m in qm.modules())
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "report.py inspect() reads mod.weight.shape of the uninitialised lazy parameter and raises"))
 def test_inspect_of_uninitialised_lazy_module():
     qm = int8fx.convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU()))
     row = int8fx.inspect(qm).layers[0]

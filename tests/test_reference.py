@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from int8fx.kernels.im2col import from_cols, to_cols
+from int8fx.kernels.im2col import fold, from_cols, to_cols, unfold
 from int8fx.kernels.reference import EXACT_K, exact_int_bmm, exact_sum_dtype, naive_int64_bmm
 from int8fx.nn.modules import make_spec
 
@@ -103,3 +103,51 @@ def test_col2im_is_exact_adjoint_of_im2col(dims, xs, o, k, s, p, d, g):
     back = from_cols(exact_sum_dtype(c.double(), 2**40), spec, x.shape)
     assert back.shape == x.shape
     assert (cols * c).sum().item() == (x.double() * back).sum().item()
+
+
+@pytest.mark.parametrize("dims,xs,o,k,s,p,d,g", CONV_CASES + [(2, (2, 6, 5, 7), 4, (1, 1), (1, 1), 0, (1, 1), 2)])
+def test_channel_major_unfold_gemm_equals_naive_conv(dims, xs, o, k, s, p, d, g):
+    """The CPU op's layout: W[g] @ cols[n, g] is the convolution, and fold is its exact adjoint."""
+    p = 1 if p == "same_ok" else p
+    spec = make_spec(dims, k, s, p, d, g)
+    x, w = _ints(*xs), _ints(o, xs[1] // g, *k)
+    cols, out = unfold(x.float(), spec)  # [N, g, K, L]
+    y = torch.einsum("gok,ngkl->ngol", w.view(g, o // g, -1).to(torch.int64), cols.to(torch.int64))
+    assert torch.equal(y.reshape(xs[0], o, *out), _naive_conv_int64(x, w, spec.stride, spec.padding, spec.dilation, g))
+    c = torch.randint(-2**20, 2**20, cols.shape, dtype=torch.int64)
+    back = fold(c.double(), spec, x.shape)
+    assert (cols.double() * c).sum().item() == (x.double() * back).sum().item()
+
+
+DEPTHWISE_CASES = [(2, (2, 6, 9, 8), 6, (3, 3), (2, 1), 1, (1, 2), 6), (1, (3, 4, 11), 4, (5,), (1,), "same", (2,), 4),
+                   (3, (1, 3, 4, 5, 6), 3, (3, 3, 2), (1, 1, 2), 1, (1, 1, 1), 3)]
+
+
+@pytest.mark.parametrize("dims,xs,o,k,s,p,d,g", CONV_CASES + DEPTHWISE_CASES)
+def test_every_layout_gives_the_same_integers(dims, xs, o, k, s, p, d, g):
+    """The op picks a layout per call for speed; forward, dX and dW integers must not depend on it."""
+    from int8fx.kernels import layouts
+    from int8fx.kernels.reference import ReferenceBackend
+
+    p = 1 if p == "same_ok" else p
+    spec = make_spec(dims, k, s, p, d, g)
+    x, w = _ints(*xs).float(), _ints(o, xs[1] // g, *k).float()
+    w2 = w.reshape(o, -1)
+    want_y = _naive_conv_int64(x.to(torch.int8), w.to(torch.int8), spec.stride, spec.padding, spec.dilation, g)
+    dy = _ints(*want_y.shape).float()
+    candidates = ["rows", "samples"] + (["direct"] if g == xs[1] == o else [])
+    results = {}
+    for layout in candidates:
+        y, _ = layouts.forward(ReferenceBackend, x, w2, spec, layout)
+        dx = layouts.grad_input(ReferenceBackend, dy, w2, spec, tuple(x.shape), layout)
+        dw = layouts.grad_weight(ReferenceBackend, dy.movedim(1, -1).reshape(-1, o), x, spec, layout)
+        results[layout] = (y.to(torch.int64), dx.to(torch.int64), dw.to(torch.int64).reshape(w.shape))
+        assert torch.equal(results[layout][0], want_y), layout
+    # dX and dW against autograd of the exact int64 convolution (float64 is exact at these magnitudes)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    conv = [None, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d][dims]
+    xpad = torch.nn.functional.pad(xd, [q for lohi in reversed(spec.padding) for q in lohi])
+    conv(xpad, wd, None, spec.stride, 0, spec.dilation, g).backward(dy.double())
+    for layout, (_, dx, dw) in results.items():
+        assert torch.equal(dx, xd.grad.to(torch.int64)), layout
+        assert torch.equal(dw, wd.grad.to(torch.int64)), layout

@@ -52,69 +52,92 @@ class GemmSpec:
         return any(p for lohi in self.padding for p in lohi)
 
 
-def to_cols(x: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
-    """x [N, C, *S] (or [..., K] for linear) -> (Xcol [g, M, K], out_spatial_size)."""
-    if spec.is_linear:
-        return x.reshape(1, -1, x.shape[-1]), ()
-    n, c = x.shape[:2]
-    g, nd = spec.groups, spec.dims
+def _windows(x: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
+    """Zero-pad x [N, C, *S] and return a strided view [N, C, *out, *kernel] of every window, no copy."""
     out = spec.out_size(tuple(x.shape[2:]))
     if spec.has_padding:
         x = F.pad(x, spec._pad_arg())
-    if all(k == 1 for k in spec.kernel):
-        # 1x1: no window, only a strided subsample
-        v = x[(slice(None), slice(None)) + tuple(slice(None, s * (o - 1) + 1, s) for s, o in zip(spec.stride, out))]
-        m = math.prod(out)  # explicit sizes, not -1: an empty batch (n = 0) makes -1 ambiguous
-        cols = v.reshape(n, g, c // g, m).permute(1, 0, 3, 2).reshape(g, n * m, c // g)
-        return cols, out
     v = x
     for i, (k, d, s) in enumerate(zip(spec.kernel, spec.dilation, spec.stride)):
         v = v.unfold(2 + i, d * (k - 1) + 1, s)
     if any(d > 1 for d in spec.dilation):
         v = v[(Ellipsis,) + tuple(slice(None, None, d) for d in spec.dilation)]
-    # v: [N, C, *out, *kernel] -> [g, N, *out, C/g, *kernel]
+    return v, out
+
+
+def _is_pointwise(spec: GemmSpec) -> bool:
+    return all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
+
+
+def to_cols(x: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
+    """x [N, C, *S] (or [..., K] for linear) -> (Xcol [g, M, K], out_spatial_size): the row-major GEMM
+    layout (M = batch x positions) that the GPU kernels use."""
+    if spec.is_linear:
+        return x.reshape(1, -1, x.shape[-1]), ()
+    n, c = x.shape[:2]
+    g, nd = spec.groups, spec.dims
+    v, out = _windows(x, spec)
+    # v: [N, C, *out, *kernel] -> [g, N, *out, C/g, *kernel]; explicit sizes: -1 is ambiguous for N = 0
     v = v.reshape(n, g, c // g, *out, *spec.kernel)
     perm = (1, 0) + tuple(range(3, 3 + nd)) + (2,) + tuple(range(3 + nd, 3 + 2 * nd))
     cols = v.permute(perm).reshape(g, n * math.prod(out), (c // g) * spec.window)
     return cols, out
 
 
+def unfold(x: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
+    """x [N, C, *S] -> (cols [N, g, K, L], out): per sample, one K x L matrix per group (L = output
+    positions). This is the CPU op's layout: `W[g] @ cols[n, g]` is the output already in [N, O, *out]
+    order, and a stride-1 1x1 conv needs no copy at all. Linear is the case N = 1, cols = X^T (a view)."""
+    if spec.is_linear:
+        x2 = x.reshape(-1, x.shape[-1])
+        return x2.t().view(1, 1, x2.shape[1], x2.shape[0]), ()
+    n, c = x.shape[:2]
+    g, nd = spec.groups, spec.dims
+    if _is_pointwise(spec):
+        return x.reshape(n, g, c // g, math.prod(x.shape[2:])), tuple(x.shape[2:])
+    v, out = _windows(x, spec)
+    v = v.reshape(n, g, c // g, *out, *spec.kernel)
+    perm = (0, 1, 2) + tuple(range(3 + nd, 3 + 2 * nd)) + tuple(range(3, 3 + nd))
+    return v.permute(perm).reshape(n, g, (c // g) * spec.window, math.prod(out)), out
+
+
+def fold(dcols: Tensor, spec: GemmSpec, in_shape: tuple) -> Tensor:
+    """Adjoint of `unfold`: [N, g, K, L] -> tensor of `in_shape`, overlapping windows summed (exactly, if
+    the caller hands a dtype that holds the sums: see `reference.exact_sum_dtype`)."""
+    if spec.is_linear:
+        k, m = dcols.shape[-2:]
+        return dcols.reshape(k, m).t().reshape(in_shape)
+    n, c = in_shape[:2]
+    if _is_pointwise(spec):
+        return dcols.reshape(in_shape)
+    padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(in_shape[2:], spec.padding))
+    out = spec.out_size(tuple(in_shape[2:]))
+    if spec.dims <= 2:
+        as2d = lambda t: (1,) * (2 - spec.dims) + tuple(t)  # noqa: E731
+        dx = F.fold(dcols.reshape(n, -1, dcols.shape[-1]) if n else dcols.new_zeros(0, c * spec.window, math.prod(out)),
+                    as2d(padded), as2d(spec.kernel), dilation=as2d(spec.dilation), stride=as2d(spec.stride))
+        return dx.reshape((n, c) + padded)[_unpad(spec, in_shape)]
+    # 3-d: no F.fold; add each kernel offset's slab into a strided view of the padded input
+    v = dcols.reshape(n, c, *spec.kernel, *out)
+    dx = dcols.new_zeros((n, c) + padded)
+    for offs in itertools.product(*(range(k) for k in spec.kernel)):
+        sl = tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offs, spec.dilation, spec.stride, out))
+        dx[(slice(None), slice(None)) + sl] += v[(slice(None), slice(None)) + offs]
+    return dx[_unpad(spec, in_shape)]
+
+
 def from_cols(cols: Tensor, spec: GemmSpec, in_shape: tuple) -> Tensor:
     """Adjoint of `to_cols`: cols [g, M, K] -> tensor of `in_shape`, overlapping windows summed."""
     if spec.is_linear:
         return cols.reshape(in_shape)
-    n, c = in_shape[:2]
-    g, nd = spec.groups, spec.dims
-    padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(in_shape[2:], spec.padding))
-    out = spec.out_size(tuple(in_shape[2:]))
-    if nd <= 2:
-        return _fold(cols, spec, (n, c) + padded, out)[_unpad(spec, in_shape)]
-    # 3-d: no F.fold; add each kernel offset's slab into a strided view of the padded input
-    # [g, N, *out, C/g, *kernel] -> [N, g, C/g, *out, *kernel]
-    v = cols.reshape(g, n, *out, c // g, *spec.kernel)
-    v = v.permute((1, 0, 2 + nd) + tuple(range(2, 2 + nd)) + tuple(range(3 + nd, 3 + 2 * nd)))
-    v = v.reshape(n, c, *out, *spec.kernel)
-    dx = cols.new_zeros((n, c) + padded)
-    for offs in itertools.product(*(range(k) for k in spec.kernel)):
-        sl = tuple(slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offs, spec.dilation, spec.stride, out))
-        dx[(slice(None), slice(None)) + sl] += v[(Ellipsis,) + offs]
-    return dx[_unpad(spec, in_shape)]
+    g, m, k = cols.shape
+    n = in_shape[0]
+    lsz = m // n if n else 0
+    return fold(cols.reshape(g, n, lsz, k).permute(1, 0, 3, 2), spec, in_shape)
 
 
 def _unpad(spec: GemmSpec, in_shape: tuple) -> tuple:
     return (slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(in_shape[2:], spec.padding))
-
-
-def _fold(cols: Tensor, spec: GemmSpec, padded_shape: tuple, out: tuple) -> Tensor:
-    """col2im of 1-d/2-d convolutions through F.fold (C++), 1-d as 2-d with height 1. The sum over
-    overlapping windows is exact when the caller hands accumulators in a dtype that holds it exactly."""
-    g, m, k = cols.shape
-    n, c = padded_shape[:2]
-    lsz = m // n if n else 0
-    v = cols.reshape(g, n, lsz, k).permute(1, 0, 3, 2).reshape(n, g * k, lsz)
-    as2d = lambda t: (1,) * (2 - spec.dims) + tuple(t)  # noqa: E731
-    dx = F.fold(v, as2d(padded_shape[2:]), as2d(spec.kernel), dilation=as2d(spec.dilation), stride=as2d(spec.stride))
-    return dx.reshape(padded_shape)
 
 
 def cols_to_output(y: Tensor, spec: GemmSpec, batch_shape: tuple, out: tuple) -> Tensor:

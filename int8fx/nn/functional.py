@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from ..kernels import resolve_backend
-from ..kernels.reference import exact_sum_dtype
-from ..kernels.im2col import GemmSpec, cols_to_output, from_cols, output_to_rows, to_cols
-from ..quant.core import (QMAX, absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
+from ..kernels import layouts
+from ..kernels.im2col import GemmSpec, output_to_rows
+from ..quant.core import (absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
                           scale_from_clip)
 
 
@@ -40,12 +40,10 @@ def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend):
     x_q = _quantize(backend, x, s_x)
     w2 = weight.reshape(weight.shape[0], -1)
     w_q, s_w = quantize_per_channel(w2, 0, out_dtype=backend.operand_dtype)
-    g = spec.groups
-    cols, out = to_cols(x_q.to(backend.operand_dtype), spec)
-    acc = backend.bmm(cols, w_q.view(g, -1, w_q.shape[1]).transpose(1, 2))  # [g, M, O/g]
-    y = acc.float() * (s_x * s_w.view(g, 1, -1))
-    batch_shape = x.shape[:-1] if spec.is_linear else x.shape[:1]
-    return cols_to_output(y, spec, batch_shape, out), x_q, s_x, w_q, s_w
+    layout = layouts.layout_for(spec, tuple(x.shape), w2.shape[0])
+    acc, out = layouts.forward(backend, x_q.to(backend.operand_dtype), w_q, spec, layout)
+    y = acc.float() * (s_x * s_w).view(-1, *([1] * len(out)))
+    return y.reshape(*x.shape[:-1], w2.shape[0]) if spec.is_linear else y, x_q, s_x, w_q, s_w
 
 
 def _autocast_off(fn):
@@ -92,7 +90,8 @@ class Int8GemmFunction(torch.autograd.Function):
         spec, layer = ctx.spec, ctx.layer
         backend = resolve_backend(layer.backend_choice, dy.device)
         g = spec.groups
-        rows = output_to_rows(dy.float(), spec)  # [M, O]
+        dyf = dy.float()
+        rows = output_to_rows(dyf, spec)  # [M, O], channels last: the layout the gradient quantizers see
         O = rows.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if rows.shape[0] == 0:  # empty batch: zero gradients as in FP32; no statistics, so no state update
@@ -101,24 +100,23 @@ class Int8GemmFunction(torch.autograd.Function):
                     dy.new_zeros(O) if need_b and ctx.has_bias else None, None, None)
         poison = nonfinite_poison(rows)
         rounding, gen = layer.grad_rounding()
-        scaled = rows * s_w  # dY s_W[o]: the dX operand (see module docstring)
+        layout = layouts.layout_for(spec, tuple(ctx.x_shape), O)
+        per_o = (lambda v: v) if spec.is_linear else (lambda v: v.view(1, O, *([1] * spec.dims)))  # noqa: E731
+        scaled = dyf * per_o(s_w)  # dY s_W[o]: the dX operand (see module docstring), in output order
         clip_w, clip_x = layer.grad_quantizer.clips(rows, scaled)
         dx = dw = db = None
         if need_x:
             s_gx = scale_from_clip(clip_x + poison)
             gq = _quantize(backend, scaled, s_gx, rounding, gen, backend.operand_dtype)
-            acc = backend.bmm(gq.view(-1, g, O // g).transpose(0, 1), w_q.view(g, O // g, -1))  # [g, M, K]
-            # col2im adds up to `window` accumulators of |.| <= 127^2 * O/g: keep that sum exact
-            dx_int = from_cols(exact_sum_dtype(acc, QMAX**2 * (O // g) * spec.window), spec, ctx.x_shape)
+            dx_int = layouts.grad_input(backend, gq, w_q, spec, ctx.x_shape, layout)
             dx = (dx_int.float() * s_gx).to(ctx.x_dtype)
         if need_w or layer.tracks_deviation:
             s_gw = scale_from_clip(clip_w + poison)
-            dq = _quantize(backend, rows, s_gw, rounding, gen, backend.operand_dtype)
+            dq = _quantize(backend, rows, s_gw, rounding, gen, backend.operand_dtype)  # [M, O]
             if layer.tracks_deviation:
                 layer.observe_deviation(cosine_distance(rows, dequantize(dq, s_gw)))
         if need_w:
-            cols, _ = to_cols(x_q.to(backend.operand_dtype), spec)  # [g, M, K]
-            acc = backend.bmm(dq.view(-1, g, O // g).permute(1, 2, 0), cols)  # [g, O/g, K]
+            acc = layouts.grad_weight(backend, dq, x_q.to(backend.operand_dtype), spec, layout)  # [g, O/g, K]
             # one scale at a time: s_gw * s_x alone underflows for tiny dY and X (1e-20 each) while dW is
             # still representable
             dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(ctx.w_shape)
