@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .nn.scope import no_mha_fastpath  # noqa: F401  (re-exported: export and inspect use it)
 from .nn.modules import Int8Layer
 from .quant.core import QMAX, absmax, quantize_per_channel, scale_from_clip
 
@@ -244,23 +245,6 @@ def observe_int8_calls(model: nn.Module, callback):
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def no_mha_fastpath():
-    """nn.MultiheadAttention's eval-mode fast path (`torch._native_multi_head_attention`) skips F.linear, and
-    with it the INT8 layers `Int8Scope` routes those calls to; turn it off so that calibration and export
-    see the INT8 computation the converted model trains with."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
 
 
 def calibrate(qmodel: nn.Module, batches: Iterable[tuple]) -> dict[str, dict]:

@@ -111,7 +111,7 @@ class Int8Layer(nn.Module):
         known from the call itself, so it is taken from there."""
         if self.dims:
             self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        return self.forward(input, weight, bias)
+        return self(input, weight, bias)  # through __call__, so module hooks see scoped sites too
 
     def _check_input(self, x: Tensor, weight: Tensor) -> None:
         want = self.dims + 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -101,11 +102,28 @@ class Int8Scope(nn.Module):
 
     def run_module(self, module: nn.Module, *args, **kwargs):
         table = {id(module.get_parameter(p)): self.layers[k] for p, k in self.attr_layers.items()}
-        with _reroute(table):
+        with _reroute(table), no_mha_fastpath():
             return module(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', None)}" if self.fn is not None else "module form"
+
+
+@contextlib.contextmanager
+def no_mha_fastpath():
+    """nn.MultiheadAttention's eval-mode fast path (`torch._native_multi_head_attention`) skips F.linear,
+    and with it the INT8 layers a scope routes those calls to; turn it off while a scope runs so that eval
+    mode computes what training computes."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 def run_scoped(scope: Int8Scope, module: nn.Module, *args, **kwargs):
