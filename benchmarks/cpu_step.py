@@ -6,7 +6,7 @@ interleaved (A B C A B C ...) so that load from other processes hits all of them
 medians and ratios to FP32.
 
     python benchmarks/cpu_step.py                       # resnet18 and mobilenet_v2, batch 16, 64x64
-    python benchmarks/cpu_step.py --models resnet18 --reps 20 --policy per-tensor
+    python benchmarks/cpu_step.py --models resnet18 --reps 20 --policy per-tensor dsgc --threads 1
 """
 from __future__ import annotations
 
@@ -44,26 +44,28 @@ def step_fn(model, x, y):
     return step
 
 
-def bench(name: str, batch: int, size: int, reps: int, policy: str) -> dict:
+def bench(name: str, batch: int, size: int, reps: int, policies: list[str]) -> dict:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).train()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     variants = {
         "fp32": model,
         "fx-qat": fx_qat(model, x),
-        "int8fx": int8fx.convert(model, int8fx.Int8Config(grad_quant=policy)).train(),
+        **{f"int8fx {p}": int8fx.convert(model, int8fx.Int8Config(grad_quant=p)).train() for p in policies},
     }
     steps = {k: step_fn(m, x, y) for k, m in variants.items()}
     for s in steps.values():  # warm-up: allocator, oneDNN primitive caches
         s(), s()
-    times = {k: [] for k in steps}
+    wall = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}
     for _ in range(reps):
         for k, s in steps.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             s()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, **{k: med[k] for k in med}}
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {"wall": {k: statistics.median(v) for k, v in wall.items()},
+            "cpu": {k: statistics.median(v) for k, v in cpu.items()}}
 
 
 def main(argv=None) -> None:
@@ -72,16 +74,21 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--policy", default=int8fx.Int8Config().grad_quant)
+    ap.add_argument("--policy", nargs="+", default=[int8fx.Int8Config().grad_quant, "per-tensor"],
+                    help="gradient policies to time (one int8fx row each)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}  batch {args.batch}  {args.size}x{args.size}  policy {args.policy}")
-    print(f"| model | FP32 ms | FX QAT ms | int8fx ms | FX QAT / FP32 | int8fx / FP32 | int8fx / FX QAT |")
+          f"threads {torch.get_num_threads()}  batch {args.batch}  {args.size}x{args.size}  median of {args.reps}")
+    print("| model | variant | wall ms | CPU ms | wall / FP32 | CPU / FP32 | CPU / FX QAT |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         r = bench(name, args.batch, args.size, args.reps, args.policy)
-        f, q, i = r["fp32"], r["fx-qat"], r["int8fx"]
-        print(f"| {name} | {f*1e3:.0f} | {q*1e3:.0f} | {i*1e3:.0f} | {q/f:.2f}x | {i/f:.2f}x | {i/q:.2f}x |", flush=True)
+        w, c = r["wall"], r["cpu"]
+        for k in w:
+            print(f"| {name} | {k} | {w[k]*1e3:.0f} | {c[k]*1e3:.0f} | {w[k]/w['fp32']:.2f}x | {c[k]/c['fp32']:.2f}x | "
+                  f"{c[k]/c['fx-qat']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
