@@ -134,10 +134,13 @@ def test_dsgc_searches_every_period_and_reuses_the_ratio_in_between():
         assert float(clip_x) == pytest.approx(ratios[-1] * float(g.abs().max()), rel=1e-6)
         if step % 3 == 0:  # what a fresh search on this step's data gives
             searched[step] = float(quantizer("dsgc", 8).input_grad_clip(g) / g.abs().max())
-    assert ratios[0] == ratios[1] == ratios[2] == searched[0]
-    assert ratios[3] == ratios[4] == ratios[5] == searched[3]
-    assert ratios[6] == searched[6]
+    assert ratios[0] == ratios[1] == ratios[2] and ratios[3] == ratios[4] == ratios[5]
+    assert [ratios[0], ratios[3], ratios[6]] == pytest.approx([searched[0], searched[3], searched[6]], rel=1e-6)
     assert len(set(searched.values())) == 3
+    q.steps.zero_()  # e.g. a user restarting the schedule: the next step searches again
+    q.clips(g := draw("outliers", 24_000).view(-1, 8), g)
+    assert float(q.x_ratio) == pytest.approx(float(quantizer("dsgc", 8).input_grad_clip(g) / g.abs().max()), rel=1e-6)
+    assert float(q.x_ratio) != pytest.approx(ratios[6], rel=1e-3)
 
 
 @pytest.mark.parametrize("policy", ["gvq", "gvq-mcs", "gvq-mcs-search"])

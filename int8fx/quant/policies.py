@@ -156,16 +156,16 @@ class ClipPolicy(GradQuantizer):
         for slot, width in (("w", num_channels if self.channelwise else 1), ("x", 1)):
             for name in self.rule.state:
                 self.register_buffer(f"{slot}_{name}", torch.zeros(width))
-        self._step_cache: int | None = None  # host copy of `steps`: the period test needs no device sync
+        self._step_cache: tuple | None = None
 
     def _step(self) -> int:
-        if self._step_cache is None:
-            self._step_cache = int(self.steps)
-        return self._step_cache
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._step_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+        """`steps` as a Python int without a device sync per backward: a host copy, trusted while the
+        buffer is the same tensor at the same in-place version (load_state_dict, DDP broadcasts, `.to()`
+        or a user's edit all change one of the two, and the copy is refreshed)."""
+        t = self.steps
+        if self._step_cache is None or self._step_cache[1] is not t or self._step_cache[2] != t._version:
+            self._step_cache = (int(t), t, t._version)
+        return self._step_cache[0]
 
     def _column_clips(self, g: Tensor, slot: str) -> Tensor:
         g = g.detach().float()
@@ -188,8 +188,9 @@ class ClipPolicy(GradQuantizer):
 
     def clips(self, g: Tensor, g_input: Tensor) -> tuple[Tensor, Tensor]:
         out = super().clips(g, g_input)
-        self._step_cache = self._step() + 1
-        self.steps.fill_(self._step_cache)
+        n = self._step() + 1
+        self.steps.fill_(n)
+        self._step_cache = (n, self.steps, self.steps._version)
         return out
 
 
