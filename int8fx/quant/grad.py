@@ -4,6 +4,8 @@ A quantizer sees dY as a matrix g[M, O] (rows: batch x positions, columns: outpu
 answers two questions, because the two backward GEMMs allow different granularities (ALGORITHMS.md):
   * `weight_grad_clip(g)` -> clip per output channel, shape [O], for dW = dY^T Xcol (o is free there);
   * `input_grad_clip(g)`  -> one clip, shape [], for dXcol = dY W (o is the reduction index there).
+    Its argument is dY * s_W[o] in whatever layout the op keeps it (not necessarily [M, O]): only
+    statistics of the whole tensor are meaningful there.
 Running state (previous clips, families, counters) lives in registered buffers so it is saved in
 `state_dict`, reduced across DDP ranks and shown by `inspect`. A new policy is one subclass here or in a
 sibling module, registered with `@register_grad_quantizer("name")`.
