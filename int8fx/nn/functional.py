@@ -37,11 +37,12 @@ def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", gene
 def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend):
     """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export."""
     s_x = scale_from_clip(absmax(x))
-    x_q = _quantize(backend, x, s_x)
+    x_op = _quantize(backend, x, s_x, out_dtype=backend.operand_dtype)  # the GEMM operand
+    x_q = x_op if x_op.dtype == torch.int8 else x_op.to(torch.int8)  # what backward keeps
     w2 = weight.reshape(weight.shape[0], -1)
     w_q, s_w = quantize_per_channel(w2, 0, out_dtype=backend.operand_dtype)
     layout = layouts.layout_for(spec, tuple(x.shape), w2.shape[0])
-    acc, out = layouts.forward(backend, x_q.to(backend.operand_dtype), w_q, spec, layout)
+    acc, out = layouts.forward(backend, x_op, w_q, spec, layout)
     y = acc.float() * (s_x * s_w).view(-1, *([1] * len(out)))
     return y.reshape(*x.shape[:-1], w2.shape[0]) if spec.is_linear else y, x_q, s_x, w_q, s_w
 
