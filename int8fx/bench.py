@@ -1,0 +1,110 @@
+"""`int8fx bench`: time a training step of FP32, torch.ao FX QAT and int8fx on this machine, in one run.
+
+FX QAT (`prepare_qat_fx`: fake-quant forward, FP32 backward) is what most users reach for today; int8fx runs
+real INT8 GEMMs in the forward and both backward GEMMs. Variants are interleaved (A B C A B C ...) so that
+load from other processes hits all of them alike, and both wall time and process CPU time are reported:
+on a shared machine the CPU time is the steadier of the two.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Int8Config
+from .passes import convert
+
+
+def fx_qat(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """torch.ao's FX quantization-aware training preparation of a copy of `model` (x86 qconfig)."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (example,))
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policies=("gvq-mcs",), reps: int = 10,
+            with_fx_qat: bool = True) -> dict:
+    """{variant: {"wall": s, "cpu": s}} medians of `reps` interleaved training steps."""
+    model = model.train()
+    variants = {"fp32": model}
+    if with_fx_qat:
+        variants["fx-qat"] = fx_qat(model, x)
+    variants.update({f"int8fx {p}": convert(model, Int8Config(grad_quant=p)).train() for p in policies})
+    steps = {k: _step_fn(m, x, y) for k, m in variants.items()}
+    for s in steps.values():  # warm-up: allocator, oneDNN primitive caches
+        s(), s()
+    wall = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, s in steps.items():
+            t, c = time.perf_counter(), time.process_time()
+            s()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in steps}
+
+
+def header(batch: int, size: int, reps: int) -> str:
+    return (f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
+            f"threads {torch.get_num_threads()}  batch {batch}  {size}x{size}  median of {reps}")
+
+
+def table(name: str, r: dict) -> list[str]:
+    base, ref = r["fp32"], r.get("fx-qat", r["fp32"])
+    return [f"| {name} | {k} | {v['wall'] * 1e3:.0f} | {v['cpu'] * 1e3:.0f} | {v['wall'] / base['wall']:.2f}x | "
+            f"{v['cpu'] / base['cpu']:.2f}x | {v['cpu'] / ref['cpu']:.2f}x |" for k, v in r.items()]
+
+
+TABLE_HEAD = ["| model | variant | wall ms | CPU ms | wall / FP32 | CPU / FP32 | CPU / FX QAT |",
+              "|---|---|---|---|---|---|---|"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .quant import grad_quantizer_names
+
+    parser.add_argument("models", nargs="*", default=["resnet18", "mobilenet_v2"], metavar="NAME",
+                        help="torchvision model names (random init, 10 classes; default: resnet18 mobilenet_v2)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per variant (default 10)")
+    parser.add_argument("--policy", nargs="+", default=[Int8Config().grad_quant, "per-tensor"],
+                        choices=grad_quantizer_names(), help="gradient policies to time, one int8fx row each")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-fx-qat", action="store_true", help="skip the torch.ao FX QAT baseline")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torchvision
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(header(args.batch, args.size, args.reps))
+    print("\n".join(TABLE_HEAD))
+    for name in args.models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+        x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
+        r = compare(model, x, y, args.policy, args.reps, not args.no_fx_qat)
+        print("\n".join(table(name, r)), flush=True)
+    return 0

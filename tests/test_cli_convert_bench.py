@@ -1,0 +1,26 @@
+"""`int8fx convert` round-trips through a checkpoint; `int8fx bench` prints one row per variant."""
+import torch
+
+from int8fx.cli import main
+
+
+def test_convert_checkpoint_round_trip(tmp_path, capsys):
+    out = tmp_path / "r18.pt"
+    assert main(["convert", "torchvision:resnet18", "-o", str(out), "--exclude", "fc", "--grad-quant", "dsgc",
+                 "--input-shape", "none"]) == 0
+    assert "20/21 conv/linear sites in INT8" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=False)
+    assert saved["arch"] == "torchvision:resnet18" and saved["int8fx_config"]["grad_quant"] == "dsgc"
+    assert "layer1.0.conv1.weight" in saved["state_dict"] and "layer1.0.conv1.step" in saved["state_dict"]
+    # the checkpoint converts again with the same config, and its weights load back exactly
+    assert main(["inspect", str(out), "--input-shape", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "excluded by Int8Config.exclude" in text and "dsgc" in text
+
+
+def test_bench_prints_a_row_per_variant(capsys):
+    assert main(["bench", "squeezenet1_1", "--batch", "2", "--size", "32", "--reps", "1", "--no-fx-qat",
+                 "--policy", "per-tensor", "gvq-mcs", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| squeezenet1_1")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "int8fx per-tensor", "int8fx gvq-mcs"]
+    assert rows[0].split("|")[5].strip() == "1.00x"
