@@ -20,15 +20,6 @@ from int8fx.quant.core import quantize_per_channel
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; with several intra-op threads on a busy CI machine (2 cores shared
-    by several jobs) each small op waits for descheduled threads and runs ~100x slower. One thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 USER_MODULE = textwrap.dedent('''
     import torch, torch.nn as nn
 

@@ -43,16 +43,6 @@ torchvision = pytest.importorskip("torchvision")
 U = 2.0 ** -24  # unit roundoff of fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; with several intra-op threads on a busy CI machine (2 cores shared
-    by several jobs) each small op waits for descheduled threads and runs ~100x slower. One thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Conv1dNet(nn.Module):
     """conv1d (circular padding) -> relu -> conv1d (grouped, dilated, strided; excluded) -> linear on
     [N, L, C] (MatMul) -> F.linear on [N, L*C] (Gemm)."""

@@ -18,16 +18,6 @@ from int8fx.report import _INT8_FILL, _SKIP_FILL, _g
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; with several intra-op threads on a busy CI machine (2 cores shared
-    by several jobs) each small op waits for descheduled threads and runs ~100x slower. One thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def resnet50_trained():
     """resnet50 with conv1 and fc excluded, after one INT8 training step (clip buffers hold real values,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-import torch.fx as fx
 import torch.nn as nn
 
 from ..config import Int8Config

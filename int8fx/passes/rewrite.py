@@ -15,7 +15,6 @@ silently.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
