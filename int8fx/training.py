@@ -389,7 +389,7 @@ def train_run(spec: RunSpec, recipe: Recipe, data: Data, device="cpu", progress:
     train_s = eval_s = 0.0
     run_loss = run_correct = run_seen = 0.0
     diverged_at = None
-    last_test = float("nan")
+    last_test = "-"
     order = torch.randperm(n, generator=g)
     pos = 0
     t_start = time.perf_counter()
@@ -427,7 +427,7 @@ def train_run(spec: RunSpec, recipe: Recipe, data: Data, device="cpu", progress:
             if not math.isfinite(mean_loss):
                 diverged_at = done
             progress.update(key, done, {"loss": f"{mean_loss:.3f}", "acc": f"{hist['train_acc'][-1]:.1f}",
-                                        "test": f"{last_test:.1f}"})
+                                        "test": last_test})
         if done in eval_at or diverged_at:
             _sync(device)
             t1 = time.perf_counter()
@@ -435,7 +435,7 @@ def train_run(spec: RunSpec, recipe: Recipe, data: Data, device="cpu", progress:
             final = done == total or diverged_at is not None
             lim = None if final else recipe.eval_subset
             acc, tloss = evaluate(model, data.test_x[:lim], data.test_y[:lim], zm.size, zm.channels)
-            last_test = acc
+            last_test = f"{acc:.1f}"
             evals["step"].append(done)
             evals["epoch"].append(done / per_epoch)
             evals["test_acc"].append(acc)
