@@ -137,16 +137,16 @@ REFS = {"fp32": "FP32 model (end to end)", "exact": "exact backward of the same 
 
 def fidelity(model_name: str, policies: list[str], args) -> dict:
     fp = build_model(model_name, args.seed)
-    qms = {p: int8fx.convert(fp, make_config(p, tuple(args.exclude))) for p in policies}
-    first = qms[policies[0]]
-    names = [s.name for s in int8fx.inspect(first).converted if isinstance(first.get_submodule(s.name), Int8Layer)]
-    models = {"fp32": fp, "exact": exact_backward_twin(fp, names), **qms}
-    rec = {k: GradRecorder(m, names) for k, m in models.items()}
     opt = torch.optim.SGD(fp.parameters(), lr=args.lr, momentum=0.9)
     for x, y in batches(args.warmup, args.batch, args.size, args.seed + 2):  # FP32 only: leave random init
         opt.zero_grad()
         F.cross_entropy(fp(x), y).backward()
         opt.step()
+    qms = {p: int8fx.convert(fp, make_config(p, tuple(args.exclude))) for p in policies}
+    first = qms[policies[0]]
+    names = [s.name for s in int8fx.inspect(first).converted if isinstance(first.get_submodule(s.name), Int8Layer)]
+    models = {"fp32": fp, "exact": exact_backward_twin(fp, names), **qms}
+    rec = {k: GradRecorder(m, names) for k, m in models.items()}
     sums = {(p, r): {n: [0.0] * 4 for n in names} for p in policies for r in REFS}
     times: dict[str, list[float]] = {k: [] for k in models}
     for step, (x, y) in enumerate(batches(args.steps, args.batch, args.size, args.seed)):
@@ -210,14 +210,39 @@ def format_per_layer(res: dict, policies: list[str], ref: str, metric: int = 0) 
     return "\n".join(lines)
 
 
+def test_loss(model: nn.Module, n: int, size: int) -> float:
+    """Mean cross-entropy on the first n Fashion-MNIST test images, in eval mode (BatchNorm running stats)."""
+    images, labels = load_fashion_mnist("test")
+    model.eval()
+    with torch.no_grad():
+        total = sum(F.cross_entropy(model(normalize_images(images[i:i + 500], size, 3)), labels[i:i + 500],
+                                    reduction="sum").item() for i in range(0, n, 500))
+    model.train()
+    return total / n
+
+
+def print_fidelity(res: dict, args) -> None:
+    m = res["model"]
+    for ref, what in REFS.items():
+        print(f"\n## {m}: {len(res['layers'])} INT8 layers, {args.steps} steps; gradients vs {what}\n")
+        print(format_summary(res, args.policies, ref))
+        if args.per_layer:
+            print(f"\n{m}: weight-gradient cosine per layer vs {what}\n")
+            print(format_per_layer(res, args.policies, ref))
+    print(f"\nms/step (best fwd+bwd of the steps): fp32 {res['ms_per_step']['fp32']:.0f}, "
+          f"exact-backward twin {res['ms_per_step']['exact']:.0f}")
+
+
 def train_run(model_name: str, runs: list[str], args) -> dict:
-    """Same init, same batches, same optimizer for FP32 and every policy; loss = mean of the last 20% of steps.
-    A run named 'POLICY+dclrs' steps through int8fx.DeviationLRScaler."""
+    """Same init, same batches, same optimizer for FP32 and every policy. Compared: the test loss after the
+    last step (and the training loss of the last 20% of steps). A run named 'POLICY+dclrs' steps through
+    int8fx.DeviationLRScaler. 'fp32, other init' is FP32 again from another init: how far two runs that no
+    quantizer separates end up apart, i.e. the noise floor of this comparison."""
     out = {}
-    for run in ["fp32", *runs]:
-        model = build_model(model_name, args.seed)
+    for run in ["fp32", "fp32, other init", *runs]:
+        model = build_model(model_name, args.seed + (run == "fp32, other init"))
         policy, _, dclrs = run.partition("+")
-        if run != "fp32":
+        if not run.startswith("fp32"):
             model = int8fx.convert(model, make_config(policy, tuple(args.exclude)))
         opt = torch.optim.SGD(model.parameters(), lr=args.train_lr, momentum=0.9)
         if dclrs:
@@ -232,19 +257,24 @@ def train_run(model_name: str, runs: list[str], args) -> dict:
             opt.step()
             losses.append(loss.item())
         tail = statistics.fmean(losses[-max(1, len(losses) // 5):])
-        out[run] = {"final_loss": tail, "first_loss": losses[0], "seconds": time.perf_counter() - t}
-        print(f"  train {model_name} {run}: loss {losses[0]:.3f} -> {tail:.3f}", file=sys.stderr)
-    ref = out["fp32"]["final_loss"]
+        seconds = time.perf_counter() - t
+        out[run] = {"train_loss": tail, "first_loss": losses[0], "seconds": seconds,
+                    "test_loss": test_loss(model, args.eval_images, args.size)}
+        print(f"  train {model_name} {run}: loss {losses[0]:.3f} -> {tail:.3f}, test {out[run]['test_loss']:.3f}",
+              file=sys.stderr)
     for r in out.values():
-        r["vs_fp32"] = r["final_loss"] / ref
+        r["vs_fp32"] = r["test_loss"] / out["fp32"]["test_loss"]
+        r["train_vs_fp32"] = r["train_loss"] / out["fp32"]["train_loss"]
     return out
 
 
 def format_train(res: dict) -> str:
-    lines = ["| run | first loss | loss (mean of last 20% of steps) | / FP32 | within 10% | seconds |", "|---|---|---|---|---|---|"]
+    lines = ["| run | first loss | train loss (last 20% of steps) | / FP32 | test loss | / FP32 | within 10% | seconds |",
+             "|" + "---|" * 8]
     for run, r in res.items():
         ok = "yes" if abs(r["vs_fp32"] - 1) <= 0.10 else "NO"
-        lines.append(f"| {run} | {r['first_loss']:.3f} | {r['final_loss']:.4f} | {r['vs_fp32']:.3f} | {ok} | {r['seconds']:.0f} |")
+        lines.append(f"| {run} | {r['first_loss']:.3f} | {r['train_loss']:.4f} | {r['train_vs_fp32']:.3f} | "
+                     f"{r['test_loss']:.4f} | {r['vs_fp32']:.3f} | {ok} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -265,14 +295,15 @@ def plot(results: list[dict], policies: list[str], path: str) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=90)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
-    ap.add_argument("--steps", type=int, default=6, help="training steps measured (quantizer state carries over)")
+    ap.add_argument("--steps", type=int, default=6, help="training steps measured (quantizer state carries over); "
+                                                          "0: only the training runs")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=32, help="image side (Fashion-MNIST upsampled, 3 channels)")
     ap.add_argument("--lr", type=float, default=0.01, help="SGD (momentum 0.9) learning rate of the FP32 model")
@@ -284,6 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=0, help="also train each policy this many steps vs FP32")
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--train-lr", type=float, default=0.01)
+    ap.add_argument("--eval-images", type=int, default=2000, help="test images for the training runs' test loss")
     ap.add_argument("--train-runs", nargs="+", default=["per-tensor", "gvq", "mcs", "gvq-mcs", "gvq-mcs-search",
                                                          "dsgc", "gvq-mcs+dclrs", "dsgc+dclrs"])
     ap.add_argument("--per-layer", action="store_true", help="print the layers x policies dW-cosine table")
@@ -298,22 +330,15 @@ def main(argv=None) -> int:
           f"batch {args.batch} size {args.size} warmup {args.warmup} steps {args.steps} lr {args.lr} seed {args.seed}")
     results, trains = [], {}
     for m in args.models:
-        res = fidelity(m, args.policies, args)
-        results.append(res)
-        for ref, what in REFS.items():
-            print(f"\n## {m}: {len(res['layers'])} INT8 layers, {args.steps} steps; gradients vs {what}\n")
-            print(format_summary(res, args.policies, ref))
-            if args.per_layer:
-                print(f"\n{m}: weight-gradient cosine per layer vs {what}\n")
-                print(format_per_layer(res, args.policies, ref))
-        print(f"\nms/step (best fwd+bwd of the steps): fp32 {res['ms_per_step']['fp32']:.0f}, "
-              f"exact-backward twin {res['ms_per_step']['exact']:.0f}")
+        if args.steps:
+            results.append(fidelity(m, args.policies, args))
+            print_fidelity(results[-1], args)
         if args.train_steps:
             trains[m] = train_run(m, args.train_runs, args)
             print(f"\n{m}: {args.train_steps} training steps (batch {args.train_batch}, SGD lr {args.train_lr} "
                   f"momentum 0.9), same init, batches and dropout masks\n")
             print(format_train(trains[m]))
-    if args.plot:
+    if args.plot and results:
         plot(results, args.policies, args.plot)
         print(f"\nplot: {args.plot}")
     if args.json:
