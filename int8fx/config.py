@@ -41,7 +41,8 @@ class Int8Config:
     mcs_alpha: magnitude weight exponent of the MCS search variant.
     exclude: module-name glob patterns (e.g. "conv1", "fc", "layer4.*") or module types to keep in
         full precision.
-    overrides: {glob pattern: {field: value}} applied to matching layers (e.g. a different policy).
+    overrides: {glob pattern or nn.Module type: {field: value}} applied, in order, to the layers whose name
+        matches the pattern or whose original module is an instance of the type (e.g. another policy).
     backend: "auto" (reference on CPU and, until the CuPy kernels are GPU-verified, on CUDA too),
         "reference" (exact integer path on any device), "torch" (`torch._int_mm`, CUDA), "cupy".
     seed: seeds stochastic rounding so that runs are reproducible.
@@ -77,6 +78,8 @@ class Int8Config:
                 raise ConfigError(f"Int8Config.exclude holds name patterns (str) or nn.Module types, got {item!r}")
         known = {f.name for f in dataclasses.fields(self)} - {"exclude", "overrides"}
         for pattern, changes in dict(self.overrides).items():
+            if not isinstance(pattern, str) and not (isinstance(pattern, type) and issubclass(pattern, nn.Module)):
+                raise ConfigError(f"Int8Config.overrides keys are name patterns (str) or nn.Module types, got {pattern!r}")
             bad = set(changes) - known
             if bad:
                 raise ConfigError(
@@ -97,18 +100,20 @@ class Int8Config:
                 return True
         return False
 
-    def for_layer(self, name: str) -> "Int8Config":
-        """The config one layer sees: this one with every matching override applied, in order."""
+    def for_layer(self, name: str, module: nn.Module | None = None) -> "Int8Config":
+        """The config one layer sees: this one with every matching override applied, in order. `module` is
+        the site's original module (None for functional sites, which only name patterns can match)."""
         changes: dict[str, Any] = {}
         for pattern, fields in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
+            if fnmatch.fnmatchcase(name, pattern) if isinstance(pattern, str) else isinstance(module, pattern):
                 changes.update(fields)
         return dataclasses.replace(self, overrides={}, exclude=(), **changes) if changes else self
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["exclude"] = [e if isinstance(e, str) else f"{e.__module__}.{e.__qualname__}" for e in self.exclude]
-        d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        d["overrides"] = {k if isinstance(k, str) else f"{k.__module__}.{k.__qualname__}": dict(v)
+                          for k, v in self.overrides.items()}
         return d
 
     def to_json(self) -> str:

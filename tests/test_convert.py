@@ -133,6 +133,12 @@ def test_exclude_and_overrides():
     assert rows["layer4.0.conv1"].grad_quant == "per-tensor" and rows["layer1.0.conv1"].grad_quant == cfg.grad_quant
     qm2 = int8fx.convert(m, int8fx.Int8Config(exclude=(nn.Linear,)))
     assert not {r.name: r for r in int8fx.inspect(qm2).layers}["fc"].converted
+    by_type = int8fx.Int8Config(overrides={nn.Linear: {"grad_quant": "dsgc"}, "layer1.*": {"rounding": "stochastic"}})
+    rows3 = {r.name: r for r in int8fx.inspect(int8fx.convert(m, by_type)).layers}
+    assert rows3["fc"].grad_quant == "dsgc" and rows3["conv1"].grad_quant == by_type.grad_quant
+    assert "torch.nn.modules.linear.Linear" in by_type.to_dict()["overrides"]
+    with pytest.raises(int8fx.ConfigError, match="types"):
+        int8fx.Int8Config(overrides={3: {"grad_quant": "dsgc"}})
 
 
 def test_config_errors_list_valid_values():

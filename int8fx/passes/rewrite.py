@@ -90,7 +90,7 @@ class Rewriter:
         if reason:
             self.sites.append(Site(full_name, op, source, False, reason))
             return
-        layer = Int8Layer.from_module(mod, full_name, self.config.for_layer(full_name), self.index)
+        layer = Int8Layer.from_module(mod, full_name, self.config.for_layer(full_name, mod), self.index)
         layer.train(mod.training)
         self.index += 1
         self._swapped[id(mod)] = layer
