@@ -27,11 +27,14 @@ def model_names() -> list[str]:
         torchvision.models.list_models(module=torchvision.models.video))
 
 
+# (frames, size) each video family needs (its final pooling window); other video models take 4 x 32 x 32
+VIDEO_INPUT = {"mvit": (16, 224), "s3d": (16, 224), "swin3d": (8, 224)}
+
+
 def example_input(name: str, batch: int = 2) -> torch.Tensor:
     if name in torchvision.models.list_models(module=torchvision.models.video):
-        return torch.randn(batch, 3, 4, 32, 32) if not name.startswith(("mvit", "s3d", "swin3d")) else \
-            torch.randn(batch, 3, 16 if name.startswith("mvit") else 8, 224 if not name.startswith("s3d") else 112,
-                        224 if not name.startswith("s3d") else 112)
+        frames, size = next((v for k, v in VIDEO_INPUT.items() if name.startswith(k)), (4, 32))
+        return torch.randn(batch, 3, frames, size, size)
     size = next((v for k, v in MIN_SIZE.items() if name.startswith(k)), 64)
     return torch.randn(batch, 3, size, size)
 
@@ -40,8 +43,6 @@ def build(name: str) -> torch.nn.Module:
     kwargs = {"weights": None}
     if name in ("inception_v3", "googlenet"):
         kwargs["init_weights"] = False
-    if name.startswith(("vit", "swin", "maxvit")) or name.startswith("mvit"):
-        pass
     return torchvision.models.get_model(name, **kwargs)
 
 
