@@ -139,17 +139,6 @@ def _unpad(spec: GemmSpec, in_shape: tuple) -> tuple:
     return (slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(in_shape[2:], spec.padding))
 
 
-def cols_to_output(y: Tensor, spec: GemmSpec, batch_shape: tuple, out: tuple) -> Tensor:
-    """GEMM result y [g, M, O/g] -> layer output [N, O, *out] (or [..., O] for linear)."""
-    g = y.shape[0]
-    if spec.is_linear:
-        return y.reshape(*batch_shape, y.shape[-1])
-    n = batch_shape[0]
-    nd = len(out)
-    y = y.reshape(g, n, *out, y.shape[-1]).permute((1, 0, 2 + nd) + tuple(range(2, 2 + nd)))
-    return y.reshape(n, g * y.shape[2], *out)  # not -1: ambiguous for an empty batch
-
-
 def output_to_rows(dy: Tensor, spec: GemmSpec) -> Tensor:
     """Layer-output-shaped dy -> [M, O] with channels last (the layout the gradient quantizers see)."""
     if spec.is_linear:

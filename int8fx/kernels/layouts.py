@@ -57,7 +57,7 @@ def _gemm(backend, a: Tensor, b: Tensor) -> Tensor:
     return backend.bmm(flat(a), flat(b)).view(n, g, a.shape[2], b.shape[3])
 
 
-def _per_out(v: Tensor, spec: GemmSpec, o: int, nd: int) -> Tensor:
+def _per_out(v: Tensor, o: int, nd: int) -> Tensor:
     """A per-output-channel vector shaped to broadcast against [N, O, *spatial]."""
     return v.view(1, o, *([1] * nd))
 
@@ -71,7 +71,7 @@ def forward(backend, x_q: Tensor, w_q: Tensor, spec: GemmSpec, layout: str) -> t
         acc = x_q.new_zeros((x_q.shape[0], o) + out)
         w = w_q.view(o, *spec.kernel)
         for offs in itertools.product(*(range(k) for k in spec.kernel)):
-            acc.addcmul_(v[(Ellipsis,) + offs], _per_out(w[(slice(None),) + offs], spec, o, spec.dims))
+            acc.addcmul_(v[(Ellipsis,) + offs], _per_out(w[(slice(None),) + offs], o, spec.dims))
         return acc, out  # |acc| <= 127^2 * window < 2^24: exact in fp32
     if layout == "samples":
         cols, out = unfold(x_q, spec)  # [N, g, K, L]
@@ -99,7 +99,7 @@ def grad_input(backend, g_q: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple
         w = w_q.view(o, *spec.kernel)
         for offs in itertools.product(*(range(k) for k in spec.kernel)):
             sl = tuple(slice(f * d, f * d + s * (m - 1) + 1, s) for f, d, s, m in zip(offs, spec.dilation, spec.stride, out))
-            dx[(slice(None), slice(None)) + sl].addcmul_(g_q, _per_out(w[(slice(None),) + offs], spec, o, spec.dims))
+            dx[(slice(None), slice(None)) + sl].addcmul_(g_q, _per_out(w[(slice(None),) + offs], o, spec.dims))
         return dx[(slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(x_shape[2:], spec.padding))]
     w_t = w_q.view(g, o // g, -1)  # [g, O/g, K]
     if layout == "samples":
