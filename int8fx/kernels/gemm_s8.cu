@@ -30,6 +30,22 @@
 // right, each factor optional (null).
 #include "common.cuh"
 
+// One operand tile (ROWS x 16*CH bytes, K-major) into shared memory with a row pitch of LDS bytes, in
+// 16-byte cp.async chunks spread over THREADS threads; rows past `rows` and columns past k_end are
+// zero-filled (src-size 0). A and B tiles differ only in these arguments.
+template <int ROWS, int CH, int LDS, int THREADS>
+__device__ __forceinline__ void load_tile(i8* dst, const i8* src, int first_row, int rows, i64 ld, int k0,
+                                          int k_end, int tid) {
+#pragma unroll
+  for (int i = 0; i < ROWS * CH / THREADS; ++i) {
+    const int idx = tid + i * THREADS;
+    const int r = idx / CH, c = idx % CH;
+    const int gr = first_row + r, gk = k0 + c * 16;
+    const bool ok = gr < rows && gk < k_end;
+    cp_async16(dst + r * LDS + c * 16, ok ? src + (i64)gr * ld + gk : src, ok ? 16 : 0);
+  }
+}
+
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 gemm_s8(const i8* __restrict__ A, i64 sAg, i64 lda,
@@ -70,24 +86,8 @@ gemm_s8(const i8* __restrict__ A, i64 sAg, i64 lda,
 
   auto load_stage = [&](int stage, int kt) {
     const int k0 = k_begin + kt * BK;
-    i8* dA = sA + stage * BM * LDS;
-    i8* dB = sB + stage * BN * LDS;
-#pragma unroll
-    for (int i = 0; i < BM * CH / THREADS; ++i) {
-      const int idx = tid + i * THREADS;
-      const int r = idx / CH, c = idx % CH;
-      const int gm = row0 + r, gk = k0 + c * 16;
-      const bool ok = gm < M && gk < k_end;
-      cp_async16(dA + r * LDS + c * 16, ok ? Ag + (i64)gm * lda + gk : Ag, ok ? 16 : 0);
-    }
-#pragma unroll
-    for (int i = 0; i < BN * CH / THREADS; ++i) {
-      const int idx = tid + i * THREADS;
-      const int r = idx / CH, c = idx % CH;
-      const int gn = col0 + r, gk = k0 + c * 16;
-      const bool ok = gn < N && gk < k_end;
-      cp_async16(dB + r * LDS + c * 16, ok ? Bg + (i64)gn * ldb + gk : Bg, ok ? 16 : 0);
-    }
+    load_tile<BM, CH, LDS, THREADS>(sA + stage * BM * LDS, Ag, row0, M, lda, k0, k_end, tid);
+    load_tile<BN, CH, LDS, THREADS>(sB + stage * BN * LDS, Bg, col0, N, ldb, k0, k_end, tid);
   };
 
   int acc[MI][NI][4];
