@@ -9,16 +9,17 @@ activations per tensor, weights per output channel, exactly as the INT8 forward 
 (ALGORITHMS.md). The weight initializer holds the very INT8 values of `quantize_per_channel(weight)`.
 Sites left in full precision stay plain float ops. BatchNorm, activations and pooling stay float.
 
-Static activation scales. In eval mode int8fx takes s_x from each batch's absmax; an ONNX graph needs a
-constant. `calibration="inputs"` (default) runs the model in eval mode on `example_inputs` (plus any
-`calibration_data`) and takes s_x = absmax over those batches / 127 per site, computed exactly as the INT8
-op computes it. On the calibration batch itself the exported graph then quantizes every activation to the
-same INT8 values as the eval-mode model, so ONNX output and eval-mode output differ only by float
-summation order (and the rare activation whose rounding that order flips by one INT8 step). Other inputs
-get the calibration batches' clip, as any static INT8 deployment does. `calibration="ema"` uses each
-layer's `act_clip_ema` (the running clip of the training batches) where training has filled it, which is
-the right choice for a trained model exported without representative data; layers never trained fall back
-to the calibration clip, and the metadata says which source every layer used.
+Static activation scales. An ONNX graph needs a constant s_x per site. The default, `calibration="eval"`,
+takes the clip the eval-mode model itself uses, so the file computes what `qmodel.eval()` computes: a
+trained layer's `act_clip_ema` (the running clip of its training batches; `Int8Config.eval_act_clip`),
+and, for a layer that never trained (or one configured to quantize eval batches with their own absmax),
+the calibration absmax: the model runs in eval mode on `example_inputs` (plus any `calibration_data`)
+and s_x = absmax over those batches / 127 per site, computed exactly as the INT8 op computes it.
+`calibration="inputs"` always takes the calibration absmax, `calibration="ema"` always prefers
+`act_clip_ema`; the metadata says which source every layer used. Either way ONNX output and eval-mode
+output (on the calibration batch, for calibrated sites) quantize every activation to the same INT8
+values and differ only by float summation order (and the rare activation whose rounding that order
+flips by one INT8 step).
 
 Why the TorchScript-based exporter (`dynamo=False`): it exists in every torch >= 2.5 and lets an
 `autograd.Function` state its own ONNX lowering (`symbolic`), so the QDQ pattern above is emitted
@@ -105,7 +106,7 @@ class _QDQGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_scale, x_zp, w_int8, w_scale, w_zp, bias, kind, attrs):
-        xq = torch.clamp(torch.round(x / x_scale), -128, 127) * x_scale  # QuantizeLinear saturates at -128
+        xq = torch.clamp(torch.round(x / x_scale), -127, 127) * x_scale  # as int8fx: symmetric, never -128
         w = w_int8.float() * w_scale.view(-1, *([1] * (w_int8.dim() - 1)))
         if kind == "conv":
             kernel, strides, pads, dilations, group = attrs
@@ -120,7 +121,10 @@ class _QDQGemm(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, x_scale, x_zp, w_int8, w_scale, w_zp, bias, kind, attrs):
-        xq = g.op("QuantizeLinear", x, x_scale, x_zp)
+        # QuantizeLinear saturates at -128; int8fx's levels stop at -127. A Clip at -127 s in front keeps
+        # the file exact for inputs beyond the static clip (onnxruntime keeps it: it is not redundant).
+        low = g.op("Mul", x_scale, g.op("Constant", value_t=torch.tensor(-127.0)))
+        xq = g.op("QuantizeLinear", g.op("Clip", x, low), x_scale, x_zp)
         xdq = g.op("DequantizeLinear", xq, x_scale, x_zp)
         wdq = g.op("DequantizeLinear", w_int8, w_scale, w_zp, axis_i=0)
         has_bias = not (bias is None or bias.node().mustBeNone())
@@ -321,15 +325,17 @@ def _layer_metadata(site, layer: Int8Layer, cal: dict | None, export_site: Expor
 
 # --------------------------------------------------------------------------- export
 def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                calibration: str = "inputs", calibration_data: Iterable | None = None, dynamic_batch: bool = True,
+                calibration: str = "eval", calibration_data: Iterable | None = None, dynamic_batch: bool = True,
                 input_names: list[str] | None = None, output_names: list[str] | None = None,
                 lr_scaler=None) -> dict:
     """Export `qmodel` (from `int8fx.convert`) to ONNX at `path`; returns the metadata dict it stored.
 
     example_inputs: a tensor or tuple of tensors, the model's positional inputs; they trace the graph and
         calibrate the static activation scales (module docstring).
-    calibration: "inputs" (absmax over example_inputs and calibration_data) or "ema" (each layer's
-        training-time `act_clip_ema` where set, else the calibration absmax).
+    calibration: "eval" (default: the clip the eval-mode model itself uses, so that the file computes what
+        `qmodel.eval()` computes: `act_clip_ema` where training set it and the layer's
+        `Int8Config.eval_act_clip` is "ema", else the calibration absmax), "inputs" (absmax over
+        example_inputs and calibration_data) or "ema" (`act_clip_ema` where set, else the calibration absmax).
     calibration_data: more batches (tensors or tuples) for the calibration absmax.
     dynamic_batch: make dimension 0 of every input and output symbolic.
     lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
@@ -339,8 +345,8 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
     sites = getattr(qmodel, "_int8fx_sites", None)
     if sites is None:
         raise ValueError("export_onnx() needs a model returned by int8fx.convert()")
-    if calibration not in ("inputs", "ema"):
-        raise ValueError(f"calibration must be 'inputs' or 'ema', got {calibration!r}")
+    if calibration not in ("eval", "inputs", "ema"):
+        raise ValueError(f"calibration must be 'eval', 'inputs' or 'ema', got {calibration!r}")
     if opset < 13:
         raise ValueError(f"per-axis DequantizeLinear needs opset >= 13, got {opset}")
     import onnx
@@ -364,7 +370,8 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
             continue
         layer, rec = site.layer, cal[site.name]
         clip, source = float(rec["absmax"]), "calibration"
-        if calibration == "ema" and float(layer.act_clip_ema) > 0:
+        use_ema = calibration == "ema" or (calibration == "eval" and layer.config.eval_act_clip == "ema")
+        if use_ema and float(layer.act_clip_ema) > 0:
             clip, source = float(layer.act_clip_ema), "act_clip_ema"
         es = ExportSite(em_layers[site.name], rec["weight"], rec["bias"], clip)
         es.trace_log = trace_log

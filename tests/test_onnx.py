@@ -17,11 +17,12 @@ and differ only by fp32 summation order, which `test_every_site_matches_int8fx_g
 checks element by element against the textbook bound (K+2)u * sum|x_i w_i| (u = 2^-24). Through a whole
 network that float noise occasionally moves an activation sitting on a rounding tie by one INT8 step,
 and the network propagates that step. The end-to-end tolerance is therefore the model's own response to
-such flips, measured on the eval-mode model with ~8 ulps of input noise (`tie_flip_sensitivity`),
+such flips, measured on the eval-mode model with ~32 ulps of input noise (`tie_flip_sensitivity`),
 times 2, plus 1e-5 of the output range for the summation noise itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -104,13 +105,14 @@ def _session(model_or_path, **kw):
     return ort.InferenceSession(src, providers=["CPUExecutionProvider"], **kw)
 
 
-def tie_flip_sensitivity(qm, x, trials: int = 8):
-    """(eval output, max change of it under ~8 ulps of input noise): how far one-step flips of activations
-    on rounding ties move this model's output."""
+def tie_flip_sensitivity(qm, x, trials: int = 16):
+    """(eval output, max change of it under ~32 ulps of input noise): how far one-step flips of activations
+    on rounding ties move this model's output. 8 ulps x 8 trials proved too few: on mobilenet_v2 it
+    found no flip (sensitivity 0) while onnxruntime's own summation order flipped one activation."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         ref = qm(x)
-        worst = max((qm(x * (1 + 2.0 ** -21 * torch.randn(x.shape, generator=g))) - ref).abs().max().item()
+        worst = max((qm(x * (1 + 2.0 ** -19 * torch.randn(x.shape, generator=g))) - ref).abs().max().item()
                     for _ in range(trials))
     return ref, worst
 
@@ -171,7 +173,8 @@ def _instrumented(path: str, meta: dict):
 
 def test_every_site_matches_int8fx_given_the_same_input(exported):
     """Teacher-forced per site: onnxruntime's INT8 activation codes equal int8fx's `quantize` of the same
-    float input (bar ONNX's -128 saturation level), and the site's output equals the exact integer GEMM times s_x*s_w[o] (+ bias) within the
+    float input (including inputs beyond the static clip, which saturate at -127 as in int8fx, not at
+    QuantizeLinear's -128), and the site's output equals the exact integer GEMM times s_x*s_w[o] (+ bias) within the
     fp32 summation bound."""
     name, qm, x, path, meta = exported
     model, wanted = _instrumented(path, meta)
@@ -179,7 +182,7 @@ def test_every_site_matches_int8fx_given_the_same_input(exported):
     vals = dict(zip(names, _session(model).run(names, {"input": x.numpy()})))
     layers = {s.name: s.layer for s in qm._int8fx_sites if s.converted}
     weights = {k: (v["weight"], v["bias"]) for k, v in calibrate(qm, [(x,)]).items()}
-    checked = 0
+    checked = saturated = 0
     for site, x_name, q_name, y_name, graph_s_x in wanted:
         layer, entry = layers[site], meta["layers"][site]
         s_x = torch.tensor(graph_s_x)
@@ -190,11 +193,8 @@ def test_every_site_matches_int8fx_given_the_same_input(exported):
         x_in = torch.from_numpy(vals[x_name])
         q_ort = torch.from_numpy(vals[q_name])
         assert q_ort.dtype == torch.int8
-        want_q = quantize(x_in, s_x)
-        # ONNX saturates at -128, int8fx at -127: they differ only below the calibrated clip, which an input
-        # can reach here because upstream float noise (see module docstring) moved it past the calibration max
-        below = (x_in / s_x).round() < -127
-        want_q[below] = -128
+        want_q = quantize(x_in, s_x)  # saturating at -127 too: the file clips in front of QuantizeLinear
+        saturated += int(((x_in / s_x).round() < -127).sum())
         assert torch.equal(want_q, q_ort), site
         q, w = q_ort.double(), w_q.double().reshape(weight.shape)
         if layer.dims:
@@ -217,6 +217,7 @@ def test_every_site_matches_int8fx_given_the_same_input(exported):
         assert ((got - want).abs() <= bound).all(), (site, (got - want).abs().max().item())
         checked += 1
     assert checked == sum(len(e["onnx"]) for e in meta["layers"].values()) >= 3
+    print(f"{name}: {saturated} activations below -127 steps")
 
 
 def test_converted_ops_are_wrapped_in_qdq_and_excluded_ones_stay_float(exported):
@@ -287,23 +288,53 @@ def test_metadata_round_trips_exactly(exported):
         assert entry["grad"]["policy"] == layer.grad_quantizer.policy
         assert entry["dclrs"]["deviation"] == float(layer.deviation) and entry["dclrs"]["tracks_deviation"]
         assert entry["dclrs"]["lr_factor"] == pytest.approx(max(math.exp(-20 * float(layer.deviation)), 0.1))
-        act = entry["forward"]["activation"]
-        assert act["clip"] == float(cal[s.name]["absmax"]) and act["clip_source"] == "calibration"
-        assert act["scale"] == float(scale_from_clip(cal[s.name]["absmax"]))
+        act = entry["forward"]["activation"]  # default calibration "eval": the trained layer's running clip
+        assert act["clip"] == float(layer.act_clip_ema) > 0 and act["clip_source"] == "act_clip_ema"
+        assert act["scale"] == float(scale_from_clip(layer.act_clip_ema))
+        assert act["calibration_absmax"] == float(cal[s.name]["absmax"])
         _, s_w = quantize_per_channel(cal[s.name]["weight"].reshape(cal[s.name]["weight"].shape[0], -1).float(), 0)
         assert torch.equal(entry["forward"]["weight"]["scale"], s_w)
     assert nontrivial > 0  # the training step left state worth round-tripping
 
 
-def test_ema_calibration_uses_the_training_clip(tmp_path):
+def test_calibration_sources(tmp_path):
+    """"ema" takes the training clip; "inputs" the calibration absmax; "eval" (default) whatever the
+    eval-mode model uses: the training clip, or the batch absmax for layers set to eval_act_clip="batch"."""
     qm, x, _ = _build("conv1d")
-    meta = export_onnx(qm, x, tmp_path / "ema.onnx", calibration="ema")
-    for s in qm._int8fx_sites:
-        if s.converted:
-            act = meta["layers"][s.name]["forward"]["activation"]
-            assert act["clip_source"] == "act_clip_ema"
-            assert act["clip"] == float(s.layer.act_clip_ema) > 0
-            assert act["scale"] == float(scale_from_clip(s.layer.act_clip_ema))
+    cal = calibrate(qm, [(x,)])
+    for c in ("ema", "inputs", "eval"):
+        if c == "eval":
+            qm.c1.config = dataclasses.replace(qm.c1.config, eval_act_clip="batch")
+        meta = export_onnx(qm, x, tmp_path / f"{c}.onnx", calibration=c)
+        for s in qm._int8fx_sites:
+            if s.converted:
+                act = meta["layers"][s.name]["forward"]["activation"]
+                ema = c == "ema" or (c == "eval" and s.layer.config.eval_act_clip == "ema")
+                clip = s.layer.act_clip_ema if ema else cal[s.name]["absmax"]
+                assert act["clip_source"] == ("act_clip_ema" if ema else "calibration"), (c, s.name)
+                assert act["clip"] == float(clip) > 0
+                assert act["scale"] == float(scale_from_clip(clip))
+
+
+def test_inputs_beyond_the_static_clip_saturate_at_minus_127(tmp_path):
+    """A trained layer's static clip is exceeded by new inputs; int8fx saturates at -127, QuantizeLinear
+    alone at -128. The exported Clip keeps onnxruntime equal to the eval-mode model on both sides."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Linear(6, 3)))
+    qm(torch.randn(4, 6)).sum().backward()  # one training batch sets act_clip_ema
+    qm.eval()
+    layer = next(m for m in qm.modules() if isinstance(m, int8fx.nn.Int8Layer))
+    clip = float(layer.act_clip_ema)
+    x = torch.tensor([[-10 * clip, 10 * clip, -clip, clip, 0.5 * clip, -1.01 * clip]])
+    with torch.no_grad():
+        ref = qm(x)
+    export_onnx(qm, x, tmp_path / "sat.onnx")
+    out = _session(str(tmp_path / "sat.onnx")).run(None, {"input": x.numpy()})[0]
+    w_q, s_w = quantize_per_channel(layer.weight.detach(), 0)
+    levels = torch.tensor([[-127.0, 127, -127, 127, 64, -127]])  # 0.5 * 127 = 63.5 rounds to even
+    want = (levels @ w_q.float().t()) * float(scale_from_clip(layer.act_clip_ema)) * s_w + layer.bias.detach()
+    assert torch.allclose(ref, want, rtol=1e-5, atol=1e-6)
+    assert np.allclose(out, ref.numpy(), rtol=1e-5, atol=1e-6), (out, ref)
 
 
 def test_dynamic_batch_runs_other_batch_sizes(exported):

@@ -34,9 +34,10 @@ def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", gene
     return quantize(x, scale, rounding, generator, out_dtype) if q is None else q
 
 
-def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend):
-    """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export."""
-    s_x = scale_from_clip(absmax(x))
+def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend, act_clip: Tensor | None = None):
+    """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export.
+    `act_clip`: a static activation clip (values beyond it saturate at +-127); None takes x's absmax."""
+    s_x = scale_from_clip(absmax(x) if act_clip is None else act_clip)
     x_op = _quantize(backend, x, s_x, out_dtype=backend.operand_dtype)  # the GEMM operand
     x_q = x_op if x_op.dtype == torch.int8 else x_op.to(torch.int8)  # what backward keeps
     w2 = weight.reshape(weight.shape[0], -1)
@@ -74,7 +75,7 @@ class Int8GemmFunction(torch.autograd.Function):
     @_autocast_off
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, layer) -> Tensor:
         backend = resolve_backend(layer.backend_choice, x.device)
-        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec, backend)
+        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec, backend, layer.static_act_clip())
         if bias is not None:
             y = y + (bias.view(-1, *([1] * spec.dims)) if not spec.is_linear else bias)
         if x.numel():  # an empty batch carries no statistics
@@ -123,5 +124,5 @@ class Int8GemmFunction(torch.autograd.Function):
             dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(ctx.w_shape)
         if need_b and ctx.has_bias:
             db = rows.sum(0)
-        layer.observe_backward()
+        layer.observe_backward(poison)
         return dx, dw, db, None, None

@@ -127,6 +127,13 @@ class Int8Layer(nn.Module):
             raise TypeError(f"{self.site_name}: INT8 training needs a floating-point input, got {x.dtype}")
 
     # ----------------------------------------------------------------- hooks called by the autograd op
+    def static_act_clip(self) -> Tensor | None:
+        """The activation clip of an eval-mode forward, None for the batch's own absmax (see
+        `Int8Config.eval_act_clip`)."""
+        if self.training or self.config.eval_act_clip == "batch" or not bool(self.act_clip_ema > 0):
+            return None
+        return self.act_clip_ema
+
     def observe_forward(self, s_x: Tensor) -> None:
         if self.training:
             with torch.no_grad():
@@ -136,8 +143,11 @@ class Int8Layer(nn.Module):
                     self.act_clip_ema.copy_(torch.where(first, clip, 0.9 * self.act_clip_ema + 0.1 * clip))
                 self.act_clip.copy_(clip)
 
-    def observe_backward(self) -> None:
-        self.step += 1
+    def observe_backward(self, poison: Tensor) -> None:
+        """Count backward passes with finite gradients: a step that a loss scaler skips leaves no trace
+        (the stochastic-rounding stream is keyed on this count). `poison` is 0 or NaN (`nonfinite_poison`);
+        the comparison keeps the count on the device, without a sync."""
+        self.step += (poison == 0).long()
 
     def observe_deviation(self, d: Tensor) -> None:
         if torch.isfinite(d):
