@@ -68,6 +68,7 @@ class Recipe:
     eval_subset: int | None = 2_000
     log_every: int = 10
     max_steps: int | None = None  # cap on optimizer steps (smoke tests); the schedule spans the cap
+    rounding: str = "stochastic"  # Int8Config.rounding of the INT8 runs' gradients
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -315,7 +316,7 @@ def build_models(spec: RunSpec, recipe: Recipe, device="cpu"):
     zm = build_model(recipe.model, width=recipe.width, size=recipe.size)
     model = zm.module
     if spec.policy is not None:
-        model = int8fx.convert(model, int8fx.Int8Config(grad_quant=spec.policy, seed=spec.seed))
+        model = int8fx.convert(model, int8fx.Int8Config(grad_quant=spec.policy, seed=spec.seed, rounding=recipe.rounding))
     return model.to(device), zm
 
 
@@ -781,6 +782,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (SGD, Nesterov momentum 0.9, warmup + cosine)")
     p.add_argument("--augment", choices=("none", "flip", "flip+crop"))
     p.add_argument("--evals", type=int, help="test evaluations per run (curve points)")
+    p.add_argument("--rounding", choices=("stochastic", "nearest"), help="gradient rounding of the INT8 runs "
+                                                                        "(default: stochastic, as Int8Config)")
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto (cuda when available)")
     p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default: $INT8FX_DATA, then "
@@ -799,7 +802,7 @@ def recipe_from_args(args) -> tuple[Recipe, tuple, tuple, int]:
     """(recipe, runs, seeds, jobs) from the preset with the command-line overrides applied."""
     preset = PRESETS[args.preset]
     changes = {}
-    for name in ("model", "width", "size", "epochs", "batch_size", "lr", "augment", "evals", "max_steps"):
+    for name in ("model", "width", "size", "epochs", "batch_size", "lr", "augment", "evals", "max_steps", "rounding"):
         v = getattr(args, name, None)
         if v is not None:
             changes[name] = v
