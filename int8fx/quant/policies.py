@@ -131,7 +131,11 @@ def dsgc_rule(g, amax, state, step, cfg):
     """Search every `clip_update_period` steps; in between, reuse the ratio to the current absmax (so
     the clip follows the gradient's scale, which drifts much faster than its shape)."""
     if step % cfg.clip_update_period == 0:
-        ratio = search_ratio(lambda c: column_cosine_distance(g, c), amax)
+        # the distance is scale-free: search on g / absmax, whose squares neither underflow (|g| ~ 1e-30)
+        # nor overflow (|g| ~ 1e30), which would make every candidate tie
+        unit = torch.where(amax > 0, amax, torch.ones_like(amax))
+        g_unit = g / unit
+        ratio = search_ratio(lambda c: column_cosine_distance(g_unit, c), amax / unit)
     else:
         ratio = torch.where(state["ratio"] > 0, state["ratio"], torch.ones_like(amax))  # never searched: absmax
     return ratio * amax, {"ratio": ratio}
