@@ -505,6 +505,7 @@ def run_experiment(recipe: Recipe, runs=(FP32, "per-tensor"), seeds=(0,), device
         jobs = 1
     jobs = max(1, min(jobs, len(specs)))
     records: list[dict] = []
+    git, started = _git_state(), _dt.datetime.now().astimezone().isoformat(timespec="seconds")  # the code that runs
     t0 = time.perf_counter()
     if jobs == 1:
         before = torch.get_num_threads()
@@ -520,7 +521,7 @@ def run_experiment(recipe: Recipe, runs=(FP32, "per-tensor"), seeds=(0,), device
         records = _run_parallel(specs, recipe, str(dev), data_path, jobs,
                                 threads or max(1, (os.cpu_count() or 1) // jobs), progress)
     return {
-        "int8fx_version": _version(), "git": _git_state(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "int8fx_version": _version(), "git": git, "date": started,
         "machine": machine_info(dev), "device": str(dev), "jobs": jobs, "recipe": recipe.to_dict(),
         "experiment_s": time.perf_counter() - t0, "runs": records, "summary": summarize(records),
     }
