@@ -44,10 +44,10 @@ from int8fx.quant.core import dequantize, quantize_per_channel, quantize_per_ten
 POLICIES = ("per-tensor", "gvq", "mcs", "gvq-mcs", "gvq-mcs-search", "dsgc", "dsgc@1")
 
 
-def make_config(spec: str, exclude: tuple) -> int8fx.Int8Config:
+def make_config(spec: str, exclude: tuple, rounding: str = "nearest") -> int8fx.Int8Config:
     name, _, period = spec.partition("@")
     extra = {"clip_update_period": int(period)} if period else {}
-    return int8fx.Int8Config(grad_quant=name, exclude=exclude, **extra)
+    return int8fx.Int8Config(grad_quant=name, exclude=exclude, rounding=rounding, **extra)
 
 
 def build_model(name: str, seed: int) -> nn.Module:
@@ -142,7 +142,7 @@ def fidelity(model_name: str, policies: list[str], args) -> dict:
         opt.zero_grad()
         F.cross_entropy(fp(x), y).backward()
         opt.step()
-    qms = {p: int8fx.convert(fp, make_config(p, tuple(args.exclude))) for p in policies}
+    qms = {p: int8fx.convert(fp, make_config(p, tuple(args.exclude), args.rounding)) for p in policies}
     first = qms[policies[0]]
     names = [s.name for s in int8fx.inspect(first).converted if isinstance(first.get_submodule(s.name), Int8Layer)]
     models = {"fp32": fp, "exact": exact_backward_twin(fp, names), **qms}
@@ -243,7 +243,7 @@ def train_run(model_name: str, runs: list[str], args) -> dict:
         model = build_model(model_name, args.seed + (run == "fp32, other init"))
         policy, _, dclrs = run.partition("+")
         if not run.startswith("fp32"):
-            model = int8fx.convert(model, make_config(policy, tuple(args.exclude)))
+            model = int8fx.convert(model, make_config(policy, tuple(args.exclude), args.rounding))
         opt = torch.optim.SGD(model.parameters(), lr=args.train_lr, momentum=0.9)
         if dclrs:
             opt = int8fx.DeviationLRScaler(opt, model)
@@ -311,6 +311,10 @@ def main(argv=None) -> int:
                     help="FP32 training steps before measuring: at random init an INT8 forward can be far from FP32 "
                          "(mobilenet_v2: logits cosine 0.65), after 50 steps it is not (0.999)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
+                    help="gradient rounding (default nearest, unlike Int8Config: a single step's cosine then "
+                         "measures the clip policy alone; stochastic rounding adds zero-mean noise that lowers "
+                         "one step's cosine but not the expected gradient's)")
     ap.add_argument("--exclude", nargs="*", default=[], help="layer name patterns kept in FP32 (e.g. conv1 fc)")
     ap.add_argument("--train-steps", type=int, default=0, help="also train each policy this many steps vs FP32")
     ap.add_argument("--train-batch", type=int, default=32)

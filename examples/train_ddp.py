@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--policy", default="gvq-mcs", help=f"one of {', '.join(int8fx.quant.grad_quantizer_names())}")
-    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
+    p.add_argument("--rounding", default="stochastic", choices=["nearest", "stochastic"])
     p.add_argument("--no-dclrs", action="store_true", help="plain SGD instead of DeviationLRScaler(SGD)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
