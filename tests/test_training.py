@@ -67,6 +67,20 @@ def test_same_seed_same_start_different_seed_different_start():
     assert not torch.equal(a["features.0.weight"], other.state_dict()["features.0.weight"])
 
 
+def test_rounding_option_reaches_every_int8_layer():
+    """`--rounding nearest` reproduces the nearest-rounding comparison of RESULTS.md; the default is the
+    library's (stochastic)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    assert T.recipe_from_args(p.parse_args(["--full"]))[0].rounding == int8fx.Int8Config().rounding == "stochastic"
+    recipe = T.recipe_from_args(p.parse_args(["--full", "--rounding", "nearest"]))[0]
+    q, _ = T.build_models(T.RunSpec("dsgc", seed=1), recipe)
+    layers = [m for m in q.modules() if isinstance(m, int8fx.nn.Int8Layer)]
+    assert len(layers) == 5 and all(m.config.rounding == "nearest" and m.config.seed == 1 for m in layers)
+
+
 def test_parse_runs_validates_names():
     names = int8fx.quant.grad_quantizer_names()
     assert T.parse_runs("fp32, per-tensor,fp32") == [(None, False), ("per-tensor", False)]
