@@ -36,8 +36,12 @@ def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", gene
 
 def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend, act_clip: Tensor | None = None):
     """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export.
-    `act_clip`: a static activation clip (values beyond it saturate at +-127); None takes x's absmax."""
-    s_x = scale_from_clip(absmax(x) if act_clip is None else act_clip)
+    `act_clip`: a static activation clip (values beyond it saturate at +-127); None, or a clip of 0 (never
+    set), takes x's absmax."""
+    clip = absmax(x)
+    if act_clip is not None:
+        clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
+    s_x = scale_from_clip(clip)
     x_op = _quantize(backend, x, s_x, out_dtype=backend.operand_dtype)  # the GEMM operand
     x_q = x_op if x_op.dtype == torch.int8 else x_op.to(torch.int8)  # what backward keeps
     w2 = weight.reshape(weight.shape[0], -1)
