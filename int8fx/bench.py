@@ -44,13 +44,16 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policies=("gvq-mcs",), reps: int = 10,
-            with_fx_qat: bool = True) -> dict:
-    """{variant: {"wall": s, "cpu": s}} medians of `reps` interleaved training steps."""
+            with_fx_qat: bool = True, roundings: tuple = ()) -> dict:
+    """{variant: {"wall": s, "cpu": s}} medians of `reps` interleaved training steps. One int8fx variant
+    per policy and gradient rounding (`roundings`, default: the library's; named only when several)."""
     model = model.train()
     variants = {"fp32": model}
     if with_fx_qat:
         variants["fx-qat"] = fx_qat(model, x)
-    variants.update({f"int8fx {p}": convert(model, Int8Config(grad_quant=p)).train() for p in policies})
+    roundings = tuple(roundings) or (Int8Config().rounding,)
+    variants.update({f"int8fx {p}" + (f" {r}" if len(roundings) > 1 else ""):
+                     convert(model, Int8Config(grad_quant=p, rounding=r)).train() for p in policies for r in roundings})
     steps = {k: _step_fn(m, x, y) for k, m in variants.items()}
     for s in steps.values():  # warm-up: allocator, oneDNN primitive caches
         s(), s()
@@ -90,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed steps per variant (default 10)")
     parser.add_argument("--policy", nargs="+", default=[Int8Config().grad_quant, "per-tensor"],
                         choices=grad_quantizer_names(), help="gradient policies to time, one int8fx row each")
+    parser.add_argument("--rounding", nargs="+", default=[], choices=("stochastic", "nearest"),
+                        help="gradient rounding(s) to time (default: the library's, stochastic)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-fx-qat", action="store_true", help="skip the torch.ao FX QAT baseline")
 
@@ -105,6 +110,6 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None, num_classes=10)
         x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
-        r = compare(model, x, y, args.policy, args.reps, not args.no_fx_qat)
+        r = compare(model, x, y, args.policy, args.reps, not args.no_fx_qat, tuple(args.rounding))
         print("\n".join(table(name, r)), flush=True)
     return 0
