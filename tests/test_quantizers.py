@@ -261,3 +261,28 @@ def test_overrides_choose_a_policy_per_layer():
     qm = int8fx.convert(tiny_net(), cfg)
     assert [qm.get_submodule(n).grad_quantizer.policy for n in ("0", "3", "7")] == ["gvq-mcs", "dsgc", "per-tensor"]
     assert math.isclose(int8fx.inspect(qm).to_dict()["config"]["mcs_a"], 0.8)
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    """E[q] = x/s (to within 2^-16 of a step plus sampling noise), the draws follow the generator, and the
+    15-bit lanes behind them are uniform in every position of the 64-bit words they are cut from."""
+    from int8fx.quant.core import quantize, uniform_bits15
+
+    n = 200_000
+    for v in (0.1, 0.5, 0.9, -0.3, -2.7, 126.4):
+        g = torch.Generator().manual_seed(7)
+        q = quantize(torch.full((n,), v * 0.02), torch.tensor(0.02), "stochastic", g, torch.float32)
+        frac = v - math.floor(v)
+        assert set(q.unique().tolist()) <= {math.floor(v), math.floor(v) + 1}
+        assert abs(q.double().mean().item() - v) < 4 * math.sqrt(frac * (1 - frac) / n) + 2.0 ** -16 + 1e-6, v
+    ints = torch.arange(-127.0, 128.0).repeat(400)  # u < 1 always: values on the grid never move
+    assert torch.equal(quantize(ints * 0.02, torch.tensor(0.02), "stochastic", torch.Generator().manual_seed(3),
+                                torch.float32), ints)
+    x = torch.randn(1000)
+    a, b, c = (quantize(x, torch.tensor(0.1), "stochastic", torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    r = uniform_bits15((4 * 50_000,), torch.Generator().manual_seed(0), "cpu")
+    assert r.dtype == torch.int16 and int(r.min()) >= 0 and int(r.max()) == 32767
+    lanes = r.view(-1, 4).float()
+    assert torch.allclose(lanes.mean(0), torch.full((4,), 16383.5), atol=4 * 9459 / math.sqrt(50_000))
+    assert torch.allclose(lanes.std(0), torch.full((4,), 9459.0), rtol=0.02)  # sd of U{0..32767}

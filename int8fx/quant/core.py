@@ -7,6 +7,8 @@ Inf/NaN gradient stays visible to loss scalers instead of being clamped into 127
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -46,8 +48,9 @@ def quantize(
 ) -> Tensor:
     """q = clamp(round(x / scale), -127, 127), with `scale` broadcastable against x.
 
-    rounding "nearest" is round-half-to-even; "stochastic" is floor(x/s + u), u ~ U[0,1) drawn from
-    `generator` (unbiased: E[q] = x/s inside the range). Where scale is 0 or NaN, q is 0.
+    rounding "nearest" is round-half-to-even; "stochastic" is floor(x/s + u), u uniform on the 2^15
+    midpoints (r + 1/2) / 2^15 of [0, 1), drawn from `generator` (`uniform_bits15`; unbiased to within
+    2^-16 of a step: E[q] = x/s inside the range). Where scale is 0 or NaN, q is 0.
     out_dtype lets a backend receive its GEMM operand type directly (the reference GEMM wants fp32
     holding the integers), saving one pass over memory.
     """
@@ -58,12 +61,24 @@ def quantize(
     if rounding == "nearest":
         v = v.round_()
     elif rounding == "stochastic":
-        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
-        v = v.add_(u).floor_()
+        v = v.add_(uniform_bits15(v.shape, generator, v.device), alpha=2.0 ** -15).add_(2.0 ** -16).floor_()
     else:
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     v = v.clamp_(-QMAX, QMAX)
     return v if out_dtype == v.dtype else v.to(out_dtype)
+
+
+def uniform_bits15(shape, generator: torch.Generator | None, device) -> Tensor:
+    """int16 tensor of independent uniform integers in [0, 32767], drawn from `generator`.
+
+    Stochastic rounding as floor(v + (r + 1/2) / 2^15): unbiased to within 2^-16 of a quantization step,
+    far below anything an INT8 gradient resolves. Why not `torch.rand`: on the CPU it costs ~3.5 ms per
+    1.6 M numbers on one core, which made stochastic rounding ~15% of a mobilenet_v2 training step. One
+    64-bit draw (`random_` fills [0, 2^63)) gives four 16-bit lanes; masking to 15 bits drops the
+    always-zero top bit of the last lane. Same total cost as 1/4 of the draws plus one integer pass."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
+    return words.view(torch.int16)[:n].view(shape).bitwise_and_(0x7FFF)
 
 
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
