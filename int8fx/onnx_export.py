@@ -663,10 +663,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the ONNX model")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (>= 13 for per-axis DequantizeLinear; default {DEFAULT_OPSET})")
-    parser.add_argument("--calibration", choices=("inputs", "ema"), default="inputs",
-                        help="static activation scales: 'inputs' = absmax of each INT8 layer's input over the "
-                             "calibration batches (default); 'ema' = the running clip training recorded "
-                             "(act_clip_ema), falling back to 'inputs' for layers never trained")
+    parser.add_argument("--calibration", choices=("eval", "inputs", "ema"), default="eval",
+                        help="static activation scales: 'eval' (default) = what the eval-mode model uses (the "
+                             "running training clip act_clip_ema of trained layers, else 'inputs'); 'inputs' = "
+                             "absmax of each INT8 layer's input over the calibration batches; 'ema' = act_clip_ema "
+                             "where training recorded one, else 'inputs'")
     parser.add_argument("--calibration-data", metavar="FILE.pt", default=None,
                         help="torch.save'd tensor [N, ...] or list of tensors/tuples: batches to calibrate on (the "
                              "first also traces the graph); default: one random normal batch of --input-shape, "

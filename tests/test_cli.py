@@ -59,7 +59,7 @@ def test_help_explains_every_option_and_the_model_forms(command, capsys):
     for words in ("torchvision:NAME", "module:function", "checkpoint", "--input-shape", "--exclude", "--grad-quant"):
         assert words in out
     if command == "export":
-        for words in ("-o OUT.onnx", "--opset", "--calibration {inputs,ema}", "--calibration-data", "--static-batch"):
+        for words in ("-o OUT.onnx", "--opset", "--calibration {eval,inputs,ema}", "--calibration-data", "--static-batch"):
             assert words in out
     else:
         assert "--json" in out and "--graph" in out
