@@ -370,7 +370,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
             continue
         layer, rec = site.layer, cal[site.name]
         clip, source = float(rec["absmax"]), "calibration"
-        use_ema = calibration == "ema" or (calibration == "eval" and layer.config.eval_act_clip == "ema")
+        use_ema = calibration == "ema" or (calibration == "eval" and layer.eval_act_clip() is not None)
         if use_ema and float(layer.act_clip_ema) > 0:
             clip, source = float(layer.act_clip_ema), "act_clip_ema"
         es = ExportSite(em_layers[site.name], rec["weight"], rec["bias"], clip)

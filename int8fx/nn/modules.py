@@ -127,13 +127,17 @@ class Int8Layer(nn.Module):
             raise TypeError(f"{self.site_name}: INT8 training needs a floating-point input, got {x.dtype}")
 
     # ----------------------------------------------------------------- hooks called by the autograd op
+    def eval_act_clip(self) -> Tensor | None:
+        """The activation clip this layer quantizes with in eval mode, None for each batch's own absmax
+        (`Int8Config.eval_act_clip`); ONNX export's default calibration takes the same. A layer that never
+        trained has act_clip_ema 0, which means the batch absmax too (`quantized_forward` picks on the
+        device, with no host sync)."""
+        return self.act_clip_ema if self.config.eval_act_clip == "ema" else None
+
     def static_act_clip(self) -> Tensor | None:
-        """The activation clip of an eval-mode forward, None for the batch's own absmax (see
-        `Int8Config.eval_act_clip`). A layer that never trained has act_clip_ema 0, which
-        `quantized_forward` replaces by the batch absmax on the device (no host sync to test it here)."""
-        if self.training or self.config.eval_act_clip == "batch":
-            return None
-        return self.act_clip_ema
+        """The static activation clip of the current forward: `eval_act_clip()` in eval mode, None (the
+        batch absmax) in training."""
+        return None if self.training else self.eval_act_clip()
 
     def observe_forward(self, s_x: Tensor) -> None:
         if self.training:
