@@ -80,8 +80,9 @@ class ExactBackward(nn.Module):
         layer = self.layer
         with torch.no_grad():
             y8 = layer(x)
-        if layer.pre_pad:
-            x = F.pad(x, layer.pre_pad, mode=layer.padding_mode)
+        padding = layer.padding if layer.dims else 0
+        if layer.dims and layer.padding_mode != "zeros":  # as nn.Conv2d: pad in float, then a conv without padding
+            x, padding = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
         qx, sx = quantize_per_tensor(x.detach())
         w = self.weight
         qw, sw = quantize_per_channel(w.detach().reshape(w.shape[0], -1), 0)
@@ -91,7 +92,7 @@ class ExactBackward(nn.Module):
             y = F.linear(xh, wh, self.bias)
         else:
             conv = (F.conv1d, F.conv2d, F.conv3d)[layer.dims - 1]
-            y = conv(xh, wh, self.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            y = conv(xh, wh, self.bias, layer.stride, padding, layer.dilation, layer.groups)
         return y8 + (y - y.detach())  # y - y.detach() is exactly 0: the value stays y8 to the bit
 
 

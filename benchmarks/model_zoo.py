@@ -1,93 +1,340 @@
-"""Convert every torchvision classification and video model and run one training step on CPU.
+"""Every torchvision model (classification, video, detection, segmentation) and a broad set of timm CNNs:
+a conversion must change the conv/linear sites and nothing else.
 
-Prints one row per model: conv/linear sites, how many converted, whether the INT8 step gave finite
-gradients for every parameter, and the time. Usage:
-    python benchmarks/model_zoo.py                 # all models (about 80; tens of minutes on 2 cores)
-    python benchmarks/model_zoo.py resnet18 r3d_18 # a subset
-    python benchmarks/model_zoo.py --convert-only  # coverage only, no forward/backward
+Per model, two checks:
+  pass-through  `Int8Config(quantize=False)`: the converted model equals the original bit for bit, outputs
+                and every gradient, in train mode (same seed, so dropout and drop-path draw the same), in
+                eval mode, and again in train mode after the switch (train -> eval -> train).
+  INT8          every conv/linear site converted; eval forward deterministic (two passes equal); running
+                statistics untouched by eval forwards; output types as the original's in both modes;
+                finite gradients for every parameter from a training step; eval-mode weight-gradient cosine
+                against the FP32 model, per layer (mean and minimum over conv/linear weights).
+Detection models give no differentiable eval output, so their cosine is taken on the training losses.
+
+Usage:
+    python benchmarks/model_zoo.py                       # everything (an hour or more on 2 cores)
+    python benchmarks/model_zoo.py resnet18 timm:tf_mixnet_s
+    python benchmarks/model_zoo.py --family timm --json zoo.json
+Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import math
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn as nn
 import torchvision
+from torch.utils._pytree import tree_flatten, tree_structure
 
 import int8fx
+from int8fx.nn.modules import Int8Layer
 
-# smallest input each family accepts (keeps the step cheap on CPU)
+# smallest input each torchvision family accepts (keeps the step cheap on CPU)
 MIN_SIZE = {"inception_v3": 299,  # its training-mode auxiliary head needs 17x17 features for its 5x5 conv
             "googlenet": 32, "vit": 224, "swin": 224, "maxvit": 224, "regnet": 64}
-
-
-def model_names() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models)) + sorted(
-        torchvision.models.list_models(module=torchvision.models.video))
-
-
 # (frames, size) each video family needs (its final pooling window); other video models take 4 x 32 x 32
 VIDEO_INPUT = {"mvit": (16, 224), "s3d": (16, 224), "swin3d": (8, 224)}
+# timm CNNs, one or more per family: norm-act layers, Conv2dSame (tf_*), weight standardisation (resnetv2 bit,
+# nf_*), mixed and conditional convs, reparameterisable blocks, drop-path, attention hybrids
+TIMM = ("resnet18 resnet26d resnet10t seresnext26d_32x4d resnext26ts ecaresnet26t resnetv2_50x1_bit resnetv2_18 "
+        "nf_resnet26 nf_regnet_b0 efficientnet_b0 tf_efficientnet_b0 efficientnetv2_rw_t tf_efficientnetv2_b0 "
+        "mobilenetv3_small_100 tf_mobilenetv3_small_100 mobilenetv2_050 mixnet_s tf_mixnet_s fbnetc_100 "
+        "spnasnet_100 lcnet_050 hardcorenas_a ghostnet_100 ghostnetv2_100 rexnet_100 densenet121 dpn68 "
+        "ese_vovnet19b_dw repvgg_a0 regnetx_002 regnety_002 cspresnet50 cs3darknet_focus_s convnext_atto "
+        "res2net50_14w_8s skresnet18 selecsls42b dla34 hrnet_w18_small inception_v3 gernet_s botnet26t_256 "
+        "mobilevit_xxs tinynet_a resnest14d edgenext_xx_small fastvit_t8 mobileone_s0 repghostnet_050 "
+        "poolformer_s12 efficientnet_cc_b0_4e xception41 darknet17 efficientvit_b0 mobilenetv4_conv_small "
+        "convnextv2_atto inception_next_tiny").split()
+TIMM_SIZE = {"botnet26t_256": 256, "mobilevit_xxs": 256, "inception_v3": 299, "edgenext_xx_small": 256,
+             "fastvit_t8": 256, "efficientvit_b0": 224, "hrnet_w18_small": 128}
+TIMM_KWARGS = {"drop_rate": 0.2, "drop_path_rate": 0.1}  # dropout and drop-path on, as users train them
 
 
-def example_input(name: str, batch: int = 2) -> torch.Tensor:
-    if name in torchvision.models.list_models(module=torchvision.models.video):
+@dataclass
+class Case:
+    name: str
+    family: str  # classification | video | detection | segmentation | timm
+    build: Callable[[], nn.Module]
+    inputs: Callable[[bool], tuple]  # training mode -> forward arguments
+
+
+def _image(batch: int, size: int, frames: int | None = None) -> Callable[[bool], tuple]:
+    shape = (batch, 3, size, size) if frames is None else (batch, 3, frames, size, size)
+    return lambda train: (torch.randn(shape),)
+
+
+def _detection_inputs(name: str) -> Callable[[bool], tuple]:
+    def make(train: bool):
+        images = [torch.rand(3, 128, 160), torch.rand(3, 144, 128)]
+        if not train:
+            return (images,)
+        targets = []
+        for i in range(2):
+            boxes = torch.tensor([[10.0 + i, 20.0, 90.0, 110.0], [30.0, 30.0 + i, 100.0, 80.0]])
+            t = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+            if "mask" in name:
+                t["masks"] = torch.zeros(2, images[i].shape[1], images[i].shape[2], dtype=torch.uint8)
+                t["masks"][:, 30:80, 30:80] = 1
+            if "keypoint" in name:
+                t["keypoints"] = torch.tensor([[[40.0, 50.0, 1.0]] * 17, [[60.0, 50.0, 1.0]] * 17])
+            targets.append(t)
+        return images, targets
+
+    return make
+
+
+def torchvision_cases() -> list[Case]:
+    cases = []
+    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
+        kwargs = {"weights": None, **({"init_weights": False} if name in ("inception_v3", "googlenet") else {})}
+        size = next((v for k, v in MIN_SIZE.items() if name.startswith(k)), 64)
+        cases.append(Case(name, "classification", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),
+                          _image(2, size)))
+    for name in sorted(torchvision.models.list_models(module=torchvision.models.video)):
         frames, size = next((v for k, v in VIDEO_INPUT.items() if name.startswith(k)), (4, 32))
-        return torch.randn(batch, 3, frames, size, size)
-    size = next((v for k, v in MIN_SIZE.items() if name.startswith(k)), 64)
-    return torch.randn(batch, 3, size, size)
+        cases.append(Case(name, "video", lambda n=name: torchvision.models.get_model(n, weights=None),
+                          _image(2 if size < 100 else 1, size, frames)))
+    for name in sorted(torchvision.models.list_models(module=torchvision.models.detection)):
+        kwargs = {"weights": None, "weights_backbone": None, "num_classes": 3}
+        if "keypoint" in name:
+            kwargs.pop("num_classes")
+        if not name.startswith("ssd"):
+            kwargs.update(min_size=128, max_size=160)
+        cases.append(Case(name, "detection", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),
+                          _detection_inputs(name)))
+    for name in sorted(torchvision.models.list_models(module=torchvision.models.segmentation)):
+        aux = {} if name.startswith("lraspp") else {"aux_loss": True}
+        cases.append(Case(name, "segmentation", lambda n=name, a=aux: torchvision.models.get_model(
+            n, weights=None, weights_backbone=None, num_classes=3, **a), _image(2, 64)))
+    return cases
 
 
-def build(name: str) -> torch.nn.Module:
-    kwargs = {"weights": None}
-    if name in ("inception_v3", "googlenet"):
-        kwargs["init_weights"] = False
-    return torchvision.models.get_model(name, **kwargs)
+def timm_cases() -> list[Case]:
+    import timm
+
+    return [Case(f"timm:{n}", "timm", lambda n=n: timm.create_model(n, pretrained=False, num_classes=10, **TIMM_KWARGS),
+                 _image(2, TIMM_SIZE.get(n, 64))) for n in TIMM]
 
 
-def check(name: str, step: bool = True) -> dict:
+def all_cases() -> list[Case]:
+    try:
+        extra = timm_cases()
+    except ImportError:
+        extra = []
+    return torchvision_cases() + extra
+
+
+# ----------------------------------------------------------------------------------------------- running
+def _tensors(out) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _loss(out) -> torch.Tensor:
+    """A scalar that depends on every floating output (losses of a detector in training, logits, masks...)."""
+    parts = [t.float().square().mean() for t in _tensors(out) if t.is_floating_point() and t.numel()]
+    return sum(parts) if parts else torch.zeros((), requires_grad=True)
+
+
+def step(model: nn.Module, case: Case, train: bool, seed: int, backward: bool = True):
+    """(output, {parameter name: gradient}) of one forward (+ backward) in the given mode."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    args = case.inputs(train)
+    torch.manual_seed(seed + 1)
+    out = model(*args)
+    if backward:
+        loss = _loss(out)
+        if loss.requires_grad:
+            loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _equal(a, b) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return tree_structure(a) == tree_structure(b) and len(ta) == len(tb) and all(
+        x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def passthrough(case: Case) -> dict:
+    """The converted model with quantization off equals the original bit for bit (module docstring)."""
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model = build(name)
-    qm = int8fx.convert(model)
+    original = case.build()
+    converted = int8fx.convert(original, int8fx.Int8Config(quantize=False))
+    mismatches = []
+    for phase, train in (("train", True), ("eval", False), ("train again", True)):
+        out_a, grads_a = step(original, case, train, seed=len(mismatches) + (0 if train else 7))
+        out_b, grads_b = step(converted, case, train, seed=len(mismatches) + (0 if train else 7))
+        if not _equal(out_a, out_b):
+            mismatches.append(f"{phase}: outputs")
+        bad = [n for n in grads_a if n not in grads_b or not torch.equal(grads_a[n], grads_b[n])]
+        if bad or set(grads_b) - set(grads_a):
+            mismatches.append(f"{phase}: gradients of {len(bad)} parameters, e.g. {bad[:2]}")
+    states = [n for n, v in original.state_dict().items() if not torch.equal(v, int8fx.float_state_dict(converted)[n])]
+    if states:
+        mismatches.append(f"state after the steps differs: {states[:3]}")
+    return {"exact": not mismatches, "mismatches": mismatches}
+
+
+def _model_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in int8fx.float_state_dict(model).items()
+            if k not in dict(model.named_parameters())}
+
+
+def quantized(case: Case) -> dict:
+    """The INT8 checks of the module docstring."""
+    torch.manual_seed(0)
+    fp32 = case.build()
+    qm = int8fx.convert(fp32)
     rep = int8fx.inspect(qm)
-    row = {"model": name, "sites": len(rep.layers), "converted": len(rep.converted),
-           "skipped": [(r.name, r.reason) for r in rep.skipped], "finite": None}
-    if step:
-        x = example_input(name)
-        out = qm(x)
-        outputs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
-        sum(o.float().logsumexp(-1).mean() for o in outputs).backward()  # every head (e.g. inception's aux)
-        grads = [p.grad for p in qm.parameters() if p.requires_grad and p.grad is not None]
-        row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
-        row["no_grad"] = [n for n, p in qm.named_parameters() if p.requires_grad and p.grad is None]
+    row = {"sites": len(rep.layers), "converted": len(rep.converted),
+           "skipped": [(r.name, r.reason) for r in rep.skipped]}
+    # gradient fidelity at random init, per conv/linear weight (eval mode; detectors: training losses)
+    train = case.family == "detection"
+    _, g_fp = step(fp32, case, train, seed=9)
+    _, g_q = step(qm, case, train, seed=9)
+    cos = _cosines(g_fp, g_q, _site_weights(qm))
+    if _cos_mean(cos) < 0.9:  # how much of it is the forward's quantization, amplified by this network?
+        row["cos_int8_forward_only"] = _cos_mean(_cosines(g_fp, _fake_quant_forward_grads(fp32, case, train),
+                                                          _site_weights(qm)))
+    # training step: finite gradients, and the output type of training mode
+    out_fp, _ = step(fp32, case, True, seed=3, backward=False)
+    out_q, grads = step(qm, case, True, seed=3)
+    row["train_types_match"] = tree_structure(out_fp) == tree_structure(out_q)
+    row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads.values())
+    row["no_grad"] = [n for n, p in qm.named_parameters() if p.requires_grad and n not in grads]
+    # eval: deterministic, no state change, same output type
+    before = _model_buffers(qm)
+    with torch.no_grad():
+        e1, _ = step(qm, case, False, seed=5, backward=False)
+        e2, _ = step(qm, case, False, seed=5, backward=False)
+        e_fp, _ = step(fp32, case, False, seed=5, backward=False)
+    after = _model_buffers(qm)
+    row["eval_deterministic"] = _equal(e1, e2)
+    row["eval_state_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+    row["eval_types_match"] = tree_structure(e1) == tree_structure(e_fp)
+    row["cos_layers"] = len(cos)
+    row["cos_mean"] = sum(cos) / len(cos) if cos else math.nan
+    row["cos_min"] = min(cos) if cos else math.nan
+    row["cos_mode"] = "train" if train else "eval"
+    return row
+
+
+def _fake_quant_forward_grads(fp32: nn.Module, case: Case, train: bool) -> dict:
+    """Gradients of a copy of the FP32 model whose conv/linear modules see INT8-rounded weights (per output
+    channel) and inputs (per tensor, straight-through), with an exact FP32 backward: the part of the gradient
+    error that the forward quantization alone causes in this network (what fake-quant QAT computes)."""
+    from int8fx.quant import dequantize, quantize_per_channel, quantize_per_tensor
+
+    model = copy.deepcopy(fp32)
+    sites = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    with torch.no_grad():
+        for m in sites:
+            q, s = quantize_per_channel(m.weight.reshape(m.weight.shape[0], -1), 0)
+            m.weight.copy_(dequantize(q, s.view(-1, 1)).view_as(m.weight))
+
+    def fake_quant_input(mod, args):
+        x = args[0]
+        return (x + (dequantize(*quantize_per_tensor(x.detach())) - x).detach(),) + tuple(args[1:])
+
+    for m in sites:
+        m.register_forward_pre_hook(fake_quant_input)
+    return step(model, case, train, seed=9)[1]
+
+
+def _cosines(ga: dict, gb: dict, names: list[str]) -> list[float]:
+    out = []
+    for n in names:
+        a, b = ga.get(n), gb.get(n)
+        if a is not None and b is not None and a.abs().max() > 0 and b.abs().max() > 0:
+            out.append(cosine(a, b))
+    return out
+
+
+def _cos_mean(cos: list[float]) -> float:
+    return sum(cos) / len(cos) if cos else math.nan
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity that does not depend on scale: gradients of an untrained network in eval mode can
+    be ~1e-20, where F.cosine_similarity's eps (on the product of the norms) would make it 0."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a / a.abs().max(), b / b.abs().max()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _site_weights(qm: nn.Module) -> list[str]:
+    """Names of the weight parameters of the INT8 sites (module sites' own weights, and the parameters a
+    functional site's owner computes its weight from)."""
+    names = []
+    for path, m in qm.named_modules():
+        if isinstance(m, Int8Layer) and m.owns_params:
+            names.append(f"{path}.weight" if path else "weight")
+        elif isinstance(m, Int8Layer):
+            owner = path.rpartition(".")[0]
+            parent = qm.get_submodule(owner) if owner else qm
+            if isinstance(getattr(parent, "weight", None), nn.Parameter):
+                names.append(f"{owner}.weight" if owner else "weight")
+    return sorted(set(names))
+
+
+def check(case: Case, run_quantized: bool = True) -> dict:
+    t0 = time.perf_counter()
+    row = {"model": case.name, "family": case.family, **passthrough(case)}
+    if run_quantized:
+        row.update(quantized(case))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def ok(row: dict) -> bool:
+    return row["exact"] and ("sites" not in row or (
+        row["converted"] == row["sites"] and row["finite"] and not row["no_grad"] and row["eval_deterministic"]
+        and row["eval_state_unchanged"] and row["eval_types_match"] and row["train_types_match"]))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model names (default: all)")
-    ap.add_argument("--convert-only", action="store_true")
+    ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "timm"))
+    ap.add_argument("--passthrough-only", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     args = ap.parse_args(argv)
-    names = args.models or model_names()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"{'model':28s} {'sites':>5s} {'int8':>5s} {'step':>6s} {'s':>6s}  notes", flush=True)
-    bad = 0
-    for name in names:
+    cases = [c for c in all_cases() if (not args.models or c.name in args.models)
+             and (args.family is None or c.family == args.family)]
+    print(f"{'model':32s} {'family':14s} {'exact':>5s} {'int8':>9s} {'cos mean/min':>13s} {'s':>6s}  notes", flush=True)
+    rows, bad = [], 0
+    for case in cases:
         try:
-            r = check(name, step=not args.convert_only)
+            r = check(case, not args.passthrough_only)
         except Exception as e:  # report and continue: one broken model must not hide the rest
-            print(f"{name:28s} ERROR {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            print(f"{case.name:32s} ERROR {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
+                  flush=True)
+            rows.append({"model": case.name, "family": case.family, "error": f"{type(e).__name__}: {e}"})
             bad += 1
             continue
-        ok = r["converted"] == r["sites"] and r["finite"] in (True, None)
-        bad += not ok
-        notes = "; ".join(f"{n}: {why}" for n, why in r["skipped"][:3])
-        step = {True: "finite", False: "NONFIN", None: "-"}[r["finite"]]
-        print(f"{name:28s} {r['sites']:5d} {r['converted']:5d} {step:>6s} {r['seconds']:6.1f}  {notes}", flush=True)
-    print(f"{len(names) - bad}/{len(names)} models fully converted" + ("" if args.convert_only else " with finite gradients"))
+        rows.append(r)
+        bad += not ok(r)
+        sites = f"{r['converted']}/{r['sites']}" if "sites" in r else "-"
+        cos = f"{r['cos_mean']:.3f}/{r['cos_min']:.2f}" if "cos_mean" in r else "-"
+        if "cos_int8_forward_only" in r:
+            cos += f" (INT8 fwd only {r['cos_int8_forward_only']:.3f})"
+        flags = [k for k in ("finite", "eval_deterministic", "eval_state_unchanged", "eval_types_match",
+                             "train_types_match") if k in r and not r[k]]
+        notes = "; ".join(r["mismatches"] + [f"not {f}" for f in flags] + [f"{n}: {w}" for n, w in r.get("skipped", [])[:2]])
+        print(f"{case.name:32s} {case.family:14s} {str(r['exact']):>5s} {sites:>9s} {cos:>13s} {r['seconds']:6.1f}  {notes}",
+              flush=True)
+    print(f"{len(cases) - bad}/{len(cases)} models pass every check")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 1 if bad else 0
 
 

@@ -2,10 +2,10 @@
 from .config import ConfigError, Int8Config
 from .nn.modules import float_state_dict
 from .optim import DeviationLRScaler
-from .passes import convert
+from .passes import convert, to_float
 from .onnx_export import export_onnx, read_onnx_metadata
 from .report import inspect
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "DeviationLRScaler", "Int8Config", "convert", "export_onnx", "float_state_dict", "inspect",
-           "read_onnx_metadata", "__version__"]
+           "read_onnx_metadata", "to_float", "__version__"]

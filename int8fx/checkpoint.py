@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .modelspec import load_converted
+    from .passes import conversion_of
     from .report import inspect
 
     if os.path.isfile(args.model) and not args.arch:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"int8fx convert: {args.model} does not say its architecture; pass --arch", flush=True)
         return 2
     qm, _, label = load_converted(args)
-    torch.save({"arch": arch, "state_dict": qm.state_dict(), "int8fx_config": qm._int8fx_config.to_dict()},
+    torch.save({"arch": arch, "state_dict": qm.state_dict(), "int8fx_config": conversion_of(qm).config.to_dict()},
                args.output)
     rep = inspect(qm)
     print(f"{label}: {len(rep.converted)}/{len(rep.layers)} conv/linear sites in INT8 -> {args.output}")

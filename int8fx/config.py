@@ -52,6 +52,8 @@ class Int8Config:
     backend: "auto" (reference on CPU and, until the CuPy kernels are GPU-verified, on CUDA too),
         "reference" (exact integer path on any device), "torch" (`torch._int_mm`, CUDA), "cupy".
     seed: seeds stochastic rounding so that runs are reproducible.
+    quantize: False turns quantization off: every converted site then computes exactly what the original
+        conv/linear call computes (the pass-through that proves a conversion changes nothing else).
     eval_act_clip: the activation clip of eval-mode forwards: "ema" (default) is the running clip of the
         training batches (`act_clip_ema`), so a prediction does not depend on the rest of its batch and
         equals the ONNX export's; "batch" takes each batch's own absmax. Training forwards always use
@@ -70,6 +72,7 @@ class Int8Config:
     backend: str = "auto"
     seed: int = 0
     eval_act_clip: str = "ema"
+    quantize: bool = True
 
     def __post_init__(self) -> None:
         from .quant import grad_quantizer_names  # late: quant registers policies on import
@@ -79,6 +82,8 @@ class Int8Config:
         _choice("rounding", self.rounding, ROUNDINGS)
         _choice("backend", self.backend, BACKENDS)
         _choice("eval_act_clip", self.eval_act_clip, EVAL_ACT_CLIPS)
+        if not isinstance(self.quantize, bool):
+            raise ConfigError(f"Int8Config.quantize must be True or False, got {self.quantize!r}")
         if not isinstance(self.clip_update_period, int) or self.clip_update_period < 1:
             raise ConfigError(f"Int8Config.clip_update_period must be a positive int, got {self.clip_update_period!r}")
         if not 0.0 < self.mcs_lambda < 1.0:

@@ -217,7 +217,9 @@ def load_converted(args) -> tuple[nn.Module, Any, str]:
     state = None
     if isinstance(model, _StateDictModel):
         model, state = model.model, model.state
-    if getattr(model, "_int8fx_sites", None) is not None:
+    from .passes import conversion_of
+
+    if conversion_of(model) is not None:
         qm = model  # already converted (a whole converted model was saved)
     else:
         qm = int8fx.convert(model, _config(args, cfg_dict))

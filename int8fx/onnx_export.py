@@ -53,8 +53,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .nn.scope import no_mha_fastpath  # noqa: F401  (re-exported: export and inspect use it)
-from .nn.modules import Int8Layer
+from .nn.modules import Int8Layer, ModuleSite, _hashable, make_spec
+from .nn.scope import no_fused_fastpath
+from .passes import conversion_of, sites_of
 from .quant.core import QMAX, absmax, quantize_per_channel, scale_from_clip
 
 SCHEMA = "int8fx.onnx.quantization"
@@ -143,10 +144,12 @@ class _QDQGemm(torch.autograd.Function):
 class ExportSite(nn.Module):
     """Stands in for one converted `Int8Layer` during export: static INT8 weights and scales as buffers."""
 
-    def __init__(self, layer: Int8Layer, weight: Tensor, bias: Tensor | None, clip: float) -> None:
+    def __init__(self, layer: Int8Layer, weight: Tensor, bias: Tensor | None, clip: float, spec) -> None:
         super().__init__()
         self.site_name, self.dims = layer.site_name, layer.dims
-        self.pre_pad, self.padding_mode = layer.pre_pad, layer.padding_mode
+        # a module site in a non-zeros padding mode pads in floating point before its conv (as nn.Conv2d)
+        self.padding_mode = getattr(layer, "padding_mode", "zeros") if isinstance(layer, ModuleSite) else "zeros"
+        self.pre_pad = tuple(layer._reversed_padding_repeated_twice) if self.padding_mode != "zeros" else ()
         w2 = weight.detach().float().reshape(weight.shape[0], -1)
         w_q, s_w = quantize_per_channel(w2, 0)
         self.register_buffer("w_int8", w_q.to(torch.int8).reshape(weight.shape))
@@ -157,30 +160,36 @@ class ExportSite(nn.Module):
         # normal fp32 scale, which maps 0 to 0 (as int8fx's zero scale does) without a division by zero.
         self.register_buffer("x_scale", torch.tensor(s_x if s_x > 0 else torch.finfo(torch.float32).tiny))
         self.register_buffer("x_zero_point", torch.zeros((), dtype=torch.int8))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("qdq_bias", None if bias is None else bias.detach().float().clone())
+        if layer.owns_params:  # code that reads the module's weight/bias (e.g. MultiheadAttention's out_proj)
+            self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         if layer.dims:
-            spec = layer.spec_for(weight)
             pads = [lo for lo, _ in spec.padding] + [hi for _, hi in spec.padding]
             self.attrs = (tuple(spec.kernel), tuple(spec.stride), tuple(pads), tuple(spec.dilation), spec.groups)
         else:
             self.attrs = ()
         self.trace_log: list | None = None
 
-    def call_functional(self, input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        """Entry used by `Int8Scope` (conv/linear calls inside opaque code); geometry is already in `attrs`."""
-        return self(input)
+    def int8_functional(self, input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        """Entry of routed calls and of calls on a module site's weight; the geometry is the one calibration
+        saw, in `attrs`, and the weight and bias are the static buffers."""
+        return self._qdq(input)
 
     def forward(self, x: Tensor, *unused) -> Tensor:
-        # `unused`: a functional site's run-time weight/bias; their static values are in the buffers
-        if self.trace_log is not None and torch.jit.is_tracing():
-            self.trace_log.append(self.site_name)
+        # `unused`: a functional site's run-time weight/bias/geometry; their static values are in the buffers
         if self.pre_pad:
             x = F.pad(x, self.pre_pad, mode=self.padding_mode)
+        return self._qdq(x)
+
+    def _qdq(self, x: Tensor) -> Tensor:
+        if self.trace_log is not None and torch.jit.is_tracing():
+            self.trace_log.append(self.site_name)
         kind = "conv" if self.dims else ("gemm" if x.dim() == 2 else "matmul")
         if x.dtype != torch.float32:
             x = x.float()
         return _QDQGemm.apply(x, self.x_scale, self.x_zero_point, self.w_int8, self.w_scale,
-                              self.w_zero_point, self.bias, kind, self.attrs)
+                              self.w_zero_point, self.qdq_bias, kind, self.attrs)
 
 
 class _NotCalibrated(nn.Module):
@@ -195,7 +204,7 @@ class _NotCalibrated(nn.Module):
         raise OnnxExportError(f"INT8 site '{self.site_name}' is used by the traced forward but was never called "
                               "by the eval-mode calibration forward, so it has no static activation scale")
 
-    call_functional = forward
+    int8_functional = forward
 
 
 # --------------------------------------------------------------------------- calibration
@@ -232,23 +241,22 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def observe_int8_calls(model: nn.Module, callback):
-    """Call `callback(layer, x, weight, bias, out)` after every call of every Int8Layer of `model`, however
-    it is reached: a module call, or `Int8Scope`'s `call_functional`, which calls `forward` directly and so
-    bypasses module hooks. Works by shadowing each layer's `forward` for the duration."""
+    """Call `callback(layer, x, weight, bias, out, geometry)` after every INT8 computation of every site of
+    `model`, however it is reached (a module call, a routed call, a call on a module site's weight): all go
+    through `Int8Layer.int8_functional`, which is shadowed per instance for the duration."""
     layers = [m for m in model.modules() if isinstance(m, Int8Layer)]
     for m in layers:
-        def forward(x, weight=None, bias=None, _m=m, _orig=type(m).forward):
-            out = _orig(_m, x, weight, bias)
-            w, b = (_m.weight, _m.bias) if _m.owns_params else (weight, bias)
-            callback(_m, x, w, b, out)
+        def int8_functional(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, _m=m):
+            out = Int8Layer.int8_functional(_m, input, weight, bias, stride, padding, dilation, groups)
+            callback(_m, input, weight, bias, out, (stride, padding, dilation, groups))
             return out
 
-        m.forward = forward
+        m.int8_functional = int8_functional
     try:
         yield
     finally:
         for m in layers:
-            m.__dict__.pop("forward", None)
+            m.__dict__.pop("int8_functional", None)
 
 
 def calibrate(qmodel: nn.Module, batches: Iterable[tuple]) -> dict[str, dict]:
@@ -256,16 +264,18 @@ def calibrate(qmodel: nn.Module, batches: Iterable[tuple]) -> dict[str, dict]:
     the weight and bias it used (functional sites get them as arguments) and the number of calls."""
     seen: dict[str, dict] = {}
 
-    def record(mod, x, weight, bias, out):
+    def record(mod, x, weight, bias, out, geometry):
         rec = seen.setdefault(mod.site_name, {"absmax": torch.zeros((), dtype=torch.float32), "calls": 0})
         rec["absmax"] = torch.maximum(rec["absmax"], absmax(x).cpu())
         rec["calls"] += 1
         rec.setdefault("weight", weight.detach().cpu())
         rec.setdefault("bias", None if bias is None else bias.detach().cpu())
         rec.setdefault("input_shape", tuple(x.shape))
+        if mod.dims:
+            rec.setdefault("spec", make_spec(mod.dims, tuple(weight.shape[2:]), *map(_hashable, geometry)))
 
     device = _device_of(qmodel)
-    with observe_int8_calls(qmodel, record), eval_mode(qmodel), no_mha_fastpath():
+    with observe_int8_calls(qmodel, record), eval_mode(qmodel), no_fused_fastpath():
         for batch in batches:
             qmodel(*_to(batch, device))
     return seen
@@ -342,9 +352,10 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
     Raises `OnnxExportError` (naming the node) when a part of the model has no ONNX form; nothing is
     written then.
     """
-    sites = getattr(qmodel, "_int8fx_sites", None)
-    if sites is None:
+    record = conversion_of(qmodel)
+    if record is None:
         raise ValueError("export_onnx() needs a model returned by int8fx.convert()")
+    sites = sites_of(qmodel)
     if calibration not in ("eval", "inputs", "ema"):
         raise ValueError(f"calibration must be 'eval', 'inputs' or 'ema', got {calibration!r}")
     if opset < 13:
@@ -355,12 +366,10 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
     batches = [args] + [_as_args(b) for b in (calibration_data or [])]
     cal = calibrate(qmodel, batches)
     args = _to(args, "cpu")  # the export copy lives on the CPU
-    root_cfg = getattr(qmodel, "_int8fx_config", None)
+    root_cfg = record.config
 
     # the export copy: every converted layer replaced by its static ExportSite (one per layer object)
     em = copy.deepcopy(qmodel).cpu()
-    for attr in ("_int8fx_sites", "_int8fx_opaque", "_int8fx_config"):
-        em.__dict__.pop(attr, None)
     em_layers = {m.site_name: m for m in em.modules() if isinstance(m, Int8Layer)}
     exports: dict[str, ExportSite] = {}
     clips: dict[str, tuple[float, str]] = {}
@@ -373,7 +382,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
         use_ema = calibration == "ema" or (calibration == "eval" and layer.eval_act_clip() is not None)
         if use_ema and float(layer.act_clip_ema) > 0:
             clip, source = float(layer.act_clip_ema), "act_clip_ema"
-        es = ExportSite(em_layers[site.name], rec["weight"], rec["bias"], clip)
+        es = ExportSite(em_layers[site.name], rec["weight"], rec["bias"], clip, rec.get("spec"))
         es.trace_log = trace_log
         exports[site.name], clips[site.name] = es, (clip, source)
     _swap_layers(em, exports)
@@ -395,7 +404,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
         "config": root_cfg.to_dict() if root_cfg is not None else {},
         "layers": layers_meta,
         "skipped": [{"name": s.name, "op": s.op, "source": s.source, "reason": s.reason} for s in sites if not s.converted],
-        "opaque_modules": [dict(o.__dict__) for o in getattr(qmodel, "_int8fx_opaque", [])],
+        "opaque_modules": [dict(o.__dict__) for o in record.opaque],
     }
 
     path = os.fspath(path)
@@ -406,7 +415,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, o
         n_in = sum(isinstance(a, Tensor) for a in args)
         input_names = list(input_names or [f"input{i}" if n_in > 1 else "input" for i in range(n_in)])
         em.eval()
-        with torch.no_grad(), no_mha_fastpath():
+        with torch.no_grad(), no_fused_fastpath():
             probe = em(*args)
         n_out = len(probe) if isinstance(probe, (tuple, list)) else 1
         output_names = list(output_names or [f"output{i}" if n_out > 1 else "output" for i in range(n_out)])
@@ -477,7 +486,7 @@ def _torch_export(em, args, tmp, opset, input_names, output_names, dynamic_axes)
     if "dynamo" in torch.onnx.export.__code__.co_varnames:
         kwargs["dynamo"] = False
     try:
-        with warnings.catch_warnings(), _quiet_fds(), no_mha_fastpath():
+        with warnings.catch_warnings(), _quiet_fds(), no_fused_fastpath():
             warnings.simplefilter("ignore")
             torch.onnx.export(em, args, tmp, **kwargs)
     except OnnxExportError:

@@ -9,13 +9,15 @@ FLOPs that run in INT8.
 
 Shapes and FLOPs need an example input: `inspect(qm, example_inputs)` runs the model once in eval mode
 under `no_grad` (BatchNorm statistics and quantizer state are left untouched, every module's training
-flag is restored; nn.MultiheadAttention's fused eval path is turned off so that its projections run
-through their INT8 layers as in training). Every INT8 layer call is observed (however it is reached,
-`Int8Scope` included), forward hooks see conv/linear modules kept in FP32, and conv/linear *functions* kept
-in FP32 have no module, so each GraphModule runs through a small `torch.fx.Interpreter` that records their
-argument shapes. A site's MACs are
-`output.numel() * weight[0].numel()` summed over its calls (FLOPs = 2 MACs); elementwise ops
-(BatchNorm, activations, pooling) are not counted. Without an example input the shape columns are empty.
+flag is restored; fused eval paths of attention are turned off so that its projections run through their
+INT8 sites as in training). Every INT8 computation is observed at `Int8Layer.int8_functional` (however it
+is reached: module call, routed call), and conv/linear *function* calls that run in FP32 are seen by a
+`TorchFunctionMode` and named after their site (module hooks tell which module's code made the call).
+A site's MACs are `output.numel() * weight[0].numel()` summed over its calls (FLOPs = 2 MACs); elementwise
+ops (BatchNorm, activations, pooling) are not counted. Without an example input the shape columns are empty.
+
+The picture is the whole model traced by torch.fx for analysis only (INT8 sites and modules with rewritten
+or routed code as leaves); a model that does not trace as a whole is drawn as its largest traceable parts.
 """
 from __future__ import annotations
 
@@ -32,10 +34,14 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
+from torch.overrides import TorchFunctionMode
+
 from .nn.modules import Int8Layer
+from .nn.scope import no_fused_fastpath
+from .nn.twins import Rewritten, Routed
+from .passes import analysis_graphs, conversion_of, sites_of
 
 REPORT_SCHEMA = "int8fx.report/1"
-_CONV_FUNCS = None  # filled lazily from passes.rewrite (avoids an import cycle at package import)
 
 
 # --------------------------------------------------------------------------- rows
@@ -48,6 +54,7 @@ class LayerRow:
     source: str
     converted: bool
     reason: str = ""
+    owner: str = ""
     grad_quant: str = ""
     backend: str = ""
     weight_shape: tuple = ()
@@ -214,7 +221,8 @@ class Report:
                 lines.append(f"  {r.name} ({r.op}, {r.source}): {r.reason}\n")
             parts.append(lines)
         if self.opaque:
-            lines = Text(f"not traceable, kept as Python code (their conv/linear children are still swapped) "
+            lines = Text(f"own code not traceable by torch.fx, kept as it is (its conv/linear modules are still "
+                         f"converted; conv/linear calls its own code makes on its weights stay FP32) "
                          f"({len(self.opaque)}):\n", style="bold")
             for o in self.opaque:
                 lines.append(f"  {o.name} ({o.type}): {o.reason}\n")
@@ -274,35 +282,6 @@ def _macs(n) -> str:
 
 
 # --------------------------------------------------------------------------- shapes
-class _ShapeInterpreter(fx.Interpreter):
-    """Runs a GraphModule node by node and records the shapes of conv/linear *function* calls (those left
-    in full precision; converted ones became Int8Layer modules, which forward hooks see)."""
-
-    def __init__(self, gm: fx.GraphModule, prefix: str, record: dict) -> None:
-        super().__init__(gm)
-        self.prefix, self.record = prefix, record
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if n.op == "call_function" and n.target in _conv_functions():
-            from .passes.rewrite import _join, _owner_path
-
-            args = dict(zip(("input", "weight"), self.map_nodes_to_values(n.args, n)[:2]))
-            args.update({k: v for k, v in self.map_nodes_to_values(n.kwargs, n).items() if k in ("input", "weight")})
-            name = _join(self.prefix, _join(_owner_path(n), n.name))
-            _add_call(self.record, name, args.get("input"), args.get("weight"), out)
-        return out
-
-
-def _conv_functions():
-    global _CONV_FUNCS
-    if _CONV_FUNCS is None:
-        from .passes.rewrite import CONV_FUNCTIONS, LINEAR_FUNCTIONS
-
-        _CONV_FUNCS = set(CONV_FUNCTIONS) | set(LINEAR_FUNCTIONS)
-    return _CONV_FUNCS
-
-
 def _add_call(record: dict, name: str, x, weight, out) -> None:
     rec = record.setdefault(name, {"calls": 0, "macs": 0})
     rec["calls"] += 1
@@ -316,38 +295,68 @@ def _add_call(record: dict, name: str, x, weight, out) -> None:
             rec["macs"] += out.numel() * weight[0].numel()
 
 
-def record_shapes(qmodel: nn.Module, example_inputs) -> dict[str, dict]:
-    """{site name: {"input", "weight", "output" shapes, "calls", "macs"}} from one eval-mode forward."""
-    from .onnx_export import _as_args, _device_of, _to, eval_mode, no_mha_fastpath, observe_int8_calls
+class _FP32Calls(TorchFunctionMode):
+    """Sees every conv/linear *function* call that runs in floating point (INT8 sites call none) and names it
+    after its site: a module site kept in FP32 is the innermost running module itself; a call in a module's
+    own code is that module's next FP32 functional site, in code order."""
 
-    sites = {s.name: s for s in getattr(qmodel, "_int8fx_sites", [])}
+    def __init__(self, sites, stack: list, record: dict) -> None:
+        super().__init__()
+        self.stack, self.record, self.count = stack, record, {}
+        self.module_sites = {s.name for s in sites if s.source == "module" and not s.converted}
+        self.functional: dict[str, list[str]] = {}
+        for s in sites:
+            if not s.converted and s.source != "module":
+                self.functional.setdefault(s.owner, []).append(s.name)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _site_functions() and self.stack and self.stack[-1] is not None:
+            owner = self.stack[-1]
+            if owner in self.module_sites:
+                name = owner
+            else:
+                k = self.count[owner] = self.count.get(owner, -1) + 1
+                names = self.functional.get(owner, [])
+                name = names[k] if k < len(names) else None
+            if name is not None:
+                bound = dict(zip(("input", "weight"), args), **(kwargs or {}))
+                _add_call(self.record, name, bound.get("input"), bound.get("weight"), out)
+        return out
+
+
+def _site_functions():
+    from .passes.rewrite import SITE_FUNCTIONS
+
+    return SITE_FUNCTIONS
+
+
+def record_shapes(qmodel: nn.Module, example_inputs, sites) -> dict[str, dict]:
+    """{site name: {"input", "weight", "output" shapes, "calls", "macs"}} from one eval-mode forward."""
+    from .onnx_export import _as_args, _device_of, _to, eval_mode, observe_int8_calls
+
     record: dict[str, dict] = {}
+    stack: list = []  # path of each running module; None inside INT8 sites (observed by their own hook)
     handles = []
     for name, mod in qmodel.named_modules():
-        if name in sites and not isinstance(mod, Int8Layer) and isinstance(getattr(mod, "weight", None), Tensor):
-            handles.append(mod.register_forward_hook(
-                lambda m, args, out, name=name: _add_call(record, name, args[0] if args else None, m.weight, out)))
-    patched = []
-    for name, mod in qmodel.named_modules():
-        if isinstance(mod, fx.GraphModule):
-            interp = _ShapeInterpreter(mod, name, record)
-            mod.forward = lambda *a, _i=interp, **k: _i.run(*a, **k)  # instance attribute, removed below
-            patched.append(mod)
-    int8_calls = observe_int8_calls(qmodel, lambda m, x, w, b, out: _add_call(record, m.site_name, x, w, out))
+        path = None if isinstance(mod, Int8Layer) else name
+        handles.append(mod.register_forward_pre_hook(lambda m, a, path=path: stack.append(path)))
+        handles.append(mod.register_forward_hook(lambda m, a, out: stack.pop() and None, always_call=True))
+    int8_calls = observe_int8_calls(qmodel, lambda m, x, w, b, out, geometry: _add_call(record, m.site_name, x, w, out))
     try:
-        with int8_calls, eval_mode(qmodel), no_mha_fastpath():
+        with int8_calls, eval_mode(qmodel), no_fused_fastpath(), _FP32Calls(sites, stack, record):
             qmodel(*_to(_as_args(example_inputs), _device_of(qmodel)))
     finally:
         for h in handles:
             h.remove()
-        for mod in patched:
-            del mod.forward
     return record
 
 
 # --------------------------------------------------------------------------- inspect
 def _summ(t: Tensor) -> Any:
     t = t.detach().cpu()
+    if t.numel() == 0:  # a site that learns its channel count at its first call, before that call
+        return {"shape": list(t.shape)}
     if t.numel() == 1:
         return t.item()
     if t.dtype == torch.bool or not t.dtype.is_floating_point:
@@ -365,13 +374,14 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
     from .kernels import resolve_backend
     from .onnx_export import _device_of
 
-    sites = getattr(qmodel, "_int8fx_sites", None)
-    if sites is None:
+    record = conversion_of(qmodel)
+    if record is None:
         raise ValueError("inspect() needs a model returned by int8fx.convert()")
-    shapes = record_shapes(qmodel, example_inputs) if example_inputs is not None else {}
+    sites = sites_of(qmodel)
+    shapes = record_shapes(qmodel, example_inputs, sites) if example_inputs is not None else {}
     rows = []
     for s in sites:
-        row = LayerRow(s.name, s.op, s.source, s.converted, s.reason)
+        row = LayerRow(s.name, s.op, s.source, s.converted, s.reason, s.owner)
         layer: Int8Layer | None = s.layer
         if layer is not None:
             q = layer.grad_quantizer
@@ -407,14 +417,14 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
             row.calls = rec["calls"]
             row.macs = rec["macs"] if "weight" in rec else None
         rows.append(row)
-    cfg = getattr(qmodel, "_int8fx_config", None)
+    cfg = record.config
     how = None
     if example_inputs is not None:
         from .onnx_export import _as_args
 
         ins = ", ".join("x".join(map(str, a.shape)) for a in _as_args(example_inputs) if isinstance(a, Tensor))
-        how = f"one eval-mode forward on an example input {ins} (module hooks + fx.Interpreter)"
-    return Report(rows, list(getattr(qmodel, "_int8fx_opaque", [])), cfg.to_dict() if cfg else {}, how,
+        how = f"one eval-mode forward on an example input {ins} (INT8 site calls + FP32 conv/linear calls)"
+    return Report(rows, list(record.opaque), cfg.to_dict() if cfg else {}, how,
                   name or type(qmodel).__name__, qmodel)
 
 
@@ -426,7 +436,7 @@ def _get(root: nn.Module, name: str):
 
 
 # --------------------------------------------------------------------------- graph picture
-_INT8_FILL, _SKIP_FILL, _OTHER_FILL = "#8fd694", "#f28b82", "#eeeeee"
+_INT8_FILL, _SKIP_FILL, _OTHER_FILL, _MIXED_FILL = "#8fd694", "#f28b82", "#eeeeee", "#f2d082"
 
 
 def graph_dot(qmodel: nn.Module, report: Report):
@@ -436,10 +446,10 @@ def graph_dot(qmodel: nn.Module, report: Report):
         from torch.fx.passes.graph_drawer import FxGraphDrawer
     except ImportError as e:  # pragma: no cover - pydot is a dev dependency
         raise RuntimeError(f"save_graph() needs pydot ({e}); pip install pydot") from e
-    parts = _graph_parts(qmodel)
+    parts, _ = analysis_graphs(qmodel)
     if not parts:
         raise ValueError("this model has no traced graph to draw (nothing of it was traceable by torch.fx)")
-    skipped = {r.name: r.reason for r in report.skipped}
+    skipped = {r.name: r for r in report.skipped}
     out = pydot.Dot("int8fx", graph_type="digraph", rankdir="TB", fontname="Helvetica")
     legend = pydot.Cluster("legend", label="legend", fontsize="10")
     for key, fill, text in (("legend_int8", _INT8_FILL, "INT8 conv/linear"),
@@ -452,23 +462,7 @@ def graph_dot(qmodel: nn.Module, report: Report):
         g = drawer.get_dot_graph()
         target = out if len(parts) == 1 else pydot.Cluster(f"part{i}", label=prefix or "(root)")
         tag = "" if len(parts) == 1 else f"p{i}_"
-        styles = {}
-        from .passes.rewrite import _join, _owner_path
-
-        for node in gm.graph.nodes:
-            style = {"fillcolor": _OTHER_FILL}
-            if node.op == "call_module":
-                mod = _get(gm, node.target)
-                full = _join(prefix, node.target)
-                if isinstance(mod, Int8Layer):
-                    style = {"fillcolor": _INT8_FILL, "tooltip": f"INT8: {mod.site_name}",
-                             "_note": f"INT8 X per-tensor, W per-channel\\ndY: {mod.grad_quantizer.policy}"}
-                elif full in skipped:
-                    style = {"fillcolor": _SKIP_FILL, "tooltip": f"FP32: {skipped[full]}", "_note": "FP32 (kept)"}
-            elif node.op == "call_function" and node.target in _conv_functions():
-                full = _join(prefix, _join(_owner_path(node), node.name))
-                style = {"fillcolor": _SKIP_FILL, "tooltip": f"FP32: {skipped.get(full, '')}", "_note": "FP32 (kept)"}
-            styles[node.name] = style
+        styles = {node.name: _node_style(gm, node, prefix, skipped) for node in gm.graph.nodes}
         for n in g.get_nodes():
             name = n.get_name().strip('"')
             if name in ("node", "edge", "graph"):
@@ -492,15 +486,43 @@ def graph_dot(qmodel: nn.Module, report: Report):
     return out
 
 
-def _graph_parts(qmodel: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """The outermost GraphModules of the model (the model itself when it traced as a whole)."""
-    if isinstance(qmodel, fx.GraphModule):
-        return [("", qmodel)]
-    parts = []
-    for name, mod in qmodel.named_modules():
-        if isinstance(mod, fx.GraphModule) and not any(name.startswith(p + ".") for p, _ in parts):
-            parts.append((name, mod))
-    return parts
+def _node_style(gm: fx.GraphModule, node: fx.Node, prefix: str, skipped: dict[str, "LayerRow"]) -> dict:
+    """Fill colour, tooltip and an extra label line for one node of an analysis graph."""
+    if node.op == "call_module":
+        mod = _get(gm, node.target)
+        full = _join(prefix, node.target)
+        if isinstance(mod, Int8Layer):
+            return {"fillcolor": _INT8_FILL, "tooltip": f"INT8: {mod.site_name}",
+                    "_note": f"INT8 X per-tensor, W per-channel\\ndY: {mod.grad_quantizer.policy}"}
+        if isinstance(mod, (Rewritten, Routed)):
+            inside = sorted(m.site_name for m in mod.modules() if isinstance(m, Int8Layer))
+            fp32 = [r.name for r in skipped.values() if r.name.startswith(full)]
+            fill = _INT8_FILL if inside and not fp32 else _SKIP_FILL if fp32 and not inside else _MIXED_FILL
+            return {"fillcolor": fill, "tooltip": f"INT8 sites inside: {', '.join(inside) or '-'}; "
+                                                  f"FP32: {', '.join(fp32) or '-'}",
+                    "_note": f"{len(inside)} INT8 / {len(fp32)} FP32 sites inside"}
+        row = skipped.get(full) or skipped.get(node.target)
+        if row is not None:
+            return {"fillcolor": _SKIP_FILL, "tooltip": f"FP32: {row.reason}", "_note": "FP32 (kept)"}
+    elif node.op == "call_function" and node.target in _site_functions():
+        owner = _join(prefix, _owner(node))
+        reasons = sorted({r.reason for r in skipped.values() if r.source != "module" and r.owner == owner})
+        return {"fillcolor": _SKIP_FILL, "tooltip": f"FP32: {'; '.join(reasons)}", "_note": "FP32 (kept)"}
+    return {"fillcolor": _OTHER_FILL}
+
+
+def _owner(node: fx.Node) -> str:
+    """Path (inside the traced part) of the module whose code made this node."""
+    stack = node.meta.get("nn_module_stack")
+    if isinstance(stack, dict) and stack:
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else path
+        return path if isinstance(path, str) else ""
+    return ""
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
 
 
 # --------------------------------------------------------------------------- command line

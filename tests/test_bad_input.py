@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import int8fx
+from int8fx.passes import sites_of
 from int8fx.nn.modules import Int8Layer
 from int8fx.quant import grad_quantizer_names, quantize, quantize_per_channel, quantize_per_tensor
 
@@ -43,7 +44,7 @@ def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor | None = None):
 
 
 def layer_of(model: nn.Module) -> Int8Layer:
-    """The (first) INT8 layer of a converted model; a bare converted conv is a GraphModule calling one."""
+    """The (first) INT8 layer of a converted model (a bare converted conv is one itself)."""
     return next(m for m in model.modules() if isinstance(m, Int8Layer))
 
 
@@ -415,17 +416,19 @@ def test_untraceable_model_converts_its_children_and_trains():
     assert qm.a.weight.grad is not None and qm.b.weight.grad is None and torch.isfinite(qm.a.weight.grad).all()
 
 
-def test_unsupported_sites_stay_fp32_with_reasons():
-    """What int8fx cannot convert keeps its FP32 computation and still trains: ConvTranspose2d (no INT8
-    rule) and a conv whose stride is computed at run time (reported with that reason). A Conv2d subclass
-    with its own forward is traced through, so its inner F.conv2d call is converted."""
+def test_unsupported_sites_stay_fp32_and_run_time_geometry_is_taken_per_call():
+    """What int8fx does not convert keeps its FP32 computation and still trains: ConvTranspose2d (no INT8
+    rule). A Conv2d subclass with its own forward has that forward traced, so its inner F.conv2d call is
+    converted (the site carries the module's name); a functional conv whose stride is computed at run time
+    is converted too, with the stride of each call."""
     torch.manual_seed(0)
     fp = Mixed()
     qm = int8fx.convert(fp)
     rows = {r.name: r for r in int8fx.inspect(qm).layers}
-    assert rows["conv"].converted and rows["fc"].converted and rows["custom.conv2d"].converted
-    fn = [r for r in rows.values() if r.source == "function" and not r.converted]
-    assert len(fn) == 1 and "stride computed at run time" in fn[0].reason
+    assert rows["conv"].converted and rows["fc"].converted
+    assert rows["custom"].converted and rows["custom"].source == "function"
+    assert rows["conv2d"].converted and rows["conv2d"].source == "function"
+    assert set(rows) == {"conv", "custom", "fc", "conv2d"}
     assert type(qm.get_submodule("up")) is nn.ConvTranspose2d
     x = X[:, :, :5, :5]
     y, y_fp = qm(x), fp(x)
@@ -436,8 +439,9 @@ def test_unsupported_sites_stay_fp32_with_reasons():
 
 def test_clear_errors_for_wrong_inputs():
     _, qm = conv_pair()
-    with pytest.raises(ValueError, match="unbatched input"):
-        qm(X[0])
+    assert torch.equal(qm.eval()(X[0]), qm(X[:1])[0])  # unbatched input, as nn.Conv2d takes it
+    with pytest.raises(ValueError, match="expects a 3-d or 4-d input"):
+        qm(X[0, 0])
     with pytest.raises(ValueError, match="expected 3 input channels"):
         qm(torch.randn(1, 5, 6, 6))
     with pytest.raises(TypeError, match="floating-point input"):
@@ -452,7 +456,7 @@ def test_lazy_module_is_reported_not_crashed():
     """An uninitialised lazy conv cannot be converted (its shape is unknown): it stays FP32, initialises
     on the first forward as usual, and the conversion records why."""
     qm = int8fx.convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU()))
-    site = qm._int8fx_sites[0]
+    site = sites_of(qm)[0]
     assert not site.converted and "lazy" in site.reason
     assert qm(X).shape == (4, 4, 4, 4)
     assert not any(isinstance(m, Int8Layer) for m in qm.modules())

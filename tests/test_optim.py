@@ -1,5 +1,4 @@
 """DeviationLRScaler (DCLRS): the factor, its product with schedulers, exactness for any optimizer, resume."""
-import copy
 import io
 import math
 

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import int8fx
-from int8fx.nn.modules import Int8Layer
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -131,7 +130,7 @@ def test_int8_op_equals_naive_int64(case):
     w = int_tensor(tuple(mod.weight.shape), gen, absmax_rows=1)
     with torch.no_grad():
         mod.weight.copy_(w.float())
-    layer = Int8Layer.from_module(mod, "p", int8fx.Int8Config(grad_quant="per-tensor"), 0)
+    layer = int8fx.convert(mod, int8fx.Int8Config(grad_quant="per-tensor"), inplace=True)
     xf = x.float().requires_grad_()
     y = layer(xf)
     dy = int_tensor(tuple(y.shape), gen)

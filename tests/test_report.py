@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import int8fx
+from int8fx.passes import sites_of
 from int8fx.report import _INT8_FILL, _SKIP_FILL, _g
 
 torchvision = pytest.importorskip("torchvision")
@@ -38,7 +39,7 @@ def test_resnet50_table_fits_120_columns_and_shows_every_site(resnet50_trained):
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120
     assert "…" not in text  # nothing cut short
-    for site in qm._int8fx_sites:
+    for site in sites_of(qm):
         assert any(re.match(rf"^\s*{re.escape(site.name)}\s", line) for line in lines), site.name
     assert len(rep.layers) == 54  # 53 convolutions + fc
 
@@ -158,7 +159,7 @@ def test_save_graph_highlights_converted_and_skipped_nodes(tmp_path):
     rep = int8fx.inspect(qm)
     rep.save_graph(tmp_path / "g.svg")
     fills = _svg_fills(tmp_path / "g.svg")
-    int8_node = next(n.name for n in qm.graph.nodes if n.op == "call_module" and "int8" in n.target)
+    int8_node = next(n.name for n in qm.current_graph().nodes if n.op == "call_module" and "int8" in n.target)
     assert fills[int8_node] == _INT8_FILL
     assert fills["conv2d"] == _SKIP_FILL  # the excluded functional conv
     assert fills["bn"] not in (_INT8_FILL, _SKIP_FILL)
@@ -200,7 +201,7 @@ class TinyAttention(nn.Module):
 
 
 def test_projections_inside_attention_get_shapes():
-    """nn.MultiheadAttention's projections run inside opaque code (Int8Scope calls the layers' forward
+    """nn.MultiheadAttention's projections run inside opaque code (routed calls reach the sites past module hooks
     directly, past module hooks) and, in eval mode, would take torch's fused path: both are handled."""
     qm = int8fx.convert(TinyAttention()).eval()
     rows = {r.name: r for r in int8fx.inspect(qm, torch.randn(2, 5, 16)).layers}

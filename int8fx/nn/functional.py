@@ -109,7 +109,7 @@ class Int8GemmFunction(torch.autograd.Function):
         layout = layouts.layout_for(spec, tuple(ctx.x_shape), O)
         per_o = (lambda v: v) if spec.is_linear else (lambda v: v.view(1, O, *([1] * spec.dims)))  # noqa: E731
         scaled = dyf * per_o(s_w)  # dY s_W[o]: the dX operand (see module docstring), in output order
-        clip_w, clip_x = layer.grad_quantizer.clips(rows, scaled)
+        clip_w, clip_x = layer.quantizer_for(O).clips(rows, scaled)
         dx = dw = db = None
         if need_x:
             s_gx = scale_from_clip(clip_x + poison)

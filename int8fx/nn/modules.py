@@ -1,9 +1,19 @@
-"""`Int8Layer`: the module a conv/linear call site becomes, holding its quantization state.
+"""`Int8Layer`: what a conv/linear call site becomes, and the quantization state it holds.
 
-One class for Conv1d/2d/3d and Linear, whether the site was a module (the layer owns `weight`/`bias`
-under the original names, so state_dicts load both ways) or a functional call (`F.conv2d`, `F.linear`:
-weight and bias arrive as forward arguments). Quantizer state lives in buffers of this module and of
-its `grad_quantizer` child; they are optional when loading, so an FP32 checkpoint loads strictly.
+Two kinds of site share this one class (as a mixin), so the autograd op never asks which it serves:
+  * a **module site**: the user's own `nn.Conv1d/2d/3d` / `nn.Linear` object (or a subclass that keeps
+    their forward), whose class is swapped in place for its twin `Int8Conv2d(Int8Layer, nn.Conv2d)` (see
+    `int8fx.nn.twins`). Parameters, hooks, attributes and identity stay the user's; `isinstance(m,
+    nn.Conv2d)` still holds.
+  * an **`Int8Function`**: a small module that stands for one `F.conv*d` / `F.linear` call in a module's
+    own code (`int8fx.passes.rewrite` installs it) or in code torch.fx cannot trace (`int8fx.nn.scope`
+    routes the call to it). Weight, bias and geometry arrive with each call.
+Either way the computation is `int8_functional(input, weight, bias, stride, padding, dilation, groups)`.
+Quantizer state lives in buffers of the site and of its `grad_quantizer` child; they are optional when
+loading, so an FP32 checkpoint loads strictly.
+
+`Int8Config.quantize=False` makes every site compute exactly what the original call computes (the
+module's own forward, or the original function): the pass-through that proves a conversion exact.
 """
 from __future__ import annotations
 
@@ -20,9 +30,14 @@ from ..kernels.im2col import GemmSpec
 from ..quant.grad import make_grad_quantizer, optional_buffers_on_load
 from .functional import Int8GemmFunction
 
-_CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES)
 # state every Int8Layer adds beyond the original parameters; loading tolerates its absence
+QUANT_BUFFERS = ("step", "act_clip", "act_clip_ema", "deviation")
 QUANT_STATE_KEY = re.compile(r"(^|\.)(grad_quantizer\.[^.]+|step|act_clip|act_clip_ema|deviation)$")
+_FUNCTIONS = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+INT8_ATTRS = ("dims", "config", "site_name", "index", "source", "backend_choice",
+               "tracks_deviation", "rounding_stream", "owns_params")
 
 
 def _tuple(v, n: int) -> tuple:
@@ -48,78 +63,88 @@ def make_spec(dims: int, kernel: tuple, stride, padding, dilation, groups: int) 
     return GemmSpec(dims, tuple(kernel), stride, pads, dilation, int(groups))
 
 
-class Int8Layer(nn.Module):
-    """INT8-training replacement of one conv/linear site.
+def site_op(module: nn.Module) -> str | None:
+    """"linear" / "conv1d" / "conv2d" / "conv3d" for conv/linear modules (subclasses included), else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    for t, d in CONV_TYPES.items():
+        if isinstance(module, t):
+            return f"conv{d}d"
+    return None
 
-    dims: 0 for linear, 1/2/3 for convolutions. For functional sites `weight`/`bias` are None here and
-    are passed to `forward`.
+
+def op_dims(op: str) -> int:
+    return 0 if op == "linear" else int(op[4])
+
+
+class Int8Layer(nn.Module):
+    """The INT8-training state and computation of one conv/linear site (a mixin; see the module docstring).
+
+    Never constructed directly: `setup_int8` gives an existing module its state (module sites), and
+    `Int8Function.__init__` calls it for functional sites.
     """
 
-    def __init__(self, dims: int, out_channels: int, *, config: Int8Config, name: str = "", index: int = 0,
-                 weight: nn.Parameter | None = None, bias: nn.Parameter | None = None, stride=1, padding=0,
-                 dilation=1, groups: int = 1, padding_mode: str = "zeros", pre_pad: tuple = (), source: str = "module"):
-        super().__init__()
-        self.dims, self.out_channels = dims, out_channels
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.padding_mode, self.pre_pad, self.source = padding_mode, tuple(pre_pad), source
-        self.config, self.site_name, self.index = config, name, index
+    def setup_int8(self, *, op: str, out_channels: int, config: Int8Config, name: str, index: int, source: str,
+                   owns_params: bool) -> None:
+        self.dims = op_dims(op)
+        self.config, self.site_name, self.index, self.source = config, name, index, source
         self.backend_choice = config.backend
         self.tracks_deviation = False
         self.rounding_stream = 0  # set per DDP rank by int8fx.distributed.QuantStateSync (plain attribute)
-        self.owns_params = weight is not None
-        if weight is not None:
-            self.weight = weight
-            self.bias = bias
+        self.owns_params = owns_params
         self.grad_quantizer = make_grad_quantizer(config.grad_quant, out_channels, config)
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("act_clip", torch.zeros(()))
-        self.register_buffer("act_clip_ema", torch.zeros(()))
-        self.register_buffer("deviation", torch.zeros(()))
+        device = next((t.device for t in self.parameters(recurse=False)), None)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        for b in QUANT_BUFFERS[1:]:
+            self.register_buffer(b, torch.zeros((), device=device))
+        if device is not None:
+            self.grad_quantizer.to(device)
 
-    # ----------------------------------------------------------------- construction
-    @classmethod
-    def from_module(cls, mod: nn.Module, name: str, config: Int8Config, index: int) -> "Int8Layer":
-        if isinstance(mod, nn.Linear):
-            return cls(0, mod.out_features, config=config, name=name, index=index, weight=mod.weight, bias=mod.bias)
-        dims = _CONV_TYPES[type(mod)] if type(mod) in _CONV_TYPES else _conv_dims(mod)
-        pre_pad, padding = (), mod.padding
-        if mod.padding_mode != "zeros":
-            pre_pad, padding = tuple(mod._reversed_padding_repeated_twice), 0
-        return cls(dims, mod.out_channels, config=config, name=name, index=index, weight=mod.weight, bias=mod.bias,
-                   stride=mod.stride, padding=padding, dilation=mod.dilation, groups=mod.groups,
-                   padding_mode=mod.padding_mode, pre_pad=pre_pad)
+    def quantizer_for(self, channels: int):
+        """The gradient quantizer for a call with `channels` output channels. A site whose weight is computed
+        from the model input (per-sample weights) learns its channel count at its first call; a later call
+        with another count (a smaller last batch) is quantized by a fresh quantizer and leaves the state."""
+        q = self.grad_quantizer
+        if q.num_channels == channels:
+            return q
+        fresh = make_grad_quantizer(self.config.grad_quant, channels, self.config).to(self.step.device)
+        if q.num_channels == 0:
+            self.grad_quantizer = fresh
+        return fresh
 
-    # ----------------------------------------------------------------- forward
-    def spec_for(self, weight: Tensor) -> GemmSpec:
-        padding = self.padding if isinstance(self.padding, str) else _tuple(self.padding, max(self.dims, 1))
-        return make_spec(self.dims, tuple(weight.shape[2:]), _tuple(self.stride, max(self.dims, 1)), padding,
-                         _tuple(self.dilation, max(self.dims, 1)), self.groups)
+    def remove_int8(self) -> None:
+        """Drop everything `setup_int8` added (used by `int8fx.to_float`)."""
+        for b in QUANT_BUFFERS:
+            self._buffers.pop(b, None)
+        self._modules.pop("grad_quantizer", None)
+        for a in INT8_ATTRS:
+            self.__dict__.pop(a, None)
 
-    def forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        if self.owns_params:
-            weight, bias = self.weight, self.bias
-        elif weight is None:
-            raise TypeError(f"{self.site_name}: a functional INT8 site needs the weight as an argument")
-        self._check_input(x, weight)
-        if self.pre_pad:
-            x = F.pad(x, self.pre_pad, mode=self.padding_mode)
-        return Int8GemmFunction.apply(x, weight, bias, self.spec_for(weight), self)
+    @property
+    def site_op(self) -> str:
+        return "linear" if self.dims == 0 else f"conv{self.dims}d"
 
-    def call_functional(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+    # ----------------------------------------------------------------- the computation
+    def int8_functional(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
                         dilation=1, groups=1) -> Tensor:
-        """An F.linear/F.conv*d call seen inside opaque code (see `int8fx.nn.scope`): the geometry is only
-        known from the call itself, so it is taken from there."""
-        if self.dims:
-            self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        return self(input, weight, bias)  # through __call__, so module hooks see scoped sites too
+        """`F.conv{dims}d(input, weight, bias, stride, padding, dilation, groups)` (or `F.linear(input, weight,
+        bias)`) in INT8; with `Int8Config.quantize=False`, that very call."""
+        if not self.config.quantize:
+            f = _original(self.dims)
+            return f(input, weight, bias) if self.dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
+        if self.dims and input.dim() == self.dims + 1 and input.dim() > 1:  # unbatched, as nn.Conv*d takes it
+            return self.int8_functional(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
+        self._check_input(input, weight, groups)
+        spec = make_spec(self.dims, tuple(weight.shape[2:]), _hashable(stride), _hashable(padding), _hashable(dilation),
+                         groups) if self.dims else make_spec(0, (), 1, 0, 1, 1)
+        return Int8GemmFunction.apply(input, weight, bias, spec, self)
 
-    def _check_input(self, x: Tensor, weight: Tensor) -> None:
+    def _check_input(self, x: Tensor, weight: Tensor, groups: int) -> None:
         want = self.dims + 2
-        if self.dims and x.dim() not in (want, want - 1):
-            raise ValueError(f"{self.site_name}: Conv{self.dims}d expects a {want}-d input, got shape {tuple(x.shape)}")
-        if self.dims and x.dim() == want - 1:
-            raise ValueError(f"{self.site_name}: unbatched input {tuple(x.shape)}: add a batch dimension")
-        k_in = weight.shape[1] * (self.groups if self.dims else 1)
+        if self.dims and x.dim() != want:
+            raise ValueError(f"{self.site_name}: Conv{self.dims}d expects a {want - 1}-d or {want}-d input, got shape "
+                             f"{tuple(x.shape)}")
+        k_in = weight.shape[1] * (groups if self.dims else 1)
         c = x.shape[1] if self.dims else x.shape[-1]
         if c != k_in:
             raise ValueError(f"{self.site_name}: expected {k_in} input channels/features, got {c} (input {tuple(x.shape)})")
@@ -140,7 +165,9 @@ class Int8Layer(nn.Module):
         return None if self.training else self.eval_act_clip()
 
     def observe_forward(self, s_x: Tensor) -> None:
-        if self.training:
+        """Record a training forward's activation clip. Not while a backward pass recomputes the forward
+        (activation checkpointing): that forward was already counted."""
+        if self.training and not _in_backward():
             with torch.no_grad():
                 clip = s_x.detach() * 127
                 if torch.isfinite(clip):
@@ -173,21 +200,76 @@ class Int8Layer(nn.Module):
     # ----------------------------------------------------------------- state_dict compatibility
     _load_from_state_dict = optional_buffers_on_load(nn.Module._load_from_state_dict)
 
+    def int8_repr(self) -> str:
+        return f"int8: site={self.site_name!r}, grad_quant={self.config.grad_quant!r}, source={self.source}"
+
+
+class ModuleSite(Int8Layer):
+    """The role of a module site (mixed into the twin of nn.Conv*d / nn.Linear): its forward is the conv/linear
+    of its own parameters and geometry, read from the module's attributes at each call as the original does."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.config.quantize:
+            return self._int8fx_base.forward(self, input)
+        if self.dims == 0:
+            return self.int8_functional(input, self.weight, self.bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as _ConvNd: pad in floating point, then a zero-padding-free conv
+            input, padding = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return self.int8_functional(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
     def extra_repr(self) -> str:
-        kind = "Linear" if self.dims == 0 else f"Conv{self.dims}d"
-        return (f"{kind}(out={self.out_channels}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}), source={self.source}, grad_quant={self.config.grad_quant!r}")
+        return f"{self._int8fx_base.extra_repr(self)}, {self.int8_repr()}"
 
 
-def _conv_dims(mod: nn.Module) -> int:
-    for t, d in _CONV_TYPES.items():
-        if isinstance(mod, t):
-            return d
-    raise TypeError(f"not a convolution: {type(mod).__name__}")
+class Int8Function(Int8Layer):
+    """One functional conv/linear call site (`F.conv2d(x, w, ...)` in a module's own code, or a call that
+    `int8fx.nn.scope` routes here): a module without parameters, called with the call's own arguments."""
+
+    def __init__(self, op: str, out_channels: int, *, config: Int8Config, name: str, index: int,
+                 source: str = "function") -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.setup_int8(op=op, out_channels=out_channels, config=config, name=name, index=index, source=source,
+                        owns_params=False)
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                groups=1) -> Tensor:
+        return self.int8_functional(input, weight, bias, stride, padding, dilation, groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.site_op}, out={self.out_channels}, {self.int8_repr()}"
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _original(dims: int):
+    """The unrouted torch function (calls from inside a routed scope must not be routed again)."""
+    from .scope import ORIGINAL
+
+    return ORIGINAL[_FUNCTIONS[dims].__name__]
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (e.g. checkpointing recomputes a forward)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def int8_clashes(module: nn.Module) -> list[str]:
+    """Names `Int8Layer.setup_int8` would add that `module` already uses for something of its own (a user's
+    subclass with a `step` or `config` of its own): such a module is left in FP32 rather than overwritten."""
+    taken = set(module.__dict__) | set(module._parameters) | set(module._buffers) | set(module._modules)
+    return sorted(n for n in INT8_ATTRS + QUANT_BUFFERS + ("grad_quantizer",)
+                  if n in taken or (hasattr(type(module), n) and not hasattr(Int8Layer, n)))
 
 
 def float_state_dict(qmodel: nn.Module) -> dict:
     """The converted model's state_dict without int8fx's quantizer state: loads strictly into the FP32 model."""
     prefixes = tuple(f"{n}." if n else "" for n, m in qmodel.named_modules() if isinstance(m, Int8Layer))
+    site_children = {f"{n}." for n, m in qmodel.named_modules() if isinstance(m, Int8Function)}
     return {k: v for k, v in qmodel.state_dict().items()
-            if not any(k.startswith(p) and QUANT_STATE_KEY.search(k[len(p):]) for p in prefixes)}
+            if not any(k.startswith(p) for p in site_children)
+            and not any(k.startswith(p) and QUANT_STATE_KEY.search(k[len(p):]) for p in prefixes)}

@@ -1,4 +1,5 @@
-"""The conversion pipeline: trace -> rewrite -> lower. `convert` is their composition."""
+"""The conversion pipeline: rewrite (find every conv/linear site, make it INT8 in place) -> lower (bind
+backends). `convert` is their composition; `to_float` undoes it."""
 from __future__ import annotations
 
 import copy
@@ -6,35 +7,73 @@ import copy
 import torch.nn as nn
 
 from ..config import Int8Config
+from ..nn.modules import Int8Layer
+from ..nn.twins import is_twin, revert
 from .lower import lower
-from .rewrite import Site, census, rewrite
-from .trace import OpaqueModule, trace_partitioned
+from .rewrite import Conversion, FilterFn, Site, rewrite
+from .trace import OpaqueModule, analysis_graphs, trace_own_code
+
+RECORD = "_int8fx"
 
 
-def convert(model: nn.Module, config: Int8Config | None = None) -> nn.Module:
-    """Return an INT8-training copy of `model`; the input model is left untouched.
+def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool = False,
+            filter_fn: FilterFn | None = None) -> nn.Module:
+    """Make every conv/linear site of `model` train in INT8; return the converted model.
 
-    The result is a `torch.fx.GraphModule` when the model traces as a whole; otherwise it is a copy of the
-    model (same class, same API) whose traceable submodules are GraphModules and whose remaining
-    conv/linear modules are swapped in place. `int8fx.inspect(result)` lists every site and reason.
-    Tracing happens in training mode (the mode INT8 training runs in); the model's mode is kept.
+    The result is the user's model: same class, same module tree, same forward code, same train/eval
+    behaviour; only conv/linear sites compute differently (see `int8fx.passes.rewrite` for the rules).
+    inplace: convert `model` itself (optimizers and hooks made before keep working) instead of a copy.
+    filter_fn: `(site name, module) -> bool`, False keeps that site in FP32 (as `Int8Config.exclude` does by
+        name pattern or type); for a call in a module's own code, `module` is the module making the call.
+    `int8fx.inspect(result)` lists every site and reason.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
     config = Int8Config() if config is None else config
     if not isinstance(config, Int8Config):
         raise TypeError(f"config must be an Int8Config, got {type(config).__name__}")
-    was_training = model.training
-    work = copy.deepcopy(model).train()
-    weights = census(work)
-    root, opaque = trace_partitioned(work)
-    root, sites = rewrite(root, config, weights)
-    root = lower(root, config.backend)
-    root.train(was_training)
-    root._int8fx_sites = sites  # read by inspect(); plain attributes are not part of state_dict
-    root._int8fx_opaque = opaque
-    root._int8fx_config = config
-    return root
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__}")
+    if conversion_of(model) is not None or any(is_twin(m) for m in model.modules()):
+        raise ValueError("this model is already converted by int8fx (int8fx.to_float gives back the float model)")
+    work = model if inplace else copy.deepcopy(model)
+    record = rewrite(work, config, filter_fn)
+    lower(work, config.backend)
+    setattr(work, RECORD, record)  # a plain attribute: not in state_dict, carried by deepcopy and pickle
+    return work
 
 
-__all__ = ["OpaqueModule", "Site", "convert", "lower", "rewrite", "trace_partitioned"]
+def to_float(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The float model back from a converted one: the original classes, the trained parameters (and the
+    model's own buffers), without int8fx's state. A copy unless `inplace`."""
+    if conversion_of(qmodel) is None and not any(is_twin(m) for m in qmodel.modules()):
+        raise ValueError("to_float() needs a model returned by int8fx.convert()")
+    work = qmodel if inplace else copy.deepcopy(qmodel)
+    for m in list(work.modules()):
+        revert(m)
+        m.__dict__.pop(RECORD, None)
+    return work
+
+
+def conversion_of(model: nn.Module) -> Conversion | None:
+    """The conversion record of `model`, or of the first submodule that has one (a converted model wrapped
+    in `AveragedModel`, DDP, ...)."""
+    for m in model.modules():
+        record = m.__dict__.get(RECORD)
+        if record is not None:
+            return record
+    return None
+
+
+def sites_of(model: nn.Module) -> list[Site]:
+    """Every site of a converted model, in conversion order, each converted one with its live `layer`."""
+    record = conversion_of(model)
+    if record is None:
+        raise ValueError("this model was not converted by int8fx.convert()")
+    layers = {m.site_name: m for m in model.modules() if isinstance(m, Int8Layer)}
+    return [Site(s.name, s.op, s.source, s.converted, s.reason, s.owner, layers.get(s.name) if s.converted else None)
+            for s in record.sites]
+
+
+__all__ = ["Conversion", "OpaqueModule", "Site", "analysis_graphs", "conversion_of", "convert", "lower", "rewrite",
+           "sites_of", "to_float", "trace_own_code"]

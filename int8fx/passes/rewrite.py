@@ -1,21 +1,26 @@
-"""Rewrite every conv/linear call site into an `Int8Layer`.
+"""Turn every conv/linear call site of a model into an INT8 site, in place, changing nothing else.
 
-Rules (one place to add an op):
-  * call_module of nn.Linear / nn.Conv{1,2,3}d (or a subclass that keeps their forward): the module is
-    swapped for an Int8Layer that holds the same Parameter objects under the same names;
-  * call_function of F.linear / F.conv{1,2,3}d: the node becomes a call of a new Int8Layer (registered
-    next to the module that made the call) that takes the weight and bias as arguments;
-  * conv/linear children of modules that could not be traced are swapped the same way;
-  * opaque code that calls F.linear / F.conv*d on known weights (a leaf module such as
-    nn.MultiheadAttention, or a torch.fx.wrap-ped function such as Swin's attention) runs inside an
-    `Int8Scope` that reroutes those calls to Int8Layers.
-Every conv/linear module of the original model (the census, taken before tracing) and every functional
-site ends up in the returned `Site` list, converted or with the reason it was not: nothing is dropped
-silently.
+Three rules, one per way a model reaches a convolution or a linear layer:
+  1. **Module sites.** An `nn.Conv1d/2d/3d` / `nn.Linear` (or a subclass that keeps their forward) gets
+     its twin class `ModuleSite` (`int8fx.nn.twins`): same object, same parameters and hooks; whoever
+     calls it now runs INT8.
+  2. **Functional sites in a module's own code.** `trace_own_code` gives the graph of the module's own
+     forward (children are leaves). Each `F.conv*d` / `F.linear` node whose weight comes from parameters
+     (plain, or computed from them as in weight standardisation) becomes a call of a new `Int8Function`
+     child, or of the module site whose weight it uses; an opaque (`torch.fx.wrap`-ped) function that
+     receives module-site weights is called through `call_routed`. The module becomes `Rewritten`: it
+     runs that graph, one per training mode when its code depends on the mode.
+  3. **Code torch.fx cannot rewrite.** `nn.MultiheadAttention` (library code calling `F.linear` on its
+     projection weights), the Transformer layers' fused eval paths, and conv/linear subclasses whose own
+     forward cannot be traced (timm's `Conv2dSame`) become `Routed`: their original forward runs with
+     the calls on their weights routed to INT8 sites at run time (`int8fx.nn.scope`).
+Every conv/linear module and every functional call found ends up in the `Site` list, converted or with
+the reason it was not; uses of a conv/linear weight outside a conv/linear call are listed too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -23,303 +28,361 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Int8Config
-from ..nn.modules import Int8Layer
-from ..nn.scope import Int8Scope, run_scoped
+from ..nn.modules import Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, site_op
+from ..nn.scope import call_routed
+from ..nn.twins import Rewritten, Routed, become, is_twin
+from .trace import OpaqueModule, trace_own_code
 
-CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-LINEAR_FUNCTIONS = {F.linear}
-_FUNC_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+FUSED_FASTPATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
+MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_METADATA_METHODS = {"size", "dim", "numel", "type", "is_contiguous", "stride"}
+
+FilterFn = Callable[[str, nn.Module], bool]
+ROOT = "(root)"  # the name of a site that is the model itself (a bare nn.Conv2d converted)
 
 
 @dataclass
 class Site:
-    """One conv/linear call site of the model, converted or not."""
+    """One conv/linear call site of the model, converted or not. `source`: "module" (a conv/linear module),
+    "function" (a call in a module's own code, rewritten by torch.fx) or "routed" (a call in code torch.fx
+    cannot rewrite, routed at run time)."""
 
     name: str
-    op: str  # "conv1d" | "conv2d" | "conv3d" | "linear" | other type names for unsupported sites
-    source: str  # "module" | "function" | "module (untraceable parent)"
+    op: str
+    source: str
     converted: bool
     reason: str = ""
-    layer: Int8Layer | None = field(default=None, repr=False)
+    owner: str = ""  # the module whose code makes the call (its own path for a module site)
+    layer: Int8Layer | None = field(default=None, repr=False, compare=False)  # filled by `sites_of`
 
 
-def _forward_is_standard(mod: nn.Module) -> bool:
-    base = nn.Linear if isinstance(mod, nn.Linear) else next(t for t in CONV_MODULES if isinstance(mod, t))
-    return type(mod).forward is base.forward
+@dataclass
+class Conversion:
+    """int8fx's record of a conversion, kept on the converted model as `_int8fx`: plain data (the sites by
+    name, not the modules), so deepcopy, pickle and `AveragedModel` carry it along."""
+
+    config: Int8Config
+    sites: list[Site]
+    opaque: list[OpaqueModule]
 
 
-def _module_op(mod: nn.Module) -> str | None:
-    if isinstance(mod, nn.Linear):
-        return "linear"
-    for t, d in CONV_MODULES.items():
-        if isinstance(mod, t):
-            return f"conv{d}d"
-    return None
+def _standard_forward(module: nn.Module) -> bool:
+    base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+                                                                if isinstance(module, t))
+    return type(module).forward is base.forward
 
 
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
-class Rewriter:
-    """Holds the running layer index (seeds stochastic rounding) and the sites found so far."""
-
-    def __init__(self, config: Int8Config, census: dict | None = None) -> None:
-        self.config = config
-        self.census = census or {}  # id(weight) -> (path, op) of every conv/linear module before tracing
-        self.handled: set[int] = set()  # ids of census weights that some site accounts for
-        self.sites: list[Site] = []
-        self.index = 0
-        self._swapped: dict[int, Int8Layer] = {}
-        self._seen: set[int] = set()  # conv/linear modules already reported, converted or not
-
-    # ------------------------------------------------------------------ modules
-    def swap_module(self, root: nn.Module, path: str, full_name: str, source: str) -> None:
-        mod = root.get_submodule(path)
-        if isinstance(mod, Int8Layer):
-            return
-        if id(mod) in self._swapped:  # the same module called from two places: one layer, shared
-            _set_submodule(root, path, self._swapped[id(mod)])
-            return
-        op = _module_op(mod)
-        reason = self._why_not_module(mod, full_name)
-        self._seen.add(id(mod))
-        self.handled.add(id(mod.weight))
-        if reason:
-            self.sites.append(Site(full_name, op, source, False, reason))
-            return
-        layer = Int8Layer.from_module(mod, full_name, self.config.for_layer(full_name, mod), self.index)
-        layer.train(mod.training)
-        self.index += 1
-        self._swapped[id(mod)] = layer
-        _set_submodule(root, path, layer)
-        self.sites.append(Site(full_name, op, source, True, "", layer))
-
-    def _why_not_module(self, mod: nn.Module, name: str) -> str:
-        if self.config.excludes(name, mod):
-            return "excluded by Int8Config.exclude"
-        if not _forward_is_standard(mod):
-            return f"{type(mod).__name__} overrides forward(); its computation is not a plain {_module_op(mod)}"
-        if isinstance(mod.weight, nn.parameter.UninitializedParameter):
-            return "lazy module not initialised yet: run one forward before convert()"
-        return ""
-
-    # ------------------------------------------------------------------ graphs
-    def rewrite_graph(self, gm: fx.GraphModule, prefix: str) -> None:
-        for node in list(gm.graph.nodes):
-            if node.op == "call_module":
-                mod = gm.get_submodule(node.target)
-                if _module_op(mod) is not None:
-                    self.swap_module(gm, node.target, _join(prefix, node.target), "module")
-                elif not isinstance(mod, (Int8Layer, Int8Scope)):
-                    self._scope_leaf_module(gm, node, prefix)
-            elif node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
-                self._rewrite_function(gm, node, prefix)
-            elif node.op == "call_function" and _is_opaque_function(node.target):
-                self._scope_function(gm, node, prefix)
-        gm.graph.lint()
-        gm.recompile()
-
-    def _rewrite_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        dims = CONV_FUNCTIONS.get(node.target, 0)
-        op = f"conv{dims}d" if dims else "linear"
-        names = _FUNC_ARG_NAMES if dims else _FUNC_ARG_NAMES[:3]
-        args = dict(zip(names, node.args))
-        args.update(node.kwargs)
-        owner = _owner_path(node)
-        name = _join(prefix, _join(owner, node.name))
-        bad = [k for k in ("stride", "padding", "dilation", "groups") if isinstance(args.get(k), fx.Node)]
-        weight = _static_value(gm, args.get("weight"))
-        reason = ""
-        if self.config.excludes(name, None):
-            reason = "excluded by Int8Config.exclude"
-        elif bad:
-            reason = f"{', '.join(bad)} computed at run time; int8fx needs them constant"
-        elif weight is None:
-            reason = "weight depends on the model input; its shape is unknown at conversion time"
-        if reason:
-            self.sites.append(Site(name, op, "function", False, reason))
-            return
-        layer = Int8Layer(dims, weight.shape[0], config=self.config.for_layer(name), name=name, index=self.index,
-                          stride=args.get("stride", 1), padding=args.get("padding", 0),
-                          dilation=args.get("dilation", 1), groups=args.get("groups", 1), source="function")
-        self.index += 1
-        self.handled.update(id(_attr(gm, a.target)) for a in _ancestors(args.get("weight")) if a.op == "get_attr")
-        path = _join(owner, f"int8_{node.name}")
-        gm.add_submodule(path, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (args["input"], args["weight"], args.get("bias")))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        self.sites.append(Site(name, op, "function", True, "", layer))
-
-
-    # ------------------------------------------------------------------ opaque code
-    def _new_scope_layer(self, name: str, op: str, weight: torch.Tensor) -> Int8Layer | None:
-        reason = "excluded by Int8Config.exclude" if self.config.excludes(name, None) else ""
-        if reason:
-            self.sites.append(Site(name, op, "opaque code", False, reason))
-            return None
-        dims = 0 if op == "linear" else int(op[4])
-        layer = Int8Layer(dims, weight.shape[0], config=self.config.for_layer(name), name=name, index=self.index,
-                          source="opaque code")
-        self.index += 1
-        self.sites.append(Site(name, op, "opaque code", True, "", layer))
-        return layer
-
-    def _scope_leaf_module(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        """A leaf module (not traced into) whose code uses conv/linear weights: run it in a scope."""
-        mod = gm.get_submodule(node.target)
-        found = {}  # parameter path inside mod -> (site name, op, weight)
-        for sub_name, sub in mod.named_modules():
-            if _module_op(sub) is not None and not isinstance(sub, Int8Layer):
-                found[_join(sub_name, "weight")] = (_join(node.target, sub_name), _module_op(sub), sub.weight)
-        for pname, p in mod.named_parameters(recurse=False):
-            if pname.endswith("proj_weight") and p.dim() == 2:  # nn.MultiheadAttention's packed projections
-                found[pname] = (_join(node.target, pname[: -len("_weight")]), "linear", p)
-        if not found:
-            return
-        layers, attrs = {}, {}
-        for ppath, (site, op, w) in found.items():
-            self.handled.add(id(w))
-            self._seen.update(id(m) for m in mod.modules())
-            layer = self._new_scope_layer(_join(prefix, site), op, w)
-            if layer is not None:
-                layers[site], attrs[ppath] = layer, site
-        if not layers:
-            return
-        parent, _, leaf = node.target.rpartition(".")
-        path = _join(parent, f"int8scope_{leaf}")
-        gm.add_submodule(path, Int8Scope(layers, attr_layers=attrs))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(run_scoped, (gm.graph.get_attr(path), gm.graph.get_attr(node.target))
-                                         + tuple(node.args), dict(node.kwargs))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-
-    def _scope_function(self, gm: fx.GraphModule, node: fx.Node, prefix: str) -> None:
-        """A wrapped (untraced) function that receives conv/linear weights as arguments: run it in a scope."""
-        found = {}
-        for i, a in enumerate(node.args):
-            if isinstance(a, fx.Node) and a.op == "get_attr":
-                w = _attr(gm, a.target)
-                if id(w) in self.census:
-                    found[i] = (self.census[id(w)], w)
-        if not found:
-            return
-        layers, args = {}, {}
-        for i, ((site, op), w) in found.items():
-            self.handled.add(id(w))
-            layer = self._new_scope_layer(_join(prefix, site), op, w)
-            if layer is not None:
-                layers[site], args[i] = layer, site
-        if not layers:
-            return
-        path = _join(_owner_path(node), f"int8scope_{node.name}")
-        gm.add_submodule(path, Int8Scope(layers, fn=node.target, arg_layers=args))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, tuple(node.args), dict(node.kwargs))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-
-
-def _is_opaque_function(target) -> bool:
-    """A function the tracer did not enter and that is not a torch/python builtin (e.g. torch.fx.wrap-ped)."""
-    mod = (getattr(target, "__module__", None) or "").split(".")[0]
-    return callable(target) and mod not in ("torch", "_operator", "operator", "builtins", "math", "int8fx")
-
-
-def _ancestors(node) -> list[fx.Node]:
-    """`node` and every node it is computed from."""
-    seen, todo = [], [node] if isinstance(node, fx.Node) else []
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.append(n)
-            todo.extend(n.all_input_nodes)
-    return seen
-
-
-def _attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _library_code(module: nn.Module) -> bool:
+    """A module whose forward comes from torch itself (Sequential, BatchNorm, ...): no conv/linear calls of
+    its own beyond the ones rule 3 knows about."""
+    return (getattr(type(module).forward, "__module__", "") or "").startswith("torch.")
 
 
 def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a and b else a or b
 
 
-def _owner_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.keys())[-1] if isinstance(stack, dict) else ""
-        return path if isinstance(path, str) else ""
-    return ""
+class Converter:
+    """Applies the three rules to a model (in place) and collects the sites; `run()` returns the record."""
+
+    def __init__(self, root: nn.Module, config: Int8Config, filter_fn: FilterFn | None = None) -> None:
+        self.root, self.config, self.filter_fn = root, config, filter_fn
+        self.sites: dict[str, Site] = {}
+        self.opaque: list[OpaqueModule] = []
+        self.index = 0
+        self.module_sites: dict[int, tuple[str, Site]] = {}  # id(weight) -> (module path, its site)
+
+    def run(self) -> Conversion:
+        modules = list(self.root.named_modules())
+        for path, m in modules:
+            if site_op(m) is not None and _standard_forward(m):
+                self.module_site(path, m)
+        for path, m in modules:
+            if not isinstance(m, ModuleSite):
+                self.own_code(path, m)
+        position = {path: i for i, (path, _) in enumerate(modules)}  # report in model order, owners first
+        order = sorted(enumerate(self.sites.values()), key=lambda e: (position.get(e[1].owner, len(position)), e[0]))
+        return Conversion(self.config, [s for _, s in order], self.opaque)
+
+    # ------------------------------------------------------------------ shared
+    def _report(self, site: Site) -> Site:
+        self.sites.setdefault(site.name, site)
+        return self.sites[site.name]
+
+    def _skip_reason(self, name: str, module: nn.Module) -> str:
+        if self.config.excludes(name, module):
+            return "excluded by Int8Config.exclude"
+        if self.filter_fn is not None and not self.filter_fn(name, module):
+            return "filter_fn returned False"
+        return ""
+
+    def _next_index(self) -> int:
+        self.index += 1
+        return self.index - 1
+
+    def _new_function_site(self, op: str, out_channels: int, name: str, owner: nn.Module, source: str) -> Int8Function:
+        return Int8Function(op, out_channels, config=self.config.for_layer(name, owner), name=name,
+                            index=self._next_index(), source=source)
+
+    # ------------------------------------------------------------------ rule 1
+    def module_site(self, path: str, m: nn.Module) -> None:
+        op = site_op(m)
+        reason = self._skip_reason(path, m)
+        if not reason and isinstance(m.weight, nn.parameter.UninitializedParameter):
+            reason = "lazy module not initialised yet: run one forward before convert()"
+        if not reason and isinstance(m, torch.jit.ScriptModule):
+            reason = "a TorchScript module: its code cannot be changed"
+        if not reason and int8_clashes(m):
+            reason = f"has attributes of its own named {', '.join(int8_clashes(m))}, which INT8 state would overwrite"
+        site = self._report(Site(path or ROOT, op, "module", not reason, reason, path))
+        self.module_sites[id(m.weight)] = (path, site)
+        if reason:
+            return
+        become(m, ModuleSite)
+        m.setup_int8(op=op, out_channels=m.weight.shape[0], config=self.config.for_layer(path, m), name=path or ROOT,
+                     index=self._next_index(), source="module", owns_params=True)
+
+    # ------------------------------------------------------------------ rules 2 and 3
+    def own_code(self, path: str, m: nn.Module) -> None:
+        if isinstance(m, nn.MultiheadAttention):
+            return self.route_attention(path, m)
+        if isinstance(m, FUSED_FASTPATH_MODULES):
+            return self._make_routed(m, {}, {})
+        if next(m.parameters(), None) is None or _library_code(m) or isinstance(m, torch.jit.ScriptModule):
+            return None
+        graphs = trace_own_code(m)
+        if isinstance(graphs, str):
+            return self.untraceable(path, m, graphs)
+        return self.rewrite(path, m, graphs)
+
+    def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function]) -> None:
+        become(m, Routed)
+        for attr, site in new_sites.items():
+            m.add_site(attr, site)
+        m._int8fx_routes = routes
+        m._int8fx_quantize = self.config.quantize
+
+    def route_attention(self, path: str, m: nn.MultiheadAttention) -> None:
+        """nn.MultiheadAttention calls F.linear on its packed projection weights (new sites) and on
+        `out_proj.weight` (a module site, routed to itself)."""
+        routes, new = {}, {}
+        for pname in MHA_WEIGHTS:
+            w = getattr(m, pname, None)
+            if not isinstance(w, nn.Parameter):
+                continue
+            name = _join(path, pname[: -len("_weight")])
+            reason = self._skip_reason(name, m)
+            self._report(Site(name, "linear", "routed", not reason, reason, path))
+            if not reason:
+                attr = f"int8_{pname[: -len('_weight')]}"
+                new[attr] = self._new_function_site("linear", w.shape[0], name, m, "routed")
+                routes[pname] = attr
+        out = m.out_proj
+        if isinstance(out, ModuleSite):
+            routes["out_proj.weight"] = "out_proj"
+        self._make_routed(m, routes, new)
+
+    def untraceable(self, path: str, m: nn.Module, reason: str) -> None:
+        op = site_op(m)
+        if op is None:  # its conv/linear children are module sites; its own code is kept as it is
+            if any(p.dim() >= 2 for p in m.parameters(recurse=False)) or any(
+                    site_op(c) is not None for c in m.modules() if c is not m):
+                # listed because its code could make conv/linear calls that int8fx did not see
+                self.opaque.append(OpaqueModule(path or "(root)", type(m).__name__, reason))
+            return
+        # a conv/linear subclass whose forward fx cannot trace (timm's Conv2dSame): route its weight
+        skip = self._skip_reason(path, m)
+        self._report(Site(path, op, "routed", not skip, skip, path))
+        if not skip:
+            site = self._new_function_site(op, m.weight.shape[0], path, m, "routed")
+            self._make_routed(m, {"weight": f"int8_{op}"}, {f"int8_{op}": site})
+
+    def rewrite(self, path: str, m: nn.Module, graphs: dict[str, fx.Graph]) -> None:
+        calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in SITE_FUNCTIONS]
+        single = site_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
+        new: dict[str, tuple[str, Int8Function]] = {}  # node name -> (attribute, site), shared by both modes
+        changed = False
+        for graph in graphs.values():
+            derived: set[fx.Node] = set()
+            for node in list(graph.nodes):
+                if node.op == "call_function" and node.target in SITE_FUNCTIONS:
+                    changed |= self._rewrite_call(path, m, graph, node, new, single, derived)
+                elif node.op == "call_function" and _is_opaque_function(node.target):
+                    changed |= self._route_call(m, graph, node)
+            self._report_other_weight_uses(path, m, graph, derived)
+            graph.lint()
+        if changed:
+            become(m, Rewritten)
+            for attr, site in new.values():
+                m.add_site(attr, site)
+            m._int8fx_graphs = graphs
+
+    def _module_site_of(self, m: nn.Module, node) -> tuple[str, Site] | None:
+        """(path inside m, site) when `node` reads the weight of a conv/linear module site."""
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            return None
+        value = _attr(m, node.target)
+        found = self.module_sites.get(id(value))
+        owner, _, leaf = node.target.rpartition(".")
+        if found is None or leaf != "weight" or not owner:
+            return None
+        return owner, found[1]
+
+    def _rewrite_call(self, path, m, graph, node, new, single, derived) -> bool:
+        op = SITE_FUNCTIONS[node.target]
+        args = {**({} if op == "linear" else _CONV_DEFAULTS), "bias": None, **dict(zip(_ARG_NAMES, node.args)),
+                **node.kwargs}
+        call_args = [args["input"], args["weight"], args["bias"]]
+        if op != "linear":
+            call_args += [args["stride"], args["padding"], args["dilation"], args["groups"]]
+        derived.update(_ancestors(args["weight"]))
+        used = self._module_site_of(m, args["weight"])
+        if used is not None:  # e.g. F.linear(x, self.qkv.weight, bias): that module site computes it
+            owner, site = used
+            if not site.converted:
+                self._report(Site(_join(path, node.name), op, "function", False,
+                                  f"uses the weight of {site.name}, which is kept in FP32: {site.reason}", path))
+                return False
+            with graph.inserting_before(node):
+                new_node = graph.call_method("int8_functional", (graph.get_attr(owner), *call_args))
+        else:
+            name = path if single else _join(path, node.name)
+            reason = self._skip_reason(name, m)
+            self._report(Site(name, op, "function", not reason, reason, path))
+            if reason:
+                return False
+            if node.name not in new:
+                # a weight computed from the model input (CondConv's per-sample expert mix) has its channel
+                # count only at run time: 0 here, and the site sizes its state at the first call
+                weight = _static_value(m, args["weight"])
+                new[node.name] = (_free_attr(m, f"int8_{node.name}"), self._new_function_site(
+                    op, 0 if weight is None else weight.shape[0], name, m, "function"))
+            attr = new[node.name][0]
+            with graph.inserting_before(node):
+                new_node = graph.call_module(attr, tuple(call_args))
+        new_node.meta = dict(node.meta)
+        node.replace_all_uses_with(new_node)
+        graph.erase_node(node)
+        return True
+
+    def _route_call(self, m, graph, node) -> bool:
+        """`fn(..., self.qkv.weight, ...)` with fn opaque to torch.fx: call it through `call_routed`."""
+        routes = {}
+        for key, a in list(enumerate(node.args)) + list(node.kwargs.items()):
+            used = self._module_site_of(m, a)
+            if used is not None and used[1].converted:
+                routes[key] = used[0]
+        if not routes:
+            return False
+        fn_attr = f"_int8fx_fn_{node.name}"  # the function itself: a graph argument cannot hold one
+        m.__dict__[fn_attr] = node.target
+        with graph.inserting_before(node):
+            table = {k: graph.get_attr(owner) for k, owner in routes.items()}
+            new_node = graph.call_function(call_routed, (graph.get_attr(fn_attr), table, *node.args), dict(node.kwargs))
+        new_node.meta = dict(node.meta)
+        node.replace_all_uses_with(new_node)
+        graph.erase_node(node)
+        return True
+
+    def _report_other_weight_uses(self, path, m, graph, derived) -> None:
+        """A conv/linear weight that the module's code uses outside a conv/linear call (`x @ w.t()`) is not a
+        site int8fx converts: say so rather than let it pass unnoticed."""
+        for node in graph.nodes:
+            if node.op != "get_attr" or self._module_site_of(m, node) is None:
+                continue
+            for user in node.users:
+                if user in derived or _is_site_call(user) or _is_metadata_use(user):
+                    continue
+                what = getattr(user.target, "__name__", str(user.target))
+                self._report(Site(_join(path, user.name), what, "function", False,
+                                  f"computes with {_join(path, node.target)} outside a conv/linear call "
+                                  f"({what}); int8fx converts F.conv*d / F.linear calls only", path))
 
 
-def _static_value(gm: fx.GraphModule, arg):
-    """Evaluate a weight argument that depends only on parameters/buffers (get_attr and pure ops on them);
-    None when it depends on the model input."""
+# ---------------------------------------------------------------------------------------------- helpers
+def _is_opaque_function(target) -> bool:
+    """A function the tracer did not enter and that is not a torch/python builtin (e.g. torch.fx.wrap-ped)."""
+    mod = (getattr(target, "__module__", None) or "").split(".")[0]
+    return callable(target) and mod not in ("torch", "_operator", "operator", "builtins", "math", "int8fx")
+
+
+def _is_site_call(node: fx.Node) -> bool:
+    return (node.op == "call_module" and str(node.target).startswith("int8_")) or node.target in (
+        "int8_functional", call_routed)
+
+
+def _is_metadata_use(node: fx.Node) -> bool:
+    """Reading a weight's shape, dtype or device computes nothing with its values."""
+    return (node.op == "call_function" and node.target is getattr) or (
+        node.op == "call_method" and node.target in _METADATA_METHODS)
+
+
+def _ancestors(node) -> set[fx.Node]:
+    """`node` and every node it is computed from."""
+    seen, todo = set(), [node] if isinstance(node, fx.Node) else []
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _free_attr(m: nn.Module, attr: str) -> str:
+    name, k = attr, 1
+    while hasattr(m, name):
+        name, k = f"{attr}_{k}", k + 1
+    return name
+
+
+def _static_value(m: nn.Module, arg):
+    """Evaluate a weight argument that depends only on parameters/buffers (get_attr and pure ops on them,
+    including child modules); None when it depends on the model input."""
     if isinstance(arg, torch.Tensor):
         return arg
     if not isinstance(arg, fx.Node):
         return None
     if arg.op == "get_attr":
-        obj = gm
-        for part in arg.target.split("."):
-            obj = getattr(obj, part)
+        obj = _attr(m, arg.target)
         return obj.detach() if isinstance(obj, torch.Tensor) else None
-    if arg.op in ("call_function", "call_method"):
-        vals = []
-        for a in arg.args:
-            if isinstance(a, fx.Node):
-                v = _static_value(gm, a)
-                if v is None:
-                    return None
-                vals.append(v)
-            else:
-                vals.append(a)
-        if any(isinstance(v, fx.Node) for v in arg.kwargs.values()):
+    if arg.op not in ("call_function", "call_method", "call_module"):
+        return None
+    vals = []
+    for a in arg.args:
+        v = _static_value(m, a) if isinstance(a, fx.Node) else a
+        if isinstance(a, fx.Node) and v is None:
             return None
-        with torch.no_grad():
-            fn = arg.target if arg.op == "call_function" else getattr(vals[0].__class__, arg.target)
-            out = fn(*vals, **arg.kwargs)
-        return out if isinstance(out, torch.Tensor) else None
-    return None
+        vals.append(v)
+    kwargs = {}
+    for k, a in arg.kwargs.items():
+        kwargs[k] = _static_value(m, a) if isinstance(a, fx.Node) else a
+        if isinstance(a, fx.Node) and kwargs[k] is None:
+            return None
+    with torch.no_grad():
+        if arg.op == "call_function":
+            out = arg.target(*vals, **kwargs)
+        elif arg.op == "call_method":
+            out = getattr(vals[0], arg.target)(*vals[1:], **kwargs)
+        else:
+            out = m.get_submodule(arg.target)(*vals, **kwargs)
+    return out if isinstance(out, torch.Tensor) else None
 
 
-def census(model: nn.Module) -> dict[int, tuple[str, str]]:
-    """id(weight) -> (module path, op) for every conv/linear module; taken before tracing, which may keep
-    only the weights of modules the graph never calls."""
-    return {id(m.weight): (n, _module_op(m)) for n, m in model.named_modules() if _module_op(m) is not None
-            and isinstance(getattr(m, "weight", None), torch.Tensor)}
+def rewrite(model: nn.Module, config: Int8Config, filter_fn: FilterFn | None = None) -> Conversion:
+    """Apply the three rules to `model` in place; the record of every site found."""
+    if any(is_twin(m) for m in model.modules()):
+        raise ValueError("this model is already converted by int8fx (int8fx.to_float gives back the float model)")
+    return Converter(model, config, filter_fn).run()
 
 
-def rewrite(root: nn.Module, config: Int8Config, weight_census: dict | None = None) -> tuple[nn.Module, list[Site]]:
-    """Rewrite every GraphModule in `root`'s tree, then swap conv/linear modules left in opaque parents."""
-    rw = Rewriter(config, weight_census)
-    graph_modules = [(n, m) for n, m in root.named_modules() if isinstance(m, fx.GraphModule)]
-    for name, gm in graph_modules:
-        rw.rewrite_graph(gm, name)
-    inside_graph = {id(m) for _, gm in graph_modules for m in gm.modules() if m is not gm}
-    for name, mod in list(root.named_modules()):
-        if _module_op(mod) is not None and not isinstance(mod, Int8Layer) and name and id(mod) not in rw._seen:
-            if id(mod) in inside_graph:
-                rw.sites.append(Site(name, _module_op(mod), "module", False,
-                                     "never called as a module in the traced graph (unused, or its weight is used by "
-                                     "other code)"))
-            else:
-                rw.swap_module(root, name, name, "module (untraceable parent)")
-    reported = {s.name for s in rw.sites}
-    for wid, (name, op) in rw.census.items():
-        if wid not in rw.handled and name not in reported:
-            rw.sites.append(Site(name, op, "module", False, "its weight is used by code int8fx cannot see into "
-                                 "(not called as a module, nor by a function the graph shows)"))
-    return root, rw.sites
+__all__ = ["Conversion", "Converter", "SITE_FUNCTIONS", "Site", "op_dims", "rewrite"]

@@ -1,92 +1,123 @@
-"""Trace a model into GraphModules, as much of it as torch.fx can see.
+"""torch.fx tracing, two ways.
 
-If the whole model traces, the result is one GraphModule. If not (data-dependent control flow, as in
-torchvision's detection models), each child is tried in turn, recursively: the largest traceable
-submodules become GraphModules and the modules that could not be traced stay as they are ("opaque"),
-each recorded with the tracer's reason. The rewrite pass then converts conv/linear call sites inside
-the graphs and swaps conv/linear children of opaque modules.
+`trace_own_code(module)`: the graph of one module's *own* forward code, every child module a leaf (a
+`call_module` node). This is what conversion rewrites: conv/linear calls a module makes itself
+(`F.conv2d(x, self.weight, ...)`, weight standardisation, `F.linear(x, self.qkv.weight, ...)`), each in
+the smallest module that makes it. torch.fx freezes `self.training` into a graph, so the code is traced
+in both modes; when the two graphs differ, both are kept and the twin picks one per call.
+
+`analysis_graphs(model)`: whole-model graphs for `inspect`'s picture, INT8 sites as leaves; a model that
+does not trace as a whole (data-dependent control flow, as in torchvision's detectors) gives one graph
+per largest traceable part. Analysis only: the model is neither changed nor replaced by them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
-
-from ..nn.modules import Int8Layer
 
 
 @dataclass
 class OpaqueModule:
+    """A module whose own code torch.fx could not trace, with the tracer's reason."""
+
     name: str
     type: str
     reason: str
 
 
-class Int8Tracer(fx.Tracer):
-    """The standard tracer, with int8fx's own modules kept as leaves (a model may be converted twice)."""
+class OwnCodeTracer(fx.Tracer):
+    """Traces the root module's forward only: every submodule call becomes a leaf node. Buffers are read
+    through proxies too, so code that updates them in place (`self.num_batches_tracked.add_(1)`) records a
+    node instead of changing the model."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Int8Layer) or super().is_leaf_module(m, qualname)
+        return True
 
 
-def symbolic_trace(module: nn.Module) -> fx.GraphModule:
-    tracer = Int8Tracer()
-    graph = tracer.trace(module)
-    gm = fx.GraphModule(tracer.root, graph, module.__class__.__name__)
-    _restore_unreferenced(gm, module)
-    return gm
+def failure_reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:200]
 
 
-def _restore_unreferenced(gm: fx.GraphModule, original: nn.Module) -> None:
-    """GraphModule keeps only what the graph references; put back unused parameters, buffers and modules so
-    that state_dict names stay identical to the original model's."""
-    have = set(gm.state_dict().keys())
-    for name, mod in original.named_modules():
-        if not name:
-            continue
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            parent, _, leaf = name.rpartition(".")
-            try:
-                gm.get_submodule(parent).add_module(leaf, mod) if parent else gm.add_module(leaf, mod)
-            except AttributeError:
-                pass
-    for key, value in original.state_dict(keep_vars=True).items():
-        if key in have:
-            continue
-        owner_name, _, attr = key.rpartition(".")
-        try:
-            owner = gm.get_submodule(owner_name) if owner_name else gm
-        except AttributeError:
-            continue
-        if hasattr(owner, attr):
-            continue
-        src = original.get_submodule(owner_name) if owner_name else original
-        if attr in src._parameters:
-            owner.register_parameter(attr, src._parameters[attr])
-        elif attr in src._buffers:
-            owner.register_buffer(attr, src._buffers[attr], persistent=attr not in src._non_persistent_buffers_set)
-
-
-def _is_plain_leaf(m: nn.Module) -> bool:
-    return Int8Tracer().is_leaf_module(m, "")
-
-
-def trace_partitioned(module: nn.Module, name: str = "", opaque: list | None = None) -> tuple[nn.Module, list[OpaqueModule]]:
-    """(module or GraphModule, opaque modules) -- see the module docstring. Modifies `module`'s children
-    in place, so call it on a copy."""
-    opaque = [] if opaque is None else opaque
-    if isinstance(module, fx.GraphModule) or (name and _is_plain_leaf(module)):
-        return module, opaque  # a leaf inside a model: the rewrite pass swaps it if it is a conv/linear
+def trace_own_code(module: nn.Module) -> dict[str, fx.Graph] | str:
+    """{"any": graph} when the module's own code is the same in both modes, else {"train": g, "eval": g};
+    the tracer's reason (a str) when it cannot be traced. Training flags are restored afterwards."""
+    # tracing runs the module's code: on a shallow copy, so that what it assigns to `self` stays there
+    shadow = object.__new__(type(module))
+    shadow.__dict__.update(module.__dict__)
+    flags = [(m, m.training) for m in module.modules()]
+    own = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
+    graphs = {}
     try:
-        return symbolic_trace(module), opaque
+        for key, mode in (("train", True), ("eval", False)):
+            for m, _ in flags:
+                m.training = mode
+            shadow.training = mode
+            graphs[key] = OwnCodeTracer().trace(shadow)
     except Exception as e:  # torch.fx raises many types (TraceError, TypeError, AssertionError, ...)
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
-        opaque.append(OpaqueModule(name or "(root)", type(module).__name__, reason))
-    for child_name, child in list(module.named_children()):
-        new_child, _ = trace_partitioned(child, f"{name}.{child_name}" if name else child_name, opaque)
-        if new_child is not child:
-            setattr(module, child_name, new_child)
-    return module, opaque
+        return failure_reason(e)
+    finally:
+        for m, t in flags:
+            m.training = t
+        with torch.no_grad():  # tracing runs the code: whatever it did to the module's own state is undone
+            for k, v in own.items():
+                if not torch.equal(module._buffers[k], v):
+                    module._buffers[k].copy_(v)
+    for graph in graphs.values():
+        _plain_meta(graph)
+    if same_code(graphs["train"], graphs["eval"]):
+        return {"any": graphs["train"]}
+    return graphs
+
+
+def _plain_meta(graph: fx.Graph) -> None:
+    """Node metadata names module classes by string: the graph is kept on the model and pickled with it, and
+    a class made at run time (an int8fx twin) cannot be pickled by reference."""
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: tuple(v if isinstance(v, str) else getattr(v, "__qualname__", str(v))
+                                                     for v in (vals if isinstance(vals, tuple) else (vals,)))
+                                            for k, vals in stack.items()}
+
+
+def same_code(a: fx.Graph, b: fx.Graph) -> bool:
+    return a.python_code(root_module="self").src == b.python_code(root_module="self").src
+
+
+class AnalysisTracer(fx.Tracer):
+    """The standard tracer, with int8fx's sites and routed modules kept as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from ..nn.modules import Int8Layer
+        from ..nn.twins import Routed
+
+        return isinstance(m, (Int8Layer, Routed)) or super().is_leaf_module(m, qualname)
+
+
+def analysis_graphs(model: nn.Module, name: str = "") -> tuple[list[tuple[str, fx.GraphModule]], list[OpaqueModule]]:
+    """([(module path, GraphModule)], [untraceable modules on the way]): the model traced as a whole, or its
+    largest traceable parts (see the module docstring). The model is not modified."""
+    from ..nn.twins import Rewritten
+
+    try:
+        tracer = AnalysisTracer()
+        root = model
+        if isinstance(model, Rewritten):  # its forward takes (*args, **kwargs): trace its own graph's module
+            root = fx.GraphModule(model, model.current_graph(), type(model).__name__)
+        graph = tracer.trace(root)
+        return [(name, fx.GraphModule(tracer.root, graph, type(model).__name__))], []
+    except Exception as e:
+        parts, opaque = [], [OpaqueModule(name or "(root)", type(model).__name__, failure_reason(e))]
+    for child_name, child in model.named_children():
+        if AnalysisTracer().is_leaf_module(child, ""):
+            continue
+        p, o = analysis_graphs(child, f"{name}.{child_name}" if name else child_name)
+        parts += p
+        opaque += o
+    return parts, opaque

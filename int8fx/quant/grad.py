@@ -62,6 +62,9 @@ def optional_buffers_on_load(load):
     return _load_from_state_dict
 
 
+_optional_load = optional_buffers_on_load(nn.Module._load_from_state_dict)
+
+
 class GradQuantizer(nn.Module):
     """Base class. Subclasses override the two clip methods and may register state buffers.
 
@@ -79,7 +82,16 @@ class GradQuantizer(nn.Module):
         self.register_buffer("last_clip_w", torch.zeros(num_channels))
         self.register_buffer("last_clip_x", torch.zeros(()))
 
-    _load_from_state_dict = optional_buffers_on_load(nn.Module._load_from_state_dict)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A quantizer not sized yet (its site learns its channel count at the first call) takes the sizes of
+        the checkpoint it loads."""
+        if self.num_channels == 0:
+            for name, buf in list(self._buffers.items()):
+                saved = state_dict.get(prefix + name)
+                if buf is not None and saved is not None and buf.shape != saved.shape:
+                    self._buffers[name] = torch.zeros(saved.shape, dtype=buf.dtype, device=buf.device)
+            self.num_channels = self.last_clip_w.numel()
+        _optional_load(self, state_dict, prefix, *args, **kwargs)
 
     def weight_grad_clip(self, g: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,0 +1,155 @@
+"""A user's module and its INT8 twin: the same object, given a class derived from its own.
+
+Conversion changes modules in place by swapping their class, e.g. `nn.Conv2d` -> `Int8Conv2d(ModuleSite,
+nn.Conv2d)`. Why not replace the module by a new one: the object *is* the user's (hooks registered on
+it, references to it held elsewhere, its attributes, `isinstance(m, nn.Conv2d)` and the class of every
+module in the tree all stay), and the model's own forward code, which calls it, is untouched.
+`torch.nn.utils.parametrize` changes classes the same way.
+
+A twin class is made once per (original class, role) and has one of three roles:
+  * `ModuleSite` (int8fx.nn.modules): a conv/linear module whose forward becomes the INT8 op;
+  * `Rewritten`: a module whose own forward code calls `F.conv*d` / `F.linear`; torch.fx rewrote that
+    code (the calls now go to `Int8Function` children) and the twin runs the rewritten graph, per
+    training mode when the code depends on it;
+  * `Routed`: a module whose code torch.fx cannot rewrite (library code, untraceable code); the twin runs
+    the original forward with the calls on known weights routed to INT8 sites (`int8fx.nn.scope`).
+Twins pickle and deep-copy as their original class plus int8fx's state (`__reduce_ex__`), so
+`torch.save(model)`, `copy.deepcopy`, `AveragedModel` and EMA copies keep working; `revert` undoes a swap.
+"""
+from __future__ import annotations
+
+import itertools
+import linecache
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .scope import no_fused_fastpath, routed
+
+_TWINS: dict[tuple[type, type], type] = {}
+_counter = itertools.count()
+
+
+def twin_class(base: type, role: type) -> type:
+    """The class `Int8<Base>(role, base)`, made once per pair."""
+    cls = _TWINS.get((base, role))
+    if cls is None:
+        cls = type(f"Int8{base.__name__}", (role, base), {
+            "__module__": __name__, "__qualname__": f"Int8{base.__name__}",
+            "_int8fx_base": base, "_int8fx_role": role, "__reduce_ex__": _reduce_ex})
+        _TWINS[(base, role)] = cls
+    return cls
+
+
+def _reduce_ex(self, protocol):
+    """Pickle/deep-copy as (original class, role) + state: the twin class itself is made at run time and
+    cannot be found by name."""
+    _, _, *rest = object.__reduce_ex__(self, max(2, protocol))
+    return (_new_twin, (type(self)._int8fx_base, type(self)._int8fx_role), *rest)
+
+
+def _new_twin(base: type, role: type):
+    cls = twin_class(base, role)
+    return cls.__new__(cls)
+
+
+def is_twin(module: nn.Module) -> bool:
+    return "_int8fx_base" in type(module).__dict__
+
+
+def become(module: nn.Module, role: type) -> nn.Module:
+    """Give `module` the class `twin_class(type(module), role)`, in place; returns it."""
+    if is_twin(module):
+        raise ValueError(f"{type(module).__name__} is already converted by int8fx")
+    module.__class__ = twin_class(type(module), role)
+    return module
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """Undo `become`: remove what int8fx added and give back the original class."""
+    if not is_twin(module):
+        return module
+    role = type(module)._int8fx_role
+    role.remove_int8(module)
+    module.__class__ = type(module)._int8fx_base
+    return module
+
+
+class _AddsChildren:
+    """Rewritten and Routed twins own the `Int8Function` children they call; `add_site` records them so
+    `remove_int8` can take them away again."""
+
+    def add_site(self, attr: str, site: nn.Module) -> None:
+        self.add_module(attr, site)
+        self.__dict__.setdefault("_int8fx_children", []).append(attr)
+
+    def remove_int8(self) -> None:
+        for attr in self.__dict__.pop("_int8fx_children", []):
+            self._modules.pop(attr, None)
+        for key in [k for k in self.__dict__ if k.startswith("_int8fx_")]:
+            del self.__dict__[key]
+
+
+class Rewritten(_AddsChildren, nn.Module):
+    """Runs the module's own forward as rewritten by `int8fx.passes.rewrite`.
+
+    `_int8fx_graphs` holds one `torch.fx.Graph` ("any") or one per training mode ("train", "eval") when
+    tracing in the two modes gave different code: the graph freezes `self.training` where the original
+    code reads it, so a rewrite must never serve the other mode. The graphs are the state (they pickle);
+    the Python functions compiled from them are a cache."""
+
+    def current_graph(self) -> fx.Graph:
+        """The graph this module runs in its current training mode."""
+        return self._int8fx_graphs[self._graph_key()]
+
+    def _graph_key(self) -> str:
+        return "any" if "any" in self._int8fx_graphs else ("train" if self.training else "eval")
+
+    def forward(self, *args, **kwargs):
+        graphs = self._int8fx_graphs
+        key = self._graph_key()
+        compiled = self.__dict__.setdefault("_int8fx_compiled", {})
+        fn = compiled.get(key)
+        if fn is None:
+            fn = compiled[key] = compile_graph(graphs[key], f"{type(self).__name__}.forward[{key}]")
+        return fn(self, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_int8fx_compiled", None)
+        return state
+
+    def rewritten_code(self) -> dict[str, str]:
+        """The Python source of the rewritten forward, per mode."""
+        return {k: g.python_code(root_module="self").src for k, g in self._int8fx_graphs.items()}
+
+    def extra_repr(self) -> str:
+        base = type(self)._int8fx_base.extra_repr(self)
+        return f"{base + ', ' if base else ''}int8: rewritten forward ({'/'.join(self._int8fx_graphs)})"
+
+
+class Routed(_AddsChildren, nn.Module):
+    """Runs the module's original forward with `F.linear` / `F.conv*d` calls on known weights routed to INT8
+    sites: `_int8fx_routes` maps a parameter path to the path of the site that computes with it. While
+    quantizing, fused eval fast paths that would skip the sites are off (`no_fused_fastpath`)."""
+
+    def forward(self, *args, **kwargs):
+        table = {id(self.get_parameter(p)): self.get_submodule(s) for p, s in self._int8fx_routes.items()}
+        with routed(table), no_fused_fastpath(self._int8fx_quantize):
+            return type(self)._int8fx_base.forward(self, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        base = type(self)._int8fx_base.extra_repr(self)
+        routes = ", ".join(f"{p}->{s}" for p, s in self._int8fx_routes.items()) or "none"
+        return f"{base + ', ' if base else ''}int8: routed calls ({routes})"
+
+
+def compile_graph(graph: fx.Graph, label: str):
+    """A Python function `forward(self, ...)` from an fx graph, as `GraphModule` makes its own; the source
+    is registered with linecache so that tracebacks show the generated lines."""
+    code = graph.python_code(root_module="self")
+    filename = f"<int8fx {label} #{next(_counter)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - code generated by torch.fx
+    return namespace["forward"]

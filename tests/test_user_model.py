@@ -1,0 +1,265 @@
+"""A converted model is the user's model: class, module tree, hooks, forward code (its own checkpointing,
+its branches on `self.training`), copies and pickles all survive; only conv/linear sites change."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+
+import int8fx
+from int8fx.nn import Int8Function, Int8Layer, ModuleSite, Rewritten, Routed
+from int8fx.passes import conversion_of, sites_of
+
+torchvision = pytest.importorskip("torchvision")
+X = torch.randn(2, 3, 32, 32)
+
+
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_structure_class_and_attributes_are_the_users():
+    m = resnet()
+    qm = int8fx.convert(m)
+    assert type(qm) is torchvision.models.ResNet and isinstance(qm, torchvision.models.ResNet)
+    assert type(qm.layer1[0]) is torchvision.models.resnet.BasicBlock
+    conv = qm.layer1[0].conv1
+    assert isinstance(conv, nn.Conv2d) and isinstance(conv, ModuleSite) and type(conv).__name__ == "Int8Conv2d"
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (64, 64, (3, 3), (1, 1))
+    assert [n for n, _ in qm.named_modules() if "grad_quantizer" not in n] == [n for n, _ in m.named_modules()]
+    assert not any(isinstance(x, Int8Layer) for x in m.modules())  # the input model is left alone
+
+
+def test_inplace_keeps_optimizer_and_hooks_made_before_conversion():
+    m = resnet()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    calls = []
+    m.layer1.register_forward_hook(lambda mod, a, out: calls.append("block"))
+    m.conv1.register_forward_hook(lambda mod, a, out: calls.append("conv"))
+    before = m.conv1.weight.detach().clone()
+    qm = int8fx.convert(m, inplace=True)
+    assert qm is m and isinstance(m.conv1, ModuleSite)
+    F.cross_entropy(qm(X), torch.tensor([1, 2])).backward()
+    opt.step()
+    assert calls == ["conv", "block"]
+    assert not torch.equal(before, m.conv1.weight)  # the optimizer made before conversion moved the weight
+
+
+def test_hooks_on_blocks_fire_and_see_int8_outputs():
+    qm = int8fx.convert(resnet())
+    seen = {}
+    qm.layer2.register_forward_hook(lambda mod, a, out: seen.setdefault("out", out))
+    qm.layer2[0].conv1.register_forward_pre_hook(lambda mod, a: seen.setdefault("in", a[0]))
+    qm(X)
+    assert seen["out"].shape == (2, 128, 4, 4) and seen["in"].shape == (2, 64, 8, 8)
+
+
+class Checkpointed(nn.Module):
+    """Uses activation checkpointing in its own forward, with a counter of how often the block runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+        self.runs = 0
+
+    def forward(self, x):
+        def run(t):
+            self.runs += 1
+            return self.block(t)
+
+        y = checkpoint.checkpoint(run, x, use_reentrant=False)
+        return self.head(y.mean((2, 3)))
+
+
+def test_the_models_own_activation_checkpointing_still_recomputes_and_counts_once():
+    torch.manual_seed(0)
+    qm = int8fx.convert(Checkpointed())
+    qm(X).sum().backward()
+    assert qm.runs == 2  # forward, then the recomputation in backward: checkpointing is kept
+    conv = qm.block[0]
+    assert int(conv.step) == 1 and conv.weight.grad is not None
+    assert float(conv.act_clip_ema) == pytest.approx(float(X.abs().max()), rel=1e-6)  # observed once, not twice
+
+
+def test_deepcopy_and_pickle_keep_int8fx_state_and_behaviour(tmp_path):
+    qm = int8fx.convert(resnet())
+    F.cross_entropy(qm(X), torch.tensor([1, 2])).backward()
+    qm.eval()
+    want = qm(X)
+    for other in (copy.deepcopy(qm), _roundtrip(qm)):
+        assert type(other.conv1) is type(qm.conv1)
+        assert torch.equal(other(X), want)
+        assert [s.name for s in sites_of(other)] == [s.name for s in sites_of(qm)]
+        assert all(s.layer is other.get_submodule(s.name) for s in sites_of(other))
+        assert int8fx.inspect(other).summary["converted"] == 21
+        int8fx.export_onnx(other, X[:1], tmp_path / "copy.onnx")
+
+
+def _roundtrip(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_averaged_model_of_a_converted_model_inspects_and_exports(tmp_path):
+    qm = int8fx.convert(resnet())
+    ema = torch.optim.swa_utils.AveragedModel(qm, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    F.cross_entropy(qm(X), torch.tensor([1, 2])).backward()
+    ema.update_parameters(qm)
+    assert conversion_of(ema) is not None and int8fx.inspect(ema).summary["converted"] == 21
+    ema.eval()
+    meta = int8fx.export_onnx(ema, X[:1], tmp_path / "ema.onnx")
+    assert len(meta["layers"]) == 21
+
+
+class Functional(nn.Module):
+    """Its own code calls F.conv2d (with a standardised weight) and branches on self.training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        w = (self.w - self.w.mean((1, 2, 3), keepdim=True)) / self.w.std((1, 2, 3), keepdim=True)
+        y = F.relu(F.conv2d(x, w, padding=1))
+        if self.training:
+            y = F.dropout(y, 0.5)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_functional_sites_keep_both_training_modes_and_pickle():
+    torch.manual_seed(0)
+    m = Functional()
+    qm = int8fx.convert(m)
+    assert type(qm).__name__ == "Int8Functional" and isinstance(qm, (Functional, Rewritten))
+    assert set(qm._int8fx_graphs) == {"train", "eval"}  # the dropout branch: one graph per mode
+    assert isinstance(qm.int8_conv2d, Int8Function) and [s.name for s in sites_of(qm)] == ["conv2d", "fc"]
+    qm.eval()
+    assert torch.equal(qm(X), qm(X))  # eval: no dropout
+    qm.train()
+    torch.manual_seed(1)
+    a = qm(X)
+    torch.manual_seed(2)
+    assert not torch.equal(a, qm(X))  # train: dropout draws
+    back = _roundtrip(qm.eval())
+    assert torch.equal(back(X), qm(X)) and isinstance(back.int8_conv2d, Int8Function)
+    passthrough = int8fx.convert(m, int8fx.Int8Config(quantize=False))
+    for train in (True, False, True):
+        m.train(train), passthrough.train(train)
+        torch.manual_seed(3)
+        want = m(X)
+        torch.manual_seed(3)
+        assert torch.equal(passthrough(X), want)
+
+
+def test_to_float_gives_back_the_original_classes_with_trained_weights():
+    m = resnet()
+    qm = int8fx.convert(m)
+    opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
+    F.cross_entropy(qm(X), torch.tensor([1, 2])).backward()
+    opt.step()
+    fm = int8fx.to_float(qm)
+    assert type(fm.conv1) is nn.Conv2d and not any(isinstance(x, Int8Layer) for x in fm.modules())
+    assert set(fm.state_dict()) == set(m.state_dict())
+    assert all(torch.equal(v, qm.state_dict()[k]) for k, v in fm.state_dict().items())
+    assert conversion_of(fm) is None and conversion_of(qm) is not None  # a copy: qm is still INT8
+    fm.eval(), m.eval()
+    m.load_state_dict(fm.state_dict())
+    assert torch.isfinite(m(X)).all() and torch.equal(fm(X), m(X))
+    f2 = int8fx.to_float(int8fx.convert(Functional()), inplace=True)
+    assert type(f2) is Functional and not hasattr(f2, "int8_conv2d")
+    with pytest.raises(ValueError, match="int8fx.convert"):
+        int8fx.to_float(m)
+
+
+def test_filter_fn_keeps_sites_in_fp32_with_a_reason():
+    qm = int8fx.convert(resnet(), filter_fn=lambda name, mod: not name.startswith("layer4"))
+    rows = {r.name: r for r in int8fx.inspect(qm).layers}
+    assert not rows["layer4.0.conv1"].converted and rows["layer4.0.conv1"].reason == "filter_fn returned False"
+    assert rows["layer3.0.conv1"].converted and type(qm.layer4[0].conv1) is nn.Conv2d
+    with pytest.raises(TypeError, match="filter_fn"):
+        int8fx.convert(resnet(), filter_fn="layer4")
+
+
+def test_converting_twice_is_refused():
+    qm = int8fx.convert(resnet())
+    with pytest.raises(ValueError, match="already converted"):
+        int8fx.convert(qm)
+
+
+def test_eval_mode_is_eval_mode_stochastic_depth_and_dropout_off():
+    """torchvision's efficientnet (stochastic depth) and a dropout head: eval is deterministic and its BN
+    statistics do not move; the ONNX export of eval mode has no random ops."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(torchvision.models.efficientnet_b0(num_classes=4))
+    qm(X).sum().backward()  # one training step: running clips set
+    qm.eval()
+    stats = {k: v.clone() for k, v in qm.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        assert torch.equal(qm(X), qm(X))
+    assert all(torch.equal(v, qm.state_dict()[k]) for k, v in stats.items())
+
+
+def test_export_leaves_the_model_unchanged_and_has_no_training_ops(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    qm = int8fx.convert(torchvision.models.efficientnet_b0(num_classes=4))
+    qm(X).sum().backward()
+    qm.train()
+    before = {k: v.clone() for k, v in qm.state_dict().items()}
+    int8fx.export_onnx(qm, X[:1], tmp_path / "e.onnx")
+    assert qm.training and all(torch.equal(v, qm.state_dict()[k]) for k, v in before.items())
+    ops = {n.op_type for n in onnx.load(tmp_path / "e.onnx").graph.node}
+    assert not ops & {"RandomUniformLike", "RandomUniform", "Dropout"}
+    assert "QuantizeLinear" in ops
+
+
+def test_inception_aux_output_type_follows_the_mode():
+    torch.manual_seed(0)
+    m = torchvision.models.inception_v3(weights=None, init_weights=False, aux_logits=True, num_classes=3)
+    qm = int8fx.convert(m)
+    x = torch.randn(2, 3, 299, 299)
+    assert type(qm.train()(x)).__name__ == "InceptionOutputs"
+    with torch.no_grad():
+        assert type(qm.eval()(x)) is torch.Tensor
+
+
+def test_multihead_attention_is_routed_and_its_fast_path_stays_off_while_quantizing():
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    qm = int8fx.convert(nn.Sequential(mha))
+    att = qm[0]
+    assert isinstance(att, Routed) and isinstance(att, nn.MultiheadAttention)
+    assert [s.name for s in sites_of(qm)] == ["0.in_proj", "0.out_proj"]
+    x = torch.randn(2, 5, 16)
+    att(x, x, x)[0].sum().backward()
+    assert int(att.int8_in_proj.step) == 1 and int(att.out_proj.step) == 1
+
+
+timm = pytest.importorskip("timm")
+
+
+def test_timm_conv2d_same_and_weight_standardisation_are_converted():
+    from timm.layers import Conv2dSame, StdConv2d
+
+    torch.manual_seed(0)
+    same, std = Conv2dSame(3, 8, 3, stride=2), StdConv2d(8, 8, 3, padding=1)
+    qm = int8fx.convert(nn.Sequential(same, nn.ReLU(), std))
+    rows = {r.name: r for r in int8fx.inspect(qm).layers}
+    assert rows["0"].converted and rows["0"].source == "routed" and isinstance(qm[0], Conv2dSame)
+    assert rows["2"].converted and rows["2"].source == "function" and isinstance(qm[2], StdConv2d)
+    x = torch.randn(2, 3, 15, 15)  # odd size: Conv2dSame pads asymmetrically
+    ref = nn.Sequential(same, nn.ReLU(), std)(x)
+    y = qm(x)
+    assert y.shape == ref.shape and F.cosine_similarity(y.flatten(), ref.flatten(), 0) > 0.99
+    y.sum().backward()
+    assert int(qm[0].int8_conv2d.step) == 1 and int(qm[2].int8_conv2d.step) == 1
