@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import int8fx
-from int8fx import training as T
+from int8fx import train as T
 from int8fx.data import DataNotFound, find_fashion_mnist
 from int8fx.zoo import build_model
 

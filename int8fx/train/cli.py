@@ -1,0 +1,113 @@
+"""Train a CNN on Fashion-MNIST in FP32 and in INT8 with each gradient policy, side by side.
+
+The `int8fx train` command: its options, the preset they override, and the run that writes the output
+folder (results.json, results.md, accuracy.png, loss.png, curves.png; see `int8fx.train`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import sys
+from pathlib import Path
+
+import torch
+
+from .presets import PRESETS, preset_runs
+from .progress import LineProgress, TqdmProgress
+from .recipe import DCLRS_SUFFIX, Recipe, dclrs_available, parse_runs
+from .report import print_tables, write_outputs
+from .runner import run_experiment
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="the README run: fp32 + 2 INT8 policies, 20k images, 2 epochs (default)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full",
+                   help="fp32 + gvq-mcs, dsgc, per-tensor x 3 seeds on all 60k images (about 90 min on 2 cores)")
+    p.add_argument("--runs", help="comma list: 'fp32' and/or gradient policies, e.g. fp32,gvq-mcs,dsgc"
+                                  + (f"; append '{DCLRS_SUFFIX}' for DCLRS" if dclrs_available() else ""))
+    p.add_argument("--seeds", help="comma list of seeds, e.g. 0,1,2")
+    p.add_argument("--model", help="resnet20 | mobilenetv2 | smallcnn | any torchvision classification model")
+    p.add_argument("--width", type=float, help="channel width of int8fx's models (ResNet/CNN base, MobileNet multiplier)")
+    p.add_argument("--size", type=int, help="input resolution (default: 28, or what a torchvision model needs)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--train-subset", type=int, help="train on this many images (balanced); 0 = all 60,000")
+    p.add_argument("--test-subset", type=int, help="score on this many test images; 0 = all 10,000 (default)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (SGD, Nesterov momentum 0.9, warmup + cosine)")
+    p.add_argument("--augment", choices=("none", "flip", "flip+crop"))
+    p.add_argument("--evals", type=int, help="test evaluations per run (curve points)")
+    p.add_argument("--rounding", choices=("stochastic", "nearest"), help="gradient rounding of the INT8 runs "
+                                                                        "(default: stochastic, as Int8Config)")
+    p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto (cuda when available)")
+    p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default: $INT8FX_DATA, then "
+                                  "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--jobs", type=int, help="runs trained at once on CPU, in worker processes (full preset: 2)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="tqdm bars, plain log lines, or nothing (auto: bars on a terminal, else lines)")
+    if dclrs_available():
+        p.add_argument("--dclrs", action="store_true", help="add deviation-counteractive LR scaling to INT8 runs")
+    p.set_defaults(preset="quick")
+
+
+def recipe_from_args(args) -> tuple[Recipe, tuple, tuple, int]:
+    """(recipe, runs, seeds, jobs) from the preset with the command-line overrides applied."""
+    preset = PRESETS[args.preset]
+    changes = {}
+    for name in ("model", "width", "size", "epochs", "batch_size", "lr", "augment", "evals", "max_steps", "rounding"):
+        v = getattr(args, name, None)
+        if v is not None:
+            changes[name] = v
+    if args.model is not None and args.width is None and args.model != preset["recipe"].model:
+        changes["width"] = None  # the preset's width belongs to its own model
+    for name in ("train_subset", "test_subset"):
+        v = getattr(args, name, None)
+        if v is not None:
+            changes[name] = v or None
+    recipe = dataclasses.replace(preset["recipe"], **changes)
+    runs = tuple(args.runs.split(",")) if args.runs else preset_runs(args.preset)
+    seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds else preset["seeds"]
+    jobs = args.jobs if args.jobs is not None else preset["jobs"]
+    return recipe, runs, seeds, jobs
+
+
+def run(args) -> int:
+    try:
+        recipe, runs, seeds, jobs = recipe_from_args(args)
+        parse_runs(runs, getattr(args, "dclrs", False))
+    except ValueError as e:
+        print(f"int8fx train: {e}", file=sys.stderr)
+        return 2
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("int8fx train: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    from ..data import DataNotFound, find_fashion_mnist
+
+    try:
+        find_fashion_mnist(args.data)
+    except DataNotFound as e:
+        print(f"int8fx train: {e}", file=sys.stderr)
+        return 2
+    print(f"int8fx train ({args.preset}): {recipe.model} on Fashion-MNIST, runs {', '.join(runs)}, seeds "
+          f"{', '.join(map(str, seeds))}, {recipe.epochs:g} epochs on {recipe.train_subset or 60000} images, "
+          f"device {device}, {jobs} job(s); writing to {out}", file=sys.stderr)
+    mode = args.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    progress = {"bar": lambda: TqdmProgress(slots=jobs), "lines": LineProgress, "none": lambda: None}[mode]()
+    results = run_experiment(recipe, runs, seeds, device, args.data, jobs, args.threads,
+                             getattr(args, "dclrs", False), progress)
+    results["command"] = "int8fx train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else " ".join(sys.argv)
+    paths = write_outputs(results, out)
+    print_tables(results)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
