@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "convert": ("int8fx.checkpoint", "convert a model and save it as a checkpoint the other commands read"),
     "train": ("int8fx.train.cli", "train a model on real data in FP32 and INT8 side by side"),
     "inspect": ("int8fx.report", "show which conv/linear sites a model converts, and why not"),
-    "export": ("int8fx.onnx_export", "export a converted model to ONNX with its quantization parameters"),
+    "export": ("int8fx.onnx.cli", "export a converted model to ONNX (deploy or faithful form) with its quantization metadata"),
     "bench": ("int8fx.bench", "time a training step of FP32 vs INT8 on this machine"),
 }
 

@@ -333,7 +333,8 @@ def _site_functions():
 
 def record_shapes(qmodel: nn.Module, example_inputs, sites) -> dict[str, dict]:
     """{site name: {"input", "weight", "output" shapes, "calls", "macs"}} from one eval-mode forward."""
-    from .onnx_export import _as_args, _device_of, _to, eval_mode, observe_int8_calls
+    from .observe import as_args as _as_args, device_of as _device_of, eval_mode, observe_int8_calls
+    from .observe import to_device as _to
 
     record: dict[str, dict] = {}
     stack: list = []  # path of each running module; None inside INT8 sites (observed by their own hook)
@@ -372,7 +373,7 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
     """Report on a model returned by `int8fx.convert`. With `example_inputs` (a tensor or tuple of
     tensors), also shapes and FLOPs (see the module docstring for how)."""
     from .kernels import resolve_backend
-    from .onnx_export import _device_of
+    from .observe import device_of as _device_of
 
     record = conversion_of(qmodel)
     if record is None:
@@ -420,7 +421,7 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
     cfg = record.config
     how = None
     if example_inputs is not None:
-        from .onnx_export import _as_args
+        from .observe import as_args as _as_args
 
         ins = ", ".join("x".join(map(str, a.shape)) for a in _as_args(example_inputs) if isinstance(a, Tensor))
         how = f"one eval-mode forward on an example input {ins} (INT8 site calls + FP32 conv/linear calls)"

@@ -1,5 +1,6 @@
-"""ONNX export: valid files, onnxruntime output = the converted model's eval-mode output, complete and
-lossless metadata, clean failure.
+"""The faithful ONNX form: valid files, onnxruntime output = the converted model's eval-mode output,
+complete and lossless metadata, clean failure; from torch's torch.export-based exporter and from the
+TorchScript exporter.
 
 Models: resnet18, mobilenet_v2 (torchvision, random init, 48x48 inputs to keep CPU time low) and a small
 conv1d+linear model that covers circular padding, grouped/dilated/strided conv1d, a rank-3 linear (MatMul
@@ -37,8 +38,9 @@ import torch.nn.functional as F
 import int8fx
 from int8fx.nn.scope import no_fused_fastpath
 from int8fx.passes import conversion_of, sites_of
-from int8fx.onnx_export import (METADATA_KEY, SCHEMA, SCHEMA_VERSION, OnnxExportError, calibrate, export_onnx,
-                                read_node_metadata, read_onnx_metadata, tensor_from_json)
+from int8fx.onnx import (METADATA_KEY, SCHEMA, SCHEMA_VERSION, OnnxExportError, export_onnx, read_onnx_metadata,
+                         tensor_from_json)
+from int8fx.onnx.calibrate import calibrate
 from int8fx.quant.core import quantize, quantize_per_channel, scale_from_clip
 
 torchvision = pytest.importorskip("torchvision")
@@ -94,12 +96,23 @@ def _build(kind: str):
     return qm, x, opt
 
 
-@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2", "conv1d"])
+@pytest.fixture(scope="module", params=[("resnet18", "dynamo"), ("resnet18", "torchscript"), ("mobilenet_v2", "dynamo"),
+                                        ("conv1d", "dynamo"), ("conv1d", "torchscript")], ids="-".join)
 def exported(request, tmp_path_factory):
-    qm, x, opt = _build(request.param)
-    path = str(tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
-    meta = export_onnx(qm, x, path, lr_scaler=opt)
-    return request.param, qm, x, path, meta
+    kind, exporter = request.param
+    qm, x, opt = _build(kind)
+    path = str(tmp_path_factory.mktemp("onnx") / f"{kind}.onnx")
+    meta = export_onnx(qm, x, path, lr_scaler=opt, exporter=exporter)
+    assert meta["exporter"] == exporter and meta["form"] == "faithful"
+    return kind, qm, x, path, meta
+
+
+def _train_step(qm, x) -> None:
+    """One training step that leaves the weights as they are: quantizer state (running clips) advances."""
+    qm.train()
+    qm(x).sum().backward()
+    torch.optim.SGD(qm.parameters(), lr=0.0).step()
+    qm.eval()
 
 
 def _session(model_or_path, **kw):
@@ -183,7 +196,7 @@ def test_every_site_matches_int8fx_given_the_same_input(exported):
     names = sorted({n for _, *ns, _ in wanted for n in ns})
     vals = dict(zip(names, _session(model).run(names, {"input": x.numpy()})))
     layers = {s.name: s.layer for s in sites_of(qm) if s.converted}
-    weights = {k: (v["weight"], v["bias"], v.get("spec")) for k, v in calibrate(qm, [(x,)]).items()}
+    weights = {k: (v.weight, v.bias, v.spec) for k, v in calibrate(qm, [(x,)]).items()}
     checked = saturated = 0
     for site, x_name, q_name, y_name, graph_s_x in wanted:
         layer, entry = layers[site], meta["layers"][site]
@@ -251,21 +264,33 @@ def test_converted_ops_are_wrapped_in_qdq_and_excluded_ones_stay_float(exported)
 
 
 # --------------------------------------------------------------------------- metadata
-def test_metadata_covers_every_converted_layer(exported):
+def test_metadata_covers_every_converted_layer_and_names_its_nodes(exported):
     _, qm, _, path, meta = exported
     converted = [s.name for s in sites_of(qm) if s.converted]
     assert list(meta["layers"]) == converted
     graph_nodes = {n.name for n in onnx.load(path).graph.node}
-    nodes_meta = read_node_metadata(path)
     for site in converted:
         entry = meta["layers"][site]
-        assert entry["exported"] and len(entry["onnx"]) >= 1
-        for call in entry["onnx"]:
+        assert entry["exported"] and entry["export"] == "int8" and len(entry["onnx"]) >= 1
+        for k, call in enumerate(entry["onnx"]):
+            base = site if k == 0 else f"{site}#{k + 1}"
             for role in ("x_quantize", "x_dequantize", "w_dequantize", "compute"):
                 assert call[role] in graph_nodes
-                assert nodes_meta[call[role]]["int8fx.site"] == site
-                assert nodes_meta[call[role]]["int8fx.role"] == role
-            assert nodes_meta[call["compute"]]["int8fx.layer"] == entry  # per-node copy = model-level entry
+                # a Q/DQ pair two sites share (same input, same scale) keeps the first site's name
+                assert call[role] == f"{base}/{role}" or role in ("x_quantize", "x_dequantize")
+
+
+def test_widest_runtime_support_and_metadata_stored_once(exported):
+    """IR version the lowest opset 18 allows (8: onnxruntime >= 1.14 loads it; IR 10 would shut out
+    onnxruntime <= 1.17), no node-level metadata or stack traces, one metadata document."""
+    _, _, _, path, meta = exported
+    model = onnx.load(path)
+    assert model.ir_version == 8 and meta["ir_version"] == 8
+    assert [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")] == [("", 18)]
+    assert meta["opset"] == 18
+    assert [p.key for p in model.metadata_props].count(METADATA_KEY) == 1
+    assert not any(n.metadata_props or n.doc_string for n in model.graph.node)
+    assert not model.functions
 
 
 def test_metadata_round_trips_exactly(exported):
@@ -292,8 +317,8 @@ def test_metadata_round_trips_exactly(exported):
         act = entry["forward"]["activation"]  # default calibration "eval": the trained layer's running clip
         assert act["clip"] == float(layer.act_clip_ema) > 0 and act["clip_source"] == "act_clip_ema"
         assert act["scale"] == float(scale_from_clip(layer.act_clip_ema))
-        assert act["calibration_absmax"] == float(cal[s.name]["absmax"])
-        _, s_w = quantize_per_channel(cal[s.name]["weight"].reshape(cal[s.name]["weight"].shape[0], -1).float(), 0)
+        assert act["calibration_absmax"] == float(cal[s.name].absmax)
+        _, s_w = quantize_per_channel(cal[s.name].weight.reshape(cal[s.name].weight.shape[0], -1).float(), 0)
         assert torch.equal(entry["forward"]["weight"]["scale"], s_w)
     assert nontrivial > 0  # the training step left state worth round-tripping
 
@@ -311,7 +336,7 @@ def test_calibration_sources(tmp_path):
             if s.converted:
                 act = meta["layers"][s.name]["forward"]["activation"]
                 ema = c == "ema" or (c == "eval" and s.layer.config.eval_act_clip == "ema")
-                clip = s.layer.act_clip_ema if ema else cal[s.name]["absmax"]
+                clip = s.layer.act_clip_ema if ema else cal[s.name].absmax
                 assert act["clip_source"] == ("act_clip_ema" if ema else "calibration"), (c, s.name)
                 assert act["clip"] == float(clip) > 0
                 assert act["scale"] == float(scale_from_clip(clip))
@@ -322,7 +347,7 @@ def test_inputs_beyond_the_static_clip_saturate_at_minus_127(tmp_path):
     alone at -128. The exported Clip keeps onnxruntime equal to the eval-mode model on both sides."""
     torch.manual_seed(0)
     qm = int8fx.convert(nn.Sequential(nn.Linear(6, 3)))
-    qm(torch.randn(4, 6)).sum().backward()  # one training batch sets act_clip_ema
+    _train_step(qm, torch.randn(4, 6))  # one training batch sets act_clip_ema
     qm.eval()
     layer = next(m for m in qm.modules() if isinstance(m, int8fx.nn.Int8Layer))
     clip = float(layer.act_clip_ema)
@@ -410,3 +435,195 @@ def test_model_without_int8fx_metadata_is_rejected(tmp_path):
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), path)
     with pytest.raises(ValueError, match=METADATA_KEY):
         read_onnx_metadata(path)
+
+
+def test_unexportable_op_names_the_node_in_int8fx_rewritten_code_too(tmp_path):
+    """A module whose own code int8fx rewrote with torch.fx (it calls F.conv2d): the error names the fx node."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return torch.cummax(F.conv2d(x, self.w), dim=1).values
+
+    with pytest.raises(OnnxExportError, match=r"fx node 'cummax' of Int8Functional.* has no ONNX form \(aten::cummax\)"):
+        export_onnx(int8fx.convert(Functional()), torch.randn(1, 3, 8, 8), tmp_path / "f.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- exporters
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: torch.export cannot capture it, the TorchScript exporter traces
+    the branch the example takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > -1e9:
+            y = y * 2
+        return y
+
+
+def test_auto_falls_back_to_torchscript_where_torch_export_cannot_capture(tmp_path):
+    qm = int8fx.convert(DataDependent()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    meta = export_onnx(qm, x, tmp_path / "dd.onnx")
+    assert meta["exporter"] == "torchscript"
+    with torch.no_grad():
+        ref = qm(x)
+    out = _session(str(tmp_path / "dd.onnx")).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - ref.numpy()).max() <= 1e-5 * ref.abs().max().item()
+    with pytest.raises(OnnxExportError, match="torch.export cannot capture the model"):
+        export_onnx(qm, x, tmp_path / "dd2.onnx", exporter="dynamo")
+    assert sorted(os.listdir(tmp_path)) == ["dd.onnx"]
+
+
+def test_a_site_without_its_qdq_pattern_fails_loudly(tmp_path, monkeypatch):
+    """If the exporter wrote a site as plain float math (as torch.export did with the old autograd.Function),
+    the export must fail, naming the site, and write nothing."""
+    from onnxscript import opset18 as op
+
+    from int8fx.onnx import qdq_op
+
+    key = next(iter(qdq_op.ONNX_TRANSLATIONS))
+
+    def float_only(x, x_scale, x_zero_point, w_int8, w_scale, w_zero_point, bias, kind, strides, pads, dilations,
+                   groups):
+        w = op.Mul(op.Cast(w_int8, to=1), op.Reshape(w_scale, op.Constant(value_ints=[-1, 1, 1, 1])))
+        return op.Conv(x, w, bias, strides=list(strides), pads=list(pads), dilations=list(dilations), group=groups)
+
+    monkeypatch.setitem(qdq_op.ONNX_TRANSLATIONS, key, float_only)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))).eval()
+    with pytest.raises(OnnxExportError, match=r"lacks the QuantizeLinear/DequantizeLinear pattern of INT8 site\(s\) "
+                                              r"'0' \(0 of 1 calls\), '2' \(0 of 1 calls\)"):
+        export_onnx(qm, torch.randn(1, 3, 6, 6), tmp_path / "x.onnx", exporter="dynamo")
+    assert os.listdir(tmp_path) == []
+
+
+class PerSampleWeight(nn.Module):
+    """A weight computed from the model input (as timm's CondConv mixes its experts per sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(2, 4, 3, 3, 3) * 0.3)
+        self.route = nn.Linear(3, 2)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        r = torch.sigmoid(self.route(x.mean((0, 2, 3))))
+        w = (r.view(2, 1, 1, 1, 1) * self.experts).sum(0)
+        return self.head(F.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("form", ["faithful", "deploy"])
+def test_a_weight_computed_from_the_input_is_exported_in_float_and_the_metadata_says_so(form, tmp_path):
+    torch.manual_seed(0)
+    model = PerSampleWeight()
+    qm = int8fx.convert(model)
+    _train_step(qm, torch.randn(2, 3, 6, 6))
+    qm.eval()
+    x = torch.randn(1, 3, 6, 6)
+    calibration = [torch.randn(4, 3, 6, 6) for _ in range(4)]  # the deploy form calibrates the float site's output
+    meta = export_onnx(qm, x, tmp_path / "p.onnx", form=form, calibration_data=calibration)
+    (fsite,) = [s for s in meta["layers"] if s not in ("route", "head")]
+    assert meta["layers"][fsite]["export"] == "float" and not meta["layers"][fsite]["exported"]
+    assert "computed from the model input" in meta["layers"][fsite]["reason"]
+    assert meta["layers"]["head"]["export"] == "int8" and meta["layers"]["route"]["export"] == "int8"
+    # what the file computes: that site in float, the others in INT8 with the trained clips
+    ref_model = int8fx.convert(model, int8fx.Int8Config(exclude=(fsite,)))
+    ref_model.load_state_dict(qm.state_dict(), strict=False)
+    other = torch.randn(1, 3, 6, 6)  # another input: another weight, which the file must compute too
+    with torch.no_grad():
+        ref = ref_model.eval()(other)
+    out = _session(str(tmp_path / "p.onnx")).run(None, {"input": other.numpy()})[0]
+    rel = np.abs(out - ref.numpy()).max() / ref.abs().max().item()
+    assert rel < (1e-5 if form == "faithful" else 0.05), rel
+
+
+# --------------------------------------------------------------------------- files and metadata validation
+def test_file_is_written_with_the_process_umask(tmp_path):
+    qm = int8fx.convert(nn.Sequential(nn.Linear(4, 3))).eval()
+    old = os.umask(0o022)
+    try:
+        export_onnx(qm, torch.randn(2, 4), tmp_path / "a.onnx", exporter="torchscript")
+        os.umask(0o077)
+        export_onnx(qm, torch.randn(2, 4), tmp_path / "b.onnx", exporter="torchscript")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.onnx").stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]  # no temporary or external-data files
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2)))
+    _train_step(qm, torch.randn(2, 3, 4, 4))
+    qm.eval()
+    path = tmp_path_factory.mktemp("small") / "s.onnx"
+    export_onnx(qm, torch.randn(1, 3, 4, 4), path, exporter="torchscript")
+    return onnx.load(path)
+
+
+def _with_metadata(model, edit):
+    import json
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    prop = next(p for p in m.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    out = edit(meta)
+    prop.value = out if isinstance(out, str) else json.dumps(meta)
+    return m
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(schema_version=0), r"'schema_version' is 0, expected an integer >= 1"),
+    (lambda m: m.update(schema_version=True), r"'schema_version' is True, expected an integer >= 1"),
+    (lambda m: m.update(schema_version=99), r"'schema_version' is 99, newer than this int8fx reads"),
+    (lambda m: m.update(schema="other"), r"'schema' is 'other'"),
+    (lambda m: m.pop("layers"), r"'layers' is missing"),
+    (lambda m: m.update(layers=[]), r"'layers' is a list, expected a JSON object"),
+    (lambda m: m.update(form="fast"), r"'form' is 'fast'"),
+    (lambda m: m["layers"]["0"]["forward"]["activation"].update(scale=float("nan")),
+     r"layers\['0'\].forward.activation.scale is nan, expected a positive finite number"),
+    (lambda m: m["layers"]["0"]["forward"]["activation"].update(scale=-0.5),
+     r"layers\['0'\].forward.activation.scale is -0.5, expected a positive finite number"),
+    (lambda m: m["layers"]["3"]["forward"]["weight"]["scale"].update(data=[-1.0, 1.0]),
+     r"layers\['3'\].forward.weight.scale holds a negative or non-finite value"),
+    (lambda m: m["layers"]["3"]["forward"]["weight"].update(scale=[1.0]), r"is not a tensor object"),
+    (lambda m: m["layers"]["0"]["onnx"][0].update(x_scale=m["layers"]["0"]["onnx"][0]["x_scale"] * 2),
+     r"layers\['0'\].onnx\[0\].x_scale is .* but node '0/x_quantize' quantizes with scale"),
+    (lambda m: m["layers"]["0"]["onnx"][0].update(compute="nowhere"), r"names node 'nowhere', which is not in the graph"),
+    (lambda m: m.update(opset=17), r"'opset' is 17 but the graph's opset is 18"),
+    (lambda m: json_dumps_truncated(m), r"not valid JSON \(truncated or damaged\?\)"),
+])
+def test_read_rejects_bad_metadata_with_a_clear_error(small_export, edit, message):
+    from int8fx.onnx import OnnxMetadataError
+
+    assert read_onnx_metadata(small_export)["layers"]  # the untouched file reads
+    with pytest.raises(OnnxMetadataError, match=message):
+        read_onnx_metadata(_with_metadata(small_export, edit))
+
+
+def json_dumps_truncated(meta: dict) -> str:
+    import json
+
+    text = json.dumps(meta)
+    return text[: len(text) // 2]
+
+
+def test_read_names_a_file_that_is_not_onnx(tmp_path):
+    from int8fx.onnx import OnnxMetadataError
+
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 definitely not a protobuf \xff" * 3)
+    with pytest.raises(OnnxMetadataError, match="junk.onnx: not an ONNX model"):
+        read_onnx_metadata(tmp_path / "junk.onnx")
+    with pytest.raises(OnnxMetadataError, match="no such file"):
+        read_onnx_metadata(tmp_path / "missing.onnx")

@@ -1,0 +1,22 @@
+"""ONNX export of a converted model: a faithful QDQ graph or a deployable INT8 graph, with metadata.
+
+    export.py        export_onnx(): calibrate, build the form, check, attach metadata, write
+    calibrate.py     static activation scales and INT8 weights per site, found by running the model
+    standins.py      the modules that replace INT8 sites in the copy torch exports
+    qdq_op.py        the faithful site as one torch op and its ONNX form for both exporters
+    torch_export.py  torch.export-based or TorchScript exporter, errors that name the node
+    faithful.py      the QDQ graph equal to qmodel.eval()
+    deploy.py        the graph runtimes run in INT8 (BatchNorm folded, int8/int32 initializers)
+    graphs.py        reading a graph; finding each site's node by its INT8 weights
+    check.py         verification of a built graph; what onnxruntime runs
+    metadata.py      the metadata schema, validation, read_onnx_metadata
+    files.py         all-or-nothing file writing with the process umask
+    cli.py           `int8fx export`
+"""
+from .errors import OnnxExportError
+from .export import export_onnx
+from .metadata import METADATA_KEY, SCHEMA, SCHEMA_VERSION, OnnxMetadataError, read_onnx_metadata, tensor_from_json
+from .torch_export import DEFAULT_OPSET
+
+__all__ = ["DEFAULT_OPSET", "METADATA_KEY", "OnnxExportError", "OnnxMetadataError", "SCHEMA", "SCHEMA_VERSION",
+           "export_onnx", "read_onnx_metadata", "tensor_from_json"]

@@ -1,0 +1,129 @@
+"""What an ONNX graph needs to know about each INT8 site, found by running the model.
+
+An ONNX graph holds constants where int8fx computes at run time: one activation scale per site, and the
+INT8 weights of each site. `calibrate` runs the eval-mode model on the calibration batches and records,
+per site, the absmax of its input, the weight and bias it was called with and its geometry. `static_sites`
+turns that into each site's static parameters:
+
+  * activation clip, by `calibration`: "eval" (default) takes the clip the eval-mode model itself uses
+    (`Int8Layer.eval_act_clip()`: a trained layer's running clip `act_clip_ema`), else the calibration
+    absmax; "inputs" always the calibration absmax; "ema" `act_clip_ema` wherever training set one.
+  * weights: int8fx's own `quantize_per_channel` of the weight the site computes with, so the INT8 values
+    in the file are the ones the model computes with.
+
+A site whose weight is computed from the model input (timm's CondConv mixes experts per sample) has no
+static INT8 weight: `find_input_dependent` spots it by running the model once more on a different input,
+and the export writes that site in float and says so in the metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..kernels.im2col import GemmSpec
+from ..nn.modules import Int8Layer, _hashable, make_spec
+from ..nn.scope import no_fused_fastpath
+from ..observe import device_of, eval_mode, observe_int8_calls, to_device
+from ..quant.core import absmax, quantize_per_channel, scale_from_clip
+
+CALIBRATIONS = ("eval", "inputs", "ema")
+
+
+@dataclass
+class SiteCalibration:
+    """What one eval-mode pass over the calibration batches saw of one site."""
+
+    absmax: Tensor            # of its inputs, over all batches (fp32 scalar)
+    calls: int
+    weight: Tensor            # of the first call (functional sites get it as an argument)
+    bias: Tensor | None
+    input_shape: tuple
+    spec: GemmSpec | None     # conv geometry with explicit zero padding; None for linear
+    weight_varies: bool = False  # set by find_input_dependent
+
+
+@dataclass
+class StaticSite:
+    """A site's constants in an ONNX graph."""
+
+    name: str
+    layer: Int8Layer
+    w_int8: Tensor            # int8, the weight's shape
+    w_scale: Tensor           # fp32 [out channels]
+    bias: Tensor | None       # fp32
+    clip: float
+    clip_source: str          # "act_clip_ema" | "calibration"
+    x_scale: float            # the graph's activation scale (fp32 value)
+    cal: SiteCalibration
+
+    @property
+    def dims(self) -> int:
+        return self.layer.dims
+
+
+def calibrate(qmodel: nn.Module, batches: Iterable[tuple]) -> dict[str, SiteCalibration]:
+    """Run `qmodel` in eval mode on each batch; one record per INT8 site that was called."""
+    seen: dict[str, SiteCalibration] = {}
+
+    def record(mod, x, weight, bias, out, geometry):
+        rec = seen.get(mod.site_name)
+        if rec is None:
+            spec = make_spec(mod.dims, tuple(weight.shape[2:]), *map(_hashable, geometry)) if mod.dims else None
+            rec = seen[mod.site_name] = SiteCalibration(
+                torch.zeros((), dtype=torch.float32), 0, weight.detach().cpu(),
+                None if bias is None else bias.detach().cpu(), tuple(x.shape), spec)
+        rec.absmax = torch.maximum(rec.absmax, absmax(x).cpu())
+        rec.calls += 1
+
+    device = device_of(qmodel)
+    with observe_int8_calls(qmodel, record), eval_mode(qmodel), no_fused_fastpath():
+        for batch in batches:
+            qmodel(*to_device(batch, device))
+    return seen
+
+
+def find_input_dependent(qmodel: nn.Module, args: tuple, cal: dict[str, SiteCalibration]) -> None:
+    """Mark the sites whose weight changes with the model input: one more eval forward, on a seeded random
+    input of the same shapes, and a comparison of the weights each site was called with."""
+    g = torch.Generator().manual_seed(12345)
+    other = tuple(torch.randn(a.shape, generator=g).to(a.dtype) * (a.float().std() + 1) + a.float().mean()
+                  if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+    def compare(mod, x, weight, bias, out, geometry):
+        rec = cal.get(mod.site_name)
+        if rec is not None and not rec.weight_varies:
+            w = weight.detach().cpu()
+            rec.weight_varies = w.shape != rec.weight.shape or not torch.equal(w, rec.weight)
+
+    device = device_of(qmodel)
+    with observe_int8_calls(qmodel, compare), eval_mode(qmodel), no_fused_fastpath():
+        qmodel(*to_device(other, device))
+
+
+def static_sites(sites, cal: dict[str, SiteCalibration], calibration: str) -> dict[str, StaticSite]:
+    """The static parameters of every converted site that calibration reached and whose weight is static."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    out = {}
+    for site in sites:
+        rec = cal.get(site.name) if site.converted else None
+        if rec is None or rec.weight_varies:
+            continue
+        layer = site.layer
+        clip, source = float(rec.absmax), "calibration"
+        use_ema = calibration == "ema" or (calibration == "eval" and layer.eval_act_clip() is not None)
+        if use_ema and float(layer.act_clip_ema) > 0:
+            clip, source = float(layer.act_clip_ema), "act_clip_ema"
+        w = rec.weight.float()
+        w_q, s_w = quantize_per_channel(w.reshape(w.shape[0], -1), 0)
+        s_x = float(scale_from_clip(torch.tensor(clip, dtype=torch.float32)))
+        # QuantizeLinear divides by its scale: a site whose input was all zeros gets the smallest normal fp32
+        # scale, which maps 0 to 0 (as int8fx's zero scale does) without a division by zero.
+        s_x = s_x if s_x > 0 else torch.finfo(torch.float32).tiny
+        out[site.name] = StaticSite(site.name, layer, w_q.to(torch.int8).reshape(w.shape), s_w.float(),
+                                    None if rec.bias is None else rec.bias.float(), clip, source, s_x, rec)
+    return out

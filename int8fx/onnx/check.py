@@ -1,0 +1,55 @@
+"""Checks on an exported graph before it is written, and what a runtime makes of it.
+
+`full_check`: the ONNX checker with shape inference. The faithful form's per-site Q/DQ patterns are
+checked where they are found (`faithful.annotate`), the deploy form's in `check_deploy`.
+`runtime_ops`: the op types onnxruntime runs after its graph optimizations, and for each INT8 site the
+op its compute node became (QLinearConv, QGemm, ...): how tests and the benchmark show that the
+convolutions of a deploy file run in INT8.
+"""
+from __future__ import annotations
+
+from .errors import OnnxExportError
+
+
+def full_check(model) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # the graph is not valid ONNX: say so, naming what the checker names
+        raise OnnxExportError(f"the exported graph fails onnx.checker: {e}") from e
+
+
+INT8_KERNELS = ("QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul")
+
+
+def runtime_ops(model_or_path, *, threads: int = 1, level: str = "all") -> dict[str, str]:
+    """{node name: op type} of the graph onnxruntime runs (CPU) after its optimizations at `level`
+    ("basic", "extended", "all"). Fused nodes keep the name of the node they replace, so an INT8 site's
+    "<site>/compute" node shows the kernel it runs in (QLinearConv, QGemm, ...) or stays "Conv"."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path)
+    with tempfile.TemporaryDirectory(prefix="int8fx-ort-") as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = levels[level]
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3  # (a warning that an ORT_ENABLE_ALL graph is machine-specific: we only read it)
+        so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
+        ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath)
+    return {n.name: n.op_type for n in optimized.graph.node}
+
+
+def int8_sites(meta: dict, ops: dict[str, str]) -> dict[str, list[str]]:
+    """{site: [the op each of its calls runs as]} from `runtime_ops` and the file's metadata."""
+    return {site: [ops.get(call["compute"], "removed") for call in entry.get("onnx") or []]
+            for site, entry in meta["layers"].items()}

@@ -1,0 +1,317 @@
+"""The deploy form: a graph that runtimes execute in INT8 kernels, with int8fx's trained scales.
+
+Built in three steps:
+
+1. Export an FP32 graph of the model whose sites compute with their dequantized INT8 weights
+   (W_int8 * s_w): torch's exporter folds each BatchNorm into the conv before it (W * gamma / sigma per
+   output channel). Per-channel quantization commutes with that per-channel factor, so the folded weight
+   quantizes back to int8fx's very codes (sign-flipped where gamma < 0) with scale |gamma / sigma| * s_w.
+2. Quantize that graph with onnxruntime's own static quantizer (`quantize_static`, QDQ format), which knows
+   where runtimes want Q/DQ: around convs and matmuls (weights int8 per output channel, biases int32 with
+   scale s_x * s_w), residual Adds, Muls, Concat, pooling, Sigmoid. TensorRT's explicit-quantization rules
+   hold: symmetric int8, zero point 0, scales and zero points as initializers. The activation scale of
+   every INT8 site's input is int8fx's (`TensorQuantOverrides`), carried back through the ops that commute
+   with quantization (Relu, ReLU6's Clip, MaxPool, reshapes) to the conv output that feeds it, so a conv
+   followed by ReLU rounds once, at the scale int8fx uses. Tensors int8fx has no clip for (a conv output
+   feeding a residual Add, the Add itself, pooled features) are calibrated on the calibration batches
+   (absmax / 127, symmetric).
+3. Give every QuantizeLinear its own scale initializer and exactly one consumer, so that onnxruntime on
+   x86 rewrites the int8 activations to its fast u8 kernels: its `QDQS8ToU8Transformer` only converts a
+   QuantizeLinear with a single DequantizeLinear after it, and its common-subexpression elimination merges
+   QuantizeLinears of one tensor whose scales are equal. Two consumers that want the same scale (a
+   block's conv and its downsample shortcut) therefore get scales one float ulp apart (a relative change of
+   6e-8, below anything an INT8 code can show); each INT8 site keeps its exact scale.
+
+Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
+(where they feed an Add), biases are rounded to int32, and QuantizeLinear saturates at -128, not -127.
+README ("Inspect and export to ONNX") gives the measured effect on top-1.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+import torch.nn as nn
+
+from ..nn.modules import Int8Layer
+from .calibrate import StaticSite
+from .errors import OnnxExportError
+from .faithful import io_names
+from .graphs import (COMPUTE_OPS, GraphView, assign_sites, codes_match, float_codes, out_major, rename,
+                     weight_source)
+from .standins import DynamicFloatSite, FloatSite, export_copy, probe
+from .torch_export import clean, export_graph
+
+# ops whose output is quantized exactly as their input (they commute with a zero-point-0 quantizer)
+_SCALE_PRESERVING = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], args: tuple, batches: list[tuple],
+          *, exporter: str, opset: int, input_names, output_names, dynamic_batch: bool):
+    """(model, exporter used, {site: [per-call node names and scales]}, extra top-level metadata)."""
+    try:
+        import onnxruntime
+        from onnxruntime import quantization as ortq
+    except ImportError as e:
+        raise OnnxExportError(f"the deploy form is quantized with onnxruntime's quantizer: pip install onnxruntime "
+                              f"({e})") from None
+
+    def make(layer: Int8Layer):
+        if layer.site_name in statics:
+            return FloatSite(layer, statics[layer.site_name])
+        return DynamicFloatSite(layer) if layer.site_name in dynamic else None
+
+    em = export_copy(qmodel, make)
+    calls, n_out = probe(em, args)
+    in_names, out_names = io_names(args, n_out, input_names, output_names)
+    fp32, used = export_graph(em, args, exporter=exporter, opset=opset, input_names=in_names,
+                              output_names=out_names, dynamic_batch=dynamic_batch)
+    clean(fp32)
+    site_of = _name_site_nodes(fp32, statics, {s: calls.get(s, 0) for s in statics})
+    view = GraphView(fp32)
+    excluded = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
+    overrides = _activation_overrides(view, site_of, statics)
+    feeds = [{n: np.ascontiguousarray(a.detach().numpy()) for n, a in zip(in_names, b) if hasattr(a, "detach")}
+             for b in batches]
+    model = _quantize(ortq, fp32, feeds, excluded, overrides)
+    nudged = _dedicate_quantizers(model, site_of, statics)
+    fanned = _fan_out(model, site_of)
+    calls_meta = _annotate(model, site_of, statics)
+    clean(model)
+    extra = {"producer": {"onnxruntime": onnxruntime.__version__},
+             "deploy": {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, int8 symmetric, per-channel)",
+                        "float_compute_nodes": excluded, "scales_moved_one_ulp_apart": nudged,
+                        "requantized_fan_outs": fanned}}
+    return model, used, calls_meta, extra
+
+
+def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> dict[str, str]:
+    """Find each site call's compute node in the FP32 graph by its weight's INT8 codes, name it
+    "<site>/compute" ("#k" for later calls) and return {node name: site}."""
+    view = GraphView(model)
+    candidates = []
+    for n in model.graph.node:
+        if n.op_type in COMPUTE_OPS and len(n.input) >= 2:
+            src, transposed = weight_source(view, n)
+            w = view.const(src)
+            if w is not None and w.dtype == np.float32 and w.ndim >= 2:
+                candidates.append((n, float_codes(out_major(w, transposed))))
+    found = assign_sites(candidates, {s: st.w_int8.numpy() for s, st in statics.items()}, calls, up_to_sign=True)
+    count: dict[str, int] = defaultdict(int)
+    site_of = {}
+    for node, site in found:
+        count[site] += 1
+        name = rename(view, node, f"{site}/compute" if count[site] == 1 else f"{site}#{count[site]}/compute")
+        site_of[name] = site
+    missing = [f"'{s}' ({count[s]} of {calls[s]} calls)" for s in statics if count[s] != calls[s]]
+    if missing:
+        raise OnnxExportError("cannot find the conv/linear node of INT8 site(s) " + ", ".join(missing) +
+                              " in the exported FP32 graph")
+    return site_of
+
+
+def _activation_overrides(view: GraphView, site_of: dict[str, str], statics: dict[str, StaticSite]) -> dict:
+    """{tensor: [{"scale", "zero_point"}]}: each site's input at its own scale, carried back through
+    scale-preserving ops to the tensor that feeds them (the larger scale where two sites meet)."""
+    scales: dict[str, float] = {}
+
+    def want(tensor: str, s: float):
+        scales[tensor] = max(scales.get(tensor, 0.0), s)
+
+    for name, site in site_of.items():
+        s = statics[site].x_scale
+        t = view.nodes[name].input[0]
+        want(t, s)
+        p = view.producer.get(t)
+        while p is not None and _preserves_scale(view, p) and len(view.consumers[p.input[0]]) == 1:
+            t = p.input[0]
+            want(t, s)
+            p = view.producer.get(t)
+    return {t: [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}] for t, s in scales.items()}
+
+
+def _preserves_scale(view: GraphView, node) -> bool:
+    if node.op_type in _SCALE_PRESERVING:
+        return True
+    if node.op_type == "Clip" and len(node.input) > 1 and node.input[1]:  # ReLU6: Clip(x, 0, 6)
+        low = view.const(node.input[1])
+        return low is not None and float(low) >= 0
+    return False
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def _quantize(ortq, fp32, feeds: list[dict], excluded: list[str], overrides: dict):
+    import onnx
+
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
+             "TensorQuantOverrides": overrides, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+    with tempfile.TemporaryDirectory(prefix="int8fx-deploy-") as d, _quiet_onnxruntime():
+        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
+        onnx.save(fp32, src)
+        try:
+            ortq.quantize_static(src, dst, _Batches(feeds), quant_format=ortq.QuantFormat.QDQ, per_channel=True,
+                                 activation_type=ortq.QuantType.QInt8, weight_type=ortq.QuantType.QInt8,
+                                 nodes_to_exclude=excluded, calibrate_method=ortq.CalibrationMethod.MinMax,
+                                 extra_options=extra)
+        except Exception as e:
+            raise OnnxExportError(f"onnxruntime's quantizer failed on the FP32 graph: {type(e).__name__}: {e}") from e
+        return onnx.load(dst)
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime():
+    """The quantizer logs advice (pre-processing) on the root logger; the export checks its result itself."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+# ops onnxruntime fuses with their input DequantizeLinears and their output QuantizeLinear into one INT8 op
+_FUSED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
+          "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where"}
+
+
+def _fan_out(model, site_of: dict[str, str]) -> int:
+    """An INT8 op must write exactly one QuantizeLinear for onnxruntime to fuse it, and that QuantizeLinear
+    must feed one DequantizeLinear for the u8 rewrite. Where the op's output feeds several consumers (a
+    projection conv read by the next block and by a residual Add), quantize it once (at the reading site's
+    scale, else the largest of the consumers'), dequantize, saturate at -127 steps as int8fx does, and let
+    the consumers' own QuantizeLinears read that:
+        out -> Q0 -> DQ0 -> Clip(-127 s0, 127 s0) -> {Q1 -> DQ1 -> conv, Q2 -> DQ2 -> Add}
+    (the Clip changes a value, so no optimizer folds the DQ0 -> Q pairs away). Returns how many."""
+    from onnx import helper, numpy_helper
+
+    view = GraphView(model)
+    after: dict[int, list] = {}  # new nodes to place right after their producer (topological order)
+    for tensor, users in list(view.consumers.items()):
+        qs = [u for u in users if u.op_type == "QuantizeLinear"]
+        producer = view.producer.get(tensor)
+        if len(qs) < 2 or len(qs) != len(users) or producer is None or producer.op_type not in _FUSED:
+            continue
+        scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
+        at_site = [sc for q, sc in zip(qs, scales) if _site_behind(view, q, site_of)]
+        s0 = at_site[0] if at_site else max(scales)
+        zp = view.const(qs[0].input[2]).reshape(())
+        base = f"{tensor}_fanout"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(s0, np.float32), f"{base}_scale"),
+            numpy_helper.from_array(zp, f"{base}_zero_point"),
+            numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
+            numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
+        for q in qs:
+            q.input[0] = f"{base}_clipped"
+        after[id(producer)] = [
+            helper.make_node("QuantizeLinear", [tensor, f"{base}_scale", f"{base}_zero_point"], [f"{base}_quantized"],
+                             name=f"{base}_quantize"),
+            helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                             [f"{base}_dequantized"], name=f"{base}_dequantize"),
+            helper.make_node("Clip", [f"{base}_dequantized", f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
+                             name=f"{base}_clip")]
+    if after:
+        nodes = [m for n in model.graph.node for m in [n] + after.get(id(n), [])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return len(after)
+
+
+def _dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> int:
+    """One scale and zero-point initializer per activation QuantizeLinear, the site's exact scale on each
+    site input, and distinct scales among the QuantizeLinears of one tensor (module docstring, step 3).
+    Returns how many scales were moved by an ulp."""
+    from onnx import numpy_helper
+
+    view = GraphView(model)
+    by_tensor: dict[str, list] = defaultdict(list)
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in view.inits:
+            by_tensor[n.input[0]].append(n)
+    nudged = 0
+    new_inits = []
+    for tensor, qs in by_tensor.items():
+        taken: set[float] = set()
+        # sites first: they keep their exact scale
+        ordered = sorted(qs, key=lambda q: _site_behind(view, q, site_of) is None)
+        for q in ordered:
+            site = _site_behind(view, q, site_of)
+            s = np.float32(statics[site].x_scale if site else view.const(q.input[1]).reshape(()))
+            while float(s) in taken:
+                s = np.nextafter(s, np.float32(np.inf))
+                nudged += 1
+            taken.add(float(s))
+            zp = view.const(q.input[2]).reshape(())
+            sn, zn = f"{q.output[0]}_scale", f"{q.output[0]}_zero_point"
+            new_inits += [numpy_helper.from_array(np.array(s, np.float32), sn), numpy_helper.from_array(zp, zn)]
+            for n in [q] + view.consumers[q.output[0]]:
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                    n.input[1], n.input[2] = sn, zn
+    model.graph.initializer.extend(new_inits)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return nudged
+
+
+def _site_behind(view: GraphView, q, site_of: dict[str, str]) -> str | None:
+    """The site whose input this QuantizeLinear quantizes (through its DequantizeLinear), if any."""
+    for dq in view.consumers[q.output[0]]:
+        for c in view.consumers[dq.output[0]] if dq.op_type == "DequantizeLinear" else []:
+            if c.name in site_of and c.input[0] == dq.output[0]:
+                return site_of[c.name]
+    return None
+
+
+def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> dict[str, list[dict]]:
+    """Check each site call's Q/DQ structure, name its nodes after the site and return them per call."""
+    view = GraphView(model)
+    per_site: dict[str, list[dict]] = defaultdict(list)
+    for name, site in site_of.items():
+        node = view.nodes.get(name)
+        st = statics[site]
+        xdq = view.made_by(node.input[0], "DequantizeLinear") if node is not None else None
+        xq = view.made_by(xdq.input[0], "QuantizeLinear") if xdq is not None else None
+        src, transposed = weight_source(view, node) if node is not None else (None, False)
+        wdq = view.made_by(src, "DequantizeLinear") if src else None
+        codes = view.const(wdq.input[0]) if wdq is not None else None
+        bdq = view.made_by(node.input[2], "DequantizeLinear") if node is not None and len(node.input) > 2 else None
+        users = view.consumers.get(node.output[0], []) if node is not None else []
+        yq = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
+        problems = []
+        if xq is None:
+            problems.append("its input is not quantized")
+        if codes is None or codes.dtype != np.int8:
+            problems.append("its weight is not an int8 initializer")
+        elif not codes_match(out_major(codes, transposed), st.w_int8.numpy(), up_to_sign=True):
+            problems.append("its int8 weights differ from int8fx's")
+        bias = view.const(bdq.input[0]) if bdq is not None else None
+        if len(node.input) > 2 and node.input[2] and (bias is None or bias.dtype != np.int32):
+            problems.append("its bias is not an int32 initializer")  # (a MatMul's bias is a separate Add)
+        if yq is None:
+            problems.append("its output is not quantized")
+        if problems:
+            raise OnnxExportError(f"the deploy graph cannot run INT8 site '{site}' in INT8: " + "; ".join(problems))
+        base = name.rsplit("/", 1)[0]
+        roles = {"x_quantize": xq, "x_dequantize": xdq, "w_dequantize": wdq, "b_dequantize": bdq, "y_quantize": yq}
+        names = {role: rename(view, n, f"{base}/{role}") for role, n in roles.items() if n is not None}
+        w_scale = view.const(wdq.input[1])
+        names.update(compute=name, op_type=node.op_type, weight_initializer=wdq.input[0],
+                     x_scale=float(view.const(xq.input[1]).reshape(())),
+                     weight_scale={"dtype": "float32", "shape": list(w_scale.shape), "data": w_scale.tolist()})
+        per_site[site].append(names)
+    return dict(per_site)

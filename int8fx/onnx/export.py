@@ -1,0 +1,121 @@
+"""`export_onnx`: calibrate, build the chosen form, verify it, attach the metadata, write the file.
+
+Nothing is written until the graph has passed `onnx.checker` (full check), the form's own structural
+check (every INT8 site call has its Q/DQ pattern with the site's INT8 weights and scales; `check.py`) and
+the metadata has passed the validation its reader applies.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..observe import as_args, to_device
+from ..passes import conversion_of, sites_of
+from ..quant.core import QMAX
+from . import check, metadata
+from .calibrate import CALIBRATIONS, calibrate, find_input_dependent, static_sites
+from .files import check_writable, serialize, write_atomically
+from .torch_export import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, max_opset, resolve_exporter
+
+
+def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, form: str = "faithful",
+                exporter: str = "auto", opset: int = DEFAULT_OPSET, calibration: str = "eval",
+                calibration_data: Iterable | None = None, dynamic_batch: bool = True,
+                input_names: list[str] | None = None, output_names: list[str] | None = None,
+                lr_scaler=None) -> dict:
+    """Export `qmodel` (from `int8fx.convert`) to ONNX at `path`; returns the metadata dict it stored.
+
+    form: "faithful" (default: QDQ around each INT8 site, everything else float; computes what
+        `qmodel.eval()` computes) or "deploy" (BatchNorm folded, int8 weights and int32 biases, Q/DQ on
+        every tensor an INT8 kernel reads or writes, so that runtimes run the convolutions in INT8; needs
+        onnxruntime). README, "Inspect and export to ONNX", says how far deploy is from `qmodel.eval()`.
+    exporter: "auto" (torch.export-based where torch defaults to it, else TorchScript), "dynamo",
+        "torchscript".
+    example_inputs: a tensor or tuple of tensors, the model's positional inputs; they trace the graph and
+        calibrate the static activation scales.
+    calibration: "eval" (default: the clip the eval-mode model itself uses, `act_clip_ema` where training
+        set it, else the calibration absmax), "inputs" (absmax over example_inputs and calibration_data) or
+        "ema" (`act_clip_ema` where set, else the calibration absmax). The deploy form also calibrates the
+        tensors int8fx has no clip for (conv outputs feeding residual adds, ...) on these batches.
+    calibration_data: more batches (tensors or tuples) for calibration.
+    dynamic_batch: make dimension 0 of every input and output symbolic.
+    lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
+    Raises `OnnxExportError` (naming the node or site) when part of the model has no ONNX form or the
+    graph lacks a site's Q/DQ pattern; ValueError for bad arguments. Nothing is written then.
+    """
+    record = conversion_of(qmodel)
+    if record is None:
+        raise ValueError("export_onnx() needs a model returned by int8fx.convert()")
+    if form not in metadata.FORMS:
+        raise ValueError(f"form must be one of {metadata.FORMS}, got {form!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise ValueError(f"opset must be an integer from {MIN_OPSET} (per-axis DequantizeLinear) to {max_opset()} "
+                         f"(this onnx), got {opset!r}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    resolve_exporter(exporter, opset)  # raises for an impossible combination
+    check_writable(path)
+    import onnx
+
+    sites = sites_of(qmodel)
+    args = as_args(example_inputs)
+    batches = [args] + [as_args(b) for b in (calibration_data or [])]
+    cal = calibrate(qmodel, batches)
+    find_input_dependent(qmodel, args, cal)
+    statics = static_sites(sites, cal, calibration)
+    dynamic = {name for name, rec in cal.items() if rec.weight_varies}
+    cpu_args = to_device(args, "cpu")
+    build_args = dict(exporter=exporter, opset=opset, input_names=input_names, output_names=output_names,
+                      dynamic_batch=dynamic_batch)
+    extra: dict = {}
+    if form == "faithful":
+        from . import faithful
+
+        model, used, calls = faithful.build(qmodel, statics, dynamic, cpu_args, **build_args)
+    else:
+        from . import deploy
+
+        model, used, calls, extra = deploy.build(qmodel, statics, dynamic, cpu_args,
+                                                 [to_device(b, "cpu") for b in batches], **build_args)
+    root_cfg = record.config
+    layers = {}
+    for s in sites:
+        if s.converted:
+            status = "int8" if s.name in statics else "float" if s.name in dynamic else "not called"
+            layers[s.name] = metadata.layer_entry(s, statics.get(s.name), status, calls.get(s.name, []), root_cfg,
+                                                  lr_scaler)
+    meta = {
+        "schema": metadata.SCHEMA,
+        "schema_version": metadata.SCHEMA_VERSION,
+        "form": form,
+        "exporter": used,
+        "producer": {"int8fx": _version(), "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+                     **extra.pop("producer", {})},
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "ir_version": int(model.ir_version),
+        "levels": [-QMAX, QMAX],
+        "calibration": {"method": calibration, "batches": len(batches)},
+        "config": root_cfg.to_dict() if root_cfg is not None else {},
+        "layers": layers,
+        "skipped": [{"name": s.name, "op": s.op, "source": s.source, "reason": s.reason} for s in sites
+                    if not s.converted],
+        "opaque_modules": [dict(o.__dict__) for o in record.opaque],
+        **extra,
+    }
+    metadata.attach(model, meta)
+    check.full_check(model)
+    metadata.validate(json.loads(metadata.dumps(meta)), model, "the exported model")
+    write_atomically(serialize(model), path)
+    return json.loads(metadata.dumps(meta))
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,121 @@
+"""Reading an ONNX graph the way the export needs it: who produces and consumes each tensor, constant
+values, and which compute node is which INT8 site.
+
+Sites are found by their weights, not by names: torch's exporters rename initializers (the TorchScript
+exporter calls a BatchNorm-folded weight `onnx::Conv_193`), but a site's INT8 values are its fingerprint.
+A compute node (Conv, Gemm, MatMul) belongs to a site when the per-output-channel INT8 codes of its weight
+equal the site's, channel by channel up to sign: the deploy form folds BatchNorm into the weight
+(W * gamma / sigma per channel), which flips the sign of channels with negative gamma and scales the rest,
+and a channel with gamma = 0 becomes all zeros. Per-channel quantization commutes with that per-channel
+factor, so the folded weight quantizes to the same codes.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+class GraphView:
+    """Producer, consumers and initializers of a graph (a snapshot: rebuild after editing)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list] = defaultdict(list)
+        for n in self.graph.node:
+            for i in n.input:
+                if i:
+                    self.consumers[i].append(n)
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.nodes = {n.name: n for n in self.graph.node}
+
+    def made_by(self, tensor: str, op_type: str):
+        n = self.producer.get(tensor)
+        return n if n is not None and n.op_type == op_type else None
+
+    def const(self, name: str) -> np.ndarray | None:
+        """An initializer's value, following Identity nodes (torch's exporters de-duplicate constants so)."""
+        from onnx import numpy_helper
+
+        while name not in self.inits:
+            n = self.producer.get(name)
+            if n is None or n.op_type != "Identity":
+                return None
+            name = n.input[0]
+        return numpy_helper.to_array(self.inits[name])
+
+    def attr(self, node, name: str, default=None):
+        from onnx import helper
+
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+
+def weight_source(view: GraphView, node):
+    """(the tensor holding a compute node's weight, whether it is stored [in, out]) following a Transpose."""
+    w = node.input[1]
+    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not view.attr(node, "transB", 0))
+    tr = view.made_by(w, "Transpose")
+    if tr is not None and list(view.attr(tr, "perm", [])) == [1, 0]:
+        return tr.input[0], not transposed
+    return w, transposed
+
+
+def out_major(array: np.ndarray, transposed: bool) -> np.ndarray:
+    """A weight as [out channels, ...]."""
+    return array.T if transposed else array
+
+
+def float_codes(w: np.ndarray) -> np.ndarray:
+    """Symmetric per-output-channel INT8 codes of a float weight [O, ...] (for identification only)."""
+    w = w.astype(np.float64).reshape(w.shape[0], -1)
+    s = np.abs(w).max(axis=1, keepdims=True) / 127
+    return np.round(np.divide(w, s, out=np.zeros_like(w), where=s > 0)).astype(np.int64)
+
+
+def codes_match(graph_codes: np.ndarray, site_codes: np.ndarray, *, up_to_sign: bool) -> bool:
+    """Channel by channel equal (or, for folded weights, equal up to sign, or all zero)."""
+    a = graph_codes.reshape(graph_codes.shape[0], -1).astype(np.int64)
+    b = site_codes.reshape(site_codes.shape[0], -1).astype(np.int64)
+    if a.shape != b.shape:
+        return False
+    if not up_to_sign:
+        return bool((a == b).all())
+    same, flipped, zero = (a == b).all(1), (a == -b).all(1), (a == 0).all(1)
+    return bool((same | flipped | zero).all())
+
+
+def assign_sites(candidates: list[tuple], site_codes: dict[str, np.ndarray], calls: dict[str, int], *,
+                 up_to_sign: bool) -> list[tuple]:
+    """[(node, site name)] for `candidates` = [(node, codes [O, ...])] in graph order: each node goes to the
+    first site (in site order) whose codes match and which still has calls left."""
+    left = dict(calls)
+    by_shape = defaultdict(list)
+    for name, codes in site_codes.items():
+        by_shape[tuple(codes.reshape(codes.shape[0], -1).shape)].append(name)
+    found = []
+    for node, codes in candidates:
+        for name in by_shape.get(tuple(codes.reshape(codes.shape[0], -1).shape), []):
+            if left.get(name, 0) > 0 and codes_match(codes, site_codes[name], up_to_sign=up_to_sign):
+                left[name] -= 1
+                found.append((node, name))
+                break
+    return found
+
+
+def rename(view: GraphView, node, new: str) -> str:
+    """Rename a node to `new` (made unique); returns the name given."""
+    name, k = new, 1
+    while name in view.nodes and view.nodes[name] is not node:
+        k += 1
+        name = f"{new}_{k}"
+    view.nodes.pop(node.name, None)
+    node.name = name
+    view.nodes[name] = node
+    return name

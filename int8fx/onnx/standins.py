@@ -1,0 +1,178 @@
+"""Modules that stand in for the INT8 sites of a copy of the model while torch exports it.
+
+The export copy is the user's model with every `Int8Layer` replaced (under all its names) by one of:
+  * `FaithfulSite`: the `int8fx::qdq_gemm` op on the site's static INT8 weights and activation scale
+    (becomes the QDQ pattern; faithful form);
+  * `FloatSite`: a plain float conv/linear on the dequantized INT8 weights (W_int8 * s_w), which the deploy
+    form exports in FP32 and then quantizes in ONNX with int8fx's scales;
+  * `DynamicFloatSite`: the float call on whatever weight the model computes (a weight computed from the
+    model input has no static INT8 form);
+  * `NotCalibrated`: a site the calibration forward never reached; the export fails if the trace reaches it.
+
+All take calls the way an `Int8Layer` does: as a module (a module site's `forward(x)`, a functional site's
+`forward(x, weight, bias, stride, padding, dilation, groups)`) or through `int8_functional` (routed calls,
+calls on a module site's weight). Geometry and weights are the static ones calibration saw; the run-time
+arguments of a functional site are ignored, so the code computing them drops out of the graph. Each stand-in
+counts its calls, so the export can check that the graph holds as many site patterns as the model makes calls.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn.modules import Int8Layer, ModuleSite, _original
+from ..nn.scope import no_fused_fastpath
+from .calibrate import StaticSite
+from .qdq_op import qdq_gemm
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class StandIn(nn.Module):
+    """What every stand-in shares: the site's name, a module site's floating-point padding, its own
+    weight/bias for code that reads them, and a call counter."""
+
+    def __init__(self, layer: Int8Layer) -> None:
+        super().__init__()
+        self.site_name, self.dims = layer.site_name, layer.dims
+        # a module site in a non-zeros padding mode pads in floating point before its conv (as nn.Conv2d)
+        mode = getattr(layer, "padding_mode", "zeros") if isinstance(layer, ModuleSite) else "zeros"
+        self.padding_mode = mode
+        self.pre_pad = tuple(layer._reversed_padding_repeated_twice) if mode != "zeros" else ()
+        if layer.owns_params:  # code that reads the module's weight/bias (e.g. MultiheadAttention's out_proj)
+            self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.calls = 0
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.pre_pad:
+            x = F.pad(x, self.pre_pad, mode=self.padding_mode)
+        self.calls += 1
+        return self.compute(x, args, kwargs)
+
+    def int8_functional(self, input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        self.calls += 1
+        return self.compute(input, (weight, bias, stride, padding, dilation, groups), {})
+
+    def compute(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        raise NotImplementedError
+
+
+class _StaticGeometry(StandIn):
+    """A stand-in with the calibrated geometry: ONNX attributes (pads as begins + ends)."""
+
+    def __init__(self, layer: Int8Layer, site: StaticSite) -> None:
+        super().__init__(layer)
+        spec = site.cal.spec
+        if spec is not None:
+            self.strides, self.dilations, self.groups = list(spec.stride), list(spec.dilation), spec.groups
+            self.pads = [lo for lo, _ in spec.padding] + [hi for _, hi in spec.padding]
+        else:
+            self.strides, self.dilations, self.groups, self.pads = [], [], 1, []
+
+
+class FaithfulSite(_StaticGeometry):
+    """The QDQ op on static INT8 weights and scales (buffers, so they become initializers)."""
+
+    def __init__(self, layer: Int8Layer, site: StaticSite) -> None:
+        super().__init__(layer, site)
+        self.register_buffer("w_int8", site.w_int8.clone())
+        self.register_buffer("w_scale", site.w_scale.clone())
+        self.register_buffer("w_zero_point", torch.zeros(site.w_int8.shape[0], dtype=torch.int8))
+        self.register_buffer("x_scale", torch.tensor(site.x_scale, dtype=torch.float32))
+        self.register_buffer("x_zero_point", torch.zeros((), dtype=torch.int8))
+        self.register_buffer("qdq_bias", None if site.bias is None else site.bias.clone())
+
+    def compute(self, x, args, kwargs):
+        kind = "conv" if self.dims else ("gemm" if x.dim() == 2 else "matmul")
+        x = x if x.dtype == torch.float32 else x.float()  # (a no-op .float() would be a Cast in the graph)
+        return qdq_gemm(x, self.x_scale, self.x_zero_point, self.w_int8, self.w_scale, self.w_zero_point,
+                        self.qdq_bias, kind, self.strides, self.pads, self.dilations, self.groups)
+
+
+class FloatSite(_StaticGeometry):
+    """A float conv/linear on the dequantized INT8 weights: the FP32 graph the deploy form quantizes."""
+
+    def __init__(self, layer: Int8Layer, site: StaticSite) -> None:
+        super().__init__(layer, site)
+        shape = [-1] + [1] * (site.w_int8.dim() - 1)
+        self.register_buffer("dequantized_weight", site.w_int8.float() * site.w_scale.view(shape))
+        self.register_buffer("float_bias", None if site.bias is None else site.bias.clone())
+
+    def compute(self, x, args, kwargs):
+        x = x if x.dtype == torch.float32 else x.float()
+        if not self.dims:
+            return F.linear(x, self.dequantized_weight, self.float_bias)
+        lo, hi = self.pads[:self.dims], self.pads[self.dims:]
+        if lo != hi:
+            x = F.pad(x, [p for d in reversed(range(self.dims)) for p in (lo[d], hi[d])])
+            lo = [0] * self.dims
+        return _CONV[self.dims](x, self.dequantized_weight, self.float_bias, self.strides, lo, self.dilations,
+                                self.groups)
+
+
+class DynamicFloatSite(StandIn):
+    """A functional site's own float call on the weight the model computes from its input: no static INT8
+    form exists for it. (A module site computes with its parameters, which are always static.)"""
+
+    def compute(self, x, args, kwargs):
+        names = ("weight", "bias", "stride", "padding", "dilation", "groups") if self.dims else ("weight", "bias")
+        call = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+        return _original(self.dims)(x, **call)
+
+
+class NotCalibrated(nn.Module):
+    """Stands in for a site the calibration forward never called: if the export trace reaches it after all,
+    the model's eval-mode forward and its traced forward differ, and no static scale exists for it."""
+
+    def __init__(self, site_name: str) -> None:
+        super().__init__()
+        self.site_name = site_name
+
+    def forward(self, *args, **kwargs):
+        from .errors import OnnxExportError
+
+        raise OnnxExportError(f"INT8 site '{self.site_name}' is used by the traced forward but was never called "
+                              "by the eval-mode calibration forward, so it has no static activation scale")
+
+    int8_functional = forward
+
+
+def swap_layers(root: nn.Module, standins: dict[str, nn.Module]) -> None:
+    """Replace every Int8Layer in `root` (under all its names, shared ones too) by its stand-in, or by
+    `NotCalibrated` when there is none."""
+    for _, mod in list(root.named_modules(remove_duplicate=False)):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, Int8Layer):
+                setattr(mod, child_name, standins.get(child.site_name) or NotCalibrated(child.site_name))
+
+
+def export_copy(qmodel: nn.Module, make: Callable[[Int8Layer], nn.Module | None]) -> nn.Module:
+    """A CPU copy of `qmodel` in eval mode with each site replaced by `make(its layer in the copy)`."""
+    em = copy.deepcopy(qmodel).cpu()
+    standins: dict[str, nn.Module] = {}
+    for m in em.modules():
+        if isinstance(m, Int8Layer) and m.site_name not in standins:
+            s = make(m)
+            if s is not None:
+                standins[m.site_name] = s
+    swap_layers(em, standins)
+    return em.eval()
+
+
+def probe(em: nn.Module, args: tuple) -> tuple[dict[str, int], int]:
+    """One eager forward of the export copy: (calls per site, number of outputs)."""
+    standins = {m.site_name: m for m in em.modules() if isinstance(m, StandIn)}
+    for m in standins.values():
+        m.calls = 0
+    with torch.no_grad(), no_fused_fastpath():
+        out = em(*args)
+    calls = {name: m.calls for name, m in standins.items()}
+    for m in standins.values():
+        m.calls = 0
+    return calls, len(out) if isinstance(out, (tuple, list)) else 1
