@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Any
@@ -97,7 +98,10 @@ def _torchvision(name: str) -> tuple[nn.Module, tuple | None]:
         close = [m for m in available if name.lower() in m or m in name.lower()][:8]
         raise ModelSpecError(f"torchvision has no model {name!r}" + (f"; did you mean: {', '.join(close)}" if close else
                                                                       "; see torchvision.models.list_models()"))
-    model = torchvision.models.get_model(name, weights=None)
+    kwargs = {"weights": None}
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None  # detection/segmentation builders fetch ImageNet backbone weights otherwise
+    model = torchvision.models.get_model(name, **kwargs)
     video = name in torchvision.models.list_models(module=torchvision.models.video)
     classification = name in torchvision.models.list_models(module=torchvision.models)
     shape = VIDEO_SHAPE if video else IMAGE_SHAPE if classification else None

@@ -1,5 +1,5 @@
-"""The `inspect` and `export` subcommands, and every MODEL form they accept (run in-process: importing
-torch once keeps this file fast)."""
+"""The `inspect` and `export` subcommands, every MODEL form they accept, and every bad input `export` turns
+into one line and exit status 2 (run in-process: importing torch once keeps this file fast)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import torch
 
 from int8fx.cli import main
 from int8fx.modelspec import ModelSpecError, load_model, parse_shape
-from int8fx.onnx_export import read_onnx_metadata
+from int8fx.onnx import read_onnx_metadata
 from int8fx.quant.core import quantize_per_channel
 
 torchvision = pytest.importorskip("torchvision")
@@ -59,7 +59,8 @@ def test_help_explains_every_option_and_the_model_forms(command, capsys):
     for words in ("torchvision:NAME", "module:function", "checkpoint", "--input-shape", "--exclude", "--grad-quant"):
         assert words in out
     if command == "export":
-        for words in ("-o OUT.onnx", "--opset", "--calibration {eval,inputs,ema}", "--calibration-data", "--static-batch"):
+        for words in ("-o OUT.onnx", "--form {faithful,deploy}", "--exporter {auto,dynamo,torchscript}", "--opset",
+                      "--calibration {eval,inputs,ema}", "--calibration-data", "--static-batch"):
             assert words in out
     else:
         assert "--json" in out and "--graph" in out
@@ -82,9 +83,12 @@ def test_export_module_function_runs_in_onnxruntime(user_file, tmp_path, capsys)
     out_path = tmp_path / "tiny.onnx"
     rc = main(["export", f"{user_file}:build", "-o", str(out_path), "--grad-quant", "dsgc"])
     assert rc == 0, capsys.readouterr()
-    assert "2 INT8 sites" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(deploy form, opset 18, IR 8" in out and "2 INT8 sites" in out  # deploy is the command's default
+    assert "onnxruntime (CPU) runs 2 of 2 INT8 sites in INT8 kernels" in out
     meta = read_onnx_metadata(out_path)
     assert list(meta["layers"]) == ["conv", "fc"] and meta["config"]["grad_quant"] == "dsgc"
+    assert meta["form"] == "deploy"
     onnx.checker.check_model(onnx.load(out_path), full_check=True)
     y = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"]).run(
         None, {"input": np.random.default_rng(0).standard_normal((5, 3, 6, 6), dtype=np.float32)})[0]
@@ -111,6 +115,7 @@ def test_state_dict_checkpoint_with_arch_uses_its_weights(tmp_path, capsys):
     init = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(out_path).graph.initializer}
     w_q, _ = quantize_per_channel(model.conv1.weight.detach().reshape(64, -1), 0)
     stored = init[meta["layers"]["conv1"]["onnx"][0]["weight_initializer"]]
+    # deploy form: bn1 (default statistics, gamma 1) is folded in, which leaves int8fx's INT8 codes as they are
     assert np.array_equal(stored.reshape(64, -1), w_q.to(torch.int8).numpy())
 
 
@@ -161,3 +166,72 @@ def test_export_failure_exits_1_and_leaves_no_file(tmp_path, capsys):
     assert "bad_models.py:" in err and "torch.cummax(self.conv(x), 1)" in err and "aten::cummax" in err
     assert sorted(os.listdir(tmp_path)) == ["__pycache__", "bad_models.py"] or sorted(os.listdir(tmp_path)) == [
         "bad_models.py"]
+
+
+def _bad_inputs(tmp_path, user_file):
+    (tmp_path / "a_file.txt").write_text("x")
+    torch.save({"not": "batches"}, tmp_path / "dict.pt")
+    model = [f"{user_file}:build"]
+    return {
+        "missing directory": (model + ["-o", str(tmp_path / "nodir" / "x.onnx")], "does not exist"),
+        "output is a directory": (model + ["-o", str(tmp_path)], "is a directory"),
+        "parent is a file": (model + ["-o", str(tmp_path / "a_file.txt" / "x.onnx")], "does not exist"),
+        "bad input shape": (model + ["-o", str(tmp_path / "x.onnx"), "--input-shape", "1,three,8"], "comma-separated integers"),
+        "wrong channel count": (model + ["-o", str(tmp_path / "x.onnx"), "--input-shape", "1,4,6,6"],
+                                "cannot run on an input of shape (1, 4, 6, 6)"),
+        "opset 12": (model + ["-o", str(tmp_path / "x.onnx"), "--opset", "12"], "--opset 12: needs >= 13"),
+        "opset too new": (model + ["-o", str(tmp_path / "x.onnx"), "--opset", "99"], "opset must be an integer from 13"),
+        "dynamo below opset 18": (model + ["-o", str(tmp_path / "x.onnx"), "--opset", "17", "--exporter", "dynamo"],
+                                  "needs opset >= 18"),
+        "missing calibration file": (model + ["-o", str(tmp_path / "x.onnx"), "--calibration-data",
+                                              str(tmp_path / "none.pt")], "none.pt: no such file"),
+        "calibration file of the wrong kind": (model + ["-o", str(tmp_path / "x.onnx"), "--calibration-data",
+                                                        str(tmp_path / "dict.pt")], "expected a tensor [N, ...]"),
+        "calibration file that is not torch": (model + ["-o", str(tmp_path / "x.onnx"), "--calibration-data",
+                                                        str(tmp_path / "a_file.txt")], "not a torch.save file"),
+        "unknown form": (model + ["-o", str(tmp_path / "x.onnx"), "--form", "fast"], "invalid choice: 'fast'"),
+        "missing -o": (model, "the following arguments are required: -o/--output"),
+        "unresolvable model": (["torchvision:resnet5", "-o", str(tmp_path / "x.onnx")], "did you mean"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing directory", "output is a directory", "parent is a file", "bad input shape", "wrong channel count",
+    "opset 12", "opset too new", "dynamo below opset 18", "missing calibration file",
+    "calibration file of the wrong kind", "calibration file that is not torch", "unknown form", "missing -o",
+    "unresolvable model"])
+def test_every_bad_input_is_one_line_exit_2_and_no_file(case, tmp_path, user_file, capsys):
+    argv, message = _bad_inputs(tmp_path, user_file)[case]
+    before = set(os.listdir(tmp_path))
+    try:
+        rc = main(["export", *argv])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("int8fx export: ") and err.count("\n") == 1 and message in err, err
+    assert set(os.listdir(tmp_path)) == before  # nothing written, no temporary file left
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_is_a_bad_input(tmp_path, user_file, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["export", f"{user_file}:build", "-o", str(ro / "x.onnx")]) == 2
+        assert "is not writable" in capsys.readouterr().err and os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_detection_models_build_without_downloading(monkeypatch):
+    """torchvision's detection builders fetch ImageNet backbone weights unless told weights_backbone=None."""
+    import torchvision.models._api as api
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a MODEL spec must never download weights")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", no_download)
+    model, _, shape, _ = load_model("torchvision:fasterrcnn_resnet50_fpn")
+    assert type(model).__name__ == "FasterRCNN" and shape is None

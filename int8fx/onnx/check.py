@@ -8,6 +8,8 @@ convolutions of a deploy file run in INT8.
 """
 from __future__ import annotations
 
+import re
+
 from .errors import OnnxExportError
 
 
@@ -46,7 +48,7 @@ def runtime_ops(model_or_path, *, threads: int = 1, level: str = "all") -> dict[
         so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
         ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         optimized = onnx.load(so.optimized_model_filepath)
-    return {n.name: n.op_type for n in optimized.graph.node}
+    return {re.sub(r"_token_\d+$", "", n.name): n.op_type for n in optimized.graph.node}
 
 
 def int8_sites(meta: dict, ops: dict[str, str]) -> dict[str, list[str]]:

@@ -1,0 +1,249 @@
+"""The deploy ONNX form: what onnxruntime runs in INT8, TensorRT's rules, int8fx's weights and scales in the
+file, and how far its predictions are from `qmodel.eval()` on real data.
+
+`Net` packs the structures that decide whether a runtime can fuse the INT8 ops, in a model small enough
+to export in seconds: a conv+BN+ReLU stem with max pooling; a residual block whose conv and downsample
+shortcut read the same tensor at the same scale (two QuantizeLinears of one tensor that must stay
+distinct); an inverted residual with ReLU6 whose projection output feeds both the next conv and a
+residual Add (an INT8 op with two consumers: the fan-out); SiLU and a squeeze-excite gate (x * sigmoid(x),
+another fan-out); global pooling and a linear head. Speed is measured in benchmarks/onnx_runtime.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+import int8fx
+from int8fx.onnx import read_onnx_metadata
+from int8fx.onnx.check import INT8_KERNELS, int8_sites, runtime_ops
+from int8fx.passes import sites_of
+from int8fx.quant.core import quantize_per_channel
+
+pytest.importorskip("onnxruntime")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(16, 24, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.conv2 = nn.Conv2d(24, 24, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.down = nn.Conv2d(16, 24, 1, 2, bias=False)
+        self.bn_down = nn.BatchNorm2d(24)
+        self.expand = nn.Conv2d(24, 48, 1, bias=False)
+        self.bn_e = nn.BatchNorm2d(48)
+        self.dw = nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False)
+        self.bn_dw = nn.BatchNorm2d(48)
+        self.project = nn.Conv2d(48, 24, 1, bias=False)
+        self.bn_p = nn.BatchNorm2d(24)
+        self.mix = nn.Conv2d(24, 32, 3, 1, 1)
+        self.se_reduce = nn.Conv2d(32, 8, 1)
+        self.se_expand = nn.Conv2d(8, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn0(self.stem(x))), 3, 2, 1)
+        y = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(y)) + self.bn_down(self.down(x)))
+        p = self.bn_p(self.project(F.relu6(self.bn_dw(self.dw(F.relu6(self.bn_e(self.expand(x))))))))
+        x = x + p
+        x = F.silu(self.mix(x + p))
+        gate = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        return self.fc((x * gate).mean((2, 3)))
+
+
+FOLDED = {"stem": "bn0", "conv1": "bn1", "conv2": "bn2", "down": "bn_down", "expand": "bn_e", "dw": "bn_dw",
+          "project": "bn_p"}
+
+
+def _trained(seed: int = 0):
+    """Net after a few INT8 training steps on random data: trained running clips, non-trivial BN statistics."""
+    torch.manual_seed(seed)
+    qm = int8fx.convert(Net())
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        x = torch.randn(8, 3, 32, 32)
+        F.cross_entropy(qm(x), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+        opt.zero_grad()
+    return qm.eval()
+
+
+@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+def deployed(request, tmp_path_factory):
+    qm = _trained()
+    torch.manual_seed(1)
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    path = str(tmp_path_factory.mktemp("deploy") / f"net-{request.param}.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=request.param, calibration_data=calib[1:])
+    return qm, calib, path, meta
+
+
+def test_every_site_runs_in_an_int8_kernel_in_onnxruntime(deployed):
+    qm, _, path, meta = deployed
+    ran = int8_sites(meta, runtime_ops(path))  # ORT_ENABLE_ALL, CPU
+    sites = [s.name for s in sites_of(qm) if s.converted]
+    assert sorted(ran) == sorted(sites)
+    not_int8 = {s: ops for s, ops in ran.items() if not ops or not all(op in INT8_KERNELS for op in ops)}
+    assert not not_int8
+    assert all(ran[s] == ["QLinearConv"] for s in sites if s != "fc") and ran["fc"] in (["QGemm"], ["QLinearMatMul"])
+    ops = set(runtime_ops(path).values())
+    assert "QLinearAdd" in ops and "Conv" not in ops and "FusedConv" not in ops
+
+
+def test_tensorrt_explicit_quantization_rules_hold(deployed):
+    """Symmetric int8 (zero point 0) activations and weights, int32 biases, every scale and zero point an
+    initializer (no Identity or computed values), weights per output channel, activations per tensor."""
+    _, _, path, _ = deployed
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        assert len(n.input) == 3 and n.input[1] in inits and n.input[2] in inits, n.name
+        scale, zp = inits[n.input[1]], inits[n.input[2]]
+        assert np.isfinite(scale).all() and (scale > 0).all(), n.name
+        assert not zp.any() and zp.dtype in (np.int8, np.int32) and zp.shape == scale.shape, n.name
+        if n.op_type == "QuantizeLinear":
+            assert scale.shape == () and zp.dtype == np.int8  # activations: per tensor, int8
+        elif n.input[0] in inits:  # a weight or a bias
+            w = inits[n.input[0]]
+            assert (w.dtype, zp.dtype) in ((np.int8, np.int8), (np.int32, np.int32))
+            if w.dtype == np.int8 and w.ndim > 1:
+                assert scale.shape in ((w.shape[0],), (w.shape[1],))  # per output channel (axis 0, or 1 for MatMul)
+
+
+def test_int8_weights_are_int8fx_codes_with_batchnorm_folded(deployed):
+    """Folding BN (factor a = gamma / sigma per output channel) before quantizing keeps int8fx's INT8 codes
+    (times sign(a)) and scales the per-channel scale by |a|; the bias becomes int32 at scale s_x * s_w."""
+    qm, _, path, meta = deployed
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    for site in sites_of(qm):
+        conv = site.layer
+        call = meta["layers"][site.name]["onnx"][0]
+        w_q, s_w = quantize_per_channel(conv.weight.detach().reshape(conv.weight.shape[0], -1), 0)
+        a, shift = torch.ones(len(s_w)), conv.bias.detach() if conv.bias is not None else torch.zeros(len(s_w))
+        if site.name in FOLDED:
+            bn = getattr(qm, FOLDED[site.name])
+            a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias.detach() - a * bn.running_mean
+        stored = inits[call["weight_initializer"]]
+        stored = stored.T if site.name == "fc" and stored.shape != tuple(conv.weight.shape) else stored
+        assert np.array_equal(stored.reshape(len(s_w), -1), (torch.sign(a)[:, None] * w_q).to(torch.int8).numpy())
+        file_scale = torch.from_numpy(inits[nodes[call["w_dequantize"]].input[1]])
+        assert torch.allclose(file_scale, a.abs() * s_w, rtol=1e-6, atol=0), site.name
+        b_dq = nodes[call["b_dequantize"]]
+        b_int, b_scale = inits[b_dq.input[0]], inits[b_dq.input[1]]
+        assert b_int.dtype == np.int32
+        assert np.allclose(b_int * b_scale, shift.numpy(), rtol=1e-6, atol=0.5 * b_scale.max() * 1.001), site.name
+        assert np.allclose(b_scale, call["x_scale"] * file_scale.numpy(), rtol=1e-6)
+
+
+def test_site_inputs_are_quantized_at_int8fx_scales(deployed):
+    """Each site's QuantizeLinear uses its trained running clip / 127, bit for bit (one ulp apart at most where
+    two sites read one tensor at the same scale: the downsample shortcut)."""
+    qm, _, path, meta = deployed
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    nudged = 0
+    for site in sites_of(qm):
+        entry = meta["layers"][site.name]
+        act = entry["forward"]["activation"]
+        assert act["clip_source"] == "act_clip_ema" and act["clip"] == float(site.layer.act_clip_ema)
+        want = np.float32(act["scale"])
+        got = inits[nodes[entry["onnx"][0]["x_quantize"]].input[1]]
+        assert got == np.float32(entry["onnx"][0]["x_scale"])
+        assert got == want or got == np.nextafter(want, np.float32(np.inf)), site.name
+        nudged += int(got != want)
+    assert nudged <= meta["deploy"]["scales_moved_one_ulp_apart"]
+    assert meta["deploy"]["requantized_fan_outs"] >= 2  # the projection and the SiLU input
+
+
+def test_every_activation_quantizer_has_one_consumer_and_its_own_scale(deployed):
+    """What onnxruntime needs to run int8 activations in its u8 kernels on x86 (deploy module docstring)."""
+    _, _, path, _ = deployed
+    model = onnx.load(path)
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    by_tensor: dict[str, list] = {}
+    scales = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in scales:
+            assert consumers[n.output[0]] == 1, n.name
+            by_tensor.setdefault(n.input[0], []).append(float(scales[n.input[1]]))
+    assert any(len(v) > 1 for v in by_tensor.values())
+    assert all(len(set(v)) == len(v) for v in by_tensor.values())
+
+
+def test_metadata_reads_back_and_names_the_deploy_nodes(deployed):
+    qm, _, path, meta = deployed
+    back = read_onnx_metadata(path)
+    assert back == meta and back["form"] == "deploy" and back["producer"]["onnxruntime"]
+    names = {n.name for n in onnx.load(path).graph.node}
+    for site, entry in back["layers"].items():
+        (call,) = entry["onnx"]
+        for role in ("x_quantize", "x_dequantize", "w_dequantize", "compute", "y_quantize"):
+            assert call[role] == f"{site}/{role}" and call[role] in names
+
+
+def test_deploy_output_stays_close_to_the_eval_mode_model(deployed):
+    """On the calibration batches (random data, a barely trained net): the deploy file rounds where int8fx
+    keeps floats (conv outputs feeding Adds, the Adds, pooled features, biases to int32), so it is not equal
+    to qmodel.eval(); the gap stays a few percent of the logits' range. Real-data agreement: next test."""
+    qm, calib, path, _ = deployed
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for x in calib:
+        with torch.no_grad():
+            ref = qm(x).numpy()
+        out = sess.run(None, {"input": x.numpy()})[0]
+        assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), np.abs(out - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_deploy_agrees_with_the_trained_model_on_fashion_mnist(tmp_path):
+    """A ResNet-20 (width 8) INT8-trained for 150 steps on real images (3-4 min on 2 busy cores): the deploy file's top-1 predictions
+    agree with qmodel.eval() on 2,000 test images, and its accuracy is within half a point."""
+    from int8fx.data import load_fashion_mnist, normalize_images
+    from int8fx.zoo import build_model
+
+    torch.manual_seed(0)
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    qm = int8fx.convert(build_model("resnet20", width=8).module)
+    opt = torch.optim.SGD(qm.parameters(), lr=0.1, momentum=0.9)
+    for step in range(150):
+        idx = torch.randint(0, len(y_train), (64,))
+        F.cross_entropy(qm(normalize_images(x_train[idx])), y_train[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    qm.eval()
+    calib = list(normalize_images(x_train[:256]).split(64))
+    int8fx.export_onnx(qm, calib[0], tmp_path / "r20.onnx", form="deploy", calibration_data=calib[1:])
+    import onnxruntime as ort
+
+    x = normalize_images(x_test[:2000])
+    with torch.no_grad():
+        ref = qm(x).argmax(1).numpy()
+    out = ort.InferenceSession(str(tmp_path / "r20.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0].argmax(1)
+    y = y_test[:2000].numpy()
+    acc_ref, acc_out, agree = (ref == y).mean(), (out == y).mean(), (out == ref).mean()
+    print(f"top-1 qmodel.eval() {acc_ref:.4f}, deploy {acc_out:.4f}, agreement {agree:.4f}")
+    assert acc_ref > 0.7, acc_ref  # trained
+    assert agree >= 0.99, agree
+    assert abs(acc_out - acc_ref) <= 0.005, (acc_out, acc_ref)
