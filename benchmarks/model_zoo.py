@@ -137,8 +137,14 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 def _loss(out) -> torch.Tensor:
-    """A scalar that depends on every floating output (losses of a detector in training, logits, masks...)."""
-    parts = [t.float().square().mean() for t in _tensors(out) if t.is_floating_point() and t.numel()]
+    """A scalar that depends on every floating output (losses of a detector in training, logits, masks...):
+    a fixed random projection plus the mean square. The projection keeps gradients non-zero where an output
+    is zero at initialisation (torchvision's ViT heads start at zero)."""
+    parts = []
+    for t in _tensors(out):
+        if t.is_floating_point() and t.numel():
+            r = torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel()))
+            parts.append((t.float() * r).mean() + t.float().square().mean())
     return sum(parts) if parts else torch.zeros((), requires_grad=True)
 
 

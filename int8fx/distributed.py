@@ -18,9 +18,10 @@ Use (the whole recipe is in examples/train_ddp.py)::
         sync()                                 # after backward, BEFORE optimizer.step
         opt.step()                             # e.g. a DeviationLRScaler: reads the synced deviations
 
-Why after backward and before `step`: backward is where the gradient quantizers update their state, and
-DeviationLRScaler reads the layers' deviations in `step`, so the factors are equal on every rank only if
-the deviations were combined in between. With gradient accumulation (`ddp.no_sync()`), call it once per
+Why after backward and before `step`: forward and backward stage the quantizer state they compute as
+*pending* state, which the optimizer step commits (int8fx.nn.state); the sync combines the pending state,
+so every rank commits the same values, and DeviationLRScaler reads the (pending) deviations in `step`, so
+the factors are equal on every rank only if the deviations were combined in between. With gradient accumulation (`ddp.no_sync()`), call it once per
 optimizer step, after the last backward.
 
 Why an explicit call rather than a DDP communication hook: a hook runs once per *gradient bucket*
@@ -151,32 +152,36 @@ class QuantStateSync:
 
     def __init__(self, model: nn.Module, process_group=None, check_counters: bool = True) -> None:
         self.model, self.group, self.check_counters = _unwrap(model), process_group, check_counters
-        self.entries: list[tuple[str, nn.Module, str, str]] = []  # (full name, owner, buffer, kind)
+        # (full name, pending state tensor of that buffer, kind): what a step's forward/backward computed,
+        # before the optimizer step commits it (int8fx.nn.state)
+        self.entries: list[tuple[str, torch.Tensor, str]] = []
         unknown = []
         for lname, layer in self.model.named_modules():
             if not isinstance(layer, Int8Layer):
                 continue
-            for mname, mod in layer.named_modules(prefix=lname):
-                for bname, _ in mod.named_buffers(recurse=False):
-                    kind = reduction_for(mod, bname)
-                    if kind is None:
-                        unknown.append(f"{mname}.{bname} ({type(mod).__name__})")
-                    elif kind not in KINDS:
-                        raise ValueError(f"{type(mod).__name__}.sync_reductions[{bname!r}] = {kind!r}; "
-                                         f"known: {', '.join(KINDS)}")
-                    else:
-                        self.entries.append((f"{mname}.{bname}", mod, bname, kind))
+            for sname in layer.state_tensors():
+                owner_path, _, bname = sname.rpartition(".")
+                owner = layer.get_submodule(owner_path) if owner_path else layer
+                kind = reduction_for(owner, bname)
+                full = f"{lname}.{sname}" if lname else sname
+                if kind is None:
+                    unknown.append(f"{full} ({type(owner).__name__})")
+                elif kind not in KINDS:
+                    raise ValueError(f"{type(owner).__name__}.sync_reductions[{bname!r}] = {kind!r}; "
+                                     f"known: {', '.join(KINDS)}")
+                else:
+                    self.entries.append((full, layer.pending_tensors([sname])[0], kind))
         if unknown:
             raise ValueError(
                 "QuantStateSync has no reduction rule for quantizer buffer(s) " + ", ".join(unknown) + ". Declare "
                 "one on the class, e.g. `sync_reductions = {'my_buffer': 'max'}` (kinds: " + ", ".join(KINDS) + ")")
         if not self.entries:
             raise ValueError("QuantStateSync found no Int8Layer in the model: pass the model returned by int8fx.convert()")
-        self.entries.sort(key=lambda e: KINDS.index(e[3]))  # stable: one contiguous segment per kind
+        self.entries.sort(key=lambda e: KINDS.index(e[2]))  # stable: one contiguous segment per kind
         self.segments: dict[str, tuple[int, int]] = {}
         offset = 0
         for kind in KINDS:
-            n = sum(getattr(mod, b).numel() for _, mod, b, k in self.entries if k == kind)
+            n = sum(t.numel() for _, t, k in self.entries if k == kind)
             self.segments[kind] = (offset, offset + n)
             offset += n
         self.numel = offset
@@ -190,7 +195,7 @@ class QuantStateSync:
     # ------------------------------------------------------------------ the three stages
     def pack(self) -> Tensor:
         """All quantizer state as one flat float64 vector (entries grouped by reduction kind)."""
-        return torch.cat([getattr(mod, b).detach().reshape(-1).to(torch.float64) for _, mod, b, _ in self.entries])
+        return torch.cat([t.detach().reshape(-1).to(torch.float64) for _, t, _ in self.entries])
 
     def reduce(self, gathered: Tensor) -> Tensor:
         """[world_size, n] gathered vectors -> the combined vector [n]. Raises if counters differ."""
@@ -212,8 +217,7 @@ class QuantStateSync:
         """Write a combined vector back into the buffers (cast to each buffer's dtype and device)."""
         i = 0
         with torch.no_grad():
-            for _, mod, b, kind in self.entries:
-                buf = getattr(mod, b)
+            for _, buf, kind in self.entries:
                 n = buf.numel()
                 if kind != "equal":  # counters were checked equal: nothing to write
                     buf.copy_(flat[i:i + n].view(buf.shape).to(buf.device, buf.dtype))
@@ -251,14 +255,14 @@ class QuantStateSync:
 
     def _names_at(self, positions) -> list[str]:
         bounds, start = [], 0
-        for name, mod, b, _ in self.entries:
-            n = getattr(mod, b).numel()
+        for name, t, _ in self.entries:
+            n = t.numel()
             bounds.append((start, start + n, name))
             start += n
         return sorted({name for p in positions for lo, hi, name in bounds if lo <= p < hi})
 
     def __repr__(self) -> str:
-        counts = {k: sum(1 for e in self.entries if e[3] == k) for k in KINDS}
+        counts = {k: sum(1 for e in self.entries if e[2] == k) for k in KINDS}
         return (f"QuantStateSync(buffers={len(self.entries)} {counts}, values={self.numel}, "
                 f"rank={self.rank}/{self.world_size})")
 

@@ -3,15 +3,15 @@
 Where a layer's quantized gradient still points away from the true one, a full step would move the
 weights in a wrong direction; DCLRS shortens that layer's step by phi(d) = max(exp(-alpha d), beta),
 d being the cosine distance the INT8 op measured between dY and its quantized version on the last
-backward (the `deviation` buffer of each Int8Layer, filled once `tracks_deviation` is on).
+backward (the `deviation` of each Int8Layer, measured once `tracks_deviation` is on).
 
-Per-layer learning rates need one param group per layer, but the user's optimizer and schedulers were
-built on the user's groups. So the split exists only for the duration of `step()`: the wrapper swaps in
-per-layer copies of each group with `lr * phi`, calls the real `step`, and puts the original groups back.
-Schedulers (built on the wrapped optimizer) keep seeing and setting the original groups, so the factor
-multiplies whatever they set, and optimizer state (keyed by parameter) is untouched by the split.
-This is exact for every optimizer whose step reads `group["lr"]` (all of torch.optim except LBFGS, which
-forbids more than one group).
+How, without per-layer param groups and without a host sync: the wrapped optimizer takes its step as
+usual, then each INT8 layer's parameters are moved back to `old + phi * (new - old)` (`torch.lerp`, phi a
+device tensor). For every optimizer whose update is proportional to its learning rate (all of torch.optim
+but LBFGS: SGD with momentum, Nesterov and weight decay, Adam, AdamW, RMSprop, ...) that is the step the
+optimizer would have taken with `lr * phi`, to within one fp32 rounding; the optimizer's own state does
+not depend on lr, so it is the same too. The user's optimizer, param groups and schedulers are untouched
+(the factor multiplies whatever a scheduler set), and no learning rate ever needs phi on the host.
 """
 from __future__ import annotations
 
@@ -43,43 +43,41 @@ class DeviationLRScaler:
             raise ValueError(f"DeviationLRScaler needs alpha >= 0 and 0 < beta <= 1, got alpha={alpha}, beta={beta}")
         self.optimizer, self.alpha, self.beta = optimizer, float(alpha), float(beta)
         self.layers: dict[str, Int8Layer] = {}
-        self._owner: dict[int, str] = {}  # id(parameter) -> layer name
         for name, m in qmodel.named_modules():
             if isinstance(m, Int8Layer):
                 m.tracks_deviation = True
                 if m.owns_params:
                     self.layers.setdefault(name, m)
-                    for p in m.parameters(recurse=False):
-                        self._owner.setdefault(id(p), name)
         if not self.layers:
             raise ValueError("DeviationLRScaler found no Int8Layer in the model: pass the model returned by int8fx.convert()")
 
     def factors(self) -> dict[str, float]:
-        """phi of every layer's current deviation (one device sync for all layers)."""
+        """phi of every layer's current deviation, on the host (one transfer for all layers; for reports)."""
         names = list(self.layers)
-        d = torch.stack([self.layers[n].deviation.detach().float().cpu() for n in names]).tolist()
-        return {n: deviation_factor(v, self.alpha, self.beta) for n, v in zip(names, d)}
+        phi = self.device_factors()
+        values = torch.stack([phi[n].float() for n in names]).cpu().tolist() if names else []
+        return dict(zip(names, values))
 
-    def _split_groups(self, factors: dict[str, float]) -> list[dict]:
-        groups = []
-        for group in self.optimizer.param_groups:
-            parts: dict[float, list] = {}
-            for p in group["params"]:
-                parts.setdefault(factors.get(self._owner.get(id(p)), 1.0), []).append(p)
-            groups += [dict(group, params=ps, lr=group["lr"] * f) for f, ps in parts.items()]
-        return groups
+    def device_factors(self) -> dict[str, torch.Tensor]:
+        """phi of each layer's deviation of the last backward, as device tensors (no host read)."""
+        return {n: deviation_factor(m.pending_deviation().detach().float(), self.alpha, self.beta)
+                for n, m in self.layers.items()}
 
     def step(self, closure=None):
-        """One optimizer step at lr * phi(d) per layer, d from the layer's last backward.
+        """The wrapped optimizer's step, each INT8 layer's part of it scaled by phi(d) (module docstring).
 
         With a closure the backward happens inside `step`, after phi was read: the factors are then
         those of the previous backward."""
-        original = self.optimizer.param_groups
-        self.optimizer.param_groups = self._split_groups(self.factors())
-        try:
-            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        finally:
-            self.optimizer.param_groups = original
+        phi = self.device_factors()
+        params = [(p, phi[name]) for name, m in self.layers.items() for p in m.parameters(recurse=False)
+                  if p.requires_grad]
+        with torch.no_grad():
+            old = [p.detach().clone() for p, _ in params]
+        result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        with torch.no_grad():
+            for (p, f), o in zip(params, old):
+                p.copy_(torch.lerp(o, p, f.to(p.dtype)))
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -202,6 +202,7 @@ def test_opaque_code_sites_run_in_int8():
     y, yq = m(x), qm(x)
     assert F.cosine_similarity(y.flatten(), yq.flatten(), 0) > 0.99
     yq.sum().backward()
+    int8fx.commit(qm)  # what an optimizer step does: the state of that backward becomes current
     layers = [r for r in rep.layers]
     steps = {r.name: int(names[r.name].step) for r in layers}
     rep2 = int8fx.inspect(qm)
@@ -297,7 +298,8 @@ def test_eval_forward_uses_the_training_clip_so_predictions_do_not_depend_on_the
     outlier = torch.cat([x[:1], 50 * x[1:2]])
     for mode, stable in (("ema", True), ("batch", False)):
         qm = int8fx.convert(model, int8fx.Int8Config(eval_act_clip=mode))
-        qm(x).sum().backward()  # one training forward: act_clip_ema is set
+        qm(x).sum().backward()  # one training forward: act_clip_ema is set (when a step commits it)
+        int8fx.commit(qm)
         qm.eval()
         with torch.no_grad():
             alone, with_outlier = qm(x[:1]), qm(outlier)[:1]

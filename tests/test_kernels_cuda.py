@@ -175,17 +175,21 @@ def test_absmax_matches_and_propagates_nonfinite(cb, dtype):
     assert torch.isnan(cb.absmax(rows))
 
 
-def test_stochastic_rounding_unbiased_and_seeded(cb):
+def test_stochastic_rounding_unbiased_keyed_and_equal_to_the_reference(cb):
+    from int8fx.quant.core import quantize
+
     x = torch.full((1 << 20,), 0.3, device=DEV)
     s = torch.ones((), device=DEV)
-    gen = lambda seed: torch.Generator(device=DEV).manual_seed(seed)  # noqa: E731
-    q = cb.quantize(x, s, rounding="stochastic", generator=gen(1))
+    key = lambda k: torch.tensor(k, dtype=torch.int32, device=DEV)  # noqa: E731
+    q = cb.quantize(x, s, rounding="stochastic", key=key(1))
     assert set(q.unique().tolist()) <= {0, 1}
     assert abs(q.float().mean().item() - 0.3) < 3e-3  # 6.5 standard errors
-    assert torch.equal(q, cb.quantize(x, s, rounding="stochastic", generator=gen(1)))
-    assert not torch.equal(q, cb.quantize(x, s, rounding="stochastic", generator=gen(2)))
-    neg = cb.quantize(-x * 10, s, rounding="stochastic", generator=gen(3))
+    assert torch.equal(q, cb.quantize(x, s, rounding="stochastic", key=key(1)))
+    assert not torch.equal(q, cb.quantize(x, s, rounding="stochastic", key=key(2)))
+    neg = cb.quantize(-x * 10, s, rounding="stochastic", key=key(3))
     assert set(neg.unique().tolist()) <= {-3, -2} and abs(neg.float().mean().item() + 3.0) < 3e-3
+    y = torch.randn(3, 1000, device=DEV) * 20  # the same counter-based draws as the reference, element for element
+    assert torch.equal(cb.quantize(y, s, rounding="stochastic", key=key(7)), quantize(y, s, "stochastic", key(7)))
 
 
 def test_quantize_transposing_store(cb):

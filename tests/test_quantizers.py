@@ -263,26 +263,38 @@ def test_overrides_choose_a_policy_per_layer():
     assert math.isclose(int8fx.inspect(qm).to_dict()["config"]["mcs_a"], 0.8)
 
 
-def test_stochastic_rounding_is_unbiased_and_seeded():
-    """E[q] = x/s (to within 2^-16 of a step plus sampling noise), the draws follow the generator, and the
-    15-bit lanes behind them are uniform in every position of the 64-bit words they are cut from."""
-    from int8fx.quant.core import quantize, uniform_bits15
+def test_stochastic_rounding_is_unbiased_and_keyed():
+    """E[q] = x/s (to within 2^-16 of a step plus sampling noise), the draws follow the key, the 15-bit
+    draws are uniform and independent of the element's position, and they equal an independent scalar
+    implementation of the stream (lowbias32 of i * golden + key), the function the CUDA kernel computes."""
+    from int8fx.quant.core import quantize, stream_key, uniform_bits15
 
     n = 200_000
     for v in (0.1, 0.5, 0.9, -0.3, -2.7, 126.4):
-        g = torch.Generator().manual_seed(7)
-        q = quantize(torch.full((n,), v * 0.02), torch.tensor(0.02), "stochastic", g, torch.float32)
+        q = quantize(torch.full((n,), v * 0.02), torch.tensor(0.02), "stochastic", 7, torch.float32)
         frac = v - math.floor(v)
         assert set(q.unique().tolist()) <= {math.floor(v), math.floor(v) + 1}
         assert abs(q.double().mean().item() - v) < 4 * math.sqrt(frac * (1 - frac) / n) + 2.0 ** -16 + 1e-6, v
     ints = torch.arange(-127.0, 128.0).repeat(400)  # u < 1 always: values on the grid never move
-    assert torch.equal(quantize(ints * 0.02, torch.tensor(0.02), "stochastic", torch.Generator().manual_seed(3),
-                                torch.float32), ints)
+    assert torch.equal(quantize(ints * 0.02, torch.tensor(0.02), "stochastic", 3, torch.float32), ints)
     x = torch.randn(1000)
-    a, b, c = (quantize(x, torch.tensor(0.1), "stochastic", torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+    a, b, c = (quantize(x, torch.tensor(0.1), "stochastic", k) for k in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    r = uniform_bits15((4 * 50_000,), torch.Generator().manual_seed(0), "cpu")
-    assert r.dtype == torch.int16 and int(r.min()) >= 0 and int(r.max()) == 32767
-    lanes = r.view(-1, 4).float()
+    with pytest.raises(ValueError, match="key"):
+        quantize(x, torch.tensor(0.1), "stochastic")
+    r = uniform_bits15((4 * 50_000,), 11, "cpu")
+    assert int(r.min()) >= 0 and int(r.max()) == 32767
+    lanes = r.view(-1, 4).float()  # by position mod 4 (and so mod 2): no pattern in the index
     assert torch.allclose(lanes.mean(0), torch.full((4,), 16383.5), atol=4 * 9459 / math.sqrt(50_000))
     assert torch.allclose(lanes.std(0), torch.full((4,), 9459.0), rtol=0.02)  # sd of U{0..32767}
+    mask = (1 << 32) - 1
+
+    def lowbias32(z):
+        z = ((z ^ (z >> 16)) * 0x7FEB352D) & mask
+        z = ((z ^ (z >> 15)) * 0x846CA68B) & mask
+        return z ^ (z >> 16)
+
+    key = int(stream_key(12345, torch.tensor(9), 1)) & mask
+    want = [(lowbias32((i * 0x9E3779B9 + key) & mask) >> 17) & 0x7FFF for i in range(64)]
+    assert uniform_bits15((64,), stream_key(12345, torch.tensor(9), 1), "cpu").tolist() == want
+    assert not torch.equal(stream_key(12345, torch.tensor(9), 0), stream_key(12345, torch.tensor(9), 1))

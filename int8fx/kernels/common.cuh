@@ -106,13 +106,15 @@ __device__ __forceinline__ void mma_s8_16832(int* d, const unsigned* a, const un
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Counter-based uniform in [0, 1) with 24 random bits (exact in fp32): splitmix64 of (seed, index).
-// Stateless, so every element's draw depends only on the seed and its index: reproducible in any
-// launch geometry.
-__device__ __forceinline__ float uniform01(unsigned long long seed, unsigned long long idx) {
-  unsigned long long z = seed + (idx + 1ull) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (float)(unsigned)(z >> 40) * (1.0f / 16777216.0f);
+// Counter-based uniform in (0, 1): u = (r + 1/2) / 2^15, r the top 15 bits of lowbias32(idx * golden +
+// key), exactly int8fx.quant.core.uniform_bits15 (so the reference and this kernel draw the same u for
+// the same key and element index). Stateless: reproducible in any launch geometry.
+__device__ __forceinline__ float uniform01(unsigned key, unsigned long long idx) {
+  unsigned z = (unsigned)idx * 0x9E3779B9u + key;
+  z ^= z >> 16;
+  z *= 0x7FEB352Du;
+  z ^= z >> 15;
+  z *= 0x846CA68Bu;
+  z ^= z >> 16;
+  return (float)((z >> 17) & 0x7FFFu) * (1.0f / 32768.0f) + (1.0f / 65536.0f);
 }

@@ -230,19 +230,12 @@ def absmax(x: Tensor, axis: int | None = None, premul: Tensor | None = None) -> 
     return out if axis is not None else out.reshape(())
 
 
-def _seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """A 62-bit seed drawn from `generator` as a device tensor: the kernel reads it, the host never waits."""
-    gdev = generator.device if generator is not None else device
-    s = torch.randint(0, 2**62, (1,), generator=generator, device=gdev, dtype=torch.int64)
-    return s.to(device, non_blocking=True)
-
-
 def quantize(x: Tensor, scale: Tensor, *, axis: int | None = None, premul: Tensor | None = None,
-             rounding: str = "nearest", generator: torch.Generator | None = None, out: Tensor | None = None,
+             rounding: str = "nearest", key: Tensor | int | None = None, out: Tensor | None = None,
              out_strides: tuple[int, int, int] | None = None) -> Tensor:
     """int8 q = clamp(round(x * premul[c] / scale[c]), -127, 127) per index c of `axis` (per tensor when
     None), with int8fx.quant.core.quantize's semantics (nearest = ties to even, bit-exact; stochastic =
-    floor(v + u) with a counter-based u, seeded from `generator`, so its draws differ from PyTorch's).
+    floor(v + u) with the counter-based u of `uniform_bits15` for the int32 stream `key`, the same draws).
     `out`/`out_strides` (oA, oC, oB) place q[a, c, b] of the [A, C, B] view anywhere (e.g. transposed)."""
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -265,7 +258,9 @@ def quantize(x: Tensor, scale: Tensor, *, axis: int | None = None, premul: Tenso
     vec = geo.vec_width(B, x.data_ptr() % 16 == 0)
     pack4 = int(vec == 4 and oB == 1 and oA % 4 == 0 and oC % 4 == 0 and out.data_ptr() % 4 == 0)
     stochastic = rounding == "stochastic"
-    seed = _seed(generator, x.device) if stochastic else None
+    if stochastic and key is None:
+        raise ValueError("stochastic rounding needs a key (the counter-based stream to draw from)")
+    seed = torch.as_tensor(key, device=x.device).to(torch.int32).reshape(1) if stochastic else None
     blocks = geo.plan_elementwise(A * C * (B // vec), _sm_count(x.device))
     _launch(x.device, "quantize.cu", f"quantize_s8<{ctype},{vec}>", (blocks,), (256,),
             (_p(x), _i64(A), _i32(C), _i64(B), _p(scale), _i32(int(scale.numel() > 1)),
@@ -338,7 +333,7 @@ class CupyBackend:
         return int_bmm(a, b)
 
     @staticmethod
-    def quantize(x: Tensor, scale: Tensor, rounding: str = "nearest", generator=None,
+    def quantize(x: Tensor, scale: Tensor, rounding: str = "nearest", key=None,
                  out_dtype: torch.dtype = torch.int8) -> Tensor | None:
         if (out_dtype != torch.int8 or not x.is_cuda or x.dtype not in _FLOAT_INPUTS
                 or torch.cuda.get_device_capability(x.device) < geo.MIN_CAPABILITY):
@@ -346,7 +341,7 @@ class CupyBackend:
         axis = _scale_axis(x, scale)
         if axis is False:
             return None
-        return quantize(x, scale, axis=axis, rounding=rounding, generator=generator)
+        return quantize(x, scale, axis=axis, rounding=rounding, key=key)
 
 
 # ----------------------------------------------------------------------------- a whole conv layer

@@ -11,7 +11,7 @@
 //   absmax: max |x * premul[c]| with NaN winning (a NaN/Inf gradient poisons its scale);
 //   quantize: s = scale[c] (or scale[0]); q = 0 where !(s > 0) (zero or NaN scale), else
 //             clamp(rint(x*premul[c] / s), -127, 127) with IEEE division and ties to even,
-//             or floor(x/s + u) for stochastic rounding, u from a counter-based hash of (seed, index);
+//             or floor(x/s + u) for stochastic rounding, u from a counter-based hash of (key, index);
 //             a NaN quotient gives 0 (as PyTorch's float->int8 cast does).
 // `premul` (optional) folds a per-channel factor in before both: the dX operand dY * s_W[o].
 // `out` addressing is separate from the input's: q[a, c, b] goes to out[a*oA + c*oC + b*oB], so one
@@ -114,7 +114,7 @@ absmax_cols(const T* __restrict__ x, i64 R, int C, const float* __restrict__ pre
   }
 }
 
-__device__ __forceinline__ signed char quantize_one(float v, float s, int stochastic, unsigned long long seed,
+__device__ __forceinline__ signed char quantize_one(float v, float s, int stochastic, unsigned seed,
                                                     unsigned long long idx) {
   if (!(s > 0.f)) return 0;  // zero or NaN scale
   float y = __fdiv_rn(v, s);
@@ -125,15 +125,15 @@ __device__ __forceinline__ signed char quantize_one(float v, float s, int stocha
 }
 
 // q[a, c, b] -> out[a*oA + c*oC + b*oB], VEC consecutive b per thread (B % VEC == 0, aligned base).
-// scale: scale[c] if scale_per_c else scale[0]; seed: device pointer (read only when stochastic), so
-// drawing a seed from a torch generator never synchronises with the host. pack4: the launcher
+// scale: scale[c] if scale_per_c else scale[0]; seed: device pointer to the int32 stream key (read only
+// when stochastic), so keying a stream on a device counter never synchronises with the host. pack4: the launcher
 // guarantees oB == 1 and 4-byte aligned destinations, so VEC=4 results go out as one 32-bit store.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256)
 quantize_s8(const T* __restrict__ x, i64 A, int C, i64 B, const float* __restrict__ scale, int scale_per_c,
             const float* __restrict__ premul, i8* __restrict__ out, i64 oA, i64 oC, i64 oB,
-            int stochastic, const i64* __restrict__ seed_ptr, int pack4) {
-  const unsigned long long seed = stochastic ? (unsigned long long)seed_ptr[0] : 0ull;
+            int stochastic, const int* __restrict__ seed_ptr, int pack4) {
+  const unsigned seed = stochastic ? (unsigned)seed_ptr[0] : 0u;
   const i64 bv = B / VEC;
   const i64 nv = A * C * bv;
   for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < nv; j += (i64)gridDim.x * blockDim.x) {

@@ -6,35 +6,21 @@ run fp32 batched GEMMs over chunks of the reduction dimension of at most `EXACT_
 results in fp64 (exact up to 2^53). The result equals the int64 product element for element, which the
 tests check against a naive int64 computation, and it is what the GPU kernels are checked against.
 
-Why not `torch._int_mm` on CPU: measured 3-6 GOP/s on the 2-core CI machine, against 90-175 GFLOP/s for
-an fp32 GEMM. Why not fp64 GEMMs throughout: half the speed of fp32.
+Reduced-precision fp32 matmul modes do not break this, so the op never reads or sets them (reading them
+would also be a graph break under torch.compile): TF32 keeps 10 mantissa bits and bf16 8, both of which
+hold every integer in [-127, 127] exactly, and both accumulate in fp32. So `torch.set_float32_matmul_
+precision("high"/"medium")` and `torch.backends.cuda.matmul.allow_tf32` give the same exact sums
+(tests/test_reference.py checks it).
+
+Why not fp64 GEMMs throughout: half the speed of fp32. Where the CPU has int8 dot-product instructions,
+`torch._int_mm` is faster still (int8fx.kernels.cpu_backend); this path is what every device can run.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import Tensor
 
 EXACT_K = 1040  # 127**2 * 1040 = 16_774_160 < 2**24 = 16_777_216
-
-
-@contextlib.contextmanager
-def _ieee_fp32():
-    """fp32 GEMMs must not silently run in TF32/bf16 (users may have enabled that globally)."""
-    prev = torch.get_float32_matmul_precision()
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else None
-    if prev != "highest":
-        torch.set_float32_matmul_precision("highest")
-    if prev_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if prev != "highest":
-            torch.set_float32_matmul_precision(prev)
-        if prev_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def exact_int_bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -49,14 +35,13 @@ def exact_int_bmm(a: Tensor, b: Tensor) -> Tensor:
     if b.dtype != torch.float32:
         b = b.float()
     K = a.shape[2]
-    with _ieee_fp32():
-        if K <= EXACT_K:
-            return torch.bmm(a, b)
-        acc = None
-        for k0 in range(0, K, EXACT_K):
-            part = torch.bmm(a[:, :, k0:k0 + EXACT_K], b[:, k0:k0 + EXACT_K, :])
-            acc = part.double() if acc is None else acc.add_(part)
-        return acc
+    if K <= EXACT_K:
+        return torch.bmm(a, b)
+    acc = None
+    for k0 in range(0, K, EXACT_K):
+        part = torch.bmm(a[:, :, k0:k0 + EXACT_K], b[:, k0:k0 + EXACT_K, :])
+        acc = part.double() if acc is None else acc.add_(part)
+    return acc
 
 
 class ReferenceBackend:

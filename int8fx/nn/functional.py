@@ -1,37 +1,69 @@
-"""The INT8 training op: one `torch.autograd.Function` for every conv dimensionality and for linear.
+"""The INT8 training op for every conv dimensionality and for linear, registered with `torch.library`.
 
 Forward:  X per tensor, W per output channel -> exact integer GEMM -> x s_X s_W[o] (+ bias in fp32).
-          The INT8 activation (not the FP32 one) is saved for backward.
+          The INT8 activation and weight (not the FP32 ones) are saved for backward.
 Backward: dW = (dY quantized with one clip per output channel)^T . Xcol_int8      (INT8 GEMM)
           dX = col2im((dY s_W[o] quantized per tensor) . W_int8)                (INT8 GEMM)
 Folding the per-channel weight scale into dY before its per-tensor quantization keeps the forward's
-per-output-channel INT8 weights usable in the dX GEMM, where o is the reduction index and a
-per-o scale could not be factored out (ALGORITHMS.md, granularity table). It is the exact gradient of
-the quantized forward (straight-through for the quantizers).
+per-output-channel INT8 weights usable in the dX GEMM, where o is the reduction index and a per-o scale
+could not be factored out (ALGORITHMS.md, granularity table). It is the exact gradient of the quantized
+forward (straight-through for the quantizers).
+
+Why `torch.library` ops: `int8fx::gemm` and `int8fx::gemm_backward` take only tensors and plain values
+(the site's geometry as ints, its policy as a name and floats, its state as tensor lists), and have fake
+implementations that give shapes without computing, so dynamo, AOTAutograd and `torch.export` see one
+opaque, correctly-shaped node per site and per direction. Both are functional: the backward returns the
+quantizer state it computed, and the autograd formula writes it into the site's *pending* state tensors
+(`Int8Layer.commit` makes it current when an optimizer steps, so a step a loss scaler skips leaves no
+trace). Nothing in either op reads a value on the host: finiteness, clips and the DSGC period are
+device-side `where`s, and stochastic rounding draws from a counter-based stream keyed on the site and
+its backward count (int8fx.quant.core.uniform_bits15), separately for the dX and dW operands.
+
+`torch.func` transforms need an `autograd.Function` with `setup_context` (custom ops' autograd does not
+compose with them yet), so under a functorch transform the same forward/backward run through
+`_FunctorchGemm`; everywhere else through the custom op.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..kernels import resolve_backend
-from ..kernels import layouts
+from ..kernels import layouts, resolve_backend
 from ..kernels.im2col import GemmSpec, output_to_rows
 from ..quant.core import (absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
-                          scale_from_clip)
+                          scale_from_clip, stream_key)
+from ..quant.grad import PolicyParams, grad_quantizer_class
+
+SAVED_OUTPUTS = 4  # x_q, s_x, w_q, s_w: what the forward op returns besides y, for the backward
 
 
-def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", generator=None,
+# --------------------------------------------------------------------------------------------- geometry
+def spec_to_ints(spec: GemmSpec) -> list[int]:
+    """[dims, groups, *kernel, *stride, *pad_before, *pad_after, *dilation]: a GemmSpec as a torch.library
+    `int[]` argument."""
+    return [spec.dims, spec.groups, *spec.kernel, *spec.stride, *(lo for lo, _ in spec.padding),
+            *(hi for _, hi in spec.padding), *spec.dilation]
+
+
+def spec_from_ints(ints) -> GemmSpec:
+    dims, groups, rest = ints[0], ints[1], list(ints[2:])
+    if dims == 0:
+        return GemmSpec(0)
+    k, s, lo, hi, d = (tuple(rest[i * dims:(i + 1) * dims]) for i in range(5))
+    return GemmSpec(dims, k, s, tuple(zip(lo, hi)), d, groups)
+
+
+# --------------------------------------------------------------------------------------------- forward
+def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", key=None,
               out_dtype: torch.dtype = torch.int8) -> Tensor:
     """`quantize` through the backend's fused kernel when it has one (optional `backend.quantize` hook,
-    same arguments and semantics; it returns None for cases it does not cover). The reference backend
-    has no hook, so its path is exactly `quantize`."""
+    same arguments and semantics; it returns None for cases it does not cover)."""
     hook = getattr(backend, "quantize", None)
-    q = hook(x, scale, rounding, generator, out_dtype) if hook is not None else None
-    return quantize(x, scale, rounding, generator, out_dtype) if q is None else q
+    q = hook(x, scale, rounding, key, out_dtype) if hook is not None else None
+    return quantize(x, scale, rounding, key, out_dtype) if q is None else q
 
 
 def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend, act_clip: Tensor | None = None):
@@ -52,81 +84,204 @@ def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend, act_cl
     return y.reshape(*x.shape[:-1], w2.shape[0]) if spec.is_linear else y, x_q, s_x, w_q, s_w
 
 
-def _autocast_off(fn):
-    """Run an op method with autocast disabled on its first tensor's device.
-
-    The reference GEMM computes exact integer products with fp32 matmuls; under `torch.autocast` those
-    matmuls would run in bf16/fp16 and round the int32 accumulators (measured: outputs off by 3e-3,
-    weight gradients by 4e-2 on a small CNN under CPU bf16 autocast). The op's own precision is INT8
-    with fp32 scales whatever autocast says, so it shields its inside and keeps its input dtype."""
-
-    @functools.wraps(fn)
-    def wrapper(ctx, *args):
-        try:
-            off = torch.autocast(args[0].device.type, enabled=False)
-        except RuntimeError:  # a device type without autocast support
-            off = contextlib.nullcontext()
-        with off:
-            return fn(ctx, *args)
-
-    return wrapper
+@contextlib.contextmanager
+def _no_autocast(device: torch.device):
+    """The op's own precision is INT8 with fp32 scales whatever autocast says: under `torch.autocast` the
+    reference GEMM's fp32 matmuls would run in bf16/fp16 and round the int32 accumulators."""
+    try:
+        ctx = torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
 
 
-class Int8GemmFunction(torch.autograd.Function):
-    """apply(x, weight, bias, spec, layer) -> y. `layer` is the Int8 module owning quantizer state."""
-
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, layer) -> Tensor:
-        backend = resolve_backend(layer.backend_choice, x.device)
-        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec, backend, layer.static_act_clip())
+def gemm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Tensor, spec: list[int],
+                 static_clip: bool, backend: str, out_dtype: torch.dtype):
+    """The forward computation: (y in out_dtype, x_q int8, s_x, w_q int8 [O, K], s_w [O])."""
+    spec_ = spec_from_ints(spec)
+    be = resolve_backend(backend, x.device)
+    with _no_autocast(x.device):
+        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec_, be, act_clip if static_clip else None)
         if bias is not None:
-            y = y + (bias.view(-1, *([1] * spec.dims)) if not spec.is_linear else bias)
-        if x.numel():  # an empty batch carries no statistics
-            layer.observe_forward(s_x)
-        ctx.save_for_backward(x_q, s_x, w_q, s_w)
-        ctx.spec, ctx.layer, ctx.has_bias = spec, layer, bias is not None
-        ctx.x_shape, ctx.x_dtype, ctx.w_shape = x.shape, x.dtype, weight.shape
-        return y.to(x.dtype) if x.dtype != y.dtype and x.dtype.is_floating_point else y
+            y = y + (bias.float().view(-1, *([1] * spec_.dims)) if not spec_.is_linear else bias.float())
+    # contiguous outputs: what the fake implementation promises (inductor checks the strides)
+    return (y.to(out_dtype).contiguous(), x_q.contiguous(), s_x, w_q.to(torch.int8).contiguous(), s_w)
 
-    @staticmethod
-    @_autocast_off
-    def backward(ctx, dy: Tensor):
-        x_q, s_x, w_q, s_w = ctx.saved_tensors
-        spec, layer = ctx.spec, ctx.layer
-        backend = resolve_backend(layer.backend_choice, dy.device)
-        g = spec.groups
+
+def _output_shape(x_shape, w_shape, spec: GemmSpec) -> tuple:
+    if spec.is_linear:
+        return (*x_shape[:-1], w_shape[0])
+    return (x_shape[0], w_shape[0], *spec.out_size(tuple(x_shape[2:])))
+
+
+# --------------------------------------------------------------------------------------------- backward
+def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor, state: list[Tensor],
+                  calls: Tensor, spec: list[int], x_shape: list[int], w_shape: list[int], policy: str,
+                  state_names: str, params: list[float], stochastic: bool, key_base: int,
+                  needs: list[bool], track_deviation: bool, backend: str, x_dtype: torch.dtype,
+                  w_dtype: torch.dtype):
+    """The backward computation: (dx, dw, db, new state). A gradient that is not needed comes back empty.
+
+    `state` holds the site's committed state in the order of `state_names` (comma-separated: a string is
+    what a torch.library op takes): "step", "deviation", then the gradient quantizer's buffers as
+    "grad_quantizer.<name>"; the new state comes back in that order.
+    `calls` is the site's call counter as the forward read it: with `key_base` it keys the rounding streams,
+    so every call (a site may be called several times per step) draws its own noise."""
+    spec_ = spec_from_ints(spec)
+    be = resolve_backend(backend, dy.device)
+    need_x, need_w, need_b = needs
+    state_names = state_names.split(",")
+    named = dict(zip(state_names, state))
+    with _no_autocast(dy.device):
         dyf = dy.float()
-        rows = output_to_rows(dyf, spec)  # [M, O], channels last: the layout the gradient quantizers see
-        O = rows.shape[1]
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rows = output_to_rows(dyf, spec_)  # [M, O], channels last: the layout the gradient quantizers see
+        O, g = rows.shape[1], spec_.groups
         if rows.shape[0] == 0:  # empty batch: zero gradients as in FP32; no statistics, so no state update
-            return (dy.new_zeros(ctx.x_shape, dtype=ctx.x_dtype) if need_x else None,
-                    dy.new_zeros(ctx.w_shape) if need_w else None,
-                    dy.new_zeros(O) if need_b and ctx.has_bias else None, None, None)
+            return (dy.new_zeros(x_shape if need_x else 0, dtype=x_dtype),
+                    dy.new_zeros(w_shape if need_w else 0, dtype=w_dtype),
+                    dy.new_zeros(O if need_b else 0), [t.clone() for t in state])
         poison = nonfinite_poison(rows)
-        rounding, gen = layer.grad_rounding()
-        layout = layouts.layout_for(spec, tuple(ctx.x_shape), O)
-        per_o = (lambda v: v) if spec.is_linear else (lambda v: v.view(1, O, *([1] * spec.dims)))  # noqa: E731
+        rounding = "stochastic" if stochastic else "nearest"
+        layout = layouts.layout_for(spec_, tuple(x_shape), O)
+        per_o = (lambda v: v) if spec_.is_linear else (lambda v: v.view(1, O, *([1] * spec_.dims)))  # noqa: E731
         scaled = dyf * per_o(s_w)  # dY s_W[o]: the dX operand (see module docstring), in output order
-        clip_w, clip_x = layer.quantizer_for(O).clips(rows, scaled)
-        dx = dw = db = None
+        q_state = {n[len("grad_quantizer."):]: t for n, t in named.items() if n.startswith("grad_quantizer.")}
+        clip_w, clip_x, q_new = grad_quantizer_class(policy).compute(rows, scaled, q_state,
+                                                                     PolicyParams.from_floats(params))
+        w_op = w_q.to(be.operand_dtype)
+        dx, dw, db = dy.new_empty(0, dtype=x_dtype), dy.new_empty(0, dtype=w_dtype), dy.new_empty(0)
         if need_x:
             s_gx = scale_from_clip(clip_x + poison)
-            gq = _quantize(backend, scaled, s_gx, rounding, gen, backend.operand_dtype)
-            dx_int = layouts.grad_input(backend, gq, w_q, spec, ctx.x_shape, layout)
-            dx = (dx_int.float() * s_gx).to(ctx.x_dtype)
-        if need_w or layer.tracks_deviation:
+            gq = _quantize(be, scaled, s_gx, rounding, stream_key(key_base, calls, 0), be.operand_dtype)
+            dx_int = layouts.grad_input(be, gq, w_op, spec_, tuple(x_shape), layout)
+            dx = (dx_int.float() * s_gx).to(x_dtype)
+        deviation = named["deviation"]
+        if need_w or track_deviation:
             s_gw = scale_from_clip(clip_w + poison)
-            dq = _quantize(backend, rows, s_gw, rounding, gen, backend.operand_dtype)  # [M, O]
-            if layer.tracks_deviation:
-                layer.observe_deviation(cosine_distance(rows, dequantize(dq, s_gw)))
+            dq = _quantize(be, rows, s_gw, rounding, stream_key(key_base, calls, 1), be.operand_dtype)  # [M, O]
+            if track_deviation:
+                d = cosine_distance(rows, dequantize(dq, s_gw))
+                deviation = torch.where(torch.isfinite(d), d, deviation)
         if need_w:
-            acc = layouts.grad_weight(backend, dq, x_q.to(backend.operand_dtype), spec, layout)  # [g, O/g, K]
+            acc = layouts.grad_weight(be, dq, x_q.to(be.operand_dtype), spec_, layout)  # [g, O/g, K]
             # one scale at a time: s_gw * s_x alone underflows for tiny dY and X (1e-20 each) while dW is
             # still representable
-            dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(ctx.w_shape)
-        if need_b and ctx.has_bias:
+            dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape).to(w_dtype)
+        if need_b:
             db = rows.sum(0)
-        layer.observe_backward(poison)
-        return dx, dw, db, None, None
+        new = {"step": named["step"] + (poison == 0).long(), "deviation": deviation,
+               **{f"grad_quantizer.{k}": v for k, v in q_new.items()}}
+        # fresh tensors: an op's outputs may not alias its inputs (a policy may hand back the state unchanged)
+        new_state = [new.get(n, named[n]).to(named[n].dtype, copy=True).contiguous() for n in state_names]
+    return dx.contiguous(), dw.contiguous(), db.contiguous(), new_state
+
+
+# --------------------------------------------------------------------------------------------- torch.library
+@torch.library.custom_op("int8fx::gemm", mutates_args=())
+def gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Tensor, state: list[Tensor],
+            pending: list[Tensor], calls: Tensor, spec: list[int], static_clip: bool, backend: str,
+            out_dtype: torch.dtype, policy: str, state_names: str, params: list[float], stochastic: bool,
+            key_base: int, track_deviation: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One INT8 conv/linear site, forward: (y, x_q, s_x, w_q, s_w). The arguments after `out_dtype` are
+    the site's backward configuration and state, taken here so that the autograd formula has them."""
+    return gemm_forward(x, weight, bias, act_clip, spec, static_clip, backend, out_dtype)
+
+
+@gemm_op.register_fake
+def _(x, weight, bias, act_clip, state, pending, calls, spec, static_clip, backend, out_dtype, policy, state_names,
+      params, stochastic, key_base, track_deviation):
+    spec_ = spec_from_ints(spec)
+    y = x.new_empty(_output_shape(x.shape, weight.shape, spec_), dtype=out_dtype)
+    return (y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((), dtype=torch.float32),
+            x.new_empty((weight.shape[0], weight[0].numel()), dtype=torch.int8),
+            x.new_empty(weight.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("int8fx::gemm_backward", mutates_args=())
+def gemm_backward_op(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor, state: list[Tensor],
+                     calls: Tensor, spec: list[int], x_shape: list[int], w_shape: list[int], policy: str,
+                     state_names: str, params: list[float], stochastic: bool, key_base: int,
+                     needs: list[bool], track_deviation: bool, backend: str, x_dtype: torch.dtype,
+                     w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """One INT8 conv/linear site, backward: (dx, dw, db, new state); see `gemm_backward`."""
+    return gemm_backward(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy, state_names,
+                         params, stochastic, key_base, needs, track_deviation, backend, x_dtype, w_dtype)
+
+
+@gemm_backward_op.register_fake
+def _(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy, state_names, params, stochastic,
+      key_base, needs, track_deviation, backend, x_dtype, w_dtype):
+    return (dy.new_empty(x_shape if needs[0] else 0, dtype=x_dtype),
+            dy.new_empty(w_shape if needs[1] else 0, dtype=w_dtype),
+            dy.new_empty(w_shape[0] if needs[2] else 0, dtype=torch.float32),
+            [torch.empty_like(t) for t in state])
+
+
+# --------------------------------------------------------------------------------------------- autograd
+_INPUTS = ("x", "weight", "bias", "act_clip", "state", "pending", "calls", "spec", "static_clip", "backend",
+           "out_dtype", "policy", "state_names", "params", "stochastic", "key_base", "track_deviation")
+
+
+def _setup_context(ctx, inputs, output):
+    a = dict(zip(_INPUTS, inputs))
+    _, x_q, s_x, w_q, s_w = output
+    ctx.save_for_backward(x_q, s_x, w_q, s_w, a["calls"], *a["state"])
+    # pending is written by backward, so it is not a saved tensor: a site called twice in one forward would
+    # otherwise find it modified (by the other call's backward) when its own backward unpacks it
+    ctx.pending = a["pending"]
+    ctx.n_state = len(a["state"])
+    ctx.mark_non_differentiable(x_q, s_x, w_q, s_w)
+    ctx.meta = {k: a[k] for k in ("spec", "policy", "state_names", "params", "stochastic", "key_base",
+                                  "track_deviation", "backend")}
+    ctx.x_shape, ctx.w_shape = list(a["x"].shape), list(a["weight"].shape)
+    ctx.x_dtype, ctx.w_dtype = a["x"].dtype, a["weight"].dtype
+    ctx.has_bias = a["bias"] is not None
+    ctx.bias_dtype = a["bias"].dtype if a["bias"] is not None else None
+
+
+def _backward(ctx, dy, *unused, through_op: bool = True):
+    x_q, s_x, w_q, s_w, calls, *state = ctx.saved_tensors
+    pending = ctx.pending
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    needs = [need_x, need_w, need_b and ctx.has_bias]
+    m = ctx.meta
+    args = (dy, x_q, s_x, w_q, s_w, list(state), calls, m["spec"], ctx.x_shape, ctx.w_shape, m["policy"],
+            m["state_names"], m["params"], m["stochastic"], m["key_base"], needs, m["track_deviation"], m["backend"],
+            ctx.x_dtype, ctx.w_dtype)
+    dx, dw, db, new_state = (gemm_backward_op if through_op else gemm_backward)(*args)
+    with torch.no_grad():
+        for p, v in zip(pending, new_state):
+            p.copy_(v)
+    grads = (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if needs[2] else None, None)
+    # the op's autograd wants the inputs' structure (a None per tensor of each list); a Function one per input
+    lists = ([None] * ctx.n_state, [None] * ctx.n_state) if through_op else (None, None)
+    return grads + lists + (None,) * (len(_INPUTS) - 6)
+
+
+gemm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FunctorchGemm(torch.autograd.Function):
+    """The same op for `torch.func` transforms (see the module docstring)."""
+
+    @staticmethod
+    def forward(*inputs):
+        a = dict(zip(_INPUTS, inputs))
+        return gemm_forward(a["x"], a["weight"], a["bias"], a["act_clip"], a["spec"], a["static_clip"], a["backend"],
+                            a["out_dtype"])
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, *unused):
+        return _backward(ctx, dy, through_op=False)
+
+
+def int8_gemm(*inputs) -> tuple[Tensor, Tensor]:
+    """(y, s_x) of one INT8 site (arguments as `gemm_op`'s), through the custom op, or `_FunctorchGemm`
+    under a `torch.func` transform."""
+    # (under torch.compile, AOTAutograd's own tracing runs inside functorch: that is not a torch.func transform)
+    functorch = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    y, _, s_x, _, _ = _FunctorchGemm.apply(*inputs) if functorch else gemm_op(*inputs)
+    return y, s_x

@@ -17,7 +17,6 @@ module's own forward, or the original function): the pass-through that proves a 
 """
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
@@ -27,14 +26,15 @@ from torch import Tensor
 
 from ..config import Int8Config
 from ..kernels.im2col import GemmSpec
-from ..quant.grad import make_grad_quantizer, optional_buffers_on_load
-from .functional import Int8GemmFunction
+from ..quant.grad import PolicyParams, make_grad_quantizer, optional_buffers_on_load
+from .functional import int8_gemm, spec_to_ints
+from .state import PendingState, track
 
 CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES)
 # state every Int8Layer adds beyond the original parameters; loading tolerates its absence
 QUANT_BUFFERS = ("step", "act_clip", "act_clip_ema", "deviation")
-QUANT_STATE_KEY = re.compile(r"(^|\.)(grad_quantizer\.[^.]+|step|act_clip|act_clip_ema|deviation)$")
+QUANT_STATE_KEY = re.compile(r"(^|\.)(grad_quantizer\.[^.]+|step|act_clip|act_clip_ema|deviation|calls)$")
 _FUNCTIONS = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 INT8_ATTRS = ("dims", "config", "site_name", "index", "source", "backend_choice",
                "tracks_deviation", "rounding_stream", "owns_params")
@@ -44,9 +44,9 @@ def _tuple(v, n: int) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-@functools.lru_cache(maxsize=1024)
 def make_spec(dims: int, kernel: tuple, stride, padding, dilation, groups: int) -> GemmSpec:
-    """Resolve conv arguments (ints, tuples, 'same', 'valid') to a GemmSpec with explicit zero padding."""
+    """Resolve conv arguments (ints, tuples, 'same', 'valid') to a GemmSpec with explicit zero padding. Not
+    cached: it is a few tuple operations, and torch.compile traces it (a cache would only be bypassed)."""
     if dims == 0:
         return GemmSpec(0)
     stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
@@ -81,7 +81,10 @@ class Int8Layer(nn.Module):
     """The INT8-training state and computation of one conv/linear site (a mixin; see the module docstring).
 
     Never constructed directly: `setup_int8` gives an existing module its state (module sites), and
-    `Int8Function.__init__` calls it for functional sites.
+    `Int8Function.__init__` calls it for functional sites. State: the buffers `step` (committed training
+    steps with finite gradients), `act_clip`, `act_clip_ema` (activation clips of training batches),
+    `deviation` (DCLRS) and those of `grad_quantizer`, staged in `pending` until an optimizer steps
+    (int8fx.nn.state); `calls` counts calls with autograd on and keys stochastic rounding.
     """
 
     def setup_int8(self, *, op: str, out_channels: int, config: Int8Config, name: str, index: int, source: str,
@@ -92,37 +95,73 @@ class Int8Layer(nn.Module):
         self.tracks_deviation = False
         self.rounding_stream = 0  # set per DDP rank by int8fx.distributed.QuantStateSync (plain attribute)
         self.owns_params = owns_params
-        self.grad_quantizer = make_grad_quantizer(config.grad_quant, out_channels, config)
         device = next((t.device for t in self.parameters(recurse=False)), None)
+        self.grad_quantizer = make_grad_quantizer(config.grad_quant, out_channels, config).to(device)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         for b in QUANT_BUFFERS[1:]:
             self.register_buffer(b, torch.zeros((), device=device))
-        if device is not None:
-            self.grad_quantizer.to(device)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=device))
+        self._reset_pending()
+        self.register_load_state_dict_post_hook(_resync_pending)
+        track(self)
 
-    def quantizer_for(self, channels: int):
-        """The gradient quantizer for a call with `channels` output channels. A site whose weight is computed
-        from the model input (per-sample weights) learns its channel count at its first call; a later call
-        with another count (a smaller last batch) is quantized by a fresh quantizer and leaves the state."""
-        q = self.grad_quantizer
-        if q.num_channels == channels:
-            return q
-        fresh = make_grad_quantizer(self.config.grad_quant, channels, self.config).to(self.step.device)
-        if q.num_channels == 0:
-            self.grad_quantizer = fresh
-        return fresh
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        track(self)  # a copy or an unpickled site commits with the others
 
     def remove_int8(self) -> None:
         """Drop everything `setup_int8` added (used by `int8fx.to_float`)."""
-        for b in QUANT_BUFFERS:
+        for b in QUANT_BUFFERS + ("calls",):
             self._buffers.pop(b, None)
         self._modules.pop("grad_quantizer", None)
+        self._modules.pop("pending", None)
+        for k in [k for k, h in self._load_state_dict_post_hooks.items() if h is _resync_pending]:
+            del self._load_state_dict_post_hooks[k]
         for a in INT8_ATTRS:
             self.__dict__.pop(a, None)
 
     @property
     def site_op(self) -> str:
         return "linear" if self.dims == 0 else f"conv{self.dims}d"
+
+    # ----------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The committed state, {name: tensor}: this site's buffers and "grad_quantizer.<name>"."""
+        own = {b: self._buffers[b] for b in QUANT_BUFFERS}
+        return {**own, **{f"grad_quantizer.{k}": v for k, v in self.grad_quantizer.state().items()}}
+
+    def commit(self) -> None:
+        """Make the pending state (what the last forward/backward computed) this site's state."""
+        state = self.state_tensors()
+        with torch.no_grad():
+            torch._foreach_copy_(list(state.values()), self.pending_tensors(list(state)))
+
+    def _reset_pending(self) -> None:
+        self.pending = PendingState(self.state_tensors())
+
+    def pending_tensors(self, names) -> list[Tensor]:
+        """The staged state tensors of `names` (a buffer added to the state since they were made, e.g. by a
+        user's policy, gets them made anew from the committed state)."""
+        try:
+            return self.pending.tensors(names)
+        except KeyError:
+            self._reset_pending()
+            return self.pending.tensors(names)
+
+    def pending_deviation(self) -> Tensor:
+        """The DCLRS deviation of the last backward, before the step that commits it."""
+        return self.pending_tensors(["deviation"])[0]
+
+    def _sized_for(self, channels: int) -> bool:
+        """A site whose weight is computed from the model input learns its channel count at its first call;
+        a later call with another count (a smaller last batch) is quantized statelessly (False)."""
+        if self.grad_quantizer.num_channels == channels:
+            return True
+        if self.grad_quantizer.num_channels == 0:
+            self.grad_quantizer = make_grad_quantizer(self.config.grad_quant, channels, self.config).to(self.step.device)
+            self._reset_pending()
+            return True
+        return False
 
     # ----------------------------------------------------------------- the computation
     def int8_functional(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -135,9 +174,31 @@ class Int8Layer(nn.Module):
         if self.dims and input.dim() == self.dims + 1 and input.dim() > 1:  # unbatched, as nn.Conv*d takes it
             return self.int8_functional(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
         self._check_input(input, weight, groups)
-        spec = make_spec(self.dims, tuple(weight.shape[2:]), _hashable(stride), _hashable(padding), _hashable(dilation),
-                         groups) if self.dims else make_spec(0, (), 1, 0, 1, 1)
-        return Int8GemmFunction.apply(input, weight, bias, spec, self)
+        spec = resolve_spec(self.dims, tuple(weight.shape[2:]), stride, padding, dilation, groups)
+        names = [n for n in self.state_tensors() if n not in ("act_clip", "act_clip_ema")]
+        if self._sized_for(weight.shape[0]):
+            committed = self.state_tensors()
+            state, pending = [committed[n] for n in names], self.pending_tensors(names)
+        else:  # stateless: fresh state in, results discarded
+            fresh = make_grad_quantizer(self.config.grad_quant, weight.shape[0], self.config).to(input.device)
+            scratch = {**{n: t.clone() for n, t in self.state_tensors().items() if not n.startswith("grad_quantizer.")},
+                       **{f"grad_quantizer.{k}": v for k, v in fresh.state().items()}}
+            state, pending = [scratch[n] for n in names], [scratch[n].clone() for n in names]
+        static = not self.training and self.config.eval_act_clip == "ema"
+        y, s_x = int8_gemm(input, weight, bias, self.act_clip_ema, state, pending, self.calls.clone(), spec_to_ints(spec),
+                           static, self.backend_choice, _output_dtype(input), self.config.grad_quant, ",".join(names),
+                           [float(v) for v in PolicyParams.of(self.config)], self.config.rounding == "stochastic",
+                           self._key_base(), self.tracks_deviation)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.calls.add_(1)  # the next call draws from new streams
+        if input.numel():  # an empty batch carries no statistics
+            self._observe_forward(s_x)
+        return y
+
+    def _key_base(self) -> int:
+        """The per-site constant of its rounding streams: (seed, site index, DDP rank)."""
+        return (self.config.seed * 1_000_003 + self.index * 7_919 + self.rounding_stream * 0x9E3779B1) % 2**63
 
     def _check_input(self, x: Tensor, weight: Tensor, groups: int) -> None:
         want = self.dims + 2
@@ -151,57 +212,50 @@ class Int8Layer(nn.Module):
         if not x.dtype.is_floating_point:
             raise TypeError(f"{self.site_name}: INT8 training needs a floating-point input, got {x.dtype}")
 
-    # ----------------------------------------------------------------- hooks called by the autograd op
     def eval_act_clip(self) -> Tensor | None:
         """The activation clip this layer quantizes with in eval mode, None for each batch's own absmax
         (`Int8Config.eval_act_clip`); ONNX export's default calibration takes the same. A layer that never
-        trained has act_clip_ema 0, which means the batch absmax too (`quantized_forward` picks on the
-        device, with no host sync)."""
+        trained has act_clip_ema 0, which means the batch absmax too (picked on the device, no host sync)."""
         return self.act_clip_ema if self.config.eval_act_clip == "ema" else None
 
-    def static_act_clip(self) -> Tensor | None:
-        """The static activation clip of the current forward: `eval_act_clip()` in eval mode, None (the
-        batch absmax) in training."""
-        return None if self.training else self.eval_act_clip()
-
-    def observe_forward(self, s_x: Tensor) -> None:
-        """Record a training forward's activation clip. Not while a backward pass recomputes the forward
-        (activation checkpointing): that forward was already counted."""
-        if self.training and not _in_backward():
-            with torch.no_grad():
-                clip = s_x.detach() * 127
-                if torch.isfinite(clip):
-                    first = self.act_clip_ema == 0
-                    self.act_clip_ema.copy_(torch.where(first, clip, 0.9 * self.act_clip_ema + 0.1 * clip))
-                self.act_clip.copy_(clip)
-
-    def observe_backward(self, poison: Tensor) -> None:
-        """Count backward passes with finite gradients: a step that a loss scaler skips leaves no trace
-        (the stochastic-rounding stream is keyed on this count). `poison` is 0 or NaN (`nonfinite_poison`);
-        the comparison keeps the count on the device, without a sync."""
-        self.step += (poison == 0).long()
-
-    def observe_deviation(self, d: Tensor) -> None:
-        if torch.isfinite(d):
-            self.deviation.copy_(d)
-
-    def grad_rounding(self) -> tuple[str, torch.Generator | None]:
-        """Rounding mode for gradients and, for stochastic rounding, a generator seeded from (config seed,
-        layer index, step, rounding stream): reproducible, and resumable from the `step` buffer alone.
-        The stream (the DDP rank) keeps ranks from drawing the same noise for their shards, which would
-        correlate their rounding errors (correlation 1/2) instead of averaging them out."""
-        if self.config.rounding == "nearest":
-            return "nearest", None
-        gen = torch.Generator(device=self.step.device)
-        gen.manual_seed((self.config.seed * 1_000_003 + self.index * 7_919 + int(self.step)
-                         + self.rounding_stream * 0x9E3779B1) % (2**63))  # CPU generators keep 32 bits
-        return "stochastic", gen
+    def _observe_forward(self, s_x: Tensor) -> None:
+        """Stage a training forward's activation clip and its running average. Device-side (a non-finite
+        clip keeps the old values), and not while a backward pass recomputes the forward (activation
+        checkpointing): that forward was already counted."""
+        if not self.training or (not torch.compiler.is_compiling() and _in_backward()):
+            return
+        with torch.no_grad():
+            clip = s_x.detach() * 127
+            ok = torch.isfinite(clip)
+            ema = self.act_clip_ema
+            new_ema = torch.where(ema == 0, clip, 0.9 * ema + 0.1 * clip)
+            self.pending.get("act_clip_ema").copy_(torch.where(ok, new_ema, ema))
+            self.pending.get("act_clip").copy_(torch.where(ok, clip, self.act_clip))
 
     # ----------------------------------------------------------------- state_dict compatibility
     _load_from_state_dict = optional_buffers_on_load(nn.Module._load_from_state_dict)
 
     def int8_repr(self) -> str:
         return f"int8: site={self.site_name!r}, grad_quant={self.config.grad_quant!r}, source={self.source}"
+
+
+def _resync_pending(module: Int8Layer, incompatible_keys) -> None:
+    """After a load, the pending state starts from the loaded state (a step before the next backward must
+    not put back what was there before)."""
+    module._reset_pending()
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """What a conv would return: autocast's dtype where autocast is on for x's device, else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and dev in ("cpu", "cuda", "xpu", "mps"):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def resolve_spec(dims: int, kernel: tuple, stride, padding, dilation, groups) -> GemmSpec:
+    return make_spec(dims, kernel, _hashable(stride), _hashable(padding), _hashable(dilation), groups) if dims \
+        else make_spec(0, (), 1, 0, 1, 1)
 
 
 class ModuleSite(Int8Layer):
@@ -262,7 +316,7 @@ def int8_clashes(module: nn.Module) -> list[str]:
     """Names `Int8Layer.setup_int8` would add that `module` already uses for something of its own (a user's
     subclass with a `step` or `config` of its own): such a module is left in FP32 rather than overwritten."""
     taken = set(module.__dict__) | set(module._parameters) | set(module._buffers) | set(module._modules)
-    return sorted(n for n in INT8_ATTRS + QUANT_BUFFERS + ("grad_quantizer",)
+    return sorted(n for n in INT8_ATTRS + QUANT_BUFFERS + ("grad_quantizer", "pending", "calls")
                   if n in taken or (hasattr(type(module), n) and not hasattr(Int8Layer, n)))
 
 

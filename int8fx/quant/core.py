@@ -43,14 +43,14 @@ def quantize(
     x: Tensor,
     scale: Tensor,
     rounding: str = "nearest",
-    generator: torch.Generator | None = None,
+    key: Tensor | int | None = None,
     out_dtype: torch.dtype = torch.int8,
 ) -> Tensor:
     """q = clamp(round(x / scale), -127, 127), with `scale` broadcastable against x.
 
     rounding "nearest" is round-half-to-even; "stochastic" is floor(x/s + u), u uniform on the 2^15
-    midpoints (r + 1/2) / 2^15 of [0, 1), drawn from `generator` (`uniform_bits15`; unbiased to within
-    2^-16 of a step: E[q] = x/s inside the range). Where scale is 0 or NaN, q is 0.
+    midpoints (r + 1/2) / 2^15 of [0, 1), r from the counter-based stream `key` (`uniform_bits15`;
+    unbiased to within 2^-16 of a step: E[q] = x/s inside the range). Where scale is 0 or NaN, q is 0.
     out_dtype lets a backend receive its GEMM operand type directly (the reference GEMM wants fp32
     holding the integers), saving one pass over memory.
     """
@@ -61,24 +61,65 @@ def quantize(
     if rounding == "nearest":
         v = v.round_()
     elif rounding == "stochastic":
-        v = v.add_(uniform_bits15(v.shape, generator, v.device), alpha=2.0 ** -15).add_(2.0 ** -16).floor_()
+        if key is None:
+            raise ValueError("stochastic rounding needs a key (the counter-based stream to draw from)")
+        # u = r/2^15 + 1/2^16 is exact in fp32, so v + u rounds once, as the CUDA kernel's __fadd_rn does
+        v = v.add_(uniform_bits15(v.shape, key, v.device).float().mul_(2.0 ** -15).add_(2.0 ** -16)).floor_()
     else:
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     v = v.clamp_(-QMAX, QMAX)
     return v if out_dtype == v.dtype else v.to(out_dtype)
 
 
-def uniform_bits15(shape, generator: torch.Generator | None, device) -> Tensor:
-    """int16 tensor of independent uniform integers in [0, 32767], drawn from `generator`.
+def _i64(c: int) -> int:
+    """A 64-bit pattern as the int64 torch holds it (two's complement)."""
+    c &= (1 << 64) - 1
+    return c - (1 << 64) if c >= 1 << 63 else c
 
-    Stochastic rounding as floor(v + (r + 1/2) / 2^15): unbiased to within 2^-16 of a quantization step,
-    far below anything an INT8 gradient resolves. Why not `torch.rand`: on the CPU it costs ~3.5 ms per
-    1.6 M numbers on one core, which made stochastic rounding ~15% of a mobilenet_v2 training step. One
-    64-bit draw (`random_` fills [0, 2^63)) gives four 16-bit lanes; masking to 15 bits drops the
-    always-zero top bit of the last lane. Same total cost as 1/4 of the draws plus one integer pass."""
+
+def _i32(c: int) -> int:
+    c &= (1 << 32) - 1
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+GOLDEN32, MIX32_1, MIX32_2 = _i32(0x9E3779B9), _i32(0x7FEB352D), _i32(0x846CA68B)
+MIX64_1, MIX64_2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _xorshift(z: Tensor, k: int, bits: int) -> Tensor:
+    """z ^ (z >>> k) with a logical shift (torch's >> is arithmetic on signed integers)."""
+    return z ^ ((z >> k) & ((1 << (bits - k)) - 1))
+
+
+def hash32(z: Tensor) -> Tensor:
+    """The 'lowbias32' integer hash, element-wise on int32 (multiplications wrap modulo 2^32)."""
+    z = _xorshift(z, 16, 32) * MIX32_1
+    z = _xorshift(z, 15, 32) * MIX32_2
+    return _xorshift(z, 16, 32)
+
+
+def stream_key(base: int, counter: Tensor, role: int) -> Tensor:
+    """The int32 key of one stream, on the counter's device (no host read): the splitmix64 finaliser of
+    (per-site constant `base`, device counter, role), role 0 for the dX operand and 1 for the dW operand,
+    so the two backward GEMMs never share draws whichever of them runs."""
+    z = counter.to(torch.int64) * 2 + (role + _i64(base))
+    z = _xorshift(z, 30, 64) * MIX64_1
+    z = _xorshift(z, 27, 64) * MIX64_2
+    return _xorshift(z, 31, 64).to(torch.int32)  # the low 32 bits
+
+
+def uniform_bits15(shape, key: Tensor | int, device) -> Tensor:
+    """int32 tensor of uniform integers in [0, 32767]: the top 15 bits of hash32(i * golden + key) for
+    element i (row-major).
+
+    Counter-based: a draw depends only on the key and the element's index, so it needs no generator and no
+    host value, gives the same numbers in any order, fused or not, on any device (the CUDA quantize kernel
+    computes the same function), and streams with different keys are independent. One 32-bit hash per
+    element is a single fused pass where the quantizer is compiled (int8fx.quant.fused)."""
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
-    return words.view(torch.int16)[:n].view(shape).bitwise_and_(0x7FFF)
+    key = torch.as_tensor(key, device=device).to(torch.int32)
+    i = torch.arange(n, dtype=torch.int64 if n > 2**31 else torch.int32, device=device).to(torch.int32)
+    return (hash32(i * GOLDEN32 + key) >> 17).bitwise_and_(0x7FFF).view(shape)
 
 
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
@@ -86,20 +127,20 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.to(q.device, torch.float32)
 
 
-def quantize_per_tensor(x: Tensor, rounding: str = "nearest", generator=None, out_dtype=torch.int8):
+def quantize_per_tensor(x: Tensor, rounding: str = "nearest", key=None, out_dtype=torch.int8):
     """Absmax per-tensor quantization: (q, scale)."""
     s = scale_from_clip(absmax(x))
-    return quantize(x, s, rounding, generator, out_dtype), s
+    return quantize(x, s, rounding, key, out_dtype), s
 
 
-def quantize_per_channel(x: Tensor, axis: int = 0, rounding: str = "nearest", generator=None, out_dtype=torch.int8):
+def quantize_per_channel(x: Tensor, axis: int = 0, rounding: str = "nearest", key=None, out_dtype=torch.int8):
     """Absmax quantization with one scale per index of `axis`: (q, scale of shape [x.shape[axis]])."""
     axis = axis % x.dim()
     dims = tuple(d for d in range(x.dim()) if d != axis)
     s = scale_from_clip(absmax(x, dims) if dims else x.detach().abs().float())
     shape = [1] * x.dim()
     shape[axis] = -1
-    return quantize(x, s.view(shape), rounding, generator, out_dtype), s
+    return quantize(x, s.view(shape), rounding, key, out_dtype), s
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:

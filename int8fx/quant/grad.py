@@ -12,7 +12,7 @@ sibling module, registered with `@register_grad_quantizer("name")`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,12 +38,15 @@ def grad_quantizer_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def make_grad_quantizer(name: str, num_channels: int, config) -> "GradQuantizer":
+def grad_quantizer_class(name: str) -> type["GradQuantizer"]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown gradient quantizer {name!r}; registered: {', '.join(_REGISTRY)}") from None
-    return cls(num_channels, config)
+
+
+def make_grad_quantizer(name: str, num_channels: int, config) -> "GradQuantizer":
+    return grad_quantizer_class(name)(num_channels, config)
 
 
 def optional_buffers_on_load(load):
@@ -65,12 +68,37 @@ def optional_buffers_on_load(load):
 _optional_load = optional_buffers_on_load(nn.Module._load_from_state_dict)
 
 
-class GradQuantizer(nn.Module):
-    """Base class. Subclasses override the two clip methods and may register state buffers.
+class PolicyParams(NamedTuple):
+    """The config values a policy reads, as plain numbers: they travel into the backward op as a list of
+    floats (`Int8Config` itself is not something a torch.library op can take)."""
 
-    `channelwise` tells reports whether the weight-gradient clip varies per channel. The base class
-    keeps `last_clip_w` (the per-channel clips of the last step) so every policy can be inspected
-    the same way.
+    mcs_lambda: float = 0.3
+    mcs_k: float = 1.0
+    mcs_a: float = 0.8
+    mcs_alpha: float = 2.0
+    clip_update_period: int = 10
+
+    @classmethod
+    def of(cls, config) -> "PolicyParams":
+        return cls(config.mcs_lambda, config.mcs_k, config.mcs_a, config.mcs_alpha, config.clip_update_period)
+
+    @classmethod
+    def from_floats(cls, values) -> "PolicyParams":
+        *floats, period = values
+        return cls(*floats, int(period))
+
+
+class GradQuantizer(nn.Module):
+    """Base class: the buffers of one site's gradient quantizer, and its policy as a pure function.
+
+    `compute(g, g_input, state, params)` is the policy: from dY as rows [M, O] and the dX operand, and the
+    state as a {buffer name: tensor} dict, it returns (clip per channel [O], clip for dX [], new state),
+    without touching any buffer and without reading a value on the host, so the backward op can run it
+    on any device inside a compiled graph. The module holds the state (in `state_dict`, reduced across
+    DDP ranks, shown by `inspect`); `clips()` applies the policy to it in place (tests, tools).
+
+    `channelwise` tells reports whether the weight-gradient clip varies per channel. Every policy keeps
+    `last_clip_w` (the per-channel clips of the last step) and `last_clip_x`, so all read the same way.
     """
 
     policy = "base"
@@ -79,6 +107,7 @@ class GradQuantizer(nn.Module):
     def __init__(self, num_channels: int, config) -> None:
         super().__init__()
         self.num_channels = num_channels
+        self.params = PolicyParams.of(config)
         self.register_buffer("last_clip_w", torch.zeros(num_channels))
         self.register_buffer("last_clip_x", torch.zeros(()))
 
@@ -93,20 +122,45 @@ class GradQuantizer(nn.Module):
             self.num_channels = self.last_clip_w.numel()
         _optional_load(self, state_dict, prefix, *args, **kwargs)
 
-    def weight_grad_clip(self, g: Tensor) -> Tensor:  # pragma: no cover - interface
+    def state(self) -> dict[str, Tensor]:
+        return dict(self._buffers)
+
+    @classmethod
+    def compute(cls, g: Tensor, g_input: Tensor, state: dict[str, Tensor], params: PolicyParams):
+        """(clip per channel for dW from g [M, O], clip for dX from g_input, new state); see the class
+        docstring. `last_clip_*` record the clips (non-finite ones as 0, so the state stays finite)."""
+        cw, cx, new = cls.compute_clips(g, g_input, state, params)
+        new["last_clip_w"] = torch.nan_to_num(cw.detach().float().expand(g.shape[-1]), nan=0.0, posinf=0.0)
+        new["last_clip_x"] = torch.nan_to_num(cx.detach().float(), nan=0.0, posinf=0.0)
+        return cw, cx, new
+
+    @classmethod
+    def compute_clips(cls, g, g_input, state, params):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def input_grad_clip(self, g: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
+    # ------------------------------------------------------------------ stateful conveniences
     def clips(self, g: Tensor, g_input: Tensor) -> tuple[Tensor, Tensor]:
-        """(clip per channel for dW from g, clip for dX from g_input); records them for inspection."""
-        cw = self.weight_grad_clip(g)
-        cx = self.input_grad_clip(g_input)
-        with torch.no_grad():
-            self.last_clip_w.copy_(torch.nan_to_num(cw.detach().float().expand(self.num_channels), nan=0.0, posinf=0.0))
-            self.last_clip_x.copy_(torch.nan_to_num(cx.detach().float(), nan=0.0, posinf=0.0))
+        """Apply the policy to this module's state in place; (clip for dW, clip for dX)."""
+        cw, cx, new = self.compute(g, g_input, self.state(), self.params)
+        self._write(new)
         return cw, cx
+
+    def weight_grad_clip(self, g: Tensor) -> Tensor:
+        """The dW clips of g [M, O] alone (only the dW slot's state moves)."""
+        cw, _, new = self.compute(g, g.new_zeros(1), self.state(), self.params)
+        self._write({k: v for k, v in new.items() if k.startswith("w_") or k == "last_clip_w"})
+        return cw
+
+    def input_grad_clip(self, g: Tensor) -> Tensor:
+        """The dX clip of g alone (only the dX slot's state moves)."""
+        _, cx, new = self.compute(g.new_zeros(1, self.num_channels), g, self.state(), self.params)
+        self._write({k: v for k, v in new.items() if k.startswith("x_") or k == "last_clip_x"})
+        return cx
+
+    def _write(self, new: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in new.items():
+                self._buffers[name].copy_(value)
 
     def extra_repr(self) -> str:
         return f"policy={self.policy!r}, channels={self.num_channels}"
@@ -116,8 +170,6 @@ class GradQuantizer(nn.Module):
 class PerTensorAbsmax(GradQuantizer):
     """Baseline: one clip = max|g| for the whole tensor, for both GEMMs."""
 
-    def weight_grad_clip(self, g: Tensor) -> Tensor:
-        return absmax(g).expand(g.shape[-1])
-
-    def input_grad_clip(self, g: Tensor) -> Tensor:
-        return absmax(g)
+    @classmethod
+    def compute_clips(cls, g, g_input, state, params):
+        return absmax(g).expand(g.shape[-1]), absmax(g_input), {}

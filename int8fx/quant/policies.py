@@ -127,18 +127,41 @@ def mcs_search_rule(g, amax, state, step, cfg):
     return ratio * amax, {"ratio": ratio}
 
 
+SEARCH_SAMPLE = 2**15  # DSGC searches on at most this many entries of a per-tensor operand (below)
+
+
 def dsgc_rule(g, amax, state, step, cfg):
-    """Search every `clip_update_period` steps; in between, reuse the ratio to the current absmax (so
-    the clip follows the gradient's scale, which drifts much faster than its shape)."""
-    if step % cfg.clip_update_period == 0:
-        # the distance is scale-free: search on g / absmax, whose squares neither underflow (|g| ~ 1e-30)
-        # nor overflow (|g| ~ 1e30), which would make every candidate tie
-        unit = torch.where(amax > 0, amax, torch.ones_like(amax))
-        g_unit = g / unit
-        ratio = search_ratio(lambda c: column_cosine_distance(g_unit, c), amax / unit)
-    else:
-        ratio = torch.where(state["ratio"] > 0, state["ratio"], torch.ones_like(amax))  # never searched: absmax
+    """Every `clip_update_period` steps take the searched ratio; in between reuse the last one, applied to
+    the current absmax (the clip follows the gradient's scale, which drifts much faster than its shape).
+
+    The choice is a device-side `where` on the step counter, so no step count is read on the host: the
+    search runs every step, on at most SEARCH_SAMPLE entries (a deterministic stride that is prime, so it
+    visits every channel of the [M, O] or [N, O, ...] order it reads), which keeps its cost bounded. The
+    distance is an average over entries, so a 32k sample estimates it to well below the flat minimum's
+    width; tensors smaller than that are searched whole."""
+    unit = torch.where(amax > 0, amax, torch.ones_like(amax))
+    # the distance is scale-free: search on g / absmax, whose squares neither underflow (|g| ~ 1e-30) nor
+    # overflow (|g| ~ 1e30), which would make every candidate tie
+    g_unit = _strided_sample(g) / unit
+    searched = search_ratio(lambda c: column_cosine_distance(g_unit, c), amax / unit)
+    reused = torch.where(state["ratio"] > 0, state["ratio"], torch.ones_like(amax))  # never searched: absmax
+    ratio = torch.where(step % cfg.clip_update_period == 0, searched, reused)
     return ratio * amax, {"ratio": ratio}
+
+
+def _strided_sample(g: Tensor) -> Tensor:
+    rows = g.shape[0]
+    if rows <= SEARCH_SAMPLE:
+        return g
+    stride = _next_prime(-(-rows // SEARCH_SAMPLE))
+    return g[::stride]
+
+
+def _next_prime(n: int) -> int:
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
 
 
 absmax_rule.state = ()
@@ -150,56 +173,37 @@ dsgc_rule.state = ("ratio",)
 class ClipPolicy(GradQuantizer):
     """A rule at the granularities of the module docstring. Subclasses set `rule` and `channelwise`.
 
-    Buffers: `steps` (calls to `clips`, i.e. backward passes; DSGC's period counts it) and, per slot
-    `w` (dW operand, [O] or [1]) and `x` (dX operand, [1]), one buffer per name in `rule.state`, e.g.
-    `w_clip`, `w_gaussian`, `x_ratio`.
+    Buffers: `steps` (backward passes; DSGC's period counts it) and, per slot `w` (dW operand, [O] or [1])
+    and `x` (dX operand, [1]), one buffer per name in `rule.state`, e.g. `w_clip`, `w_gaussian`, `x_ratio`.
     """
 
     rule = staticmethod(absmax_rule)
 
     def __init__(self, num_channels: int, config) -> None:
         super().__init__(num_channels, config)
-        self.cfg = config
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         for slot, width in (("w", num_channels if self.channelwise else 1), ("x", 1)):
             for name in self.rule.state:
                 self.register_buffer(f"{slot}_{name}", torch.zeros(width))
-        self._step_cache: tuple | None = None
 
-    def _step(self) -> int:
-        """`steps` as a Python int without a device sync per backward: a host copy, trusted while the
-        buffer is the same tensor at the same in-place version (load_state_dict, DDP broadcasts, `.to()`
-        or a user's edit all change one of the two, and the copy is refreshed)."""
-        t = self.steps
-        if self._step_cache is None or self._step_cache[1] is not t or self._step_cache[2] != t._version:
-            self._step_cache = (int(t), t, t._version)
-        return self._step_cache[0]
+    @classmethod
+    def compute_clips(cls, g, g_input, state, params):
+        step = state["steps"]
+        g_w = g if cls.channelwise else g.reshape(-1, 1)
+        cw, new = cls._column_clips(g_w, "w", state, step, params)
+        cx, new_x = cls._column_clips(g_input.reshape(-1, 1), "x", state, step, params)
+        new.update(new_x, steps=step + 1)
+        return (cw if cls.channelwise else cw.expand(g.shape[-1])), cx[0], new
 
-    def _column_clips(self, g: Tensor, slot: str) -> Tensor:
+    @classmethod
+    def _column_clips(cls, g: Tensor, slot: str, state: dict, step: Tensor, params) -> tuple[Tensor, dict]:
         g = g.detach().float()
         amax = g.abs().amax(0)
-        state = {n: getattr(self, f"{slot}_{n}") for n in self.rule.state}
-        clip, new = self.rule(g, amax, state, self._step(), self.cfg)
-        with torch.no_grad():
-            seen = (amax > 0) & torch.isfinite(amax).all()
-            for n, v in new.items():
-                state[n].copy_(torch.where(seen, v, state[n]))
-        return torch.where(amax > 0, clip, torch.zeros_like(clip))  # zero column: scale 0, zeros, no NaN
-
-    def weight_grad_clip(self, g: Tensor) -> Tensor:
-        if self.channelwise:
-            return self._column_clips(g, "w")
-        return self._column_clips(g.reshape(-1, 1), "w").expand(g.shape[-1])
-
-    def input_grad_clip(self, g: Tensor) -> Tensor:
-        return self._column_clips(g.reshape(-1, 1), "x")[0]
-
-    def clips(self, g: Tensor, g_input: Tensor) -> tuple[Tensor, Tensor]:
-        out = super().clips(g, g_input)
-        n = self._step() + 1
-        self.steps.fill_(n)
-        self._step_cache = (n, self.steps, self.steps._version)
-        return out
+        old = {n: state[f"{slot}_{n}"] for n in cls.rule.state}
+        clip, new = cls.rule(g, amax, old, step, params)
+        seen = (amax > 0) & torch.isfinite(amax).all()  # all-zero column or non-finite step: state kept
+        kept = {f"{slot}_{n}": torch.where(seen, v, old[n]).to(old[n].dtype) for n, v in new.items()}
+        return torch.where(amax > 0, clip, torch.zeros_like(clip)), kept  # zero column: scale 0, no NaN
 
 
 @register_grad_quantizer("gvq")

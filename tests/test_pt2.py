@@ -1,0 +1,247 @@
+"""PyTorch 2: the INT8 op as torch.library ops under torch.compile (fullgraph, no recompiles, equal to
+eager), torch.export (one node per site), torch.func, and a training step with no host synchronisation.
+resnet18/mobilenet_v2 under inductor are `-m slow` (minutes of compilation on a 2-core CPU); their step and
+compile times are in benchmarks/RESULTS.md (benchmarks/compile_step.py)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import int8fx
+from int8fx.nn import Int8Layer
+
+X = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+
+
+def small(policy: str = "gvq-mcs", seed: int = 0, rounding: str = "stochastic") -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, stride=2, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 10))
+    return int8fx.convert(net, int8fx.Int8Config(grad_quant=policy, seed=seed, rounding=rounding))
+
+
+def sites(model: nn.Module) -> list[Int8Layer]:
+    return [m for m in model.modules() if isinstance(m, Int8Layer)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_no_graph_breaks():
+    explain = torch._dynamo.explain(small())(X)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+
+
+def test_each_int8_op_compiled_equals_eager_bit_for_bit():
+    """One site compiled (forward and backward, fullgraph) against the same site in eager mode: output,
+    dX, dW, db and the staged quantizer state are identical, step after step; after the first step
+    nothing recompiles."""
+    torch.manual_seed(0)
+    eager = int8fx.convert(nn.Conv2d(3, 8, 3, padding=1))
+    compiled_site = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_site, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(step))
+        dy = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(10 + step))
+        outs = []
+        for model, fn in ((eager, eager), (compiled_site, compiled)):
+            model.zero_grad()
+            xx = x.clone().requires_grad_()
+            y = fn(xx)
+            y.backward(dy)
+            int8fx.commit(model)
+            outs.append((y.detach(), xx.grad, model.weight.grad, model.bias.grad, model.state_dict()))
+        (y0, dx0, dw0, db0, s0), (y1, dx1, dw1, db1, s1) = outs
+        assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and torch.equal(dw0, dw1) and torch.equal(db0, db1)
+        assert all(torch.equal(s0[k], s1[k]) for k in s0), step
+        torch._dynamo.config.error_on_recompile = True  # from the second step on, any recompile fails
+    torch._dynamo.config.error_on_recompile = False
+
+
+def _train(model, steps, compiled=False):
+    fn = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(100 + step))
+        y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(200 + step))
+        opt.zero_grad()
+        F.cross_entropy(fn(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_compiled_training_agrees_with_eager_within_the_seed_to_seed_spread():
+    """The whole compiled step (BatchNorm, ReLU, pooling decomposed by AOTAutograd around the opaque INT8
+    ops) against eager: after 4 SGD steps the parameters differ less than two eager runs whose stochastic
+    rounding seeds differ."""
+    eager, eager_seed1 = _train(small(seed=0), 4), _train(small(seed=1), 4)
+    compiled = _train(small(seed=0), 4, compiled=True)
+    spread = (eager - eager_seed1).norm()
+    assert spread > 0
+    assert (compiled - eager).norm() < spread / 10
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_export_gives_one_int8fx_node_per_site(train):
+    qm = small().train(train)
+    ep = torch.export.export(qm, (X,))
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and "int8fx.gemm" in str(n.target)]
+    assert len(nodes) == len(sites(qm)) == 3
+    assert all(str(n.target) == "int8fx.gemm.default" for n in nodes)  # forward op only: no decomposition
+    out = ep.module()(X)
+    assert out.shape == (8, 10)
+
+
+SYNC_METHODS = ("__bool__", "item", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Count every Python-level read of a tensor value on the host (what waits for a GPU)."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def wrap(name, fn):
+        def counted(self, *args, **kwargs):
+            calls.append(name)
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.mark.parametrize("policy", ["gvq-mcs", "dsgc", "per-tensor"])
+def test_a_training_step_reads_nothing_on_the_host(policy):
+    """Forward, backward and an optimizer step with DCLRS: not one host read of a tensor value (finiteness,
+    clips, step counters, DSGC's period and the rounding keys all stay on the device)."""
+    qm = small(policy)
+    opt = int8fx.DeviationLRScaler(torch.optim.SGD(qm.parameters(), lr=0.1, momentum=0.9), qm)
+    for step in range(3):  # includes a DSGC search step and reuse steps (period 10: search at 0)
+        with count_host_syncs() as calls:
+            opt.zero_grad()
+            loss = F.cross_entropy(qm(X), Y)
+            loss.backward()
+            opt.step()
+        assert calls == [], (step, calls)
+    assert all(int(m.step) == 3 for m in sites(qm))
+
+
+@pytest.mark.cuda
+def test_a_cuda_training_step_never_synchronises():
+    qm = small().cuda()
+    opt = int8fx.DeviationLRScaler(torch.optim.SGD(qm.parameters(), lr=0.1, momentum=0.9), qm)
+    x, y = X.cuda(), Y.cuda()
+    opt.zero_grad()
+    F.cross_entropy(qm(x), y).backward()  # warm-up (allocator, kernel caches)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(qm(x), y).backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_func_grad_with_functional_call_and_buffers():
+    """torch.func.grad over functional_call: the same gradients as autograd, and the state the step computes
+    goes to the buffers passed in, not to the module's own."""
+    from torch.func import functional_call, grad
+
+    qm = small(rounding="nearest")
+    ref = copy.deepcopy(qm)
+    params = {k: v.detach() for k, v in qm.named_parameters()}
+    buffers = {k: v.clone() for k, v in qm.named_buffers()}
+
+    def loss(p, b):  # the buffers are an input: torch.func forbids mutating captured tensors
+        return F.cross_entropy(functional_call(qm, (p, b), (X,)), Y)
+
+    g = grad(loss)(params, buffers)
+    F.cross_entropy(ref(X), Y).backward()
+    for k, v in ref.named_parameters():
+        assert torch.equal(g[k], v.grad), k
+    assert int(buffers["0.pending.step"]) == 1 and float(buffers["0.pending.act_clip"]) > 0
+    assert int(qm[0].pending.get("step")) == 0 and float(qm[0].pending.get("act_clip")) == 0
+
+
+def test_the_weight_gradient_does_not_depend_on_whether_the_input_needs_one():
+    """dX and dW draw from separate streams: turning dX off (the first layer's input) leaves dW unchanged."""
+    a, b = small(), small()
+    a(X.clone().requires_grad_()).sum().backward()
+    b(X).sum().backward()
+    assert torch.equal(a[0].weight.grad, b[0].weight.grad)
+
+
+def test_exactness_holds_under_reduced_precision_fp32_matmuls():
+    """The reference GEMM reads no global precision setting: TF32/bf16-reduced fp32 matmuls hold the INT8
+    operands and the fp32 sums exactly, so the result is the same."""
+    a, b = small(rounding="nearest"), small(rounding="nearest")
+    a(X).sum().backward()
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        b(X).sum().backward()
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+def _resnet_or_mobilenet(name):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return int8fx.convert(torchvision.models.get_model(name, num_classes=10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_inductor_trains_resnet18_and_mobilenet_v2_with_no_graph_break_or_recompile(name):
+    qm = _resnet_or_mobilenet(name)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch._dynamo.explain(qm)(x).graph_break_count == 0
+    compiled = torch.compile(qm, fullgraph=True)
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    y = torch.randint(0, 10, (4,))
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        opt.step()
+        torch._dynamo.config.error_on_recompile = True
+    torch._dynamo.config.error_on_recompile = False
+    assert all(int(m.step) == 3 for m in sites(qm))
+
+
+def test_opcheck_the_library_ops(monkeypatch):
+    """torch.library.opcheck on every site's real call (a grouped conv, a plain conv, a linear): schema, fake
+    implementations (shapes, dtypes, strides) and the autograd registration agree with the real op."""
+    import int8fx.nn.modules as modules
+
+    calls = []
+    real = modules.int8_gemm
+    monkeypatch.setattr(modules, "int8_gemm", lambda *args: calls.append(args) or real(*args))
+    small()(X)
+    assert len(calls) == 3
+    for args in calls:
+        args = (args[0].detach().requires_grad_(),) + args[1:]
+        torch.library.opcheck(torch.ops.int8fx.gemm.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
