@@ -247,3 +247,41 @@ def test_deploy_agrees_with_the_trained_model_on_fashion_mnist(tmp_path):
     assert acc_ref > 0.7, acc_ref  # trained
     assert agree >= 0.99, agree
     assert abs(acc_out - acc_ref) <= 0.005, (acc_out, acc_ref)
+
+
+@pytest.mark.parametrize("scale, rewritten", [(6 / 127, True), (5 / 127, True), (7 / 127, False)])
+def test_relu6_becomes_leaky_relu_only_where_quantization_makes_them_equal(scale, rewritten):
+    """DQ -> Clip(x, 0, 6) -> QuantizeLinear(s) gives the codes of DQ -> LeakyRelu(x, 0) -> QuantizeLinear(s)
+    iff 127 s <= 6; the spatial ReduceMean of the FP32 graph becomes GlobalAveragePool, the same mean."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from int8fx.onnx import int8_ops
+
+    s = np.float32(scale)
+    inits = [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"), numpy_helper.from_array(s, "s"),
+             numpy_helper.from_array(np.float32(0.1), "s_in"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s_in", "z"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "s_in", "z"], ["xd"]),
+         helper.make_node("Clip", ["xd", "lo", "hi"], ["y"], name="relu6"),
+         helper.make_node("QuantizeLinear", ["y", "s", "z"], ["q"]),
+         helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="pool", keepdims=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+        [helper.make_tensor_value_info("q", TensorProto.INT8, None),
+         helper.make_tensor_value_info("m", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    x = {"x": np.random.default_rng(0).uniform(-3, 12, (2, 3, 4, 5)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert int8_ops.after_quantization(model) == ({"Clip": 1} if rewritten else {})
+    assert int8_ops.before_quantization(model) == {"ReduceMean": 1}
+    assert [n.op_type for n in model.graph.node][2:] == ["LeakyRelu" if rewritten else "Clip", "QuantizeLinear",
+                                                        "GlobalAveragePool"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert np.array_equal(got[0], want[0])
+    assert np.allclose(got[1], want[1], rtol=1e-6, atol=0)  # the same mean, summed in another order
+    if not rewritten:  # the case the condition guards: there a ReLU would give other codes
+        relu = np.clip(np.round(np.maximum(np.round(x["x"] / 0.1).clip(-128, 127) * 0.1, 0) / s), -128, 127)
+        assert not np.array_equal(relu.astype(np.int8), want[0])

@@ -14,13 +14,16 @@ Built in three steps:
    with quantization (Relu, ReLU6's Clip, MaxPool, reshapes) to the conv output that feeds it, so a conv
    followed by ReLU rounds once, at the scale int8fx uses. Tensors int8fx has no clip for (a conv output
    feeding a residual Add, the Add itself, pooled features) are calibrated on the calibration batches
-   (absmax / 127, symmetric).
+   (absmax / 127, symmetric). Ops without an INT8 kernel are rewritten into equal ones that have one (ReLU
+   and, where the scales allow, ReLU6 as LeakyRelu(alpha=0); spatial ReduceMean as GlobalAveragePool:
+   `int8_ops`).
 3. Give every QuantizeLinear its own scale initializer and exactly one consumer, so that onnxruntime on
    x86 rewrites the int8 activations to its fast u8 kernels: its `QDQS8ToU8Transformer` only converts a
    QuantizeLinear with a single DequantizeLinear after it, and its common-subexpression elimination merges
    QuantizeLinears of one tensor whose scales are equal. Two consumers that want the same scale (a
    block's conv and its downsample shortcut) therefore get scales one float ulp apart (a relative change of
-   6e-8, below anything an INT8 code can show); each INT8 site keeps its exact scale.
+   6e-8, below anything an INT8 code can show); each INT8 site keeps its exact scale. An INT8 op whose
+   output feeds several consumers is quantized once and re-quantized per consumer (`_fan_out`).
 
 Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
 (where they feed an Add), biases are rounded to int32, and QuantizeLinear saturates at -128, not -127.
@@ -38,6 +41,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..nn.modules import Int8Layer
+from . import int8_ops
 from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .faithful import io_names
@@ -75,17 +79,20 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     view = GraphView(fp32)
     excluded = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
     overrides = _activation_overrides(view, site_of, statics)
+    rewritten = int8_ops.before_quantization(fp32)
+    clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
     feeds = [{n: np.ascontiguousarray(a.detach().numpy()) for n, a in zip(in_names, b) if hasattr(a, "detach")}
              for b in batches]
     model = _quantize(ortq, fp32, feeds, excluded, overrides)
+    rewritten.update(int8_ops.after_quantization(model))
     nudged = _dedicate_quantizers(model, site_of, statics)
     fanned = _fan_out(model, site_of)
     calls_meta = _annotate(model, site_of, statics)
     clean(model)
     extra = {"producer": {"onnxruntime": onnxruntime.__version__},
              "deploy": {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, int8 symmetric, per-channel)",
-                        "float_compute_nodes": excluded, "scales_moved_one_ulp_apart": nudged,
-                        "requantized_fan_outs": fanned}}
+                        "float_compute_nodes": excluded, "rewritten_for_int8_kernels": rewritten,
+                        "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned}}
     return model, used, calls_meta, extra
 
 
@@ -260,11 +267,7 @@ def _dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, Stat
             for n in [q] + view.consumers[q.output[0]]:
                 if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
                     n.input[1], n.input[2] = sn, zn
-    model.graph.initializer.extend(new_inits)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    model.graph.initializer.extend(new_inits)  # (the ones they replace are dropped by torch_export.clean)
     return nudged
 
 

@@ -89,10 +89,16 @@ def _export_with(chosen, exporter, module, args, opset, input_names, output_name
 def clean(model) -> None:
     """Lowest IR version the opsets allow; no node/value metadata or doc strings (see module docstring);
     constants read directly from initializers, not through the Identity nodes torch's constant
-    de-duplication leaves (runtimes and TensorRT want scales and zero points as initializers)."""
+    de-duplication leaves (runtimes and TensorRT want scales and zero points as initializers); no unused
+    initializers."""
     import onnx
 
     _bypass_constant_identities(model.graph)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
     for n in model.graph.node:
         del n.metadata_props[:]
         n.doc_string = ""

@@ -1,0 +1,96 @@
+"""Rewrite ops of the deploy graph into equal ops that runtimes have INT8 kernels for.
+
+With symmetric int8 (zero point 0, as TensorRT requires), a ReLU cannot be folded into the quantizer in
+front of it (that takes a zero point at the bottom of the range), so `DequantizeLinear -> Relu ->
+QuantizeLinear` would run in float, three passes over the tensor. onnxruntime has no INT8 Relu, but it
+has an INT8 LeakyRelu (QLinearLeakyRelu, one table lookup per element), and LeakyRelu with alpha = 0 is
+the same function.
+
+Before quantization (the FP32 graph, whose float outputs calibrate the scales; only exact rewrites):
+  * Relu -> LeakyRelu(alpha=0);
+  * ReduceMean over the spatial axes of a 4-d tensor, keeping them (how torch.export writes adaptive
+    average pooling to 1x1) -> GlobalAveragePool, which onnxruntime runs as QLinearGlobalAveragePool.
+After quantization (the QDQ graph, where the scales are known):
+  * ReLU6 `DequantizeLinear -> Clip(x, 0, hi) -> QuantizeLinear(s)` -> LeakyRelu(alpha=0) when every
+    consumer quantizes at an s with 127 s <= hi: the quantizer saturates at 127 s before the clip's upper
+    bound can act, so both give the same INT8 codes (a site reading a ReLU6 output has a running clip
+    <= 6 by construction).
+"""
+from __future__ import annotations
+
+from onnx import helper
+
+from .graphs import GraphView
+
+
+def before_quantization(model) -> dict[str, int]:
+    """Rewrite the FP32 graph in place; returns how many nodes of each kind."""
+    import onnx
+
+    ranks = _ranks(onnx.shape_inference.infer_shapes(model))
+    view = GraphView(model)
+
+    def replace(n):
+        if n.op_type == "Relu":
+            return helper.make_node("LeakyRelu", [n.input[0]], list(n.output), name=n.name, alpha=0.0)
+        if n.op_type == "ReduceMean" and _spatial_mean(view, n, ranks.get(n.input[0])):
+            return helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name)
+        return None
+
+    return _replace(model, replace)
+
+
+def after_quantization(model) -> dict[str, int]:
+    """Rewrite ReLU6 Clips of the QDQ graph in place where quantization makes them a ReLU."""
+    view = GraphView(model)
+
+    def replace(n):
+        if n.op_type == "Clip" and view.made_by(n.input[0], "DequantizeLinear") is not None and _relu6_below(view, n):
+            return helper.make_node("LeakyRelu", [n.input[0]], list(n.output), name=n.name, alpha=0.0)
+        return None
+
+    return _replace(model, replace)
+
+
+def _replace(model, replace) -> dict[str, int]:
+    done: dict[str, int] = {}
+    nodes = []
+    for n in model.graph.node:
+        new = replace(n)
+        if new is not None:
+            done[n.op_type] = done.get(n.op_type, 0) + 1
+        nodes.append(new or n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return done
+
+
+def _relu6_below(view: GraphView, node) -> bool:
+    """Clip(x, 0, hi) whose every consumer is a QuantizeLinear saturating at or below hi."""
+    if len(node.input) < 3 or not node.input[1] or not node.input[2]:
+        return False
+    low, high = view.const(node.input[1]), view.const(node.input[2])
+    users = view.consumers.get(node.output[0], [])
+    if low is None or high is None or float(low) != 0.0 or not users:
+        return False
+    for q in users:
+        scale = view.const(q.input[1]) if q.op_type == "QuantizeLinear" else None
+        if scale is None or scale.size != 1 or not 127 * float(scale.reshape(())) <= float(high):
+            return False
+    return True
+
+
+def _spatial_mean(view: GraphView, node, rank: int | None) -> bool:
+    if rank != 4 or not view.attr(node, "keepdims", 1):
+        return False
+    axes = view.const(node.input[1]) if len(node.input) > 1 and node.input[1] else view.attr(node, "axes")
+    return axes is not None and sorted(int(a) % 4 for a in list(axes)) == [2, 3]
+
+
+def _ranks(model) -> dict[str, int]:
+    out = {}
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = len(t.shape.dim)
+    return out
