@@ -1,7 +1,7 @@
 """Checks on an exported graph before it is written, and what a runtime makes of it.
 
-`full_check`: the ONNX checker with shape inference. The faithful form's per-site Q/DQ patterns are
-checked where they are found (`faithful.annotate`), the deploy form's in `check_deploy`.
+`full_check`: the ONNX checker with shape inference. Each form checks its own per-site Q/DQ structure
+where it finds it (`faithful.annotate`, `deploy._annotate`): a site call without it fails the export.
 `runtime_ops`: the op types onnxruntime runs after its graph optimizations, and for each INT8 site the
 op its compute node became (QLinearConv, QGemm, ...): how tests and the benchmark show that the
 convolutions of a deploy file run in INT8.

@@ -1,8 +1,8 @@
 """`export_onnx`: calibrate, build the chosen form, verify it, attach the metadata, write the file.
 
-Nothing is written until the graph has passed `onnx.checker` (full check), the form's own structural
-check (every INT8 site call has its Q/DQ pattern with the site's INT8 weights and scales; `check.py`) and
-the metadata has passed the validation its reader applies.
+Nothing is written until the graph has passed the form's own structural check (every INT8 site call has
+its Q/DQ pattern with the site's INT8 weights and scales: `faithful.annotate`, `deploy._annotate`),
+`onnx.checker` (full check) and the validation `read_onnx_metadata` applies to the metadata.
 """
 from __future__ import annotations
 

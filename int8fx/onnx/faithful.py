@@ -18,7 +18,6 @@ from .graphs import COMPUTE_OPS, GraphView, assign_sites, out_major, rename, wei
 from .standins import DynamicFloatSite, FaithfulSite, export_copy, probe
 from .torch_export import clean, export_graph
 
-ROLES = ("x_clip", "x_quantize", "x_dequantize", "w_dequantize", "w_transpose", "compute", "bias_add")
 
 
 def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], args: tuple, *, exporter: str,
