@@ -5,8 +5,8 @@ file, and how far its predictions are from `qmodel.eval()` on real data.
 to export in seconds: a conv+BN+ReLU stem with max pooling; a residual block whose conv and downsample
 shortcut read the same tensor at the same scale (two QuantizeLinears of one tensor that must stay
 distinct); an inverted residual with ReLU6 whose projection output feeds both the next conv and a
-residual Add (an INT8 op with two consumers: the fan-out); SiLU and a squeeze-excite gate (x * sigmoid(x),
-another fan-out); global pooling and a linear head. Speed is measured in benchmarks/onnx_runtime.py.
+residual Add (an INT8 op with two consumers: the fan-out); SiLU (x * sigmoid(x): a dequantized value read
+by two float ops) and a squeeze-excite gate; global pooling and a linear head. Speed is measured in benchmarks/onnx_runtime.py.
 """
 from __future__ import annotations
 

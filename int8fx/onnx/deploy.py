@@ -78,6 +78,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     site_of = _name_site_nodes(fp32, statics, {s: calls.get(s, 0) for s in statics})
     view = GraphView(fp32)
     excluded = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
+    excluded += _silu_nodes(view)
     overrides = _activation_overrides(view, site_of, statics)
     rewritten = int8_ops.before_quantization(fp32)
     clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
@@ -141,6 +142,22 @@ def _activation_overrides(view: GraphView, site_of: dict[str, str], statics: dic
     return {t: [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}] for t, s in scales.items()}
 
 
+def _silu_nodes(view: GraphView) -> list[str]:
+    """The Sigmoid and Mul of every x * sigmoid(x) (SiLU/Swish): left in float, where onnxruntime fuses them
+    into one op (QuickGelu) between a DequantizeLinear and a QuantizeLinear; quantized, x would feed two INT8
+    ops and need a re-quantizing fan-out (several passes over the tensor) for each."""
+    names = []
+    for n in view.graph.node:
+        if n.op_type != "Mul" or len(n.input) != 2:
+            continue
+        for a, b in (n.input, reversed(n.input)):
+            sig = view.made_by(b, "Sigmoid")
+            if sig is not None and sig.input[0] == a and len(view.consumers[b]) == 1:
+                names += [sig.name, n.name]
+                break
+    return names
+
+
 def _preserves_scale(view: GraphView, node) -> bool:
     if node.op_type in _SCALE_PRESERVING:
         return True
@@ -195,46 +212,71 @@ _FUSED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "Av
 
 
 def _fan_out(model, site_of: dict[str, str]) -> int:
-    """An INT8 op must write exactly one QuantizeLinear for onnxruntime to fuse it, and that QuantizeLinear
-    must feed one DequantizeLinear for the u8 rewrite. Where the op's output feeds several consumers (a
-    projection conv read by the next block and by a residual Add), quantize it once (at the reading site's
-    scale, else the largest of the consumers'), dequantize, saturate at -127 steps as int8fx does, and let
-    the consumers' own QuantizeLinears read that:
-        out -> Q0 -> DQ0 -> Clip(-127 s0, 127 s0) -> {Q1 -> DQ1 -> conv, Q2 -> DQ2 -> Add}
-    (the Clip changes a value, so no optimizer folds the DQ0 -> Q pairs away). Returns how many."""
-    from onnx import helper, numpy_helper
-
+    """Make every activation QuantizeLinear feed one DequantizeLinear, and every activation
+    DequantizeLinear one consumer: onnxruntime duplicates a DequantizeLinear per consumer, and converts a
+    QuantizeLinear to its u8 kernels only when a single DequantizeLinear follows it; an INT8 op must also
+    write exactly one QuantizeLinear to be fused. Where a value fans out, it is dequantized once and
+    saturated at -127 steps as int8fx does (a Clip, which changes a value, so no optimizer folds it away),
+    and the consumers read the Clip:
+      * an INT8 op whose output several QuantizeLinears read (a projection conv read by the next block and
+        by a residual Add): quantize once (at the reading site's scale, else the largest of theirs),
+            out -> Q0 -> DQ0 -> Clip(-127 s0, 127 s0) -> {Q1 -> DQ1 -> conv, Q2 -> DQ2 -> Add};
+      * a DequantizeLinear read by several float ops (the Sigmoid and Mul of SiLU): DQ -> Clip -> {...}.
+    Returns how many fan-outs."""
     view = GraphView(model)
-    after: dict[int, list] = {}  # new nodes to place right after their producer (topological order)
+    after: dict[int, list] = {}  # new nodes to place right after a node (topological order)
     for tensor, users in list(view.consumers.items()):
-        qs = [u for u in users if u.op_type == "QuantizeLinear"]
         producer = view.producer.get(tensor)
-        if len(qs) < 2 or len(qs) != len(users) or producer is None or producer.op_type not in _FUSED:
+        if producer is None or len(users) < 2:
             continue
-        scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
-        at_site = [sc for q, sc in zip(qs, scales) if _site_behind(view, q, site_of)]
-        s0 = at_site[0] if at_site else max(scales)
-        zp = view.const(qs[0].input[2]).reshape(())
-        base = f"{tensor}_fanout"
-        model.graph.initializer.extend([
-            numpy_helper.from_array(np.array(s0, np.float32), f"{base}_scale"),
-            numpy_helper.from_array(zp, f"{base}_zero_point"),
-            numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
-            numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
-        for q in qs:
-            q.input[0] = f"{base}_clipped"
-        after[id(producer)] = [
-            helper.make_node("QuantizeLinear", [tensor, f"{base}_scale", f"{base}_zero_point"], [f"{base}_quantized"],
-                             name=f"{base}_quantize"),
-            helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                             [f"{base}_dequantized"], name=f"{base}_dequantize"),
-            helper.make_node("Clip", [f"{base}_dequantized", f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
-                             name=f"{base}_clip")]
+        qs = [u for u in users if u.op_type == "QuantizeLinear"]
+        if len(qs) == len(users) and _is_int8_op(view, producer):
+            scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
+            at_site = [sc for q, sc in zip(qs, scales) if _site_behind(view, q, site_of)]
+            s0 = at_site[0] if at_site else max(scales)
+            zp = view.const(qs[0].input[2]).reshape(())
+            after[id(producer)] = _requantize_and_clip(model, tensor, s0, zp, users)
+        elif producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits:
+            s0, zp = view.const(producer.input[1]).reshape(()), view.const(producer.input[2]).reshape(())
+            after[id(producer)] = _requantize_and_clip(model, tensor, s0, zp, users, requantize=False)
     if after:
         nodes = [m for n in model.graph.node for m in [n] + after.get(id(n), [])]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return len(after)
+
+
+def _is_int8_op(view: GraphView, node) -> bool:
+    """Whether onnxruntime can fuse `node` into an INT8 op: a fusable type whose every activation input is
+    dequantized (its output Q is what the fan-out is about)."""
+    acts = [i for i in node.input if i and i not in view.inits]
+    return node.op_type in _FUSED and all(view.made_by(i, "DequantizeLinear") is not None for i in acts)
+
+
+def _requantize_and_clip(model, tensor: str, s0, zp, users, requantize: bool = True) -> list:
+    """[Q0, DQ0,] Clip nodes on `tensor`, rewiring `users` to the Clip's output."""
+    from onnx import helper, numpy_helper
+
+    base = f"{tensor}_fanout"
+    s0 = np.float32(s0)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
+                                    numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
+    nodes, source = [], tensor
+    if requantize:
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(s0, np.float32), f"{base}_scale"),
+                                        numpy_helper.from_array(np.array(zp), f"{base}_zero_point")])
+        nodes = [helper.make_node("QuantizeLinear", [tensor, f"{base}_scale", f"{base}_zero_point"],
+                                  [f"{base}_quantized"], name=f"{base}_quantize"),
+                 helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                                  [f"{base}_dequantized"], name=f"{base}_dequantize")]
+        source = f"{base}_dequantized"
+    nodes.append(helper.make_node("Clip", [source, f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
+                                  name=f"{base}_clip"))
+    for u in users:
+        for i, name in enumerate(u.input):
+            if name == tensor:
+                u.input[i] = f"{base}_clipped"
+    return nodes
 
 
 def _dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> int:
