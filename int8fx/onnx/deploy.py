@@ -77,14 +77,14 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     clean(fp32)
     site_of = _name_site_nodes(fp32, statics, {s: calls.get(s, 0) for s in statics})
     view = GraphView(fp32)
-    excluded = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
-    excluded += _silu_nodes(view)
+    float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
+    silu = _silu_nodes(view)
     overrides = _activation_overrides(view, site_of, statics)
     rewritten = int8_ops.before_quantization(fp32)
     clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
     feeds = [{n: np.ascontiguousarray(a.detach().numpy()) for n, a in zip(in_names, b) if hasattr(a, "detach")}
              for b in batches]
-    model = _quantize(ortq, fp32, feeds, excluded, overrides)
+    model = _quantize(ortq, fp32, feeds, float_compute + silu, overrides)
     rewritten.update(int8_ops.after_quantization(model))
     nudged = _dedicate_quantizers(model, site_of, statics)
     fanned = _fan_out(model, site_of)
@@ -92,7 +92,8 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     clean(model)
     extra = {"producer": {"onnxruntime": onnxruntime.__version__},
              "deploy": {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, int8 symmetric, per-channel)",
-                        "float_compute_nodes": excluded, "rewritten_for_int8_kernels": rewritten,
+                        "float_compute_nodes": float_compute, "float_silu": len(silu) // 2,
+                        "rewritten_for_int8_kernels": rewritten,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned}}
     return model, used, calls_meta, extra
 
