@@ -96,7 +96,8 @@ def _build(kind: str):
     return qm, x, opt
 
 
-@pytest.fixture(scope="module", params=[("resnet18", "dynamo"), ("resnet18", "torchscript"), ("mobilenet_v2", "dynamo"),
+@pytest.fixture(scope="module", params=[("resnet18", "dynamo"), ("resnet18", "torchscript"), ("mobilenet_v2", "torchscript"),
+                                        pytest.param(("mobilenet_v2", "dynamo"), marks=pytest.mark.slow),  # 10-30 s
                                         ("conv1d", "dynamo"), ("conv1d", "torchscript")], ids="-".join)
 def exported(request, tmp_path_factory):
     kind, exporter = request.param
