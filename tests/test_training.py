@@ -83,14 +83,21 @@ def test_rounding_option_reaches_every_int8_layer():
 
 def test_parse_runs_validates_names():
     names = int8fx.quant.grad_quantizer_names()
-    assert T.parse_runs("fp32, per-tensor,fp32") == [(None, False), ("per-tensor", False)]
+    assert T.parse_runs("fp32, per-tensor,fp32") == [(None, False, None), ("per-tensor", False, None)]
+    assert T.parse_runs("gvq:nearest,gvq") == [("gvq", False, "nearest"), ("gvq", False, None)]
+    with pytest.raises(ValueError, match="nearest, stochastic"):
+        T.parse_runs("gvq:round-up")
+    with pytest.raises(ValueError, match="FP32 has none"):
+        T.parse_runs("fp32:nearest")
     with pytest.raises(ValueError, match="per-tensor"):  # the message lists what is registered
         T.parse_runs("fp32,no-such-policy")
     with pytest.raises(ValueError, match="fp32"):
         T.parse_runs("fp32+dclrs")
     if T.dclrs_available():
-        assert T.parse_runs(["per-tensor"], dclrs=True) == [("per-tensor", True)]
+        assert T.parse_runs(["per-tensor"], dclrs=True) == [("per-tensor", True, None)]
         assert T.RunSpec("per-tensor", 0, True).label == "per-tensor+dclrs"
+        assert T.parse_runs("dsgc+dclrs:nearest") == [("dsgc", True, "nearest")]
+        assert T.RunSpec("dsgc", 0, True, "nearest").label == "dsgc+dclrs:nearest"
     assert set(T.preset_runs("full")) <= set(names) | {"fp32"}
 
 

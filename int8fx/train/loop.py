@@ -6,6 +6,7 @@ Runs with the same seed start from the same weights and draw the same batches (s
 """
 from __future__ import annotations
 
+import glob
 import math
 import time
 
@@ -14,22 +15,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Data, augment, fit_input
+from .ends import end_layers, remove_end_batchnorm
 from .progress import Progress
 from .recipe import FP32, Recipe, RunSpec
 
 
 def build_models(spec: RunSpec, recipe: Recipe, device="cpu"):
     """(model to train, ZooModel) for a run. The FP32 weights are drawn from `spec.seed` before
-    conversion, so FP32 and INT8 runs with the same seed start from the same weights."""
+    conversion, so FP32 and INT8 runs with the same seed start from the same weights. `recipe.end_bn`
+    and `recipe.fp32_ends` reshape the first and last layers (int8fx.train.ends)."""
     import int8fx
     from ..zoo import build_model
 
     torch.manual_seed(spec.seed)
     zm = build_model(recipe.model, width=recipe.width, size=recipe.size)
     model = zm.module
+    example = torch.zeros(2, zm.channels, zm.size, zm.size)
+    if not recipe.end_bn:
+        remove_end_batchnorm(model, example)
     if spec.policy is not None:
-        model = int8fx.convert(model, int8fx.Int8Config(grad_quant=spec.policy, seed=spec.seed, rounding=recipe.rounding))
+        keep = tuple(glob.escape(n) for n in end_layers(model, example)) if recipe.fp32_ends else ()
+        model = int8fx.convert(model, int8fx.Int8Config(grad_quant=spec.policy, seed=spec.seed, exclude=keep,
+                                                        rounding=run_rounding(spec, recipe)))
     return model.to(device), zm
+
+
+def run_rounding(spec: RunSpec, recipe: Recipe) -> str | None:
+    """The gradient rounding of an INT8 run (its own, else the recipe's); None for FP32."""
+    return None if spec.policy is None else spec.rounding or recipe.rounding
 
 
 def lr_at(step: int, total: int, recipe: Recipe) -> float:
@@ -156,8 +169,9 @@ def train_run(spec: RunSpec, recipe: Recipe, data: Data, device="cpu", progress:
             evals["n_test"].append(len(data.test_y[:lim]))
             progress.message(key, f"epoch {done / per_epoch:.2f}: test top-1 {acc:.2f}% loss {tloss:.4f} "
                                   f"(on {evals['n_test'][-1]} test images)")
-            progress.update(key, done, {"loss": f"{hist['train_loss'][-1]:.3f}", "acc": f"{hist['train_acc'][-1]:.1f}",
-                                        "test": f"{acc:.1f}"})
+            logged = ({"loss": f"{hist['train_loss'][-1]:.3f}", "acc": f"{hist['train_acc'][-1]:.1f}"}
+                      if hist["step"] else {})  # an eval may come before the first log
+            progress.update(key, done, {**logged, "test": f"{acc:.1f}"})
             _sync(device)
             t0 = time.perf_counter()
             eval_s += t0 - t1
@@ -166,6 +180,7 @@ def train_run(spec: RunSpec, recipe: Recipe, data: Data, device="cpu", progress:
     steps = hist["step"][-1] if hist["step"] else 0
     rec = {
         "label": spec.label, "policy": spec.policy or FP32, "int8": spec.policy is not None, "dclrs": spec.dclrs,
+        "rounding": run_rounding(spec, recipe),
         "seed": spec.seed, "model": zm.name, "input": [zm.channels, zm.size, zm.size],
         "params": sum(p.numel() for p in params),
         "top1": evals["test_acc"][-1], "test_loss": evals["test_loss"][-1],

@@ -1,5 +1,6 @@
 """What a training run is: the `Recipe` shared by every run of an experiment, and the `RunSpec` (policy,
-seed, DCLRS) that tells its runs apart; `parse_runs` reads them from 'fp32,gvq-mcs,dsgc+dclrs'.
+seed, DCLRS, gradient rounding) that tells its runs apart; `parse_runs` reads them from
+'fp32,gvq-mcs,dsgc+dclrs,gvq:nearest'.
 
 Why a module of its own: the recipe is an experiment's identity (it is written into results.json and
 decides whether a stored run can be reused), so it stays a plain frozen dataclass that every other part
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 FP32 = "fp32"
 DCLRS_SUFFIX = "+dclrs"
+ROUNDING_SEP = ":"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,10 @@ class Recipe:
         for smoke tests, reported numbers use the full test set). evals: test evaluations per run,
         evenly spaced, the last at the end; eval_subset limits the intermediate ones (the final one
         always uses the whole test set) to keep the curves cheap.
+    fp32_ends: keep the first and the last conv/linear layer (in execution order) in FP32 in INT8 runs,
+        as both papers do; False converts them too (int8fx's default).
+    end_bn: False removes the BatchNorm that directly follows the first or the last conv/linear layer
+        (in int8fx's ResNet-20 and MobileNetV2 that is the stem's BN; their last layer, the FC, has none).
     """
 
     model: str = "smallcnn"
@@ -42,47 +49,81 @@ class Recipe:
     eval_subset: int | None = 2_000
     log_every: int = 10
     max_steps: int | None = None  # cap on optimizer steps (smoke tests); the schedule spans the cap
-    rounding: str = "stochastic"  # Int8Config.rounding of the INT8 runs' gradients
+    rounding: str = "stochastic"  # Int8Config.rounding of the INT8 runs' gradients (a RunSpec may override it)
+    fp32_ends: bool = False
+    end_bn: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+class RunKind(NamedTuple):
+    """A run without its seed, as `parse_runs` reads it: `policy` None is FP32; `rounding` None takes the
+    recipe's."""
+
+    policy: str | None
+    dclrs: bool = False
+    rounding: str | None = None
+
+    @property
+    def label(self) -> str:
+        """'fp32', 'gvq-mcs', 'dsgc+dclrs', 'gvq:nearest': the name of the run in tables and files; the
+        rounding appears only when the run sets its own."""
+        if self.policy is None:
+            return FP32
+        return (self.policy + (DCLRS_SUFFIX if self.dclrs else "")
+                + (ROUNDING_SEP + self.rounding if self.rounding else ""))
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: `policy` None is FP32; otherwise a registered gradient quantizer name."""
+    """One training run: `policy` None is FP32; otherwise a registered gradient quantizer name.
+    `rounding` None uses `Recipe.rounding`; 'nearest' or 'stochastic' overrides it for this run."""
 
     policy: str | None
     seed: int = 0
     dclrs: bool = False
+    rounding: str | None = None
+
+    @property
+    def kind(self) -> RunKind:
+        return RunKind(self.policy, self.dclrs, self.rounding)
 
     @property
     def label(self) -> str:
-        return FP32 if self.policy is None else self.policy + (DCLRS_SUFFIX if self.dclrs else "")
+        return self.kind.label
 
 
-def parse_runs(items, dclrs: bool = False) -> list[tuple[str | None, bool]]:
-    """'fp32,gvq-mcs,dsgc+dclrs' (or a list) -> [(policy or None, dclrs)], validated against the
-    registered gradient quantizers; `dclrs` adds DCLRS to every INT8 run."""
+def parse_runs(items, dclrs: bool = False) -> list[RunKind]:
+    """'fp32,gvq-mcs,dsgc+dclrs,gvq:nearest' (or a list) -> [RunKind(policy or None, dclrs, rounding)],
+    validated against the registered gradient quantizers and roundings; `dclrs` adds DCLRS to every
+    INT8 run. Duplicates are dropped, the order is kept."""
+    from ..config import ROUNDINGS
     from ..quant import grad_quantizer_names
 
     if isinstance(items, str):
         items = [s for s in items.replace(" ", "").split(",") if s]
     names = grad_quantizer_names()
-    out: list[tuple[str | None, bool]] = []
+    out: list[RunKind] = []
     for item in items:
-        base, plus = (item[: -len(DCLRS_SUFFIX)], True) if item.endswith(DCLRS_SUFFIX) else (item, False)
+        name, sep, rounding = item.partition(ROUNDING_SEP)
+        base, plus = (name[: -len(DCLRS_SUFFIX)], True) if name.endswith(DCLRS_SUFFIX) else (name, False)
+        if sep and rounding not in ROUNDINGS:
+            raise ValueError(f"run {item!r}: the rounding after '{ROUNDING_SEP}' must be one of {', '.join(ROUNDINGS)}")
         if base.lower() == FP32:
             if plus:
                 raise ValueError("DCLRS scales INT8 layers' learning rates; 'fp32+dclrs' means nothing")
-            out.append((None, False))
+            if sep:
+                raise ValueError(f"run {item!r}: rounding applies to INT8 gradients; FP32 has none")
+            out.append(RunKind(None))
             continue
         if base not in names:
             raise ValueError(f"unknown run {item!r}: use 'fp32' or a gradient quantizer ({', '.join(names)}), "
-                             f"optionally with '{DCLRS_SUFFIX}'")
+                             f"optionally with '{DCLRS_SUFFIX}' and '{ROUNDING_SEP}nearest' or "
+                             f"'{ROUNDING_SEP}stochastic'")
         if (plus or dclrs) and not dclrs_available():
             raise ValueError("DCLRS is not available in this int8fx (no int8fx.DeviationLRScaler)")
-        out.append((base, plus or dclrs))
+        out.append(RunKind(base, plus or dclrs, rounding or None))
     if not out:
         raise ValueError("no runs given")
     return list(dict.fromkeys(out))
