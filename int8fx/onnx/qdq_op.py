@@ -32,15 +32,18 @@ def _emulate(x: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_int8: Tensor, w
              dilations: list[int], groups: int) -> Tensor:
     xq = torch.clamp(torch.round(x / x_scale), -127, 127) * x_scale  # as int8fx: symmetric, never -128
     w = w_int8.float() * w_scale.view(-1, *([1] * (w_int8.dim() - 1)))
-    if kind != "conv":
-        return F.linear(xq, w, bias)
-    nd = w_int8.dim() - 2
-    lo, hi = pads[:nd], pads[nd:]
+    return F.linear(xq, w, bias) if kind != "conv" else conv_nd(xq, w, bias, strides, pads, dilations, groups)
+
+
+def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, strides: list[int], pads: list[int], dilations: list[int],
+            groups: int) -> Tensor:
+    """F.conv1d/2d/3d with ONNX's padding convention (begins + ends, possibly unequal)."""
+    nd = w.dim() - 2
+    lo, hi = list(pads[:nd]), list(pads[nd:])
     if lo != hi:
-        xq = F.pad(xq, [p for d in reversed(range(nd)) for p in (lo[d], hi[d])])
+        x = F.pad(x, [p for d in reversed(range(nd)) for p in (lo[d], hi[d])])
         lo = [0] * nd
-    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    return conv(xq, w, bias, strides, lo, dilations, groups)
+    return (F.conv1d, F.conv2d, F.conv3d)[nd - 1](x, w, bias, strides, lo, dilations, groups)
 
 
 qdq_gemm = torch.library.custom_op("int8fx::qdq_gemm", _emulate, mutates_args=())

@@ -28,10 +28,7 @@ from torch import Tensor
 from ..nn.modules import Int8Layer, ModuleSite, _original
 from ..nn.scope import no_fused_fastpath
 from .calibrate import StaticSite
-from .qdq_op import qdq_gemm
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
+from .qdq_op import conv_nd, qdq_gemm
 
 class StandIn(nn.Module):
     """What every stand-in shares: the site's name, a module site's floating-point padding, its own
@@ -108,12 +105,8 @@ class FloatSite(_StaticGeometry):
         x = x if x.dtype == torch.float32 else x.float()
         if not self.dims:
             return F.linear(x, self.dequantized_weight, self.float_bias)
-        lo, hi = self.pads[:self.dims], self.pads[self.dims:]
-        if lo != hi:
-            x = F.pad(x, [p for d in reversed(range(self.dims)) for p in (lo[d], hi[d])])
-            lo = [0] * self.dims
-        return _CONV[self.dims](x, self.dequantized_weight, self.float_bias, self.strides, lo, self.dilations,
-                                self.groups)
+        return conv_nd(x, self.dequantized_weight, self.float_bias, self.strides, self.pads, self.dilations,
+                       self.groups)
 
 
 class DynamicFloatSite(StandIn):
