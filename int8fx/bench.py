@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
+import sys
 import time
 import warnings
 
@@ -44,16 +44,18 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policies=("gvq-mcs",), reps: int = 10,
-            with_fx_qat: bool = True, roundings: tuple = ()) -> dict:
+            with_fx_qat: bool = True, roundings: tuple = (), backends: tuple = ("auto",)) -> dict:
     """{variant: {"wall": s, "cpu": s}} medians of `reps` interleaved training steps. One int8fx variant
-    per policy and gradient rounding (`roundings`, default: the library's; named only when several)."""
+    per policy, gradient rounding (`roundings`, default: the library's) and backend (default "auto"); the
+    rounding and backend are named in the variant only when several are timed."""
     model = model.train()
     variants = {"fp32": model}
     if with_fx_qat:
         variants["fx-qat"] = fx_qat(model, x)
     roundings = tuple(roundings) or (Int8Config().rounding,)
-    variants.update({f"int8fx {p}" + (f" {r}" if len(roundings) > 1 else ""):
-                     convert(model, Int8Config(grad_quant=p, rounding=r)).train() for p in policies for r in roundings})
+    variants.update({f"int8fx {p}" + (f" {r}" if len(roundings) > 1 else "") + (f" [{b}]" if len(backends) > 1 else ""):
+                     convert(model, Int8Config(grad_quant=p, rounding=r, backend=b)).train()
+                     for b in backends for p in policies for r in roundings})
     steps = {k: _step_fn(m, x, y) for k, m in variants.items()}
     for s in steps.values():  # warm-up: allocator, oneDNN primitive caches
         s(), s()
@@ -69,8 +71,16 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policies=("gvq-m
 
 
 def header(batch: int, size: int, reps: int) -> str:
-    return (f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
-            f"threads {torch.get_num_threads()}  batch {batch}  {size}x{size}  median of {reps}")
+    """Date, CPU model and ISA flags, what backend "auto" measured and chose, torch, threads, sizes."""
+    from .fusing import compile_status
+    from .kernels.probe import cpu_report
+
+    compiled, failed = compile_status()
+    fusing = "compiled" if compiled and not failed else ("eager (INT8FX_COMPILE=0)" if not compiled
+                                                         else f"compiled except {', '.join(failed)}")
+    return (f"# {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+            f"batch {batch} at {size}x{size} (smallcnn: 1x28x28 at its own batch)  median of {reps}\n"
+            f"# CPU {cpu_report()}\n# fused passes: {fusing}")
 
 
 def table(name: str, r: dict) -> list[str]:
@@ -86,30 +96,67 @@ TABLE_HEAD = ["| model | variant | wall ms | CPU ms | wall / FP32 | CPU / FP32 |
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .quant import grad_quantizer_names
 
-    parser.add_argument("models", nargs="*", default=["resnet18", "mobilenet_v2"], metavar="NAME",
-                        help="torchvision model names (random init, 10 classes; default: resnet18 mobilenet_v2)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("models", nargs="*", default=["resnet18", "mobilenet_v2", "smallcnn"], metavar="NAME",
+                        help="torchvision model names (random init, 10 classes, 3 x size x size inputs) or int8fx's "
+                             "own zoo models (1x28x28, e.g. smallcnn: the quick preset's); default: resnet18 "
+                             "mobilenet_v2 smallcnn")
+    parser.add_argument("--batch", type=int, default=16, help="batch size of torchvision models (default 16)")
+    parser.add_argument("--zoo-batch", type=int, default=128,
+                        help="batch size of int8fx's own models (default 128, the quick preset's)")
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per variant (default 10)")
     parser.add_argument("--policy", nargs="+", default=[Int8Config().grad_quant, "per-tensor"],
                         choices=grad_quantizer_names(), help="gradient policies to time, one int8fx row each")
     parser.add_argument("--rounding", nargs="+", default=[], choices=("stochastic", "nearest"),
                         help="gradient rounding(s) to time (default: the library's, stochastic)")
+    parser.add_argument("--backend", nargs="+", default=["auto"], choices=("auto", "torch", "reference"),
+                        help="GEMM backend(s) of the int8fx rows (default auto: what the probe picked, see the "
+                             "header); 'reference' times the path a CPU without int8 dot products runs")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-fx-qat", action="store_true", help="skip the torch.ao FX QAT baseline")
 
 
-def run(args: argparse.Namespace) -> int:
+def _model_and_input(name: str, args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
+    """int8fx's own zoo models as the training presets build them (1x28x28, `--zoo-batch`); anything else
+    from torchvision (3 x size x size, `--batch`)."""
     import torchvision
 
+    from .train.recipe import Recipe
+    from .zoo import OWN_MODELS, build_model
+
+    torch.manual_seed(0)
+    if name.lower() in OWN_MODELS:
+        width = Recipe().width if name.lower() == Recipe().model else None
+        zm = build_model(name, width=width)
+        return zm.module, torch.randn(args.zoo_batch, zm.channels, zm.size, zm.size)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    return model, torch.randn(args.batch, 3, args.size, args.size)
+
+
+def _unknown(names) -> list[str]:
+    import torchvision
+
+    from .zoo import OWN_MODELS
+
+    known = set(torchvision.models.list_models(module=torchvision.models)) | set(OWN_MODELS)
+    return [n for n in names if n.lower() not in known]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .zoo import OWN_MODELS
+
+    unknown = _unknown(args.models)
+    if unknown:
+        print(f"int8fx bench: unknown model(s) {', '.join(unknown)}: a torchvision classification model or one of "
+              f"int8fx's own ({', '.join(OWN_MODELS)})", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     print(header(args.batch, args.size, args.reps))
     print("\n".join(TABLE_HEAD))
     for name in args.models:
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None, num_classes=10)
-        x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
-        r = compare(model, x, y, args.policy, args.reps, not args.no_fx_qat, tuple(args.rounding))
+        model, x = _model_and_input(name, args)
+        y = torch.randint(0, 10, (x.shape[0],))
+        r = compare(model, x, y, args.policy, args.reps, not args.no_fx_qat, tuple(args.rounding), tuple(args.backend))
         print("\n".join(table(name, r)), flush=True)
     return 0

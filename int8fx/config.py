@@ -49,8 +49,10 @@ class Int8Config:
         full precision.
     overrides: {glob pattern or nn.Module type: {field: value}} applied, in order, to the layers whose name
         matches the pattern or whose original module is an instance of the type (e.g. another policy).
-    backend: "auto" (reference on CPU and, until the CuPy kernels are GPU-verified, on CUDA too),
-        "reference" (exact integer path on any device), "torch" (`torch._int_mm`, CUDA), "cupy".
+    backend: "auto" (on a CPU whichever exact path a one-time probe measures faster there: "torch"
+        where oneDNN has int8 dot products, "reference" elsewhere, see `int8fx.kernels.probe`; on CUDA
+        the reference until the CuPy kernels are GPU-verified), "reference" (fp32 GEMMs on K-chunks, any
+        device), "torch" (`torch._int_mm`, CPU and CUDA), "cupy" (CUDA). All compute the same numbers.
     seed: seeds stochastic rounding so that runs are reproducible.
     quantize: False turns quantization off: every converted site then computes exactly what the original
         conv/linear call computes (the pass-through that proves a conversion changes nothing else).

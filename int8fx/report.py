@@ -73,6 +73,7 @@ class LayerRow:
     fwd_granularity: str = ""
     rounding: str = ""
     backend_choice: str = ""
+    device: str = ""
     act_clip_ema: float = 0.0
     grad_clip_x: float = 0.0
     quant_state: dict = field(default_factory=dict)
@@ -98,6 +99,7 @@ class Report:
     config: dict = field(default_factory=dict)
     shapes_from: str | None = None  # how shapes were obtained, None when no example input was given
     model_name: str = ""
+    backend_note: str = ""  # what "auto" chose on this machine and why (int8fx.kernels.probe)
     _model: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -140,6 +142,7 @@ class Report:
             "layers": [r.to_dict() for r in self.layers],
             "opaque_modules": [dict(o.__dict__) for o in self.opaque],
             "config": self.config,
+            "backend_note": self.backend_note,
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -227,6 +230,8 @@ class Report:
             for o in self.opaque:
                 lines.append(f"  {o.name} ({o.type}): {o.reason}\n")
             parts.append(lines)
+        if self.backend_note:
+            parts.append(Text(self.backend_note, style="dim"))
         if not shapes:
             parts.append(Text("shapes and FLOPs: pass an example input (inspect(qm, x) or --input-shape)", style="dim"))
         return parts
@@ -389,6 +394,7 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
             clips = q.last_clip_w.detach().float().cpu()
             row.grad_quant = q.policy
             row.backend_choice = layer.backend_choice
+            row.device = _device_of(layer).type
             try:
                 row.backend = resolve_backend(layer.backend_choice, _device_of(layer)).name
             except RuntimeError:
@@ -426,7 +432,16 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
         ins = ", ".join("x".join(map(str, a.shape)) for a in _as_args(example_inputs) if isinstance(a, Tensor))
         how = f"one eval-mode forward on an example input {ins} (INT8 site calls + FP32 conv/linear calls)"
     return Report(rows, list(record.opaque), cfg.to_dict() if cfg else {}, how,
-                  name or type(qmodel).__name__, qmodel)
+                  name or type(qmodel).__name__, _backend_note(rows), qmodel)
+
+
+def _backend_note(rows: list[LayerRow]) -> str:
+    """One line on what backend "auto" runs on this CPU and why, when a CPU site asks for "auto"."""
+    from .kernels.probe import cpu_report
+
+    if not any(r.backend_choice == "auto" and r.device == "cpu" for r in rows):
+        return ""
+    return f"backend auto on this CPU: {cpu_report()}"
 
 
 def _get(root: nn.Module, name: str):

@@ -24,3 +24,20 @@ def test_bench_prints_a_row_per_variant(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| squeezenet1_1")]
     assert [r.split("|")[2].strip() for r in rows] == ["fp32", "int8fx per-tensor", "int8fx gvq-mcs"]
     assert rows[0].split("|")[5].strip() == "1.00x"
+
+
+def test_bench_header_names_the_cpu_and_smallcnn_runs_at_its_own_batch(capsys):
+    from int8fx.kernels.probe import cpu_choice
+
+    assert main(["bench", "smallcnn", "--zoo-batch", "4", "--reps", "1", "--no-fx-qat", "--policy", "per-tensor",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"# CPU {cpu_choice().cpu}" in out and cpu_choice().reason in out
+    rows = [line for line in out.splitlines() if line.startswith("| smallcnn")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fp32", "int8fx per-tensor"]
+
+
+def test_bench_unknown_model_is_one_line_and_exit_2(capsys):
+    assert main(["bench", "resnet_nonexistent", "--reps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resnet_nonexistent" in err[0] and "smallcnn" in err[0]

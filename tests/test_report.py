@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import int8fx
+from int8fx.kernels import resolve_backend
 from int8fx.passes import sites_of
 from int8fx.report import _INT8_FILL, _SKIP_FILL, _g
 
@@ -67,7 +68,9 @@ def test_rows_show_live_clip_values_and_deviation(resnet50_trained):
     assert row.grad_clip_max > 0
     assert row.deviation == layer.deviation.item()  # DCLRS turned tracking on
     assert row.act_clip_ema == layer.act_clip_ema.item() > 0
-    assert row.backend == "reference" and row.fwd_granularity == "X per-tensor, W per-channel"
+    assert row.backend == resolve_backend("auto", torch.device("cpu")).name  # what "auto" measured here
+    assert rep.backend_note.startswith("backend auto on this CPU: ") and "->" in rep.backend_note
+    assert row.fwd_granularity == "X per-tensor, W per-channel"
     line = next(line for line in text.splitlines() if re.match(r"^\s*layer3\.1\.conv2\s", line))
     assert f"{_g(row.grad_clip_min)}/{_g(row.grad_clip_median)}/{_g(row.grad_clip_max)}" in line
     assert "yes T/C" in line and row.grad_quant in line

@@ -1,4 +1,6 @@
-"""GEMM backends. Each has `name`, `operand_dtype` and `bmm(a, b)` -> exact integer accumulators.
+"""GEMM backends. Each has `name`, `operand_dtype` and `bmm(a, b)` -> exact integer accumulators:
+"reference" (fp32 GEMMs on K-chunks, any device), "torch" (`torch._int_mm`, CPU and CUDA), "cupy" (the
+CUDA kernels).
 
 `resolve_backend(choice, device)` is the one place that maps a config choice and a tensor's device to
 a backend; the autograd op calls it per call, so a module moved between devices follows along.
@@ -7,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from .probe import cpu_choice
 from .reference import ReferenceBackend
 
 _BACKENDS: dict[str, object] = {"reference": ReferenceBackend()}
 
 
 def _register_builtin() -> None:
-    """"torch" (torch._int_mm) always; "cupy" when CuPy is installed (found, not imported: importing
-    int8fx never needs CuPy). Neither is picked by "auto" until the GPU tests have verified them."""
+    """"torch" (torch._int_mm, CPU and CUDA) always; "cupy" when CuPy is installed (found, not imported:
+    importing int8fx never needs CuPy)."""
     import importlib.util
 
     from .torch_backend import TorchBackend
@@ -38,13 +41,15 @@ def available_backends() -> tuple[str, ...]:
 
 
 def resolve_backend(choice: str, device: torch.device):
-    """"auto" is the reference on every device until the CuPy kernels are verified on a GPU."""
+    """The backend a call on `device` runs. "auto": on the CPU, whichever exact GEMM a one-time probe
+    measured faster on this CPU (int8fx.kernels.probe); on CUDA the reference until the GPU kernels are
+    verified on a GPU. "cupy" exists for CUDA tensors only (the reference elsewhere)."""
     if choice == "auto":
-        return _BACKENDS["reference"]
+        return _BACKENDS[cpu_choice().backend if device.type == "cpu" else "reference"]
     try:
         backend = _BACKENDS[choice]
     except KeyError:
         raise RuntimeError(f"backend {choice!r} is not available here; available: {', '.join(_BACKENDS)}") from None
-    if choice != "reference" and device.type != "cuda":
+    if choice == "cupy" and device.type != "cuda":
         return _BACKENDS["reference"]
     return backend

@@ -12,8 +12,11 @@ hold every integer in [-127, 127] exactly, and both accumulate in fp32. So `torc
 precision("high"/"medium")` and `torch.backends.cuda.matmul.allow_tf32` give the same exact sums
 (tests/test_reference.py checks it).
 
-Why not fp64 GEMMs throughout: half the speed of fp32. Where the CPU has int8 dot-product instructions,
-`torch._int_mm` is faster still (int8fx.kernels.cpu_backend); this path is what every device can run.
+Why not fp64 GEMMs throughout: half the speed of fp32. Which exact path is fastest depends on the CPU:
+where oneDNN has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX) `torch._int_mm` runs 3-10x
+these fp32 GEMMs (the "torch" backend, int8fx.kernels.torch_backend, with the channels-last pipeline of
+int8fx.kernels.nhwc); without them it ran at 3-6 GOP/s, far below this path. `backend="auto"` measures
+both once per process and takes the faster (int8fx.kernels.probe). This path is what every device runs.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 EXACT_K = 1040  # 127**2 * 1040 = 16_774_160 < 2**24 = 16_777_216
+BATCHED_CHUNKS_MAX = 1 << 24  # partial sums (64 MiB of fp32) up to which the K-chunks share one bmm
 
 
 def exact_int_bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -30,11 +34,15 @@ def exact_int_bmm(a: Tensor, b: Tensor) -> Tensor:
     """
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"exact_int_bmm needs [G,M,K] @ [G,K,N], got {tuple(a.shape)} @ {tuple(b.shape)}")
+    _, M, K = a.shape
+    N = b.shape[2]
+    chunks = -(-K // EXACT_K)
+    if chunks > 1 and chunks * M * N <= BATCHED_CHUNKS_MAX:
+        return _chunks_in_one_bmm(a, b, chunks)
     if a.dtype != torch.float32:
         a = a.float()
     if b.dtype != torch.float32:
         b = b.float()
-    K = a.shape[2]
     if K <= EXACT_K:
         return torch.bmm(a, b)
     acc = None
@@ -42,6 +50,26 @@ def exact_int_bmm(a: Tensor, b: Tensor) -> Tensor:
         part = torch.bmm(a[:, :, k0:k0 + EXACT_K], b[:, k0:k0 + EXACT_K, :])
         acc = part.double() if acc is None else acc.add_(part)
     return acc
+
+
+def _chunks_in_one_bmm(a: Tensor, b: Tensor, chunks: int) -> Tensor:
+    """`exact_int_bmm` for K > EXACT_K as one bmm over a batch of K-chunks (zero-padded to whole chunks) and
+    an fp64 sum of the partial products: a long reduction (the channels-last pipeline's weight gradient,
+    over batch x positions) would otherwise be ~100 small GEMMs and fp64 adds. The copies into the chunked
+    fp32 operands are the int8 -> fp32 conversion the GEMM needs anyway."""
+    G, M, K = a.shape
+    N = b.shape[2]
+    full, rest = divmod(K, EXACT_K)
+    ap = torch.empty((G, chunks, M, EXACT_K), dtype=torch.float32, device=a.device)
+    ap[:, :full].copy_(a[:, :, :full * EXACT_K].unflatten(2, (full, EXACT_K)).transpose(1, 2))
+    if rest:
+        ap[:, full, :, :rest].copy_(a[:, :, full * EXACT_K:])
+        ap[:, full, :, rest:].zero_()
+    bp = torch.empty((G, chunks * EXACT_K, N), dtype=torch.float32, device=b.device)
+    bp[:, :K].copy_(b)
+    bp[:, K:].zero_()
+    parts = torch.bmm(ap.view(G * chunks, M, EXACT_K), bp.view(G * chunks, EXACT_K, N))
+    return parts.view(G, chunks, M, N).sum(1, dtype=torch.float64)
 
 
 class ReferenceBackend:

@@ -1,13 +1,16 @@
-"""The "torch" backend: exact integer GEMMs through `torch._int_mm` (cuBLASLt INT8) on CUDA.
+"""The "torch" backend: exact integer GEMMs through `torch._int_mm`, on the CPU (oneDNN) and on CUDA
+(cuBLASLt).
 
-It is the measured baseline for the CuPy kernels and their fallback (pre-Ampere GPUs, shapes a kernel
-does not cover). `torch._int_mm` computes one [M, K] x [K, N] int8 product with int32 accumulation and
-accepts only M > 16 and K, N multiples of 8 (geometry.int_mm_padding gives the padded sizes; zero
-rows/columns leave the product unchanged). Two things it does not do, handled here:
-  * groups: one call per group (a grouped conv costs G launches; depthwise convs are slow here);
-  * long reductions: int32 would overflow past 131008 products of 128 x 128, so K is cut into chunks
-    of at most that (geometry.int_mm_k_chunks) and the chunks are added in int64.
-Status: not yet run on a GPU (the cuda-marked tests check it against the reference).
+On a CPU with int8 dot-product instructions (AVX512-VNNI, AMX) `torch._int_mm` is several times faster
+than an fp32 GEMM (measured on this project's machines: 3.4-10x on conv shapes); on one without them it is
+far slower, which is why `backend="auto"` measures before it picks (int8fx.kernels.probe). Its products
+are int32 sums of int8 products, exact while no more than MAX_K_PER_SPLIT = 131008 of them add up
+(127 * 128 * 131008 < 2^31); longer reductions are cut into chunks whose sums are added in int64.
+On CUDA `torch._int_mm` accepts only M > 16 and K, N multiples of 8 (geometry.int_mm_padding gives the
+padded sizes; zero rows/columns leave the product unchanged); on the CPU any shape.
+Convolutions reach it through the channels-last pipeline (int8fx.kernels.nhwc), one GEMM per group;
+depthwise convolutions, whose per-group GEMMs are 1 x 9 products, stay on the reference's direct path.
+Status on CUDA: not yet run on a GPU (the cuda-marked tests check it against the reference).
 """
 from __future__ import annotations
 
@@ -18,22 +21,46 @@ from . import geometry as geo
 
 
 def int_mm_exact(a: Tensor, b: Tensor) -> Tensor:
-    """Exact a @ b for integer-valued 2-d a [M, K], b [K, N] on CUDA: int32, or int64 past 131008."""
+    """Exact a @ b for int8 a [M, K], b [K, N]: int32, or int64 when K > MAX_K_PER_SPLIT."""
     M, K = a.shape
     N = b.shape[1]
     chunks = geo.int_mm_k_chunks(K)
+    if K == 0 or M == 0 or N == 0:
+        return torch.zeros((M, N), dtype=torch.int32 if len(chunks) <= 1 else torch.int64, device=a.device)
     acc = None
     for k0, k1 in chunks:
-        Mp, Kp, Np = geo.int_mm_padding(M, k1 - k0, N)
-        A = torch.zeros((Mp, Kp), dtype=torch.int8, device=a.device)
-        A[:M, :k1 - k0].copy_(a[:, k0:k1])
-        Bt = torch.zeros((Np, Kp), dtype=torch.int8, device=a.device)  # column-major B: cuBLASLt's fast layout
-        Bt[:N, :k1 - k0].copy_(b[k0:k1].t())
-        part = torch._int_mm(A, Bt.t())[:M, :N]
+        part = _int_mm(a[:, k0:k1], b[k0:k1])
         if len(chunks) == 1:
             return part
         acc = part.to(torch.int64) if acc is None else acc.add_(part)
     return acc
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    if not a.is_cuda:
+        return torch._int_mm(_plain_strides(a), _plain_strides(b))
+    M, K = a.shape
+    N = b.shape[1]
+    Mp, Kp, Np = geo.int_mm_padding(M, K, N)
+    A = torch.zeros((Mp, Kp), dtype=torch.int8, device=a.device)
+    A[:M, :K].copy_(a)
+    Bt = torch.zeros((Np, Kp), dtype=torch.int8, device=a.device)  # column-major B: cuBLASLt's fast layout
+    Bt[:N, :K].copy_(b.t())
+    return torch._int_mm(A, Bt.t())[:M, :N]
+
+
+def _plain_strides(t: Tensor) -> Tensor:
+    """t with the standard strides of a row- or column-major matrix. A size-1 dim may carry any stride (e.g.
+    from a compiled kernel's output); oneDNN then rejects the operand and torch falls back to a path that
+    returned wrong products for such strides (torch 2.14: [4, 1] with strides (1, 2), and [1, 2] with (1, 1),
+    which is what `w.t()` of a [2, 1] weight gives). Rewriting a size-1
+    dim's stride moves no data."""
+    m, k = t.shape
+    if t.is_contiguous():  # also true for a size-1 dim of any stride: canonical row-major strides then
+        return t.as_strided((m, k), (k, 1), t.storage_offset())
+    if t.t().is_contiguous():
+        return t.as_strided((m, k), (1, m), t.storage_offset())
+    return t.contiguous()
 
 
 class TorchBackend:
@@ -42,17 +69,13 @@ class TorchBackend:
 
     @staticmethod
     def bmm(a: Tensor, b: Tensor) -> Tensor:
-        """[G, M, K] @ [G, K, N] -> exact integer accumulators [G, M, N] (int32, or int64 for K > 131008)."""
-        if not a.is_cuda:
-            raise RuntimeError("the torch backend runs torch._int_mm on CUDA tensors only")
+        """[G, M, K] @ [G, K, N] -> exact integer accumulators [G, M, N] (int32, or int64 for long K)."""
         G, M, K = a.shape
         N = b.shape[2]
         dtype = torch.int32 if K <= geo.MAX_K_PER_SPLIT else torch.int64
+        if G == 1:
+            return int_mm_exact(a[0], b[0]).unsqueeze(0)
         out = torch.empty((G, M, N), dtype=dtype, device=a.device)
-        if min(G, M, N) == 0:
-            return out
-        if K == 0:
-            return out.zero_()
         for g in range(G):
             out[g] = int_mm_exact(a[g], b[g])
         return out

@@ -19,9 +19,9 @@ trace). Nothing in either op reads a value on the host: finiteness, clips and th
 device-side `where`s, and stochastic rounding draws from a counter-based stream keyed on the site and
 its backward count (int8fx.quant.core.uniform_bits15), separately for the dX and dW operands.
 
-`torch.func` transforms need an `autograd.Function` with `setup_context` (custom ops' autograd does not
-compose with them yet), so under a functorch transform the same forward/backward run through
-`_FunctorchGemm`; everywhere else through the custom op.
+Where nothing traces the model (eager mode, and `torch.func` transforms, which custom ops' autograd does
+not compose with yet), the same forward/backward run through `_DirectGemm`, an `autograd.Function` with
+`setup_context`, without torch.library's dispatch layers.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import layouts, resolve_backend
+from ..kernels import layouts, nhwc, resolve_backend
 from ..kernels.im2col import GemmSpec, output_to_rows
-from ..quant.core import (absmax, cosine_distance, dequantize, nonfinite_poison, quantize, quantize_per_channel,
-                          scale_from_clip, stream_key)
+from ..quant.core import (absmax, cosine_distance, dequantize, quantize, quantize_per_channel,
+                          scale_from_clip)
+from ..quant.fused import scale_weight_gradient
 from ..quant.grad import PolicyParams, grad_quantizer_class
 
 SAVED_OUTPUTS = 4  # x_q, s_x, w_q, s_w: what the forward op returns besides y, for the backward
@@ -57,24 +58,16 @@ def spec_from_ints(ints) -> GemmSpec:
 
 
 # --------------------------------------------------------------------------------------------- forward
-def _quantize(backend, x: Tensor, scale: Tensor, rounding: str = "nearest", key=None,
-              out_dtype: torch.dtype = torch.int8) -> Tensor:
-    """`quantize` through the backend's fused kernel when it has one (optional `backend.quantize` hook,
-    same arguments and semantics; it returns None for cases it does not cover)."""
-    hook = getattr(backend, "quantize", None)
-    q = hook(x, scale, rounding, key, out_dtype) if hook is not None else None
-    return quantize(x, scale, rounding, key, out_dtype) if q is None else q
-
-
 def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend, act_clip: Tensor | None = None):
-    """(y_float_without_bias, x_q int8, s_x, w_q operand, s_w) -- shared by the op and by tests/export.
+    """The reference pipeline's forward (int8fx.kernels.layouts): (y_float_without_bias, x_q int8, s_x,
+    w_q operand, s_w) -- shared by the op and by tests/export.
     `act_clip`: a static activation clip (values beyond it saturate at +-127); None, or a clip of 0 (never
     set), takes x's absmax."""
     clip = absmax(x)
     if act_clip is not None:
         clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
     s_x = scale_from_clip(clip)
-    x_op = _quantize(backend, x, s_x, out_dtype=backend.operand_dtype)  # the GEMM operand
+    x_op = quantize(x, s_x, out_dtype=backend.operand_dtype)  # the GEMM operand
     x_q = x_op if x_op.dtype == torch.int8 else x_op.to(torch.int8)  # what backward keeps
     w2 = weight.reshape(weight.shape[0], -1)
     w_q, s_w = quantize_per_channel(w2, 0, out_dtype=backend.operand_dtype)
@@ -96,17 +89,35 @@ def _no_autocast(device: torch.device):
         yield
 
 
+def pipeline(backend: str, device: torch.device, spec: GemmSpec, x_shape, out_channels: int):
+    """("nhwc" | "reference", backend object) for one site's call: int8-operand backends run the
+    channels-last pipeline (int8fx.kernels.nhwc) except for depthwise convs, which take the reference's
+    direct path. The fake implementations ask the same question, so they promise the same strides."""
+    be = resolve_backend(backend, device)
+    if nhwc.applies(be, device, spec, tuple(x_shape), out_channels):
+        return "nhwc", be
+    return "reference", (be if be.operand_dtype == torch.float32 else resolve_backend("reference", device))
+
+
 def gemm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Tensor, spec: list[int],
                  static_clip: bool, backend: str, out_dtype: torch.dtype):
     """The forward computation: (y in out_dtype, x_q int8, s_x, w_q int8 [O, K], s_w [O])."""
     spec_ = spec_from_ints(spec)
-    be = resolve_backend(backend, x.device)
+    kind, be = pipeline(backend, x.device, spec_, x.shape, weight.shape[0])
+    clip = act_clip if static_clip else None
     with _no_autocast(x.device):
-        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec_, be, act_clip if static_clip else None)
+        if kind == "nhwc":  # y and x_q channels-last for convs, as `_forward_fake` promises
+            y, x_q, s_x, w_q, s_w = nhwc.forward(be, x, weight, bias, spec_, clip)
+            return y.to(out_dtype), x_q, s_x, w_q, s_w
+        y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec_, be, clip)
         if bias is not None:
             y = y + (bias.float().view(-1, *([1] * spec_.dims)) if not spec_.is_linear else bias.float())
-    # contiguous outputs: what the fake implementation promises (inductor checks the strides)
     return (y.to(out_dtype).contiguous(), x_q.contiguous(), s_x, w_q.to(torch.int8).contiguous(), s_w)
+
+
+def _channels_last_like(shape, dtype, like: Tensor) -> Tensor:
+    """An empty tensor of `shape` [N, C, *S] stored [N, *S, C]: what the nhwc pipeline returns."""
+    return nhwc.empty_channels_last(shape, dtype, like.device)
 
 
 def _output_shape(x_shape, w_shape, spec: GemmSpec) -> tuple:
@@ -129,7 +140,6 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
     `calls` is the site's call counter as the forward read it: with `key_base` it keys the rounding streams,
     so every call (a site may be called several times per step) draws its own noise."""
     spec_ = spec_from_ints(spec)
-    be = resolve_backend(backend, dy.device)
     need_x, need_w, need_b = needs
     state_names = state_names.split(",")
     named = dict(zip(state_names, state))
@@ -137,44 +147,55 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         dyf = dy.float()
         rows = output_to_rows(dyf, spec_)  # [M, O], channels last: the layout the gradient quantizers see
         O, g = rows.shape[1], spec_.groups
+        kind, be_ = pipeline(backend, dy.device, spec_, x_shape, O)
         if rows.shape[0] == 0:  # empty batch: zero gradients as in FP32; no statistics, so no state update
-            return (dy.new_zeros(x_shape if need_x else 0, dtype=x_dtype),
-                    dy.new_zeros(w_shape if need_w else 0, dtype=w_dtype),
+            dx = (_channels_last_like(x_shape, x_dtype, dy).zero_() if kind == "nhwc" and not spec_.is_linear
+                  else dy.new_zeros(x_shape, dtype=x_dtype)) if need_x else dy.new_zeros(0, dtype=x_dtype)
+            return (dx, dy.new_zeros(w_shape if need_w else 0, dtype=w_dtype),
                     dy.new_zeros(O if need_b else 0), [t.clone() for t in state])
-        poison = nonfinite_poison(rows)
-        rounding = "stochastic" if stochastic else "nearest"
-        layout = layouts.layout_for(spec_, tuple(x_shape), O)
-        per_o = (lambda v: v) if spec_.is_linear else (lambda v: v.view(1, O, *([1] * spec_.dims)))  # noqa: E731
-        scaled = dyf * per_o(s_w)  # dY s_W[o]: the dX operand (see module docstring), in output order
+        # the dX operand is dY s_W[o] (module docstring), as rows [M, O] like dY
         q_state = {n[len("grad_quantizer."):]: t for n, t in named.items() if n.startswith("grad_quantizer.")}
-        clip_w, clip_x, q_new = grad_quantizer_class(policy).compute(rows, scaled, q_state,
-                                                                     PolicyParams.from_floats(params))
-        w_op = w_q.to(be.operand_dtype)
+        need_dq = need_w or track_deviation
+        clip_w, clip_x, q_new, s_gx, s_gw, gq, dq = grad_quantizer_class(policy).operands(
+            rows, s_w, q_state, PolicyParams.from_floats(params), stochastic, calls,
+            torch.tensor(key_base, dtype=torch.int64, device=rows.device), need_x, need_dq)
         dx, dw, db = dy.new_empty(0, dtype=x_dtype), dy.new_empty(0, dtype=w_dtype), dy.new_empty(0)
         if need_x:
-            s_gx = scale_from_clip(clip_x + poison)
-            gq = _quantize(be, scaled, s_gx, rounding, stream_key(key_base, calls, 0), be.operand_dtype)
-            dx_int = layouts.grad_input(be, gq, w_op, spec_, tuple(x_shape), layout)
-            dx = (dx_int.float() * s_gx).to(x_dtype)
+            if kind == "nhwc":
+                dx_int = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape))
+                dx = _from_storage(dx_int.float() * s_gx, spec_).to(x_dtype)
+            else:
+                layout = layouts.layout_for(spec_, tuple(x_shape), O)
+                g_out = gq if spec_.is_linear else gq.view(x_shape[0], *spec_.out_size(tuple(x_shape[2:])), O).movedim(-1, 1)
+                dx_int = layouts.grad_input(be_, g_out.to(be_.operand_dtype), w_q.to(be_.operand_dtype), spec_,
+                                            tuple(x_shape), layout)
+                dx = (dx_int.float() * s_gx).to(x_dtype).contiguous()
         deviation = named["deviation"]
-        if need_w or track_deviation:
-            s_gw = scale_from_clip(clip_w + poison)
-            dq = _quantize(be, rows, s_gw, rounding, stream_key(key_base, calls, 1), be.operand_dtype)  # [M, O]
-            if track_deviation:
-                d = cosine_distance(rows, dequantize(dq, s_gw))
-                deviation = torch.where(torch.isfinite(d), d, deviation)
+        if track_deviation:
+            d = cosine_distance(rows, dequantize(dq, s_gw))
+            deviation = torch.where(torch.isfinite(d), d, deviation)
         if need_w:
-            acc = layouts.grad_weight(be, dq, x_q.to(be.operand_dtype), spec_, layout)  # [g, O/g, K]
             # one scale at a time: s_gw * s_x alone underflows for tiny dY and X (1e-20 each) while dW is
             # still representable
-            dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape).to(w_dtype)
+            if kind == "nhwc":
+                dw = scale_weight_gradient(nhwc.grad_weight(be_, dq, x_q, spec_, w_shape), s_gw, s_x)
+            else:
+                layout = layouts.layout_for(spec_, tuple(x_shape), O)
+                acc = layouts.grad_weight(be_, dq.to(be_.operand_dtype), x_q.to(be_.operand_dtype), spec_, layout)
+                dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape)
+            dw = dw.to(w_dtype).contiguous()
         if need_b:
             db = rows.sum(0)
-        new = {"step": named["step"] + (poison == 0).long(), "deviation": deviation,
+        finite = torch.isfinite(s_gx)  # a non-finite dY poisons both scales (GradQuantizer.operands)
+        new = {"step": named["step"] + finite.long(), "deviation": deviation,
                **{f"grad_quantizer.{k}": v for k, v in q_new.items()}}
-        # fresh tensors: an op's outputs may not alias its inputs (a policy may hand back the state unchanged)
-        new_state = [new.get(n, named[n]).to(named[n].dtype, copy=True).contiguous() for n in state_names]
-    return dx.contiguous(), dw.contiguous(), db.contiguous(), new_state
+        new_state = [new.get(n, named[n]) for n in state_names]
+    return dx, dw, db, new_state
+
+
+def _from_storage(t: Tensor, spec: GemmSpec) -> Tensor:
+    """A conv tensor stored [N, *S, C] as its [N, C, *S] view (channels-last strides)."""
+    return t if spec.is_linear else t.movedim(-1, 1)
 
 
 # --------------------------------------------------------------------------------------------- torch.library
@@ -192,8 +213,13 @@ def gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Tensor,
 def _(x, weight, bias, act_clip, state, pending, calls, spec, static_clip, backend, out_dtype, policy, state_names,
       params, stochastic, key_base, track_deviation):
     spec_ = spec_from_ints(spec)
-    y = x.new_empty(_output_shape(x.shape, weight.shape, spec_), dtype=out_dtype)
-    return (y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((), dtype=torch.float32),
+    y_shape = _output_shape(x.shape, weight.shape, spec_)
+    kind, _ = pipeline(backend, x.device, spec_, x.shape, weight.shape[0])
+    if kind == "nhwc" and not spec_.is_linear:
+        y, x_q = _channels_last_like(y_shape, out_dtype, x), _channels_last_like(x.shape, torch.int8, x)
+    else:
+        y, x_q = x.new_empty(y_shape, dtype=out_dtype), x.new_empty(x.shape, dtype=torch.int8)
+    return (y, x_q, x.new_empty((), dtype=torch.float32),
             x.new_empty((weight.shape[0], weight[0].numel()), dtype=torch.int8),
             x.new_empty(weight.shape[0], dtype=torch.float32))
 
@@ -205,15 +231,24 @@ def gemm_backward_op(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Ten
                      needs: list[bool], track_deviation: bool, backend: str, x_dtype: torch.dtype,
                      w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """One INT8 conv/linear site, backward: (dx, dw, db, new state); see `gemm_backward`."""
-    return gemm_backward(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy, state_names,
-                         params, stochastic, key_base, needs, track_deviation, backend, x_dtype, w_dtype)
+    dx, dw, db, new_state = gemm_backward(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy,
+                                          state_names, params, stochastic, key_base, needs, track_deviation, backend,
+                                          x_dtype, w_dtype)
+    # an op's outputs may not alias its inputs, and a policy may hand a state tensor back unchanged
+    return dx, dw, db, [t.clone() if any(t is u for u in state) else t for t in new_state]
 
 
 @gemm_backward_op.register_fake
 def _(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy, state_names, params, stochastic,
       key_base, needs, track_deviation, backend, x_dtype, w_dtype):
-    return (dy.new_empty(x_shape if needs[0] else 0, dtype=x_dtype),
-            dy.new_empty(w_shape if needs[1] else 0, dtype=w_dtype),
+    spec_ = spec_from_ints(spec)
+    kind, _ = pipeline(backend, dy.device, spec_, x_shape, w_shape[0])
+    if needs[0]:
+        nhwc_conv = kind == "nhwc" and not spec_.is_linear
+        dx = _channels_last_like(x_shape, x_dtype, dy) if nhwc_conv else dy.new_empty(x_shape, dtype=x_dtype)
+    else:
+        dx = dy.new_empty(0, dtype=x_dtype)
+    return (dx, dy.new_empty(w_shape if needs[1] else 0, dtype=w_dtype),
             dy.new_empty(w_shape[0] if needs[2] else 0, dtype=torch.float32),
             [torch.empty_like(t) for t in state])
 
@@ -251,8 +286,7 @@ def _backward(ctx, dy, *unused, through_op: bool = True):
             ctx.x_dtype, ctx.w_dtype)
     dx, dw, db, new_state = (gemm_backward_op if through_op else gemm_backward)(*args)
     with torch.no_grad():
-        for p, v in zip(pending, new_state):
-            p.copy_(v)
+        torch._foreach_copy_(list(pending), list(new_state))
     grads = (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if needs[2] else None, None)
     # the op's autograd wants the inputs' structure (a None per tensor of each list); a Function one per input
     lists = ([None] * ctx.n_state, [None] * ctx.n_state) if through_op else (None, None)
@@ -262,8 +296,9 @@ def _backward(ctx, dy, *unused, through_op: bool = True):
 gemm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _FunctorchGemm(torch.autograd.Function):
-    """The same op for `torch.func` transforms (see the module docstring)."""
+class _DirectGemm(torch.autograd.Function):
+    """The same op as an autograd.Function calling the computations directly: what runs in eager mode and
+    under `torch.func` transforms (see `int8_gemm`)."""
 
     @staticmethod
     def forward(*inputs):
@@ -278,10 +313,18 @@ class _FunctorchGemm(torch.autograd.Function):
         return _backward(ctx, dy, through_op=False)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def int8_gemm(*inputs) -> tuple[Tensor, Tensor]:
-    """(y, s_x) of one INT8 site (arguments as `gemm_op`'s), through the custom op, or `_FunctorchGemm`
-    under a `torch.func` transform."""
-    # (under torch.compile, AOTAutograd's own tracing runs inside functorch: that is not a torch.func transform)
-    functorch = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-    y, _, s_x, _, _ = _FunctorchGemm.apply(*inputs) if functorch else gemm_op(*inputs)
+    """(y, s_x) of one INT8 site (arguments as `gemm_op`'s).
+
+    Traced (torch.compile, torch.export, make_fx: the input is not a plain tensor, or dynamo is compiling)
+    it is the `int8fx::gemm` op, one opaque node. In eager mode it is `_DirectGemm`, the same computation
+    without torch.library's dispatch layers (~0.2 ms per call, which a small layer would notice), and under
+    `torch.func` transforms too, which custom ops' autograd does not compose with yet."""
+    x = inputs[0]
+    traced = torch.compiler.is_compiling() or type(x) not in _PLAIN
+    functorch = not traced and torch._C._functorch.peek_interpreter_stack() is not None
+    y, _, s_x, _, _ = gemm_op(*inputs) if traced and not functorch else _DirectGemm.apply(*inputs)
     return y, s_x

@@ -25,11 +25,21 @@ def absmax(x: Tensor, dim: int | tuple | None = None) -> Tensor:
     if dim is None:
         if x.numel() == 0:
             return x.new_zeros((), dtype=torch.float32)
-        lo, hi = torch.aminmax(x.detach())  # one pass, no |x| temporary (vector_norm(inf) is ~20x slower on CPU)
-        return torch.maximum(-lo, hi).float()
+        lo, hi = torch.aminmax(_dense_flat(x.detach()))  # one pass, no |x| temporary (vector_norm(inf) is ~20x
+        return torch.maximum(-lo, hi).float()              # slower on CPU)
     if x.numel() == 0:  # amax refuses empty reductions; an empty slice has range 0 (scale 0, never NaN)
         return x.detach().float().sum(dim=dim).zero_()
     return x.detach().abs().amax(dim=dim).float()
+
+
+def _dense_flat(x: Tensor) -> Tensor:
+    """x as a flat view when its elements fill its storage in some order (e.g. a channels-last activation);
+    aminmax would otherwise copy a non-contiguous tensor to contiguous before it reduces (order-free)."""
+    if x.is_contiguous():
+        return x
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    v = x.permute(order)
+    return v.reshape(-1) if v.is_contiguous() else x
 
 
 def nonfinite_poison(x: Tensor) -> Tensor:
@@ -98,11 +108,11 @@ def hash32(z: Tensor) -> Tensor:
     return _xorshift(z, 16, 32)
 
 
-def stream_key(base: int, counter: Tensor, role: int) -> Tensor:
+def stream_key(base: int | Tensor, counter: Tensor, role: int) -> Tensor:
     """The int32 key of one stream, on the counter's device (no host read): the splitmix64 finaliser of
     (per-site constant `base`, device counter, role), role 0 for the dX operand and 1 for the dW operand,
     so the two backward GEMMs never share draws whichever of them runs."""
-    z = counter.to(torch.int64) * 2 + (role + _i64(base))
+    z = counter.to(torch.int64) * 2 + (role + (_i64(base) if isinstance(base, int) else base))
     z = _xorshift(z, 30, 64) * MIX64_1
     z = _xorshift(z, 27, 64) * MIX64_2
     return _xorshift(z, 31, 64).to(torch.int32)  # the low 32 bits

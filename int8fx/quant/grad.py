@@ -12,13 +12,16 @@ sibling module, registered with `@register_grad_quantizer("name")`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .core import absmax
+from .core import absmax, nonfinite_poison, scale_from_clip, stream_key
+from .fused import quantize_gradient
+from ..fusing import fused
 
 _REGISTRY: dict[str, type["GradQuantizer"]] = {}
 
@@ -66,6 +69,16 @@ def optional_buffers_on_load(load):
 
 
 _optional_load = optional_buffers_on_load(nn.Module._load_from_state_dict)
+_OPERANDS: dict[type, Callable] = {}
+
+
+def _operands(cls, rows, s_w, state, params, stochastic, counter, key_base, need_x, need_w):
+    cw, cx, new, poison = cls.statistics(rows, s_w, state, params)
+    s_gx, s_gw = scale_from_clip(cx + poison), scale_from_clip(cw + poison)
+    gq = quantize_gradient(rows, s_w, s_gx, stochastic, stream_key(key_base, counter, 0)) if need_x else None
+    dq = quantize_gradient(rows, torch.ones_like(s_gw), s_gw, stochastic, stream_key(key_base, counter, 1)) \
+        if need_w else None
+    return cw, cx, new, s_gx, s_gw, gq, dq
 
 
 class PolicyParams(NamedTuple):
@@ -130,13 +143,39 @@ class GradQuantizer(nn.Module):
         """(clip per channel for dW from g [M, O], clip for dX from g_input, new state); see the class
         docstring. `last_clip_*` record the clips (non-finite ones as 0, so the state stays finite)."""
         cw, cx, new = cls.compute_clips(g, g_input, state, params)
-        new["last_clip_w"] = torch.nan_to_num(cw.detach().float().expand(g.shape[-1]), nan=0.0, posinf=0.0)
+        return cls.finish(cw, cx, new, g.shape[-1])
+
+    @staticmethod
+    def finish(cw: Tensor, cx: Tensor, new: dict, channels: int):
+        """Record the clips in the state (non-finite ones as 0, so the state stays finite)."""
+        new["last_clip_w"] = torch.nan_to_num(cw.detach().float().expand(channels), nan=0.0, posinf=0.0)
         new["last_clip_x"] = torch.nan_to_num(cx.detach().float(), nan=0.0, posinf=0.0)
         return cw, cx, new
 
     @classmethod
     def compute_clips(cls, g, g_input, state, params):  # pragma: no cover - interface
         raise NotImplementedError
+
+    fusable = False  # whether `operands` may run as one compiled function (no Python logic on values/shapes)
+
+    @classmethod
+    def statistics(cls, rows: Tensor, s_w: Tensor, state: dict[str, Tensor], params: PolicyParams):
+        """(clip_w, clip_x, new state, poison) from dY as rows [M, O]: `compute` on (rows, rows * s_W[o]),
+        and poison 0 for a finite dY, NaN otherwise (`nonfinite_poison`). Policies may compute it faster."""
+        cw, cx, new = cls.compute(rows, rows * s_w, state, params)
+        return cw, cx, new, nonfinite_poison(rows)
+
+    @classmethod
+    def operands(cls, rows: Tensor, s_w: Tensor, state: dict[str, Tensor], params: PolicyParams, stochastic: bool,
+                 counter: Tensor, key_base: Tensor, need_x: bool, need_w: bool):
+        """Everything the backward op takes from dY [M, O]: (clip_w, clip_x, new state, s_gx, s_gw, gq, dq),
+        gq = quantize(dY s_W, s_gx) for the dX GEMM and dq = quantize(dY, s_gw) for the dW GEMM (int8
+        [M, O], None where not needed), rounded from the streams keyed on (key_base, counter, role). One
+        fused call for `fusable` policies (int8fx.fusing)."""
+        fn = _OPERANDS.get(cls)
+        if fn is None:
+            fn = _OPERANDS[cls] = (fused if cls.fusable else lambda f: f)(functools.partial(_operands, cls))
+        return fn(rows, s_w, state, params, stochastic, counter, key_base, need_x, need_w)
 
     # ------------------------------------------------------------------ stateful conveniences
     def clips(self, g: Tensor, g_input: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,6 +208,8 @@ class GradQuantizer(nn.Module):
 @register_grad_quantizer("per-tensor")
 class PerTensorAbsmax(GradQuantizer):
     """Baseline: one clip = max|g| for the whole tensor, for both GEMMs."""
+
+    fusable = True
 
     @classmethod
     def compute_clips(cls, g, g_input, state, params):

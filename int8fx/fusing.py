@@ -1,0 +1,122 @@
+"""Fused passes: small tensor functions compiled into single loops where the machine can, eager elsewhere.
+
+Why: on a CPU, a chain of elementwise torch ops costs a pass over memory and a fresh temporary per op
+(and large temporaries cost page faults), while the same chain compiled by `torch.compile` (inductor's CPU
+code generation needs only the system C compiler) is one loop. The quantizers, the dequantizing epilogues,
+the gradient statistics of the policies and the depthwise convolutions are written as plain tensor
+functions and wrapped with `fused`: compiled on first use (dynamic shapes, so one compilation serves every
+layer), eager where compiling is not possible (no compiler, `INT8FX_COMPILE=0`), for tensors too small to
+be worth a compiled call (`SMALL`), inside code that is itself being traced or transformed, and under a
+dispatch or function mode (which a compiled function would bypass). A function
+whose compilation fails falls back to eager alone, with one warning. Elementwise functions give the same
+bits either way; reductions that sum floats may round differently (their docstrings say so).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import types
+import warnings
+
+import torch
+from torch import Tensor
+
+COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
+_OPTIONS = {}
+SMALL = 1 << 14  # below this many elements in the first tensor argument, eager ops are cheaper than a call
+_FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
+
+
+def compile_status() -> tuple[bool, dict[str, str]]:
+    """(whether fused passes are compiled at all, {function: reason} for those that fell back to eager)."""
+    return COMPILE, dict(_FAILED)
+
+
+def fused(fn):
+    """`fn` compiled on first use; eager where that cannot or should not be (module docstring).
+
+    One compiled copy per argument signature (`_signature`): torch.compile keeps one cache per code object
+    and gives up after a few recompilations, and a function called with int32 and fp64 accumulators, 2-d
+    and 5-d tensors, several policy constants, would hit that limit; a copy of the code object per
+    signature keeps every variant compiled (sizes are dynamic within a signature)."""
+    compiled: dict = {}
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
+
+    @functools.wraps(fn)
+    def call(*args):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if (not COMPILE or name in _FAILED or first is None or first.numel() < SMALL
+                or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
+            return fn(*args)
+        key = _signature(args)
+        variant = compiled.get(key)
+        first_call = variant is None
+        if first_call:
+            variant = compiled[key] = torch.compile(_fresh_copy(fn) if compiled else fn, dynamic=True, fullgraph=True,
+                                                    options=_OPTIONS)
+        try:
+            with torch.profiler.record_function(f"int8fx.{name}"), _quiet_first_compile(first_call):
+                return variant(*args)
+        except Exception as e:  # no C compiler, an inductor limitation, ...: the eager form computes the same
+            _FAILED[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            warnings.warn(f"int8fx: {name} runs eagerly (slower): {_FAILED[name]}")
+            return fn(*args)
+
+    call.eager = fn
+    return call
+
+
+def _signature(a):
+    """What torch.compile specialises on, as a hashable key: a tensor's dtype, rank, which dims have size 1
+    (sizes 0 and 1 are always specialised) and its stride order; the value of a Python scalar; the same
+    for the items of a tuple, list or dict."""
+    if isinstance(a, Tensor):
+        order = () if a.is_contiguous() else tuple(sorted(range(a.dim()), key=a.stride().__getitem__))
+        return a.dtype, a.device.type, tuple(d <= 1 for d in a.shape), order
+    if isinstance(a, (tuple, list)):
+        return type(a), tuple(_signature(x) for x in a)
+    if isinstance(a, dict):
+        return dict, tuple((k, _signature(v)) for k, v in a.items())
+    return a if a is None or isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
+
+
+def _fresh_copy(fn):
+    """`fn` with a code object of its own (so a compiled cache of its own); a partial's function likewise."""
+    if isinstance(fn, functools.partial):
+        return functools.partial(_fresh_copy(fn.func), *fn.args, **fn.keywords)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return fn
+    copy = types.FunctionType(code.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
+
+
+@contextlib.contextmanager
+def _quiet_first_compile(first: bool):
+    """Inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on a machine with a
+    CUDA toolkit but no GPU: noise for a CPU-only compile of int8fx's own functions."""
+    if not first:  # setLevel clears every logger's cache: not on the hot path
+        yield
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _mode_active() -> bool:
+    """A TorchDispatchMode or TorchFunctionMode is on (a profiler, a FLOP counter, inspect's recorder): the
+    compiled function would not see it, so the call runs eagerly, where it does."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
+
+
+def _functorch_wrapped(args) -> bool:
+    return any(isinstance(a, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)

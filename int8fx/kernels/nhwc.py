@@ -1,0 +1,330 @@
+"""The channels-last INT8 pipeline: each conv/linear site as one integer GEMM per group on int8 operands.
+
+For backends whose GEMM takes int8 operands (`torch._int_mm`), channels-last rows need the fewest copies:
+    forward  Xcol[M, K] (int8 im2col of the channels-last activation)  x  W[O, K]^T   -> Y[M, O]
+    dX       dYq[M, O] x W[O, K] -> dXcol[M, K] (int32) -> col2im, in int32 (exact) -> dX channels-last
+    dW       dYq[M, O]^T x Xcol[M, K]                                                -> dW[O, K]
+with M = batch x output positions. Why this layout: the quantizer writes the activation channels-last in
+the same pass (int8fx.quant.fused), a 1x1 stride-1 conv and a linear layer need no im2col at all (Xcol is
+a view), Y[M, O] is the channels-last output (returned as such: BatchNorm and activations take it as it
+is) and the gradient that comes back is then channels-last too, which is the [M, O] matrix both gradient
+quantizers read (a view, no copy). The reduction index K is ordered (kernel position, channel) within each
+group, so im2col copies contiguous channel runs; the small weight is reordered to match, and dW back.
+
+Exactness: the GEMMs are exact (int8fx.kernels.torch_backend), col2im adds int32 sums whose bound
+127^2 x O/g x window stays below 2^31 (int64 beyond), and every float is made from an exact integer the way
+the reference makes it (one rounding to fp32, then the scales), so the results equal the reference's bit for
+bit (tests/test_cpu_backend.py).
+
+Depthwise convolutions are no GEMMs (a 1 x window product per channel): their forward and dX run as
+torch's own depthwise conv on the integer-valued operands in fp32, exact because every output is a sum of
+at most `window` products below 2^24 (`_dw_conv`); dW, a sum over every position of the batch, is reduced
+per kernel position in int64 by a fused pass (`_dw_grad_weight`).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..fusing import fused
+from ..quant.core import absmax, scale_from_clip
+from ..quant.fused import (
+    quantize_channels_last,
+    quantize_channels_last_pair,
+    quantize_nearest,
+    quantize_weight_rows,
+    scale_accumulators,
+    scale_accumulators_bias,
+)
+from .im2col import GemmSpec
+
+QMAX = 127
+
+
+def applies(backend, device: torch.device, spec: GemmSpec, x_shape: tuple, out_channels: int) -> bool:
+    """Whether a site runs on this pipeline: every site of an int8-operand backend, and every CPU site (the
+    reference GEMM on a CPU without int8 dot products: measured against its own pipeline, int8fx.kernels.
+    layouts, on one CPU, resnet18 / mobilenet_v2 / smallcnn steps took 0.8 / 0.6 / 1.0x the time). On CUDA
+    the reference keeps its own pipeline: it is what the GPU kernels are checked against."""
+    return backend.operand_dtype == torch.int8 or device.type == "cpu"
+
+
+def is_depthwise(spec: GemmSpec, x_shape: tuple, out_channels: int) -> bool:
+    """A depthwise conv whose window is small enough for fp32 sums to stay exact (`_dw_conv`); a larger
+    window (beyond 1040 positions) takes the per-group GEMMs."""
+    return (not spec.is_linear and spec.groups > 1 and spec.groups == x_shape[1] == out_channels
+            and spec.window <= 1040)
+
+
+def saved_activation_shape(x_shape: tuple, spec: GemmSpec) -> tuple:
+    """Shape and strides of the saved int8 activation: x's shape, channels-last strides for a conv."""
+    if spec.is_linear:
+        return tuple(x_shape), None
+    n, c, *sizes = x_shape
+    return tuple(x_shape), (n, *sizes, c)  # stored [N, *S, C] contiguous, viewed as [N, C, *S]
+
+
+def output_layout(y_shape: tuple, spec: GemmSpec) -> tuple | None:
+    """The [N, *S, O] storage of a conv's output (viewed [N, O, *S]); None for linear (contiguous)."""
+    if spec.is_linear:
+        return None
+    n, o, *sizes = y_shape
+    return (n, *sizes, o)
+
+
+# ------------------------------------------------------------------------------------------------ operands
+def _weight_rows(weight: Tensor, spec: GemmSpec) -> Tensor:
+    """[O, C/g, *k] -> [O, *k, C/g]: the weight with its reduction index in (kernel position, channel)
+    order, as a view."""
+    return weight if spec.is_linear else weight.movedim(1, -1)
+
+
+def _quantized_weight_rows(weight: Tensor, spec: GemmSpec) -> tuple[Tensor, Tensor]:
+    """(w_q [O, K] int8 in this pipeline's K order, s_w [O]). Quantized in the weight's own order and then
+    reordered as int8: a row's absmax does not depend on the order, and a compiled pass over the strided
+    reordering view ran 5x slower (no vectorised loads) than a contiguous pass plus a 1-byte copy."""
+    w_q, s_w = quantize_weight_rows(weight)
+    if spec.is_linear:
+        return w_q, s_w
+    return _weight_rows(w_q.view(weight.shape), spec).reshape(weight.shape[0], -1), s_w
+
+
+def _weight_from_rows(w: Tensor, spec: GemmSpec, w_shape) -> Tensor:
+    """Inverse of `_weight_rows` (for dW)."""
+    if spec.is_linear:
+        return w.reshape(w_shape)
+    o, cg, *k = w_shape
+    return w.reshape(o, *k, cg).movedim(-1, 1)
+
+
+def _im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
+    """int8 xq [N, *S, C] (contiguous) -> (Xcol [g, M, K/g], out size): rows = batch x positions, columns =
+    (kernel position, channel) of each group. A 1x1 stride-1 conv without padding is a view."""
+    n, *sizes, c = xq.shape
+    g, nd = spec.groups, spec.dims
+    pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
+    if pointwise and g == 1:
+        return xq.reshape(1, -1, c), tuple(sizes)
+    out = spec.out_size(tuple(sizes))
+    if spec.has_padding:
+        xq = F.pad(xq, [0, 0] + spec._pad_arg())  # the channel dim last: pad spatial dims only
+    v = xq
+    for i, (k, d, s) in enumerate(zip(spec.kernel, spec.dilation, spec.stride)):
+        v = v.unfold(1 + i, d * (k - 1) + 1, s)  # [N, *out, C, *window]
+    if any(d > 1 for d in spec.dilation):
+        v = v[(Ellipsis,) + tuple(slice(None, None, d) for d in spec.dilation)]
+    v = v.reshape(n, *out, g, c // g, *spec.kernel)
+    # -> [g, N, *out, *kernel, C/g]
+    perm = (1 + nd, 0) + tuple(range(1, 1 + nd)) + tuple(range(3 + nd, 3 + 2 * nd)) + (2 + nd,)
+    return v.permute(perm).reshape(g, n * math.prod(out), spec.window * (c // g)), out
+
+
+def _per_group(backend, a: Tensor, b: Tensor) -> Tensor:
+    """Exact a [g, P, Q] @ b [g, Q, R] -> [g, P, R] integers, one GEMM per group."""
+    return torch.stack([backend.bmm(a[i:i + 1], b[i:i + 1])[0] for i in range(a.shape[0])]) if a.shape[0] > 1 \
+        else backend.bmm(a, b)
+
+
+def _group_columns(t: Tensor, g: int) -> Tensor:
+    """[M, O] -> [g, M, O/g] with each group's columns contiguous."""
+    if g == 1:
+        return t.unsqueeze(0)
+    m, o = t.shape
+    return t.view(m, g, o // g).transpose(0, 1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, act_clip: Tensor | None):
+    """(y, x_q, s_x, w_q [O, K], s_w): y channels-last for convs; x_q the int8 activation (channels-last for
+    convs) kept for backward; w_q in this pipeline's K order. `act_clip` as in quantized_forward."""
+    clip = absmax(x)
+    if act_clip is not None:
+        clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
+    s_x = scale_from_clip(clip)
+    o, g = weight.shape[0], spec.groups
+    w_q, s_w = _quantized_weight_rows(weight.detach(), spec)  # [O, K] int8
+    if spec.is_linear:
+        x_q = quantize_nearest(x, s_x)
+        acc = backend.bmm(x_q.reshape(1, -1, x.shape[-1]), w_q.t().unsqueeze(0))[0]  # [M, O]
+        out_shape = (*x.shape[:-1], o)
+    elif is_depthwise(spec, x.shape, o):
+        xq_cl, xf_cl = quantize_channels_last_pair(x, s_x)  # [N, *S, C] int8 (kept) and fp32 (the operand)
+        x_q = xq_cl.movedim(-1, 1)
+        acc = _dw_conv(xf_cl.movedim(-1, 1), w_q.view(o, 1, *spec.kernel).float(), spec)  # channels-last
+        out_shape = (acc.shape[0], *acc.shape[2:], o)
+        acc = acc.movedim(1, -1).reshape(-1, o)
+    else:
+        xq_cl = quantize_channels_last(x, s_x)  # [N, *S, C]
+        x_q = xq_cl.movedim(-1, 1)
+        cols, out = _im2col(xq_cl, spec)
+        wg = w_q.view(g, o // g, -1).transpose(1, 2)  # [g, K/g, O/g]
+        acc = _per_group(backend, cols, wg)  # [g, M, O/g]
+        acc = acc[0] if g == 1 else acc.transpose(0, 1).reshape(-1, o)
+        out_shape = (x.shape[0], *out, o)
+    # the output is a tensor of its own (not a view: autograd lets a view of a Function's output be modified in
+    # place by nothing, and ReLU(inplace=True) follows convs), [N, O, *S] stored channels-last for a conv
+    y = x.new_empty(out_shape, dtype=torch.float32) if spec.is_linear else empty_channels_last(
+        (out_shape[0], o, *out_shape[1:-1]), torch.float32, x.device)
+    rows = y.view(-1, o) if spec.is_linear else y.movedim(1, -1).view(-1, o)
+    if bias is None:
+        scale_accumulators(acc, s_x, s_w, rows)
+    else:
+        scale_accumulators_bias(acc, s_x, s_w, bias, rows)
+    return y, x_q, s_x, w_q, s_w
+
+
+def empty_channels_last(shape, dtype, device) -> Tensor:
+    """An empty [N, C, *S] tensor stored [N, *S, C] (channels-last strides, any number of spatial dims),
+    not a view of anything."""
+    n, c, *sizes = shape
+    strides, acc = [], 1
+    for size in reversed((n, *sizes, c)):
+        strides.append(acc)
+        acc *= max(size, 1)
+    st_n, *st_s, st_c = reversed(strides)
+    return torch.empty_strided(tuple(shape), (st_n, st_c, *st_s), dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+def grad_input(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple) -> Tensor:
+    """Exact integer dX (int32 or int64; for depthwise convs fp32 holding exact integers) from the quantized
+    dY s_W [M, O] (int8): [N, *S, C] for a conv (channels-last storage), x_shape for linear.
+
+    A stride-1 conv's dX is itself a stride-1 conv of dY with the flipped weight (a full correlation), so
+    it is computed as one: an int8 im2col of dY and one GEMM, with no col2im. Other strides take
+    dXcol = dY W and add the kernel positions' slabs into dX (col2im, in int32)."""
+    o, g = w_q.shape[0], spec.groups
+    if is_depthwise(spec, x_shape, o):
+        n, c, *sizes = x_shape
+        dy = gq.float().view(n, *spec.out_size(tuple(sizes)), o).movedim(-1, 1)  # channels-last
+        dx = _dw_conv_transpose(dy, w_q.view(o, 1, *spec.kernel).float(), spec, tuple(sizes))
+        # exact integers in fp32 (each a sum of at most `window` products), stored channels-last like every dX
+        # here: a gradient in another layout than its activation sends BatchNorm's and ReLU's backward to slow
+        # mixed-format kernels (3-4x)
+        return dx.movedim(1, -1)
+    transposed = None if spec.is_linear else _transposed_conv(spec, x_shape, o)
+    if transposed is not None:
+        n, c, *sizes = x_shape
+        dyq = gq.view(n, *spec.out_size(tuple(sizes)), o)
+        cols, _ = _im2col(dyq, transposed)  # [g, M_x, window * O/g]
+        wt = _flipped_weight(w_q, spec, c)  # [g, window * O/g, C/g]
+        dx = _per_group(backend, cols, wt)  # [g, M_x, C/g]
+        return (dx[0] if g == 1 else dx.transpose(0, 1).reshape(-1, c)).view(n, *sizes, c)
+    dcols = _per_group(backend, _group_columns(gq, g), w_q.view(g, o // g, -1))  # [g, M, K/g]
+    if spec.is_linear:
+        return dcols[0].reshape(x_shape)
+    n, c, *sizes = x_shape
+    pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
+    if pointwise and g == 1:
+        return dcols[0].view(n, *sizes, c)
+    out = spec.out_size(tuple(sizes))
+    bound = QMAX**2 * (o // g) * spec.window
+    if dcols.is_floating_point():  # the reference GEMM's exact sums: fp32 while every sum stays below 2^24
+        dtype = torch.float32 if bound < 2**24 and dcols.dtype == torch.float32 else torch.float64
+    else:
+        dtype = torch.int32 if bound < 2**31 and dcols.dtype == torch.int32 else torch.int64
+    padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(sizes, spec.padding))
+    dx = torch.zeros((n, *padded, c), dtype=dtype, device=gq.device)
+    slabs = dcols.view(g, n, *out, *spec.kernel, c // g)
+    groups_view = dx.view(n, *padded, g, c // g).movedim(-2, 0)  # [g, N, *padded, C/g]
+    nd = spec.dims
+    for offs in itertools.product(*(range(k) for k in spec.kernel)):
+        sl = tuple(slice(f * d, f * d + s * (m - 1) + 1, s) for f, d, s, m in zip(offs, spec.dilation, spec.stride, out))
+        groups_view[(slice(None), slice(None)) + sl] += slabs[(slice(None),) * (2 + nd) + offs]
+    return dx[(slice(None),) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(sizes, spec.padding))]
+
+
+def _transposed_conv(spec: GemmSpec, x_shape: tuple, out_channels: int) -> GemmSpec | None:
+    """The stride-1 conv that maps dY to dX for a stride-1 `spec` (flipped weight, padding d(k-1) - p on
+    each side), or None where that does not apply (strides, padding beyond d(k-1), a 1x1 conv, which needs
+    nothing: its dXcol is dX)."""
+    if any(s != 1 for s in spec.stride) or all(k == 1 for k in spec.kernel):
+        return None
+    pads = tuple((d * (k - 1) - lo, d * (k - 1) - hi) for (lo, hi), d, k in zip(spec.padding, spec.dilation, spec.kernel))
+    if any(p < 0 for lohi in pads for p in lohi):
+        return None
+    return GemmSpec(spec.dims, spec.kernel, spec.stride, pads, spec.dilation, spec.groups)
+
+
+def _flipped_weight(w_q: Tensor, spec: GemmSpec, in_channels: int) -> Tensor:
+    """[g, window * O/g, C/g]: the int8 weight [O, K] ((kernel position, channel) order) flipped in space,
+    with input and output channels swapped: the transposed conv's GEMM operand."""
+    o, g, nd = w_q.shape[0], spec.groups, spec.dims
+    w = w_q.view(g, o // g, *spec.kernel, in_channels // g).flip(tuple(range(2, 2 + nd)))
+    return w.movedim(1, 1 + nd).reshape(g, -1, in_channels // g)  # [g, *kernel, O/g, C/g]: rows (kernel, o)
+
+
+def grad_weight(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Tensor:
+    """Exact integer dW in the weight's own layout, from the quantized dY [M, O] (int8) and the saved int8
+    activation (channels-last for a conv)."""
+    o, g = dq.shape[1], spec.groups
+    if is_depthwise(spec, tuple(x_q.shape), o):
+        xq_cl = x_q.movedim(1, -1)
+        dy = dq.view(xq_cl.shape[0], *spec.out_size(tuple(xq_cl.shape[1:-1])), o)
+        acc = _dw_grad_weight(dy, _pad(xq_cl, spec), spec.kernel, spec.stride, spec.dilation)  # [C, *k]
+        return acc.view(w_shape)
+    if spec.is_linear:
+        cols = x_q.reshape(1, -1, x_q.shape[-1])
+    else:
+        cols, _ = _im2col(x_q.movedim(1, -1), spec)  # [g, M, K/g]
+    dqt = dq.t().reshape(g, o // g, -1) if g > 1 else dq.t().unsqueeze(0)  # [g, O/g, M]
+    acc = _per_group(backend, dqt.contiguous(), cols)  # [g, O/g, K/g]
+    return _weight_from_rows(acc.reshape(o, -1), spec, w_shape)
+
+
+# ------------------------------------------------------------------------------------------------ depthwise
+def _pad(t: Tensor, spec: GemmSpec) -> Tensor:
+    """Zero-pad the spatial dims of a channels-last [N, *S, C] tensor."""
+    return F.pad(t, [0, 0] + spec._pad_arg()) if spec.has_padding else t
+
+
+def _window(t: Tensor, offs: tuple, kernel: tuple, stride: tuple, dilation: tuple, out: tuple) -> Tensor:
+    """The [N, *out, C] view of padded t read by kernel position `offs`."""
+    return t[(slice(None),) + tuple(slice(f * d, f * d + s * (m - 1) + 1, s)
+                                    for f, d, s, m in zip(offs, dilation, stride, out)) + (slice(None),)]
+
+
+def _out(padded: tuple, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
+    return tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded, kernel, stride, dilation))
+
+
+_DW_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DW_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _dw_conv(x: Tensor, w: Tensor, spec: GemmSpec) -> Tensor:
+    """A depthwise conv of integer-valued fp32 operands (x channels-last): exact, since each output sums at
+    most `window` (<= 1040) products of at most 127^2 and any order of such a sum is exact in fp32; oneDNN's
+    direct depthwise kernel does it ~15x faster than a fused int32 loop. Symmetric padding is the conv's
+    own (no padded copy)."""
+    symmetric = all(lo == hi for lo, hi in spec.padding)
+    pad = tuple(lo for lo, _ in spec.padding) if symmetric else 0
+    if not symmetric:
+        x = F.pad(x, [p for lohi in reversed(spec.padding) for p in lohi])
+    return _DW_CONV[spec.dims](x, w, None, spec.stride, pad, spec.dilation, spec.groups)
+
+
+def _dw_conv_transpose(dy: Tensor, w: Tensor, spec: GemmSpec, sizes: tuple) -> Tensor:
+    """dX of a depthwise conv as the transposed conv of dY (exact for the same reason as `_dw_conv`; 45x
+    faster than torch.nn.grad.conv2d_input, which takes a generic path): computed over the padded input
+    and cropped, so asymmetric padding needs nothing special."""
+    padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(sizes, spec.padding))
+    full = tuple((m - 1) * st + d * (k - 1) + 1 for m, st, d, k in zip(dy.shape[2:], spec.stride, spec.dilation, spec.kernel))
+    extra = tuple(p - f for p, f in zip(padded, full))  # in [0, stride): torch's output_padding
+    dx = _DW_CONV_T[spec.dims](dy, w, None, spec.stride, 0, extra, spec.groups, spec.dilation)
+    return dx[(slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(sizes, spec.padding))]
+
+
+@fused
+def _dw_grad_weight(dy: Tensor, x: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> Tensor:
+    """int64 dW [C, *k] of a depthwise conv: per kernel position, the sum over batch and positions of
+    dY (int8 [N, *out, C]) times the window of x (int8, padded, channels-last) it met."""
+    out = tuple(dy.shape[1:-1])
+    dims = tuple(range(len(out) + 1))
+    parts = [(dy.to(torch.int32) * _window(x, offs, kernel, stride, dilation, out).to(torch.int32)).sum(dims, dtype=torch.int64)
+             for offs in itertools.product(*(range(k) for k in kernel))]
+    return torch.stack(parts, dim=-1).view(x.shape[-1], *kernel)

@@ -1,0 +1,93 @@
+"""Which exact integer GEMM this CPU runs faster, measured once per process: what `backend="auto"` picks.
+
+CPUs differ by an order of magnitude here. With int8 dot-product instructions (AVX512-VNNI, AVX-VNNI,
+AMX-INT8) oneDNN's `torch._int_mm` runs 3-10x an fp32 GEMM; without them (e.g. an AMD EPYC of the Zen 2/3
+generations) it ran at 3-6 GOP/s, far below the reference's fp32 GEMMs on K-chunks. Both are exact and
+give the same numbers, so the choice is only about speed, and it is made by measuring rather than by
+reading flags (flags say what the CPU has, not what oneDNN in this build does with it): a few conv-shaped
+GEMMs, each timed on both, the geometric mean of the ratios decides. `cpu_report()` says what was chosen
+and why, with the CPU model and its ISA flags; `inspect` and `int8fx bench` print it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "asimddp", "i8mm")
+PROBE_SHAPES = ((4096, 576, 64), (1024, 1152, 128), (256, 2304, 256), (256, 64, 64))  # (M, K, N) of conv GEMMs
+MARGIN = 1.1  # the int8 path must be this much faster to be picked
+
+
+@dataclass
+class CpuChoice:
+    backend: str  # "torch" (torch._int_mm) or "reference" (fp32 GEMMs on K-chunks)
+    reason: str
+    cpu: str
+    flags: tuple
+    speedup: float  # reference time / int8 time, geometric mean over PROBE_SHAPES
+    timings: dict = field(default_factory=dict)
+
+
+def cpu_model_and_flags() -> tuple[str, tuple]:
+    model, flags = platform.processor() or platform.machine(), ()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return model, flags
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            have = set(value.split())
+            flags = tuple(f for f in ISA_FLAGS if f in have)
+    return model, flags
+
+
+def _best_of(fn, reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_choice() -> CpuChoice:
+    """The measured choice for CPU tensors (cached for the process)."""
+    from .reference import exact_int_bmm
+    from .torch_backend import int_mm_exact
+
+    model, flags = cpu_model_and_flags()
+    gen = torch.Generator().manual_seed(0)
+    timings, ratios = {}, []
+    try:
+        for m, k, n in PROBE_SHAPES:
+            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
+            b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen)
+            af, bf = a.float().unsqueeze(0), b.float().unsqueeze(0)
+            t_int8 = _best_of(lambda: int_mm_exact(a, b))
+            t_ref = _best_of(lambda: exact_int_bmm(af, bf))
+            timings[f"{m}x{k}x{n}"] = {"int_mm_s": t_int8, "reference_s": t_ref}
+            ratios.append(t_ref / t_int8)
+    except RuntimeError as e:  # a build without CPU _int_mm
+        return CpuChoice("reference", f"torch._int_mm is not available on this CPU build ({e})", model, flags, 0.0)
+    speedup = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    pick = "torch" if speedup >= MARGIN else "reference"
+    why = (f"torch._int_mm (oneDNN int8) measured {speedup:.1f}x the fp32 reference GEMM on conv-shaped products"
+           + (" -> torch" if pick == "torch" else f" (< {MARGIN}x) -> reference"))
+    return CpuChoice(pick, why, model, flags, speedup, timings)
+
+
+def cpu_report() -> str:
+    c = cpu_choice()
+    return f"{c.cpu} [{', '.join(c.flags) or 'no int8 dot-product flags'}]: {c.reason}"

@@ -1,0 +1,183 @@
+"""The CPU's fast path (backend "torch": oneDNN's int8 GEMM, channels-last operands, fused passes) against
+the exact reference: the same bits for every kind of site, and "auto" choosing between them by measurement.
+
+Speed is not asserted here (benchmarks/cpu_step.py measures it); what is asserted is that choosing the
+fast path never changes a number.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import int8fx
+from int8fx.kernels import geometry as geo
+from int8fx.kernels import resolve_backend
+from int8fx.kernels.probe import cpu_choice, cpu_report
+from int8fx.kernels.torch_backend import TorchBackend, int_mm_exact
+
+# ----------------------------------------------------------------------------- the GEMM itself
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 2), (4, 1, 1), (1, 5, 1), (2, 1, 3), (7, 33, 5), (64, 300, 48)])
+@pytest.mark.parametrize("a_major,b_major", [("row", "row"), ("col", "row"), ("row", "col"), ("col", "col")])
+def test_int_mm_exact_any_layout(M, K, N, a_major, b_major):
+    """Size-1 dims with odd strides made torch._int_mm return garbage (torch 2.14 CPU: [1, 2] with strides
+    (1, 1), which `w.t()` of a [2, 1] weight is); int_mm_exact must be exact for every layout."""
+    gen = torch.Generator().manual_seed(M * 100 + K * 10 + N)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (K, N), dtype=torch.int8, generator=gen)
+    a = a if a_major == "row" else a.t().contiguous().t()
+    b = b if b_major == "row" else b.t().contiguous().t()
+    want = a.long() @ b.long()
+    for _ in range(3):  # garbage came from uninitialised memory: repeat
+        assert torch.equal(int_mm_exact(a, b).long(), want)
+    assert torch.equal(int_mm_exact(a, torch.tensor([[-127, 50]] * K, dtype=torch.int8).t().t()).long(),
+                       a.long() @ torch.tensor([[-127, 50]] * K).long())
+
+
+def test_int_mm_exact_size_one_weight_transpose():
+    w = torch.tensor([[-127], [50]], dtype=torch.int8)  # [O=2, K=1]: w.t() has strides (1, 1)
+    a = torch.tensor([[3]], dtype=torch.int8)
+    for _ in range(5):
+        assert int_mm_exact(a, w.t()).tolist() == [[-381, 150]]
+
+
+def test_long_k_accumulates_in_int64():
+    K = 140_000  # 127 * 127 * K > 2**31 - 1: the sum itself needs int64
+    assert K > geo.MAX_K_PER_SPLIT
+    a = torch.full((2, K), 127, dtype=torch.int8)
+    b = torch.full((K, 3), 127, dtype=torch.int8)
+    out = TorchBackend.bmm(a[None], b[None])
+    assert out.dtype == torch.int64 and torch.equal(out[0], torch.full((2, 3), 127 * 127 * K, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- whole sites, both backends
+
+SITES = {
+    "conv2d": (lambda: nn.Conv2d(16, 32, 3, padding=1), (4, 16, 12, 12)),
+    "conv2d-strided-grouped": (lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4), (4, 16, 13, 12)),
+    "conv2d-1x1-no-bias": (lambda: nn.Conv2d(16, 32, 1, bias=False), (4, 16, 8, 8)),
+    "conv2d-depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8, padding=1), (2, 8, 9, 6)),
+    "conv2d-depthwise-strided-mult2": (lambda: nn.Conv2d(8, 16, 5, stride=2, groups=8, padding=2), (2, 8, 11, 10)),
+    "conv2d-dilated-asym": (lambda: nn.Conv2d(6, 8, (3, 5), padding=(2, 1), dilation=(2, 1), groups=2), (2, 6, 9, 8)),
+    "conv2d-same-even-kernel": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 7)),
+    "conv2d-reflect": (lambda: nn.Conv2d(3, 8, 2, padding="same", padding_mode="reflect"), (2, 3, 9, 10)),
+    "conv2d-circular": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), (2, 4, 7, 7)),
+    "conv2d-pad-past-input": (lambda: nn.Conv2d(3, 4, 3, padding=3), (2, 3, 5, 5)),
+    "conv1d": (lambda: nn.Conv1d(6, 9, 3, stride=2, padding=2, dilation=2, groups=3), (2, 6, 17)),
+    "conv1d-1x1-single-channel": (lambda: nn.Conv1d(1, 2, 1, bias=False), (2, 1, 3)),
+    "conv3d": (lambda: nn.Conv3d(4, 8, (3, 2, 3), stride=(1, 2, 1), padding=1, groups=2), (2, 4, 5, 6, 7)),
+    "conv3d-depthwise": (lambda: nn.Conv3d(4, 4, 3, groups=4, padding=1), (1, 4, 4, 5, 6)),
+    "linear-3d-input": (lambda: nn.Linear(20, 7), (3, 5, 20)),
+    "linear-single-row": (lambda: nn.Linear(5, 1), (1, 5)),
+}
+
+
+def _run(make, shape, backend, grad_quant, rounding, channels_last=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    qm = int8fx.convert(model, int8fx.Int8Config(backend=backend, grad_quant=grad_quant, rounding=rounding))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = []
+    for step in range(2):  # the second step runs on state (clips, periods) the first one committed
+        y = qm(x)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2 + step), dtype=dtype)
+        x.grad = None
+        qm.zero_grad()
+        y.backward(dy)
+        int8fx.commit(qm)
+        out.append((y.detach(), x.grad.clone(), qm.weight.grad.clone(),
+                    None if qm.bias is None else qm.bias.grad.clone()))
+    return out
+
+
+def _assert_same(a, b):
+    for step_a, step_b in zip(a, b):
+        for name, u, v in zip(("y", "dX", "dW", "db"), step_a, step_b):
+            if u is None:
+                assert v is None
+                continue
+            assert torch.equal(u, v), f"{name} differs: max |diff| {(u - v).abs().max().item()}"
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+@pytest.mark.parametrize("grad_quant,rounding", [("per-tensor", "nearest"), ("gvq-mcs", "stochastic")])
+def test_torch_backend_equals_reference(site, grad_quant, rounding):
+    make, shape = SITES[site]
+    _assert_same(_run(make, shape, "reference", grad_quant, rounding), _run(make, shape, "torch", grad_quant, rounding))
+
+
+@pytest.mark.parametrize("grad_quant", ["dsgc", "mcs", "gvq", "gvq-mcs-search"])
+def test_torch_backend_equals_reference_every_policy(grad_quant):
+    make, shape = SITES["conv2d-strided-grouped"]
+    _assert_same(_run(make, shape, "reference", grad_quant, "stochastic"),
+                 _run(make, shape, "torch", grad_quant, "stochastic"))
+
+
+@pytest.mark.parametrize("site", ["conv2d", "conv2d-depthwise", "conv2d-dilated-asym"])
+def test_channels_last_input_and_double(site):
+    make, shape = SITES[site]
+    ref = _run(make, shape, "reference", "gvq-mcs", "stochastic")
+    _assert_same(ref, _run(make, shape, "torch", "gvq-mcs", "stochastic", channels_last=True))
+    _assert_same(_run(make, shape, "reference", "per-tensor", "nearest", dtype=torch.float64),
+                 _run(make, shape, "torch", "per-tensor", "nearest", dtype=torch.float64))
+
+
+def test_fast_path_output_is_channels_last_and_not_a_view():
+    """The channels-last pipeline hands back its output in the layout it computed it in (no transposing
+    copy), as a tensor of its own: in-place ops on it (ReLU(inplace=True)) must not touch anything else."""
+    make, shape = SITES["conv2d"]
+    qm = int8fx.convert(make(), int8fx.Int8Config(backend="torch"))
+    y = qm(torch.randn(shape))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y._base is None
+    y.relu_()  # allowed: not a view of a tensor autograd saved
+
+
+def test_whole_model_steps_agree():
+    """A small CNN with BN, residual-free depthwise layers and pooling, three SGD steps on both backends. The
+    sites compute the same bits (tests above), but the fast path hands conv outputs on channels-last, and
+    BatchNorm / pooling reduce a channels-last tensor in another order: the model's float ops may round
+    differently in the last bit. So: the same losses, and every gradient that is not rounding noise (the
+    bias of a conv in front of a BN has a zero gradient up to rounding) at cosine 1 - 1e-6."""
+    def model():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                             nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                             nn.Conv2d(16, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+
+    runs = []
+    for backend in ("reference", "torch"):
+        qm = int8fx.convert(model(), int8fx.Int8Config(backend=backend))
+        opt = torch.optim.SGD(qm.parameters(), lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(0)
+        steps = []
+        for _ in range(3):
+            x, t = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(qm(x), t)
+            loss.backward()
+            steps.append((loss.item(), [p.grad.clone() for p in qm.parameters()]))
+            opt.step()
+        runs.append(steps)
+    for (loss_ref, g_ref), (loss_fast, g_fast) in zip(*runs):
+        assert loss_fast == pytest.approx(loss_ref, rel=1e-6)
+        for a, b in zip(g_ref, g_fast):
+            if a.norm() > 1e-6:
+                assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 1 - 1e-6
+
+
+# ----------------------------------------------------------------------------- "auto"
+
+def test_auto_follows_the_measured_choice():
+    choice = cpu_choice()
+    assert choice.backend in ("torch", "reference")
+    assert resolve_backend("auto", torch.device("cpu")).name == choice.backend
+    if choice.speedup:  # measured (0 only where this torch build has no CPU _int_mm)
+        assert len(choice.timings) > 0 and all(t["int_mm_s"] > 0 and t["reference_s"] > 0 for t in choice.timings.values())
+        assert (choice.backend == "torch") == (choice.speedup >= 1.1)
+    report = cpu_report()
+    assert choice.cpu in report and choice.reason in report

@@ -1,0 +1,134 @@
+"""The fused passes (int8fx.quant.fused via int8fx.fusing): compiled they compute what they compute eagerly,
+bit for bit, and they match the unfused quantizers of int8fx.quant.core that the reference pipeline uses."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from int8fx import fusing
+from int8fx.quant import core, fused
+
+N = fusing.SMALL * 2  # big enough to take the compiled path
+
+pytestmark = pytest.mark.skipif(not fusing.COMPILE, reason="INT8FX_COMPILE=0: only the eager forms run")
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _both(fn, *args):
+    """(compiled result, eager result), with a check that the compiled path really ran."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager warns: fail instead of comparing eager to eager
+        got = fn(*args)
+    assert fn.__name__ not in fusing.compile_status()[1]
+    return got, fn.eager(*args)
+
+
+def _equal(a, b):
+    if isinstance(a, tuple):
+        assert len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b))
+        return True
+    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return True
+
+
+def test_quantizers_compiled_equal_eager_and_core():
+    x = torch.randn(8, 32, 16, 16, generator=_gen()) * 3
+    x[0, 0, 0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5]) * (x.abs().max() / 127)  # ties: half to even
+    s = core.scale_from_clip(core.absmax(x))
+    q, q_eager = _both(fused.quantize_nearest, x, s)
+    _equal(q, q_eager)
+    _equal(q, core.quantize(x, s, out_dtype=torch.int8))
+    ql, ql_eager = _both(fused.quantize_channels_last, x, s)
+    _equal(ql, ql_eager)
+    _equal(ql, q.permute(0, 2, 3, 1).contiguous())
+    pair, pair_eager = _both(fused.quantize_channels_last_pair, x, s)
+    _equal(pair, pair_eager)
+    _equal(pair[0], ql)
+    _equal(pair[1], ql.float())
+
+
+def test_zero_scale_gives_zero():
+    x = torch.randn(N, generator=_gen())
+    q, q_eager = _both(fused.quantize_nearest, x, torch.tensor(0.0))
+    _equal(q, q_eager)
+    assert not q.any()
+
+
+def test_epilogues_compiled_equal_eager():
+    acc = torch.randint(-2**24, 2**24, (4096, 64), dtype=torch.int32, generator=_gen())
+    s_x, s_w = torch.tensor(0.0123), torch.rand(64, generator=_gen(1)) * 0.01
+    bias = torch.randn(64, generator=_gen(2))
+    outs = [torch.empty(4096, 64) for _ in range(4)]
+    _equal(fused.scale_accumulators(acc, s_x, s_w, outs[0]), fused.scale_accumulators.eager(acc, s_x, s_w, outs[1]))
+    _equal(fused.scale_accumulators_bias(acc, s_x, s_w, bias, outs[2]),
+           fused.scale_accumulators_bias.eager(acc, s_x, s_w, bias, outs[3]))
+    _equal(outs[0], acc.float() * (s_x * s_w))
+    # into a strided output (the channels-last view of a conv output)
+    y = torch.empty(16, 16, 16, 64).permute(0, 3, 1, 2)
+    fused.scale_accumulators(acc, s_x, s_w, y.permute(0, 2, 3, 1).reshape(4096, 64))
+    _equal(y.permute(0, 2, 3, 1).reshape(4096, 64), outs[0])
+    w_acc = torch.randint(-2**24, 2**24, (64, 3, 3, 32), dtype=torch.int32, generator=_gen(3)).permute(0, 3, 1, 2)
+    s_gw = torch.rand(64, generator=_gen(4))
+    dw, dw_eager = _both(fused.scale_weight_gradient, w_acc, s_gw, s_x)
+    _equal(dw, dw_eager)
+    assert dw.is_contiguous()
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_gradient_quantizers_compiled_equal_eager(stochastic):
+    rows = torch.randn(2048, 48, generator=_gen()) * torch.logspace(-3, 1, 48)
+    s_w = torch.rand(48, generator=_gen(1)) * 0.02
+    s_gx, s_gw = torch.rand(48, generator=_gen(2)) * 0.01, torch.rand(48, generator=_gen(3)) * 0.1
+    key_x, key_w = torch.tensor(12345, dtype=torch.int64), torch.tensor(999, dtype=torch.int64)
+    one = fused.quantize_gradient(rows, s_w, s_gx, stochastic, key_x)
+    _equal(one, fused.quantize_gradient(rows, s_w, s_gx, stochastic, key_x))  # keyed: reproducible
+    inner = fused._quantize_gradient_stochastic if stochastic else fused._quantize_gradient_nearest
+    args = (rows, s_w, s_gx, key_x) if stochastic else (rows, s_w, s_gx)
+    _equal(*_both(inner, *args))
+    pair = fused.quantize_gradients(rows, s_w, s_gx, s_gw, stochastic, key_x, key_w)
+    inner2 = fused._quantize_gradients_stochastic if stochastic else fused._quantize_gradients_nearest
+    args2 = (rows, s_w, s_gx, s_gw, key_x, key_w) if stochastic else (rows, s_w, s_gx, s_gw)
+    _equal(*_both(inner2, *args2))
+    _equal(pair[0], one)  # the pair is exactly two single calls
+    _equal(pair[1], fused.quantize_gradient(rows, torch.ones(()), s_gw, stochastic, key_w))
+    if stochastic:  # unbiased: the mean of the rounding error is ~0 in units of the step
+        exact = rows / s_gw
+        inside = exact.abs() < 126  # beyond the range the clamp saturates
+        err = (pair[1].float() - exact)[inside]
+        assert inside.sum() > 10_000 and err.abs().max() < 1 + 1e-5 and abs(err.mean().item()) < 0.01
+        assert (pair[1][exact.abs() > 128].abs() == 127).all()
+
+
+def test_weight_rows_compiled_equal_eager_and_core():
+    w = torch.randn(64, 3, 3, 32, generator=_gen()).permute(0, 3, 1, 2)  # a reordered conv weight view
+    (q, s), (q_eager, s_eager) = _both(fused.quantize_weight_rows, w)
+    _equal(q, q_eager)
+    _equal(s, s_eager)
+    q_core, s_core = core.quantize_per_channel(w.flatten(1), 0, out_dtype=torch.int8)
+    _equal(q, q_core.to(torch.int8))
+    _equal(s, s_core)
+
+
+def test_small_tensors_and_traced_code_run_eagerly():
+    """Below SMALL elements the call is eager (cheaper than a compiled call); under torch.func it is too."""
+    x = torch.randn(10)
+    s = torch.tensor(0.05)
+    assert torch.equal(fused.quantize_nearest(x, s), fused.quantize_nearest.eager(x, s))
+    out = torch.func.vmap(lambda r: fused.quantize_nearest(r, s).float())(torch.randn(4, N // 4))
+    assert out.shape == (4, N // 4)
+
+
+def test_many_signatures_stay_compiled():
+    """More argument signatures than torch.compile's recompile limit (8): each gets its own compiled copy,
+    none falls back to eager."""
+    s = torch.tensor(0.01)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for shape in ((N,), (4, N // 4), (2, 4, N // 8), (2, 2, 2, N // 8)):
+            x = torch.randn(shape, generator=_gen(), dtype=dtype)
+            _equal(*_both(fused.quantize_nearest, x, s))
+    assert "quantize_nearest" not in fusing.compile_status()[1]
