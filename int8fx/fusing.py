@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
-_OPTIONS = {}
 SMALL = 1 << 14  # below this many elements in the first tensor argument, eager ops are cheaper than a call
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
+_NEW = object()  # a signature not compiled yet
 
 
 def compile_status() -> tuple[bool, dict[str, str]]:
@@ -51,17 +51,23 @@ def fused(fn):
                 or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
             return fn(*args)
         key = _signature(args)
-        variant = compiled.get(key)
-        first_call = variant is None
+        variant = compiled.get(key, _NEW)
+        if variant is None:  # this signature hit torch.compile's recompile limit: eager from now on
+            return fn(*args)
+        first_call = variant is _NEW
         if first_call:
-            variant = compiled[key] = torch.compile(_fresh_copy(fn) if compiled else fn, dynamic=True, fullgraph=True,
-                                                    options=_OPTIONS)
+            variant = compiled[key] = torch.compile(_fresh_copy(fn) if compiled else fn, dynamic=True, fullgraph=True)
         try:
-            with torch.profiler.record_function(f"int8fx.{name}"), _quiet_first_compile(first_call):
+            with torch.profiler.record_function(f"int8fx.{name}"), _compile_settings(first_call):
                 return variant(*args)
         except Exception as e:  # no C compiler, an inductor limitation, ...: the eager form computes the same
-            _FAILED[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            warnings.warn(f"int8fx: {name} runs eagerly (slower): {_FAILED[name]}")
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            if "Recompile" in type(e).__name__:
+                compiled[key] = None
+                _FAILED.setdefault(f"{name} (one signature)", why)
+            else:
+                _FAILED[name] = why
+            warnings.warn(f"int8fx: {name} runs eagerly (slower): {why}")
             return fn(*args)
 
     call.eager = fn
@@ -95,19 +101,30 @@ def _fresh_copy(fn):
 
 
 @contextlib.contextmanager
-def _quiet_first_compile(first: bool):
-    """Inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on a machine with a
-    CUDA toolkit but no GPU: noise for a CPU-only compile of int8fx's own functions."""
-    if not first:  # setLevel clears every logger's cache: not on the hot path
+def _compile_settings(first: bool):
+    """int8fx's own settings for compiling its passes, whatever the user set for theirs:
+    - `error_on_recompile` off: a user who sets it means their model, not int8fx's passes (which compile a
+      new variant when a new shape relation shows up);
+    - on the first call of a variant (where it is traced), no duck shaping: two dims that happen to be
+      equal at the first call (batch 16 and 16 channels) would otherwise be assumed equal and the next
+      layer recompile; and quiet `torch.utils.cpp_extension`, which warns "No CUDA runtime is found" on
+      a machine with a CUDA toolkit and no GPU."""
+    if not first and not torch._dynamo.config.error_on_recompile:  # the hot path: nothing to set
         yield
         return
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    with contextlib.ExitStack() as stack:
+        if torch._dynamo.config.error_on_recompile:
+            stack.enter_context(torch._dynamo.config.patch(error_on_recompile=False))
+        if first:
+            from torch.fx.experimental import _config as fx_config
+
+            if hasattr(fx_config, "use_duck_shape"):
+                stack.enter_context(fx_config.patch(use_duck_shape=False))
+            logger = logging.getLogger("torch.utils.cpp_extension")
+            level = logger.level
+            logger.setLevel(logging.ERROR)  # (setLevel clears every logger's cache: not on the hot path)
+            stack.callback(logger.setLevel, level)
         yield
-    finally:
-        logger.setLevel(level)
 
 
 def _mode_active() -> bool:

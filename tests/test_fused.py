@@ -132,3 +132,14 @@ def test_many_signatures_stay_compiled():
             x = torch.randn(shape, generator=_gen(), dtype=dtype)
             _equal(*_both(fused.quantize_nearest, x, s))
     assert "quantize_nearest" not in fusing.compile_status()[1]
+
+
+def test_equal_dims_at_first_call_and_users_error_on_recompile():
+    """A variant traced on a tensor whose dims happen to be equal must not assume they always are (no
+    recompile for the next shape), and a user's `error_on_recompile` is about their code, not these passes."""
+    s = torch.tensor(0.01)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in ((32, 32, 32), (32, 16, 64), (8, 64, 64)):
+            x = torch.randn(shape, generator=_gen(), dtype=torch.float16)
+            _equal(*_both(fused.quantize_channels_last, x, s))
+    assert not any(k.startswith("quantize_channels_last") for k in fusing.compile_status()[1])
