@@ -4,7 +4,7 @@ from .nn.modules import float_state_dict
 from .nn.state import commit
 from .optim import DeviationLRScaler
 from .passes import convert, to_float
-from .onnx_export import export_onnx, read_onnx_metadata
+from .onnx import export_onnx, read_onnx_metadata
 from .report import inspect
 
 __version__ = "0.1.0"
