@@ -40,15 +40,21 @@ from collections import defaultdict
 import numpy as np
 import torch.nn as nn
 
-from ..nn.modules import Int8Layer
 from . import int8_ops
 from .calibrate import StaticSite
 from .errors import OnnxExportError
-from .faithful import io_names
-from .graphs import (COMPUTE_OPS, GraphView, assign_sites, codes_match, float_codes, out_major, rename,
-                     weight_source)
-from .standins import DynamicFloatSite, FloatSite, export_copy, probe
-from .torch_export import clean, export_graph
+from .graphs import (
+    COMPUTE_OPS,
+    GraphView,
+    assign_sites,
+    codes_match,
+    float_codes,
+    out_major,
+    rename,
+    weight_source,
+)
+from .standins import FloatSite, export_with_standins
+from .torch_export import clean
 
 # ops whose output is quantized exactly as their input (they commute with a zero-point-0 quantizer)
 _SCALE_PRESERVING = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
@@ -64,18 +70,10 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
         raise OnnxExportError(f"the deploy form is quantized with onnxruntime's quantizer: pip install onnxruntime "
                               f"({e})") from None
 
-    def make(layer: Int8Layer):
-        if layer.site_name in statics:
-            return FloatSite(layer, statics[layer.site_name])
-        return DynamicFloatSite(layer) if layer.site_name in dynamic else None
-
-    em = export_copy(qmodel, make)
-    calls, n_out = probe(em, args)
-    in_names, out_names = io_names(args, n_out, input_names, output_names)
-    fp32, used = export_graph(em, args, exporter=exporter, opset=opset, input_names=in_names,
-                              output_names=out_names, dynamic_batch=dynamic_batch)
-    clean(fp32)
-    site_of = _name_site_nodes(fp32, statics, {s: calls.get(s, 0) for s in statics})
+    fp32, used, calls, in_names = export_with_standins(qmodel, FloatSite, statics, dynamic, args, exporter=exporter,
+                                                       opset=opset, input_names=input_names,
+                                                       output_names=output_names, dynamic_batch=dynamic_batch)
+    site_of = _name_site_nodes(fp32, statics, calls)
     view = GraphView(fp32)
     float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
     silu = _silu_nodes(view)

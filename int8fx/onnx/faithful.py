@@ -11,38 +11,26 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..nn.modules import Int8Layer
 from .calibrate import StaticSite
 from .errors import OnnxExportError
-from .graphs import COMPUTE_OPS, GraphView, assign_sites, out_major, rename, weight_source
-from .standins import DynamicFloatSite, FaithfulSite, export_copy, probe
-from .torch_export import clean, export_graph
-
+from .graphs import (
+    COMPUTE_OPS,
+    GraphView,
+    assign_sites,
+    out_major,
+    rename,
+    weight_source,
+)
+from .standins import FaithfulSite, export_with_standins
 
 
 def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], args: tuple, *, exporter: str,
           opset: int, input_names, output_names, dynamic_batch: bool):
     """(model, exporter used, {site: [per-call node names and scales]})."""
-    def make(layer: Int8Layer):
-        if layer.site_name in statics:
-            return FaithfulSite(layer, statics[layer.site_name])
-        return DynamicFloatSite(layer) if layer.site_name in dynamic else None
-
-    em = export_copy(qmodel, make)
-    calls, n_out = probe(em, args)
-    in_names, out_names = io_names(args, n_out, input_names, output_names)
-    model, used = export_graph(em, args, exporter=exporter, opset=opset, input_names=in_names,
-                               output_names=out_names, dynamic_batch=dynamic_batch)
-    clean(model)
-    return model, used, annotate(model, statics, {s: calls.get(s, 0) for s in statics})
-
-
-def io_names(args: tuple, n_out: int, input_names, output_names) -> tuple[list[str], list[str]]:
-    """"input"/"output" for one of each, else "input0", "input1", ... unless the caller named them."""
-    n_in = sum(hasattr(a, "shape") for a in args)
-    ins = list(input_names or [f"input{i}" if n_in > 1 else "input" for i in range(n_in)])
-    outs = list(output_names or [f"output{i}" if n_out > 1 else "output" for i in range(n_out)])
-    return ins, outs
+    model, used, calls, _ = export_with_standins(qmodel, FaithfulSite, statics, dynamic, args, exporter=exporter,
+                                                 opset=opset, input_names=input_names, output_names=output_names,
+                                                 dynamic_batch=dynamic_batch)
+    return model, used, annotate(model, statics, calls)
 
 
 def annotate(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> dict[str, list[dict]]:

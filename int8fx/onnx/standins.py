@@ -29,6 +29,8 @@ from ..nn.modules import Int8Layer, ModuleSite, _original
 from ..nn.scope import no_fused_fastpath
 from .calibrate import StaticSite
 from .qdq_op import conv_nd, qdq_gemm
+from .torch_export import clean, export_graph
+
 
 class StandIn(nn.Module):
     """What every stand-in shares: the site's name, a module site's floating-point padding, its own
@@ -169,3 +171,30 @@ def probe(em: nn.Module, args: tuple) -> tuple[dict[str, int], int]:
     for m in standins.values():
         m.calls = 0
     return calls, len(out) if isinstance(out, (tuple, list)) else 1
+
+
+def export_with_standins(qmodel: nn.Module, site_class: type, statics: dict[str, StaticSite], dynamic: set[str],
+                         args: tuple, *, exporter: str, opset: int, input_names, output_names, dynamic_batch: bool):
+    """The first step of both forms: export a copy of `qmodel` whose calibrated sites are `site_class`
+    stand-ins (FaithfulSite or FloatSite) and whose input-dependent sites are float.
+    Returns (ONNX model, exporter used, {site: calls in one forward}, input names)."""
+    def make(layer: Int8Layer):
+        if layer.site_name in statics:
+            return site_class(layer, statics[layer.site_name])
+        return DynamicFloatSite(layer) if layer.site_name in dynamic else None
+
+    em = export_copy(qmodel, make)
+    calls, n_out = probe(em, args)
+    in_names, out_names = io_names(args, n_out, input_names, output_names)
+    model, used = export_graph(em, args, exporter=exporter, opset=opset, input_names=in_names,
+                               output_names=out_names, dynamic_batch=dynamic_batch)
+    clean(model)
+    return model, used, {s: calls.get(s, 0) for s in statics}, in_names
+
+
+def io_names(args: tuple, n_out: int, input_names, output_names) -> tuple[list[str], list[str]]:
+    """"input"/"output" for one of each, else "input0", "input1", ... unless the caller named them."""
+    n_in = sum(hasattr(a, "shape") for a in args)
+    ins = list(input_names or [f"input{i}" if n_in > 1 else "input" for i in range(n_in)])
+    outs = list(output_names or [f"output{i}" if n_out > 1 else "output" for i in range(n_out)])
+    return ins, outs
