@@ -184,6 +184,18 @@ def test_to_float_gives_back_the_original_classes_with_trained_weights():
         int8fx.to_float(m)
 
 
+def test_the_float_model_trains_after_to_float():
+    """An optimizer step commits every live site's staged state; a module to_float gave back is no site."""
+    qm = int8fx.convert(resnet())
+    fm = int8fx.to_float(qm)
+    opt = torch.optim.SGD(fm.parameters(), lr=1e-3)
+    F.cross_entropy(fm(X), torch.tensor([1, 2])).backward()
+    opt.step()  # raised AttributeError: 'Conv2d' object has no attribute 'commit'
+    int8fx.commit(fm)
+    f2 = int8fx.to_float(int8fx.convert(Functional()), inplace=True)
+    torch.optim.SGD(f2.parameters(), lr=1e-3).step()
+
+
 def test_filter_fn_keeps_sites_in_fp32_with_a_reason():
     qm = int8fx.convert(resnet(), filter_fn=lambda name, mod: not name.startswith("layer4"))
     rows = {r.name: r for r in int8fx.inspect(qm).layers}

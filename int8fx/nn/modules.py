@@ -28,7 +28,7 @@ from ..config import Int8Config
 from ..kernels.im2col import GemmSpec
 from ..quant.grad import PolicyParams, make_grad_quantizer, optional_buffers_on_load
 from .functional import int8_gemm, spec_to_ints
-from .state import PendingState, track
+from .state import PendingState, track, untrack
 
 CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES)
@@ -119,6 +119,7 @@ class Int8Layer(nn.Module):
             del self._load_state_dict_post_hooks[k]
         for a in INT8_ATTRS:
             self.__dict__.pop(a, None)
+        untrack(self)  # a float module has nothing to commit when an optimizer steps
 
     @property
     def site_op(self) -> str:

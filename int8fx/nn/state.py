@@ -56,6 +56,11 @@ def track(layer: nn.Module) -> None:
         _hook_installed = True
 
 
+def untrack(layer: nn.Module) -> None:
+    """Forget `layer` (it stops being a site: `int8fx.to_float`)."""
+    _LIVE.discard(layer)
+
+
 def commit_all() -> None:
     """Commit the pending state of every site in the process (called after every optimizer step)."""
     for layer in list(_LIVE):
@@ -65,8 +70,6 @@ def commit_all() -> None:
 def commit(model: nn.Module) -> None:
     """Make the state that the last forward/backward computed current in every site of `model`: what an
     optimizer step does automatically; call it in a loop that updates parameters without `torch.optim`."""
-    from .modules import Int8Layer
-
     for m in model.modules():
-        if isinstance(m, Int8Layer):
+        if m in _LIVE:  # the sites `track` registered (every Int8Layer does when built)
             m.commit()
