@@ -119,8 +119,17 @@ def torchvision_cases() -> list[Case]:
 def timm_cases() -> list[Case]:
     import timm
 
-    return [Case(f"timm:{n}", "timm", lambda n=n: timm.create_model(n, pretrained=False, num_classes=10, **TIMM_KWARGS),
-                 _image(2, TIMM_SIZE.get(n, 64))) for n in TIMM]
+    def build(name: str) -> nn.Module:
+        """With dropout and drop-path where the model takes them (densenet, dpn, ghostnet, ... have no drop-path)."""
+        for drop in (TIMM_KWARGS, {"drop_rate": TIMM_KWARGS["drop_rate"]}):
+            try:
+                return timm.create_model(name, pretrained=False, num_classes=10, **drop)
+            except TypeError as e:
+                if "drop_path_rate" not in str(e):
+                    raise
+        raise AssertionError("unreachable")
+
+    return [Case(f"timm:{n}", "timm", lambda n=n: build(n), _image(2, TIMM_SIZE.get(n, 64))) for n in TIMM]
 
 
 def all_cases() -> list[Case]:
