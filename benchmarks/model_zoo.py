@@ -78,7 +78,7 @@ def _detection_inputs(name: str) -> Callable[[bool], tuple]:
         targets = []
         for i in range(2):
             boxes = torch.tensor([[10.0 + i, 20.0, 90.0, 110.0], [30.0, 30.0 + i, 100.0, 80.0]])
-            t = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+            t = {"boxes": boxes, "labels": torch.tensor([1, 1] if "keypoint" in name else [1, 2])}  # keypoint: 2 classes
             if "mask" in name:
                 t["masks"] = torch.zeros(2, images[i].shape[1], images[i].shape[2], dtype=torch.uint8)
                 t["masks"][:, 30:80, 30:80] = 1
