@@ -324,6 +324,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cases = [c for c in all_cases() if (not args.models or c.name in args.models)
              and (args.family is None or c.family == args.family)]
+    if args.models:  # in the order given
+        cases.sort(key=lambda c: args.models.index(c.name))
     print(f"{'model':32s} {'family':14s} {'exact':>5s} {'int8':>9s} {'cos mean/min':>13s} {'s':>6s}  notes", flush=True)
     rows, bad = [], 0
     for case in cases:
@@ -336,6 +338,7 @@ def main(argv=None) -> int:
             bad += 1
             continue
         rows.append(r)
+        save(rows, args.json)
         bad += not ok(r)
         sites = f"{r['converted']}/{r['sites']}" if "sites" in r else "-"
         cos = f"{r['cos_mean']:.3f}/{r['cos_min']:.2f}" if "cos_mean" in r else "-"
@@ -347,10 +350,15 @@ def main(argv=None) -> int:
         print(f"{case.name:32s} {case.family:14s} {str(r['exact']):>5s} {sites:>9s} {cos:>13s} {r['seconds']:6.1f}  {notes}",
               flush=True)
     print(f"{len(cases) - bad}/{len(cases)} models pass every check")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save(rows, args.json)
     return 1 if bad else 0
+
+
+def save(rows: list[dict], path: str | None) -> None:
+    """Write the rows so far (after every model: a long run stopped early keeps what it measured)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
