@@ -50,6 +50,9 @@ def fused(fn):
         if (not COMPILE or name in _FAILED or first is None or first.numel() < SMALL
                 or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
             return fn(*args)
+        # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
+        # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
+        args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
         key = _signature(args)
         variant = compiled.get(key, _NEW)
         if variant is None:  # this signature hit torch.compile's recompile limit: eager from now on

@@ -126,15 +126,32 @@ def test_channels_last_input_and_double(site):
                  _run(make, shape, "torch", "per-tensor", "nearest", dtype=torch.float64))
 
 
-def test_fast_path_output_is_channels_last_and_not_a_view():
-    """The channels-last pipeline hands back its output in the layout it computed it in (no transposing
-    copy), as a tensor of its own: in-place ops on it (ReLU(inplace=True)) must not touch anything else."""
-    make, shape = SITES["conv2d"]
+@pytest.mark.parametrize("site", ["conv2d", "conv2d-depthwise", "conv3d"])
+def test_fast_path_layouts_follow_torch_and_outputs_are_not_views(site):
+    """Output and dX layouts as torch's own conv gives them: contiguous for a contiguous input (so user code
+    such as `y.view(n, -1)` on a conv output works), channels-last for a channels-last input or weight; the
+    output a tensor of its own: in-place ops on it (ReLU(inplace=True)) must not touch anything else."""
+    make, shape = SITES[site]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     qm = int8fx.convert(make(), int8fx.Int8Config(backend="torch"))
-    y = qm(torch.randn(shape))
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert y._base is None
-    y.relu_()  # allowed: not a view of a tensor autograd saved
+    fp = make()
+    for channels_last in (False, True):
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.to(memory_format=fmt)
+        x.requires_grad_()
+        y, y_fp = qm(x), fp(x)
+        assert y.stride() == y_fp.stride() and y._base is None
+        (y.reshape if channels_last else y.view)(y.shape[0], -1).sum().backward()  # view: raised before
+        dx = x.grad
+        x.grad = None
+        y_fp.sum().backward()
+        assert dx.stride() == x.grad.stride()
+        qm(x.detach()).relu_()  # allowed: not a view of a tensor autograd saved
+    fp_cl = make().to(memory_format=fmt)  # a channels-last weight, a contiguous input
+    qm_cl = int8fx.convert(fp_cl, int8fx.Int8Config(backend="torch"))
+    x = torch.randn(shape)
+    assert qm_cl(x).stride() == fp_cl(x).stride()
 
 
 def test_whole_model_steps_agree():

@@ -6,9 +6,10 @@ For backends whose GEMM takes int8 operands (`torch._int_mm`), channels-last row
     dW       dYq[M, O]^T x Xcol[M, K]                                                -> dW[O, K]
 with M = batch x output positions. Why this layout: the quantizer writes the activation channels-last in
 the same pass (int8fx.quant.fused), a 1x1 stride-1 conv and a linear layer need no im2col at all (Xcol is
-a view), Y[M, O] is the channels-last output (returned as such: BatchNorm and activations take it as it
-is) and the gradient that comes back is then channels-last too, which is the [M, O] matrix both gradient
-quantizers read (a view, no copy). The reduction index K is ordered (kernel position, channel) within each
+a view), and Y[M, O] is the channels-last output. That is returned as such when the input or the weight is
+channels-last (torch's rule for its own convs; a model run channels-last then needs no copy anywhere, and
+the gradient that comes back is the [M, O] matrix both gradient quantizers read), else written contiguous
+by the same epilogue pass, with dX following dY's layout. The reduction index K is ordered (kernel position, channel) within each
 group, so im2col copies contiguous channel runs; the small weight is reordered to match, and dW back.
 
 Exactness: the GEMMs are exact (int8fx.kernels.torch_backend), col2im adds int32 sums whose bound
@@ -166,15 +167,39 @@ def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmS
         acc = acc[0] if g == 1 else acc.transpose(0, 1).reshape(-1, o)
         out_shape = (x.shape[0], *out, o)
     # the output is a tensor of its own (not a view: autograd lets a view of a Function's output be modified in
-    # place by nothing, and ReLU(inplace=True) follows convs), [N, O, *S] stored channels-last for a conv
-    y = x.new_empty(out_shape, dtype=torch.float32) if spec.is_linear else empty_channels_last(
-        (out_shape[0], o, *out_shape[1:-1]), torch.float32, x.device)
-    rows = y.view(-1, o) if spec.is_linear else y.movedim(1, -1).view(-1, o)
+    # place by nothing, and ReLU(inplace=True) follows convs), [N, O, *S] in torch's layout for the operands
+    if spec.is_linear:
+        y = x.new_empty(out_shape, dtype=torch.float32)
+        rows, acc = y.view(-1, o), acc
+    else:
+        y_shape = (out_shape[0], o, *out_shape[1:-1])
+        y = (empty_channels_last(y_shape, torch.float32, x.device) if output_channels_last(x, weight)
+             else x.new_empty(y_shape, dtype=torch.float32))
+        rows, acc = y.movedim(1, -1), acc.view(out_shape)  # the epilogue writes either layout in one pass
     if bias is None:
         scale_accumulators(acc, s_x, s_w, rows)
     else:
         scale_accumulators_bias(acc, s_x, s_w, bias, rows)
     return y, x_q, s_x, w_q, s_w
+
+
+def stored_channels_last(t: Tensor) -> bool:
+    """Whether torch takes a 4-d/5-d tensor for channels-last (its strides ordered like channels-last: the
+    rule its own convolutions apply to choose their output's layout, and a gradient's dX's)."""
+    if t.dim() not in (4, 5):
+        return False
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(t) != torch.contiguous_format
+
+
+def output_channels_last(x: Tensor, weight: Tensor) -> bool:
+    """torch's rule for a convolution's output layout: channels-last when the input or the weight is stored
+    channels-last, else contiguous. The pipeline computes channels-last either way; following the rule keeps
+    the converted model's tensors what the user's code expects (`y.view(n, -1)` on a conv output works),
+    and a model put in channels-last (`model.to(memory_format=torch.channels_last)` and its inputs) gets
+    channels-last outputs without a copy, as in FP32."""
+    return stored_channels_last(x) or stored_channels_last(weight)
 
 
 def empty_channels_last(shape, dtype, device) -> Tensor:

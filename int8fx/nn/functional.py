@@ -120,6 +120,14 @@ def _channels_last_like(shape, dtype, like: Tensor) -> Tensor:
     return nhwc.empty_channels_last(shape, dtype, like.device)
 
 
+def _grad_input_like(dy: Tensor, x_shape, dtype, kind: str, spec: GemmSpec) -> Tensor:
+    """An empty dX as the backward returns it: channels-last where the nhwc pipeline ran a conv and dY is
+    channels-last, else contiguous."""
+    if kind == "nhwc" and not spec.is_linear and nhwc.stored_channels_last(dy):
+        return _channels_last_like(x_shape, dtype, dy)
+    return dy.new_empty(x_shape, dtype=dtype)
+
+
 def _output_shape(x_shape, w_shape, spec: GemmSpec) -> tuple:
     if spec.is_linear:
         return (*x_shape[:-1], w_shape[0])
@@ -149,8 +157,7 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         O, g = rows.shape[1], spec_.groups
         kind, be_ = pipeline(backend, dy.device, spec_, x_shape, O)
         if rows.shape[0] == 0:  # empty batch: zero gradients as in FP32; no statistics, so no state update
-            dx = (_channels_last_like(x_shape, x_dtype, dy).zero_() if kind == "nhwc" and not spec_.is_linear
-                  else dy.new_zeros(x_shape, dtype=x_dtype)) if need_x else dy.new_zeros(0, dtype=x_dtype)
+            dx = _grad_input_like(dy, x_shape, x_dtype, kind, spec_).zero_() if need_x else dy.new_zeros(0, dtype=x_dtype)
             return (dx, dy.new_zeros(w_shape if need_w else 0, dtype=w_dtype),
                     dy.new_zeros(O if need_b else 0), [t.clone() for t in state])
         # the dX operand is dY s_W[o] (module docstring), as rows [M, O] like dY
@@ -164,6 +171,8 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
             if kind == "nhwc":
                 dx_int = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape))
                 dx = _from_storage(dx_int.float() * s_gx, spec_).to(x_dtype)
+                if not spec_.is_linear and not nhwc.stored_channels_last(dy):  # dX in dY's layout, as torch's
+                    dx = dx.contiguous()
             else:
                 layout = layouts.layout_for(spec_, tuple(x_shape), O)
                 g_out = gq if spec_.is_linear else gq.view(x_shape[0], *spec_.out_size(tuple(x_shape[2:])), O).movedim(-1, 1)
@@ -216,7 +225,9 @@ def _(x, weight, bias, act_clip, state, pending, calls, spec, static_clip, backe
     y_shape = _output_shape(x.shape, weight.shape, spec_)
     kind, _ = pipeline(backend, x.device, spec_, x.shape, weight.shape[0])
     if kind == "nhwc" and not spec_.is_linear:
-        y, x_q = _channels_last_like(y_shape, out_dtype, x), _channels_last_like(x.shape, torch.int8, x)
+        x_q = _channels_last_like(x.shape, torch.int8, x)
+        y = (_channels_last_like(y_shape, out_dtype, x) if nhwc.output_channels_last(x, weight)
+             else x.new_empty(y_shape, dtype=out_dtype))
     else:
         y, x_q = x.new_empty(y_shape, dtype=out_dtype), x.new_empty(x.shape, dtype=torch.int8)
     return (y, x_q, x.new_empty((), dtype=torch.float32),
@@ -243,11 +254,7 @@ def _(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy, stat
       key_base, needs, track_deviation, backend, x_dtype, w_dtype):
     spec_ = spec_from_ints(spec)
     kind, _ = pipeline(backend, dy.device, spec_, x_shape, w_shape[0])
-    if needs[0]:
-        nhwc_conv = kind == "nhwc" and not spec_.is_linear
-        dx = _channels_last_like(x_shape, x_dtype, dy) if nhwc_conv else dy.new_empty(x_shape, dtype=x_dtype)
-    else:
-        dx = dy.new_empty(0, dtype=x_dtype)
+    dx = _grad_input_like(dy, x_shape, x_dtype, kind, spec_) if needs[0] else dy.new_empty(0, dtype=x_dtype)
     return (dx, dy.new_empty(w_shape if needs[1] else 0, dtype=w_dtype),
             dy.new_empty(w_shape[0] if needs[2] else 0, dtype=torch.float32),
             [torch.empty_like(t) for t in state])
