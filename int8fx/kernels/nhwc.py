@@ -88,9 +88,12 @@ def _quantized_weight_rows(weight: Tensor, spec: GemmSpec) -> tuple[Tensor, Tens
     """(w_q [O, K] int8 in this pipeline's K order, s_w [O]). Quantized in the weight's own order and then
     reordered as int8: a row's absmax does not depend on the order, and a compiled pass over the strided
     reordering view ran 5x slower (no vectorised loads) than a contiguous pass plus a 1-byte copy."""
-    w_q, s_w = quantize_weight_rows(weight)
     if spec.is_linear:
-        return w_q, s_w
+        return quantize_weight_rows(weight.contiguous())
+    rows = _weight_rows(weight, spec)
+    if rows.is_contiguous():  # a channels-last weight is stored in this order already
+        return quantize_weight_rows(rows.reshape(weight.shape[0], -1))
+    w_q, s_w = quantize_weight_rows(weight.contiguous())
     return _weight_rows(w_q.view(weight.shape), spec).reshape(weight.shape[0], -1), s_w
 
 
