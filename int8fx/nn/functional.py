@@ -170,12 +170,9 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         if need_x:
             if kind == "nhwc":
                 dx_int = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape))
-                if spec_.is_linear or nhwc.stored_channels_last(dy):
-                    dx = _from_storage(dx_int.float() * s_gx, spec_).to(x_dtype)
-                elif x_dtype == torch.float32:  # dX in dY's layout, as torch's: transposed by the scaling pass
-                    dx = torch.mul(_from_storage(dx_int, spec_), s_gx, out=dy.new_empty(x_shape))
-                else:
-                    dx = (_from_storage(dx_int.float() * s_gx, spec_)).to(x_dtype).contiguous()
+                dx = _from_storage(dx_int.float() * s_gx, spec_).to(x_dtype)
+                if not spec_.is_linear and not nhwc.stored_channels_last(dy):  # dX in dY's layout, as torch's
+                    dx = dx.contiguous()
             else:
                 layout = layouts.layout_for(spec_, tuple(x_shape), O)
                 g_out = gq if spec_.is_linear else gq.view(x_shape[0], *spec_.out_size(tuple(x_shape[2:])), O).movedim(-1, 1)
