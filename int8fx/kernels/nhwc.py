@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from ..fusing import fused
 from ..quant.core import absmax, scale_from_clip
@@ -173,7 +174,7 @@ def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmS
     # place by nothing, and ReLU(inplace=True) follows convs), [N, O, *S] in torch's layout for the operands
     if spec.is_linear:
         y = x.new_empty(out_shape, dtype=torch.float32)
-        rows, acc = y.view(-1, o), acc
+        rows = y.view(-1, o)
     else:
         y_shape = (out_shape[0], o, *out_shape[1:-1])
         y = (empty_channels_last(y_shape, torch.float32, x.device) if output_channels_last(x, weight)
@@ -189,11 +190,7 @@ def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmS
 def stored_channels_last(t: Tensor) -> bool:
     """Whether torch takes a 4-d/5-d tensor for channels-last (its strides ordered like channels-last: the
     rule its own convolutions apply to choose their output's layout, and a gradient's dX's)."""
-    if t.dim() not in (4, 5):
-        return False
-    from torch._prims_common import suggest_memory_format
-
-    return suggest_memory_format(t) != torch.contiguous_format
+    return t.dim() in (4, 5) and suggest_memory_format(t) != torch.contiguous_format
 
 
 def output_channels_last(x: Tensor, weight: Tensor) -> bool:
