@@ -16,19 +16,14 @@ import torch
 
 import int8fx
 from int8fx import train as T
-from int8fx.data import DataNotFound, find_fashion_mnist
 from int8fx.train.ends import end_layers, remove_end_batchnorm
 from int8fx.train.runner import order_specs
 from int8fx.train.stats import diff_of_means, mean_std, paired_diff
 from int8fx.train.summary import reference_of
 from int8fx.zoo import build_model
 
-try:
-    find_fashion_mnist()
-    HAVE_DATA = True
-except DataNotFound:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+from fashion_data import needs_data
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 TINY = ["--ablation", "quick", "--seeds", "0,1", "--train-subset", "640", "--epochs", "1", "--batch-size", "64",

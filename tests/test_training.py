@@ -13,15 +13,10 @@ import torch
 
 import int8fx
 from int8fx import train as T
-from int8fx.data import DataNotFound, find_fashion_mnist
 from int8fx.zoo import build_model
 
-try:
-    find_fashion_mnist()
-    HAVE_DATA = True
-except DataNotFound:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+from fashion_data import needs_data
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
