@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                   # everything, ~5-8 minutes on an H100
     python benchmarks/kernels.py --quick           # fewer shapes and repeats (a smoke run)
     python benchmarks/kernels.py --sections gemm,conv
+    python benchmarks/kernels.py --budget 240      # stop starting new measurements after 240 s
 
 Sections (each prints one table; a failing section prints its error and the run goes on):
   check   exactness first: the CuPy GEMM against torch._int_mm on random operands (no timing is
@@ -35,6 +36,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESULTS: dict = {}
+DEADLINE = float("inf")  # time.monotonic() after which no new measurement starts (--budget)
+
+
+def out_of_time(what: str) -> bool:
+    """True (and says what was skipped) once the --budget is spent: a lease on a GPU is short, and a
+    partial table is worth more than a run killed in the middle."""
+    if time.monotonic() < DEADLINE:
+        return False
+    print(f"  (budget spent: skipped {what})", flush=True)
+    RESULTS.setdefault("skipped", []).append(what)
+    return True
 RESNET50_LAYERS = [  # name, Cin, Cout, kernel, stride, H (input)
     ("layer1 3x3", 64, 64, 3, 1, 56),
     ("layer2 3x3", 128, 128, 3, 1, 28),
@@ -73,6 +85,8 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 
 
 def section(name: str, fn, *args) -> None:
+    if name != "targets" and out_of_time(f"section {name}"):
+        return
     t0 = time.perf_counter()
     try:
         fn(*args)
@@ -124,6 +138,8 @@ def sec_gemm(quick: bool) -> None:
         shapes = shapes[:1] + [s for s in shapes if "layer1 3x3" in s[0]]
     rows = []
     for name, M, N, K in shapes:
+        if out_of_time(f"gemm {name}"):
+            break
         a = i8(M, K)
         bt = i8(N, K)  # K-major B for both: the layout each wants
         sms, smem = cb.device_limits(0)
@@ -208,6 +224,8 @@ def sec_conv(quick: bool) -> None:
     B = 64 if quick else 256
     rows = []
     for name, cin, cout, k, s, h in (RESNET50_LAYERS[:1] if quick else RESNET50_LAYERS):
+        if out_of_time(f"conv {name}"):
+            break
         spec = make_spec(2, (k, k), s, k // 2, 1, 1)
         x = torch.randn(B, cin, h, h, device="cuda")
         w = torch.randn(cout, cin, k, k, device="cuda") * 0.05
@@ -252,10 +270,16 @@ def sec_conv(quick: bool) -> None:
           ["layer", "implementation", "ms", "TOP/s", "vs cuDNN bf16 CL", "vs cuDNN fp32"], rows)
 
 
+TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 cupy", "int8 torch", "int8 cupy, eager passes")
+
+
 def sec_train(quick: bool) -> None:
     import torchvision
 
     import int8fx
+    from int8fx import fusing
+
+    compiled = fusing.COMPILE
 
     models = [("resnet18", 256), ("resnet50", 128), ("mobilenet_v2", 256)]
     if quick:
@@ -264,12 +288,15 @@ def sec_train(quick: bool) -> None:
     for mname, bs in models:
         x = torch.randn(bs, 3, 224, 224, device="cuda")
         tgt = torch.randint(0, 1000, (bs,), device="cuda")
-        for mode in ("fp32", "tf32", "bf16-amp-cl", "int8 cupy", "int8 torch"):
+        for mode in TRAIN_MODES:
+            if out_of_time(f"train {mname} {mode}"):
+                continue
             torch.manual_seed(0)
             m = getattr(torchvision.models, mname)(num_classes=1000).cuda()
             xin = x
             if mode.startswith("int8"):
-                m = int8fx.convert(m, int8fx.Int8Config(backend=mode.split()[1])).cuda()
+                m = int8fx.convert(m, int8fx.Int8Config(backend=mode.split()[1].rstrip(","))).cuda()
+            fusing.COMPILE = not mode.endswith("eager passes")
             if mode == "bf16-amp-cl":
                 m = m.to(memory_format=torch.channels_last)
                 xin = x.to(memory_format=torch.channels_last)
@@ -294,6 +321,7 @@ def sec_train(quick: bool) -> None:
                 rows.append([mname, bs, mode, "failed", f"{type(ex).__name__}: {str(ex)[:60]}", ""])
             del m, opt
             torch.cuda.empty_cache()
+    fusing.COMPILE = compiled
     table("training step (SGD momentum, cross entropy, 224x224)", ["model", "batch", "mode", "ms/step", "img/s", "peak GiB"],
           rows)
 
@@ -325,7 +353,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--budget", type=float, default=None, help="seconds after which no new measurement starts")
     args = ap.parse_args(argv)
+    global DEADLINE
+    if args.budget is not None:
+        DEADLINE = time.monotonic() + args.budget
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU")
         return 2

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a short lease on a GPU machine (issue 16):
+#   1. what the machine is (GPU, driver, torch, CuPy, NVRTC);
+#   2. every cuda-marked test, each under a per-test timeout (pytest-timeout where installed);
+#   3. benchmarks/kernels.py under a time budget (sections stop starting new measurements when it is spent).
+# Logs and tables go to $OUT (default ./gpu-check-out): env.txt, pytest.log, junit.xml, kernels.log,
+# kernels.json. int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [test budget s, default 200] [benchmark budget s, default 200]
+#   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" bash benchmarks/gpu_check.sh   # a subset
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+TEST_BUDGET=${1:-200}
+BENCH_BUDGET=${2:-200}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export INT8FX_KERNEL_CACHE=${INT8FX_KERNEL_CACHE:-/tmp/int8fx-kernels}
+start=$(date +%s)
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  python3 - <<'EOF'
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "cc", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count)
+try:
+    import cupy
+    print("cupy", cupy.__version__)
+    from int8fx.kernels.nvrtc import nvrtc_version, supported_archs
+    print("nvrtc", nvrtc_version(), "archs", supported_archs())
+except Exception as e:
+    print("cupy/nvrtc:", type(e).__name__, e)
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+# the tests: fused passes eager (INT8FX_COMPILE=0: the same bits, and no cold inductor compile per signature);
+# the benchmark below runs them compiled, as users get them
+TESTS=${GPU_CHECK_TESTS:-"tests/test_kernels_cuda.py tests/test_pt2.py"}
+per_test=""
+python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 90"
+INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -q -rfEs -p no:cacheprovider \
+  -o addopts="" $per_test --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
+echo "pytest: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
+
+timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget "$BENCH_BUDGET" 2>&1 | tee "$OUT/kernels.log"
+echo "kernels.py: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/kernels.log"
