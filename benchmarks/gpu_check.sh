@@ -7,7 +7,7 @@
 # kernels.json. int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [test budget s, default 200] [benchmark budget s, default 200]
-#   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" bash benchmarks/gpu_check.sh   # a subset
+#   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" GPU_CHECK_SECTIONS=conv,train bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -47,5 +47,5 @@ INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -q -rfE
   -o addopts="" $per_test --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 echo "pytest: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
 
-timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget "$BENCH_BUDGET" 2>&1 | tee "$OUT/kernels.log"
+timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget "$BENCH_BUDGET" ${GPU_CHECK_SECTIONS:+--sections $GPU_CHECK_SECTIONS} 2>&1 | tee "$OUT/kernels.log"
 echo "kernels.py: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/kernels.log"

@@ -270,7 +270,7 @@ def sec_conv(quick: bool) -> None:
           ["layer", "implementation", "ms", "TOP/s", "vs cuDNN bf16 CL", "vs cuDNN fp32"], rows)
 
 
-TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 cupy", "int8 torch", "int8 cupy, eager passes")
+TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 torch", "int8 cupy", "int8 reference", "int8 torch, eager passes")
 
 
 def sec_train(quick: bool) -> None:

@@ -73,18 +73,19 @@ SITES = {
 }
 
 
-def _run(make, shape, backend, grad_quant, rounding, channels_last=False, dtype=torch.float32):
+def _run(make, shape, backend, grad_quant, rounding, channels_last=False, dtype=torch.float32, device="cpu"):
+    """Two steps of one converted site (tests/test_kernels_cuda.py runs it on CUDA)."""
     torch.manual_seed(0)
     model = make().to(dtype)
-    qm = int8fx.convert(model, int8fx.Int8Config(backend=backend, grad_quant=grad_quant, rounding=rounding))
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    qm = int8fx.convert(model, int8fx.Int8Config(backend=backend, grad_quant=grad_quant, rounding=rounding)).to(device)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
     out = []
     for step in range(2):  # the second step runs on state (clips, periods) the first one committed
         y = qm(x)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2 + step), dtype=dtype)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2 + step), dtype=dtype).to(device)
         x.grad = None
         qm.zero_grad()
         y.backward(dy)

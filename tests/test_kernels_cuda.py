@@ -19,6 +19,7 @@ from int8fx.kernels.reference import ReferenceBackend, exact_int_bmm, naive_int6
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
 from int8fx.quant import core
+from test_cpu_backend import SITES, _assert_same, _run
 
 pytestmark = pytest.mark.cuda
 
@@ -255,7 +256,8 @@ def test_conv_layer_matches_reference_op(cb, case, dtype):
     _, _, kernel, stride, padding, dilation, groups, cin, cout = case
     ref = conv(cin, cout, kernel, stride, padding, dilation, groups, bias=False).to(DEV)
     ref.weight.data.copy_(w)
-    qm = int8fx.convert(nn.Sequential(ref), int8fx.Int8Config(grad_quant="per-tensor", backend="reference"))
+    qm = int8fx.convert(nn.Sequential(ref), int8fx.Int8Config(grad_quant="per-tensor", rounding="nearest",
+                                                             backend="reference"))
     xr = x.clone().requires_grad_()
     y_ref = qm(xr)
     dy = torch.randn_like(y_ref)
@@ -283,7 +285,8 @@ def test_forward_matches_quantized_forward(cb):
 
 
 # ----------------------------------------------------------------------------- the torch backend
-@pytest.mark.parametrize("G,M,N,K", [(1, 1, 1, 1), (1, 17, 9, 33), (3, 33, 65, 147), (1, 5, 3, 140_000)])
+@pytest.mark.parametrize("G,M,N,K", [(1, 1, 1, 1), (1, 17, 9, 33), (3, 33, 65, 147), (1, 5, 3, 140_000),
+                                     (1, 256 * 112 * 112, 147, 64)])  # a ResNet stem's dX at batch 256
 def test_torch_backend_exact(G, M, N, K):
     from int8fx.kernels.torch_backend import TorchBackend
 
@@ -308,19 +311,36 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("backend", ["cupy", "torch"])
-def test_resnet18_gradients_match_reference(backend):
-    """One training step of a converted resnet18 on the GPU: every parameter gradient against the same
-    model on the reference backend on the same GPU (same arithmetic everywhere but the INT8 GEMMs, so
-    near-identical: only non-deterministic atomics in pooling backward can move a rounding boundary)
-    and against the CPU reference (different fp32 kernels around the GEMMs)."""
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_every_kind_of_site_equals_the_reference(site, backend):
+    """Each kind of site (tests/test_cpu_backend.py's list: strided, grouped, depthwise, dilated, padded,
+    1d/3d, linear), two steps on the GPU through the channels-last pipeline: output, dX, dW and db equal,
+    bit for bit, the reference backend's on the same GPU (its own pipeline, fp32 GEMMs on K-chunks)."""
+    make, shape = SITES[site]
+    for grad_quant, rounding in (("per-tensor", "nearest"), ("gvq-mcs", "stochastic")):
+        _assert_same(_run(make, shape, "reference", grad_quant, rounding, device=DEV),
+                     _run(make, shape, backend, grad_quant, rounding, device=DEV))
+
+
+@pytest.mark.parametrize("arch,backend", [("resnet18", "cupy"), ("resnet18", "torch"), ("mobilenet_v2", "torch")])
+def test_model_gradients_match_reference(arch, backend):
+    """One training step of a converted torchvision model on the GPU: the loss and every parameter
+    gradient against the same model on the reference backend on the same GPU (same arithmetic everywhere
+    but the INT8 GEMMs, so near-identical: only non-deterministic atomics in pooling backward can move a
+    rounding boundary), and against the CPU reference. The CPU runs other fp32 kernels around the GEMMs
+    (BatchNorm, pooling sums in another order), and an activation quantizer turns a last-bit difference
+    into a different int8 step: measured on an H200, resnet18's loss differs by 3e-3 relative."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    model = getattr(torchvision.models, arch)(num_classes=10)
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
     g_gpu, loss = _grads(model, backend, DEV, x, y)
     g_ref, loss_ref = _grads(model, "reference", DEV, x, y)
     g_cpu, loss_cpu = _grads(model, "reference", "cpu", x, y)
-    assert math.isclose(loss, loss_ref, rel_tol=1e-6) and math.isclose(loss, loss_cpu, rel_tol=1e-4)
+    bad = [f"loss {loss} vs GPU reference {loss_ref}"] if not math.isclose(loss, loss_ref, rel_tol=1e-6) else []
+    bad += [f"loss {loss} vs CPU reference {loss_cpu}"] if not math.isclose(loss, loss_cpu, rel_tol=2e-2) else []
     for n in g_ref:
-        assert _cos(g_gpu[n], g_ref[n]) > 0.9999, n
-        assert _cos(g_gpu[n], g_cpu[n]) > 0.999, n
+        c_ref, c_cpu = _cos(g_gpu[n], g_ref[n]), _cos(g_gpu[n], g_cpu[n])
+        if c_ref <= 0.9999 or c_cpu <= 0.95:
+            bad.append(f"{n}: cosine {c_ref:.6f} vs GPU reference, {c_cpu:.4f} vs CPU reference")
+    assert not bad, "\n".join(bad)

@@ -42,10 +42,13 @@ def available_backends() -> tuple[str, ...]:
 
 def resolve_backend(choice: str, device: torch.device):
     """The backend a call on `device` runs. "auto": on the CPU, whichever exact GEMM a one-time probe
-    measured faster on this CPU (int8fx.kernels.probe); on CUDA the reference until the GPU kernels are
-    verified on a GPU. "cupy" exists for CUDA tensors only (the reference elsewhere)."""
+    measured faster on this CPU (int8fx.kernels.probe); on CUDA "torch" (cuBLASLt's int8 GEMM), the
+    fastest of the exact backends verified on a GPU (H200: 2.2x the CuPy kernel's GEMM at 8192^3, the
+    fastest training step of the three; benchmarks/RESULTS.md). "cupy" exists for CUDA tensors only
+    (the reference elsewhere)."""
     if choice == "auto":
-        return _BACKENDS[cpu_choice().backend if device.type == "cpu" else "reference"]
+        return _BACKENDS[cpu_choice().backend if device.type == "cpu" else "torch" if device.type == "cuda"
+                         else "reference"]
     try:
         backend = _BACKENDS[choice]
     except KeyError:

@@ -165,7 +165,7 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         need_dq = need_w or track_deviation
         clip_w, clip_x, q_new, s_gx, s_gw, gq, dq = grad_quantizer_class(policy).operands(
             rows, s_w, q_state, PolicyParams.from_floats(params), stochastic, calls,
-            torch.tensor(key_base, dtype=torch.int64, device=rows.device), need_x, need_dq)
+            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq)  # a fill, not a host copy
         dx, dw, db = dy.new_empty(0, dtype=x_dtype), dy.new_empty(0, dtype=w_dtype), dy.new_empty(0)
         if need_x:
             if kind == "nhwc":
