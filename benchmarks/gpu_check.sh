@@ -2,12 +2,14 @@
 # The whole GPU check in one command, for a short lease on a GPU machine (issue 16):
 #   1. what the machine is (GPU, driver, torch, CuPy, NVRTC);
 #   2. every cuda-marked test, each under a per-test timeout (pytest-timeout where installed);
-#   3. benchmarks/kernels.py under a time budget (sections stop starting new measurements when it is spent).
-# Logs and tables go to $OUT (default ./gpu-check-out): env.txt, pytest.log, junit.xml, kernels.log,
-# kernels.json. int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
+#   3. the README's main job, `int8fx train --quick`, on the GPU (GPU_CHECK_TRAIN_S seconds at most; 0 skips);
+#   4. benchmarks/kernels.py under a time budget (sections stop starting new measurements when it is spent).
+# Logs and tables go to $OUT (default ./gpu-check-out): env.txt, pytest.log, junit.xml, train.log,
+# kernels.log, kernels.json. int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [test budget s, default 200] [benchmark budget s, default 200]
-#   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" GPU_CHECK_SECTIONS=conv,train bash benchmarks/gpu_check.sh
+#   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" GPU_CHECK_SECTIONS=conv,train \
+#     GPU_CHECK_BENCH_ARGS="--conv-layers stem --models mobilenet_v2" bash benchmarks/gpu_check.sh   # parts
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -47,5 +49,14 @@ INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -q -rfE
   -o addopts="" $per_test --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 echo "pytest: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
 
-timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget "$BENCH_BUDGET" ${GPU_CHECK_SECTIONS:+--sections $GPU_CHECK_SECTIONS} 2>&1 | tee "$OUT/kernels.log"
+# the README's main job on the GPU (needs Fashion-MNIST: $INT8FX_DATA or the Debian package's folder)
+TRAIN_S=${GPU_CHECK_TRAIN_S:-150}
+if [ "$TRAIN_S" -gt 0 ]; then
+  timeout "$TRAIN_S" python3 -m int8fx train --quick --device cuda --progress lines --out /tmp/gpu-check-train \
+    > "$OUT/train.log" 2>&1
+  echo "int8fx train --quick --device cuda: rc=$? after $(( $(date +%s) - start )) s" | tee -a "$OUT/train.log"
+  tail -n 30 "$OUT/train.log"
+fi
+
+timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget "$BENCH_BUDGET" ${GPU_CHECK_SECTIONS:+--sections $GPU_CHECK_SECTIONS} ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUT/kernels.log"
 echo "kernels.py: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/kernels.log"

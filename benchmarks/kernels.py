@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 RESULTS: dict = {}
 DEADLINE = float("inf")  # time.monotonic() after which no new measurement starts (--budget)
+ONLY: dict = {"conv": (), "train": ()}  # --conv-layers / --models: name filters (empty: all)
 
 
 def out_of_time(what: str) -> bool:
@@ -94,6 +95,10 @@ def section(name: str, fn, *args) -> None:
         print(f"\n## {name}: FAILED {type(ex).__name__}: {ex}")
         traceback.print_exc(limit=4)
         RESULTS[name] = {"error": repr(ex)}
+    from int8fx.kernels.torch_backend import refused_shapes
+
+    if refused_shapes():
+        print(f"  int8 GEMMs cuBLASLt refused so far (run on the reference): {sorted(refused_shapes())}")
     print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
@@ -224,6 +229,8 @@ def sec_conv(quick: bool) -> None:
     B = 64 if quick else 256
     rows = []
     for name, cin, cout, k, s, h in (RESNET50_LAYERS[:1] if quick else RESNET50_LAYERS):
+        if ONLY["conv"] and not any(name.startswith(p) for p in ONLY["conv"]):
+            continue
         if out_of_time(f"conv {name}"):
             break
         spec = make_spec(2, (k, k), s, k // 2, 1, 1)
@@ -284,6 +291,7 @@ def sec_train(quick: bool) -> None:
     models = [("resnet18", 256), ("resnet50", 128), ("mobilenet_v2", 256)]
     if quick:
         models = [("resnet18", 64)]
+    models = [m for m in models if not ONLY["train"] or m[0] in ONLY["train"]]
     rows = []
     for mname, bs in models:
         x = torch.randn(bs, 3, 224, 224, device="cuda")
@@ -354,7 +362,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--budget", type=float, default=None, help="seconds after which no new measurement starts")
+    ap.add_argument("--conv-layers", default="", help="comma-separated prefixes of the conv section's layer names")
+    ap.add_argument("--models", default="", help="comma-separated models of the train section")
     args = ap.parse_args(argv)
+    ONLY["conv"] = tuple(p for p in args.conv_layers.split(",") if p)
+    ONLY["train"] = tuple(p for p in args.models.split(",") if p)
     global DEADLINE
     if args.budget is not None:
         DEADLINE = time.monotonic() + args.budget

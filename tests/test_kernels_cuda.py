@@ -19,7 +19,7 @@ from int8fx.kernels.reference import ReferenceBackend, exact_int_bmm, naive_int6
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
 from int8fx.quant import core
-from test_cpu_backend import SITES, _assert_same, _run
+from test_cpu_backend import SITES, _run
 
 pytestmark = pytest.mark.cuda
 
@@ -288,12 +288,34 @@ def test_forward_matches_quantized_forward(cb):
 @pytest.mark.parametrize("G,M,N,K", [(1, 1, 1, 1), (1, 17, 9, 33), (3, 33, 65, 147), (1, 5, 3, 140_000),
                                      (1, 256 * 112 * 112, 147, 64)])  # a ResNet stem's dX at batch 256
 def test_torch_backend_exact(G, M, N, K):
-    from int8fx.kernels.torch_backend import TorchBackend
+    from int8fx.kernels.torch_backend import TorchBackend, refused_shapes
 
     a, b = _ints(G, M, K), _ints(G, K, N)
     got = TorchBackend.bmm(a, b)
     assert got.dtype == (torch.int64 if K > geo.MAX_K_PER_SPLIT else torch.int32)
     assert torch.equal(got.to(torch.int64), _truth(a, b))
+    assert not refused_shapes(), "cuBLASLt refused a shape: the reference ran it (see torch_backend.CUDA_MAX_ROWS)"
+
+
+def test_a_gemm_cublaslt_refuses_runs_exactly_on_the_reference(monkeypatch):
+    from int8fx.kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_REFUSED", set())
+    real, calls = torch._int_mm, []
+
+    def refuse(a, b):
+        calls.append(tuple(a.shape))
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul (simulated)")
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    a, b = _ints(1, 40, 33), _ints(1, 33, 24)
+    with pytest.warns(UserWarning, match="cuBLASLt refused"):
+        got = torch_backend.TorchBackend.bmm(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got.to(torch.int64), _truth(a, b))
+    assert torch_backend.refused_shapes() == {(40, 40, 24)}
+    torch_backend.TorchBackend.bmm(a, b)  # a refused shape is not asked for again
+    assert len(calls) == 1
+    monkeypatch.setattr(torch, "_int_mm", real)
+    assert torch.equal(torch_backend.TorchBackend.bmm(a, b), got)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -310,16 +332,35 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
+def _assert_runs_equal(a, b, close=()):
+    """Two `_run`s equal bit for bit, except the named quantities (close within a few fp32 ulps)."""
+    for step_a, step_b in zip(a, b):
+        for name, u, v in zip(("y", "dX", "dW", "db"), step_a, step_b):
+            if u is None or v is None:
+                assert u is None and v is None, name
+            elif name in close:
+                torch.testing.assert_close(u, v.to(u.device), rtol=2**-20, atol=0, msg=name)
+            else:
+                assert torch.equal(u, v.to(u.device)), f"{name} differs: max |diff| {(u - v.to(u.device)).abs().max().item()}"
+
+
 @pytest.mark.parametrize("backend", ["cupy", "torch"])
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_every_kind_of_site_equals_the_reference(site, backend):
     """Each kind of site (tests/test_cpu_backend.py's list: strided, grouped, depthwise, dilated, padded,
     1d/3d, linear), two steps on the GPU through the channels-last pipeline: output, dX, dW and db equal,
-    bit for bit, the reference backend's on the same GPU (its own pipeline, fp32 GEMMs on K-chunks)."""
+    bit for bit, the reference backend's on the same GPU (its own pipeline, fp32 GEMMs on K-chunks), and
+    y, dX, dW equal the CPU reference's (nearest rounding, per-tensor clips: every float op on the way is
+    one IEEE operation, the same on both devices; db is a float sum, whose order differs).
+    Reflect padding is outside the op: torch's reflection-pad backward adds with atomics on CUDA, so dX
+    may differ in the last bit between any two runs (seen: 1.2e-7)."""
     make, shape = SITES[site]
+    atomics = ("dX",) if "reflect" in site else ()
     for grad_quant, rounding in (("per-tensor", "nearest"), ("gvq-mcs", "stochastic")):
-        _assert_same(_run(make, shape, "reference", grad_quant, rounding, device=DEV),
-                     _run(make, shape, backend, grad_quant, rounding, device=DEV))
+        gpu = _run(make, shape, backend, grad_quant, rounding, device=DEV)
+        _assert_runs_equal(gpu, _run(make, shape, "reference", grad_quant, rounding, device=DEV), close=atomics)
+        if grad_quant == "per-tensor":
+            _assert_runs_equal(gpu, _run(make, shape, "reference", grad_quant, rounding), close=atomics + ("db",))
 
 
 @pytest.mark.parametrize("arch,backend", [("resnet18", "cupy"), ("resnet18", "torch"), ("mobilenet_v2", "torch")])
@@ -327,20 +368,19 @@ def test_model_gradients_match_reference(arch, backend):
     """One training step of a converted torchvision model on the GPU: the loss and every parameter
     gradient against the same model on the reference backend on the same GPU (same arithmetic everywhere
     but the INT8 GEMMs, so near-identical: only non-deterministic atomics in pooling backward can move a
-    rounding boundary), and against the CPU reference. The CPU runs other fp32 kernels around the GEMMs
-    (BatchNorm, pooling sums in another order), and an activation quantizer turns a last-bit difference
-    into a different int8 step: measured on an H200, resnet18's loss differs by 3e-3 relative."""
+    rounding boundary). Not against the CPU: at random init, with BatchNorm in training mode, an INT8
+    model's gradient is chaotic in its input; on the CPU alone, scaling the input by (1 + 2^-23) moved
+    resnet18's parameter gradients to cosine 0.81-0.9 (mean 0.90), and the CPU and the GPU differ by such
+    last bits (measured on an H200: cosine 0.88-0.95). The sites' test above compares the devices."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10)
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
     g_gpu, loss = _grads(model, backend, DEV, x, y)
     g_ref, loss_ref = _grads(model, "reference", DEV, x, y)
-    g_cpu, loss_cpu = _grads(model, "reference", "cpu", x, y)
     bad = [f"loss {loss} vs GPU reference {loss_ref}"] if not math.isclose(loss, loss_ref, rel_tol=1e-6) else []
-    bad += [f"loss {loss} vs CPU reference {loss_cpu}"] if not math.isclose(loss, loss_cpu, rel_tol=2e-2) else []
     for n in g_ref:
-        c_ref, c_cpu = _cos(g_gpu[n], g_ref[n]), _cos(g_gpu[n], g_cpu[n])
-        if c_ref <= 0.9999 or c_cpu <= 0.95:
-            bad.append(f"{n}: cosine {c_ref:.6f} vs GPU reference, {c_cpu:.4f} vs CPU reference")
+        c = _cos(g_gpu[n], g_ref[n])
+        if c <= 0.9999:
+            bad.append(f"{n}: cosine {c:.6f} vs GPU reference")
     assert not bad, "\n".join(bad)

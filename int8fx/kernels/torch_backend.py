@@ -15,6 +15,8 @@ runs on CUDA: cuBLASLt's int8 GEMM ran 0.9 POP/s at 8192^3 there, 2.2x the CuPy 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -37,7 +39,16 @@ def int_mm_exact(a: Tensor, b: Tensor) -> Tensor:
     return acc
 
 
-CUDA_MAX_ROWS = 1 << 20  # rows per cuBLASLt call: it refused (NOT_SUPPORTED) 3.2M x 152 x 64 on an H200, took 1.6M
+# rows per cuBLASLt call. On an H200 (CUDA 13.0, torch 2.11) cuBLASLt refused (NOT_SUPPORTED) 1,048,576 and
+# 3,211,264 rows of x 64 -> 152 and ran 802,816 rows at every width it was given: consistent with a
+# kernel putting 16-row tiles on the grid's y axis (at most 65,535). Below that bound, with room to spare.
+CUDA_MAX_ROWS = 1 << 19
+_REFUSED: set = set()  # (M, K, N) padded shapes cuBLASLt refused in this process: those run on the reference
+
+
+def refused_shapes() -> set:
+    """The padded (M, K, N) int8 GEMMs cuBLASLt refused in this process (run exactly on the reference)."""
+    return set(_REFUSED)
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -55,7 +66,18 @@ def _int_mm(a: Tensor, b: Tensor) -> Tensor:
     A[:M, :K].copy_(a)
     Bt = torch.zeros((Np, Kp), dtype=torch.int8, device=a.device)  # column-major B: cuBLASLt's fast layout
     Bt[:N, :K].copy_(b.t())
-    return torch._int_mm(A, Bt.t())[:M, :N]
+    if (Mp, Kp, Np) not in _REFUSED:
+        try:
+            return torch._int_mm(A, Bt.t())[:M, :N]
+        except RuntimeError as e:  # a shape cuBLASLt has no kernel for: the same product, exactly, without it
+            if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(e):
+                raise
+            _REFUSED.add((Mp, Kp, Np))
+            warnings.warn(f"int8fx: cuBLASLt refused the int8 GEMM {Mp}x{Kp}x{Np}; it runs on the exact fp32 "
+                          "reference GEMM (same numbers, slower)")
+    from .reference import exact_int_bmm
+
+    return exact_int_bmm(a.unsqueeze(0), b.unsqueeze(0))[0].to(torch.int32)  # K <= MAX_K_PER_SPLIT here
 
 
 def _plain_strides(t: Tensor) -> Tensor:

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-end-bn", dest="end_bn", action="store_const", const=False,
                    help="remove the BatchNorm right after the first and the last conv/linear layer")
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto (cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when torch sees a GPU, else cpu), cpu, "
+                                                   "cuda, cuda:1")
     p.add_argument("--data", help="folder with the Fashion-MNIST IDX files (default: $INT8FX_DATA, then "
                                   "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>; with --ablation runs/ablation-...); "
