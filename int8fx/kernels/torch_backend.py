@@ -39,11 +39,10 @@ def int_mm_exact(a: Tensor, b: Tensor) -> Tensor:
     return acc
 
 
-# rows per cuBLASLt call. On an H200 (CUDA 13.0, torch 2.11) cuBLASLt refused (NOT_SUPPORTED) 1,048,576 and
-# 3,211,264 rows of x 64 -> 152 and ran 802,816 rows at every width it was given: consistent with a
-# kernel putting 16-row tiles on the grid's y axis (at most 65,535). Below that bound, with room to spare.
-CUDA_MAX_ROWS = 1 << 19
-_REFUSED: set = set()  # (M, K, N) padded shapes cuBLASLt refused in this process: those run on the reference
+# cuBLASLt has no int8 kernel for some shapes: on an H200 (CUDA 13.0, torch 2.11) it refused N = 152, K = 64
+# with 65,536 or more rows (a ResNet-50 stem's dX at batch 256) and took that N with 33 rows, and every other
+# conv shape it was given. Such a product runs exactly on the reference instead, once asked per shape.
+_REFUSED: set = set()  # padded (M, K, N) shapes cuBLASLt refused in this process
 
 
 def refused_shapes() -> set:
@@ -56,11 +55,6 @@ def _int_mm(a: Tensor, b: Tensor) -> Tensor:
         return torch._int_mm(_plain_strides(a), _plain_strides(b))
     M, K = a.shape
     N = b.shape[1]
-    if M > CUDA_MAX_ROWS:  # a ResNet stem's dX at batch 256: cut the rows, each piece still a large GEMM
-        out = torch.empty((M, N), dtype=torch.int32, device=a.device)
-        for m0 in range(0, M, CUDA_MAX_ROWS):
-            out[m0:m0 + CUDA_MAX_ROWS] = _int_mm(a[m0:m0 + CUDA_MAX_ROWS], b)
-        return out
     Mp, Kp, Np = geo.int_mm_padding(M, K, N)
     A = torch.zeros((Mp, Kp), dtype=torch.int8, device=a.device)
     A[:M, :K].copy_(a)
