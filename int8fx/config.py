@@ -51,8 +51,8 @@ class Int8Config:
         matches the pattern or whose original module is an instance of the type (e.g. another policy).
     backend: "auto" (on a CPU whichever exact path a one-time probe measures faster there: "torch"
         where oneDNN has int8 dot products, "reference" elsewhere, see `int8fx.kernels.probe`; on CUDA
-        the reference until the CuPy kernels are GPU-verified), "reference" (fp32 GEMMs on K-chunks, any
-        device), "torch" (`torch._int_mm`, CPU and CUDA), "cupy" (CUDA). All compute the same numbers.
+        "torch", cuBLASLt's int8 GEMM, verified on an H200), "reference" (fp32 GEMMs on K-chunks, any
+        device), "torch" (`torch._int_mm`, CPU and CUDA), "cupy" (CUDA). All compute the same integers.
     seed: seeds stochastic rounding so that runs are reproducible.
     quantize: False turns quantization off: every converted site then computes exactly what the original
         conv/linear call computes (the pass-through that proves a conversion changes nothing else).
