@@ -79,6 +79,23 @@ def test_epilogues_compiled_equal_eager():
     assert dw.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype):
+    """dY to channels-last rows and the dX epilogue (scale, cast, back to NCHW) in one pass each."""
+    dy = torch.randn(8, 48, 16, 12, generator=_gen()).to(dtype)
+    rows, rows_eager = _both(fused.gradient_rows, dy)
+    _equal(rows, rows_eager)
+    _equal(rows, dy.float().permute(0, 2, 3, 1).reshape(-1, 48))
+    acc = torch.randint(-2**24, 2**24, (8, 16, 12, 48), dtype=torch.int32, generator=_gen(1))
+    s = torch.tensor(3.1e-5)
+    for to_nchw in (True, False):
+        dx, dx_eager = _both(fused.scale_grad_input, acc, s, dtype, to_nchw)
+        _equal(dx, dx_eager)
+        want = (acc.float() * s).to(dtype)
+        _equal(dx, want.permute(0, 3, 1, 2).contiguous() if to_nchw else want)
+        assert dx.is_contiguous()
+
+
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_gradient_quantizers_compiled_equal_eager(stochastic):
     rows = torch.randn(2048, 48, generator=_gen()) * torch.logspace(-3, 1, 48)

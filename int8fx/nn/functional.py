@@ -35,7 +35,7 @@ from ..kernels import layouts, nhwc, resolve_backend
 from ..kernels.im2col import GemmSpec, output_to_rows
 from ..quant.core import (absmax, cosine_distance, dequantize, quantize, quantize_per_channel,
                           scale_from_clip)
-from ..quant.fused import scale_weight_gradient
+from ..quant.fused import gradient_rows, scale_grad_input, scale_weight_gradient
 from ..quant.grad import PolicyParams, grad_quantizer_class
 
 SAVED_OUTPUTS = 4  # x_q, s_x, w_q, s_w: what the forward op returns besides y, for the backward
@@ -152,8 +152,7 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
     state_names = state_names.split(",")
     named = dict(zip(state_names, state))
     with _no_autocast(dy.device):
-        dyf = dy.float()
-        rows = output_to_rows(dyf, spec_)  # [M, O], channels last: the layout the gradient quantizers see
+        rows = _gradient_rows(dy, spec_)  # [M, O], channels last: the layout the gradient quantizers see
         O, g = rows.shape[1], spec_.groups
         kind, be_ = pipeline(backend, dy.device, spec_, x_shape, O)
         if rows.shape[0] == 0:  # empty batch: zero gradients as in FP32; no statistics, so no state update
@@ -170,9 +169,10 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         if need_x:
             if kind == "nhwc":
                 dx_int = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape))
-                dx = _from_storage(dx_int.float() * s_gx, spec_).to(x_dtype)
-                if not spec_.is_linear and not nhwc.stored_channels_last(dy):  # dX in dY's layout, as torch's
-                    dx = dx.contiguous()
+                to_nchw = not spec_.is_linear and not nhwc.stored_channels_last(dy)  # dX in dY's layout, as torch's
+                dx = scale_grad_input(dx_int, s_gx, x_dtype, to_nchw)
+                if not spec_.is_linear and not to_nchw:
+                    dx = _from_storage(dx, spec_)
             else:
                 layout = layouts.layout_for(spec_, tuple(x_shape), O)
                 g_out = gq if spec_.is_linear else gq.view(x_shape[0], *spec_.out_size(tuple(x_shape[2:])), O).movedim(-1, 1)
@@ -200,6 +200,14 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
                **{f"grad_quantizer.{k}": v for k, v in q_new.items()}}
         new_state = [new.get(n, named[n]) for n in state_names]
     return dx, dw, db, new_state
+
+
+def _gradient_rows(dy: Tensor, spec: GemmSpec) -> Tensor:
+    """dY as fp32 rows [M, O], channels last: a view where dY is stored that way (a linear's, a
+    channels-last model's), else one compiled transposing pass (`quant.fused.gradient_rows`)."""
+    if spec.is_linear or dy.movedim(1, -1).is_contiguous():
+        return output_to_rows(dy.float(), spec)
+    return gradient_rows(dy)
 
 
 def _from_storage(t: Tensor, spec: GemmSpec) -> Tensor:
