@@ -56,11 +56,11 @@ def _int_mm(a: Tensor, b: Tensor) -> Tensor:
     M, K = a.shape
     N = b.shape[1]
     Mp, Kp, Np = geo.int_mm_padding(M, K, N)
-    A = torch.zeros((Mp, Kp), dtype=torch.int8, device=a.device)
-    A[:M, :K].copy_(a)
-    Bt = torch.zeros((Np, Kp), dtype=torch.int8, device=a.device)  # column-major B: cuBLASLt's fast layout
-    Bt[:N, :K].copy_(b.t())
     if (Mp, Kp, Np) not in _REFUSED:
+        A = torch.zeros((Mp, Kp), dtype=torch.int8, device=a.device)
+        A[:M, :K].copy_(a)
+        Bt = torch.zeros((Np, Kp), dtype=torch.int8, device=a.device)  # column-major B: cuBLASLt's fast layout
+        Bt[:N, :K].copy_(b.t())
         try:
             return torch._int_mm(A, Bt.t())[:M, :N]
         except RuntimeError as e:  # a shape cuBLASLt has no kernel for: the same product, exactly, without it
