@@ -25,6 +25,7 @@ from torch import Tensor
 
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the first tensor argument, eager ops are cheaper than a call
+RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _NEW = object()  # a signature not compiled yet
 
@@ -40,8 +41,12 @@ def fused(fn):
     One compiled copy per argument signature (`_signature`): torch.compile keeps one cache per code object
     and gives up after a few recompilations, and a function called with int32 and fp64 accumulators, 2-d
     and 5-d tensors, several policy constants, would hit that limit; a copy of the code object per
-    signature keeps every variant compiled (sizes are dynamic within a signature)."""
+    signature keeps every variant compiled (sizes are dynamic within a signature). A signature that still
+    hits the limit (new shape relations in a long process) gets up to RESTARTS fresh copies, then runs
+    eagerly."""
     compiled: dict = {}
+    restarts: dict = {}  # signature -> fresh copies it got after hitting the recompile limit
+    code_taken = []  # fn's own code object (and its dynamo cache) went to the first variant compiled
     name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
 
     @functools.wraps(fn)
@@ -59,13 +64,21 @@ def fused(fn):
             return fn(*args)
         first_call = variant is _NEW
         if first_call:
-            variant = compiled[key] = torch.compile(_fresh_copy(fn) if compiled else fn, dynamic=True, fullgraph=True)
+            variant = compiled[key] = torch.compile(_fresh_copy(fn) if code_taken else fn, dynamic=True, fullgraph=True)
+            code_taken.append(key)
         try:
             with torch.profiler.record_function(f"int8fx.{name}"), _compile_settings(first_call):
                 return variant(*args)
         except Exception as e:  # no C compiler, an inductor limitation, ...: the eager form computes the same
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
             if "Recompile" in type(e).__name__:
+                # a long process meets new shape relations (detection inputs of many sizes, a test suite):
+                # a fresh copy of the code starts an empty cache, a few times, and then this call's signature
+                # stays eager. This call runs eagerly either way.
+                restarts[key] = restarts.get(key, 0) + 1
+                if restarts[key] <= RESTARTS:
+                    del compiled[key]  # the next call compiles a fresh copy
+                    return fn(*args)
                 compiled[key] = None
                 _FAILED.setdefault(f"{name} (one signature)", why)
             else:

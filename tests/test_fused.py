@@ -151,6 +151,29 @@ def test_many_signatures_stay_compiled():
     assert "quantize_nearest" not in fusing.compile_status()[1]
 
 
+def test_recompile_limit_restarts_with_a_fresh_copy():
+    """A signature that keeps recompiling (here: a branch on a size, crossed back and forth under a limit of
+    one compilation) gets a fresh compiled copy instead of going eager for good; past RESTARTS it runs eagerly,
+    with one warning. Every call computes the same numbers."""
+
+    def branchy(x):
+        return x * 2 if x.shape[0] > N else x * 3
+
+    f = fusing.fused(branchy)
+    small, big = torch.randn(N - 8, generator=_gen()), torch.randn(2 * N, generator=_gen(1))
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(2 * fusing.RESTARTS + 1):  # each big call hits the limit, each small one compiles anew
+            x = big if i % 2 else small
+            _equal(f(x), branchy(x))
+        assert not [w for w in caught if "branchy" in str(w.message)]
+        assert "branchy (one signature)" not in fusing.compile_status()[1]
+        _equal(f(big), branchy(big))  # the limit once more: eager for good
+    assert [w for w in caught if "branchy" in str(w.message) and "eagerly" in str(w.message)]
+    assert "branchy (one signature)" in fusing.compile_status()[1]
+    fusing._FAILED.pop("branchy (one signature)")
+
+
 def test_equal_dims_at_first_call_and_users_error_on_recompile():
     """A variant traced on a tensor whose dims happen to be equal must not assume they always are (no
     recompile for the next shape), and a user's `error_on_recompile` is about their code, not these passes."""
