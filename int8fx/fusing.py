@@ -64,7 +64,8 @@ def fused(fn):
             return fn(*args)
         first_call = variant is _NEW
         if first_call:
-            variant = compiled[key] = torch.compile(_fresh_copy(fn) if code_taken else fn, dynamic=True, fullgraph=True)
+            own = not code_taken and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
+            variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=True, fullgraph=True)
             code_taken.append(key)
         try:
             with torch.profiler.record_function(f"int8fx.{name}"), _compile_settings(first_call):
@@ -92,11 +93,12 @@ def fused(fn):
 
 def _signature(a):
     """What torch.compile specialises on, as a hashable key: a tensor's dtype, rank, which dims have size 1
-    (sizes 0 and 1 are always specialised) and its stride order; the value of a Python scalar; the same
-    for the items of a tuple, list or dict."""
+    (sizes 0 and 1 are always specialised), its stride order, whether it requires grad and whether it is a
+    view; the value of a Python scalar; the same for the items of a tuple, list or dict."""
     if isinstance(a, Tensor):
         order = () if a.is_contiguous() else tuple(sorted(range(a.dim()), key=a.stride().__getitem__))
-        return a.dtype, a.device.type, tuple(d <= 1 for d in a.shape), order
+        # dynamo also guards on requires_grad and, for a view, on its base's sizes and strides
+        return a.dtype, a.device.type, tuple(d <= 1 for d in a.shape), order, a.requires_grad, a._is_view()
     if isinstance(a, (tuple, list)):
         return type(a), tuple(_signature(x) for x in a)
     if isinstance(a, dict):
@@ -105,9 +107,16 @@ def _signature(a):
 
 
 def _fresh_copy(fn):
-    """`fn` with a code object of its own (so a compiled cache of its own); a partial's function likewise."""
+    """`fn` with a code object of its own (so a compiled cache of its own). A partial becomes a plain
+    function calling a copy of its function: torch.compile runs every partial through one shared wrapper
+    (`external_utils.inner`), whose single cache all of them would fill."""
     if isinstance(fn, functools.partial):
-        return functools.partial(_fresh_copy(fn.func), *fn.args, **fn.keywords)
+        func, bound, keywords = _fresh_copy(fn.func), fn.args, fn.keywords
+
+        def partial_call(*args):
+            return func(*bound, *args, **keywords)
+
+        return _fresh_copy(partial_call)
     code = getattr(fn, "__code__", None)
     if code is None:
         return fn

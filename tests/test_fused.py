@@ -2,6 +2,7 @@
 bit for bit, and they match the unfused quantizers of int8fx.quant.core that the reference pipeline uses."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -149,6 +150,24 @@ def test_many_signatures_stay_compiled():
             x = torch.randn(shape, generator=_gen(), dtype=dtype)
             _equal(*_both(fused.quantize_nearest, x, s))
     assert "quantize_nearest" not in fusing.compile_status()[1]
+
+
+def test_partials_do_not_share_one_compiled_cache():
+    """torch.compile runs every functools.partial through one shared wrapper, so fused partials (each policy's
+    `operands` is one) would fill a single cache and hit the recompile limit together; each gets code of its own."""
+
+    def scaled(k, x):
+        return x * k
+
+    x = torch.randn(N, generator=_gen())
+    p = functools.partial(scaled, 2.0)
+    a, b = fusing._fresh_copy(p), fusing._fresh_copy(p)
+    assert not isinstance(a, functools.partial) and a.__code__ is not b.__code__  # dynamo's cache key
+    _equal(a(x), x * 2.0)
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager warns
+        for k in (2.0, 3.0, 5.0):
+            _equal(fusing.fused(functools.partial(scaled, k))(x), x * k)
 
 
 def test_recompile_limit_restarts_with_a_fresh_copy():
