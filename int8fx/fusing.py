@@ -46,11 +46,12 @@ def fused(fn):
     eagerly."""
     compiled: dict = {}
     restarts: dict = {}  # signature -> fresh copies it got after hitting the recompile limit
-    code_taken = []  # fn's own code object (and its dynamo cache) went to the first variant compiled
+    own_code_free = True  # fn's own code object (and its dynamo cache) is still unused by any variant
     name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
 
     @functools.wraps(fn)
     def call(*args):
+        nonlocal own_code_free
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if (not COMPILE or name in _FAILED or first is None or first.numel() < SMALL
                 or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
@@ -64,9 +65,9 @@ def fused(fn):
             return fn(*args)
         first_call = variant is _NEW
         if first_call:
-            own = not code_taken and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
+            own = own_code_free and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
             variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=True, fullgraph=True)
-            code_taken.append(key)
+            own_code_free = False
         try:
             with torch.profiler.record_function(f"int8fx.{name}"), _compile_settings(first_call):
                 return variant(*args)
