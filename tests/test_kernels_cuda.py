@@ -19,7 +19,7 @@ from int8fx.kernels.reference import ReferenceBackend, exact_int_bmm, naive_int6
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
 from int8fx.quant import core
-from test_cpu_backend import SITES, _run
+from test_cpu_backend import SITES, _assert_same, _run
 
 pytestmark = pytest.mark.cuda
 
@@ -331,21 +331,6 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def _assert_runs_equal(a, b, close=(), sums=()):
-    """Two `_run`s equal bit for bit, except the named quantities: `close` within 16 fp32 ulps of each
-    element, `sums` (float sums in another order) within 1e-5 of the largest element."""
-    for step_a, step_b in zip(a, b):
-        for name, u, v in zip(("y", "dX", "dW", "db"), step_a, step_b):
-            if u is None or v is None:
-                assert u is None and v is None, name
-            elif name in close:
-                torch.testing.assert_close(u, v.to(u.device), rtol=2**-19, atol=0, msg=name)
-            elif name in sums:
-                torch.testing.assert_close(u, v.to(u.device), rtol=0, atol=1e-5 * float(v.abs().max()), msg=name)
-            else:
-                assert torch.equal(u, v.to(u.device)), f"{name} differs: max |diff| {(u - v.to(u.device)).abs().max().item()}"
-
-
 @pytest.mark.parametrize("backend", ["cupy", "torch"])
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_every_kind_of_site_equals_the_reference(site, backend):
@@ -362,9 +347,9 @@ def test_every_kind_of_site_equals_the_reference(site, backend):
     atomics = ("dX",) if "reflect" in site else ()
     for grad_quant, rounding in (("per-tensor", "nearest"), ("gvq-mcs", "stochastic")):
         gpu = _run(make, shape, backend, grad_quant, rounding, device=DEV)
-        _assert_runs_equal(gpu, _run(make, shape, "reference", grad_quant, rounding, device=DEV), close=atomics)
+        _assert_same(gpu, _run(make, shape, "reference", grad_quant, rounding, device=DEV), close=atomics)
     cpu = _run(make, shape, "reference", "per-tensor", "nearest")
-    _assert_runs_equal(_run(make, shape, backend, "per-tensor", "nearest", device=DEV), cpu,
+    _assert_same(_run(make, shape, backend, "per-tensor", "nearest", device=DEV), cpu,
                        close=("y", "dX", "dW"), sums=("db",))
 
 
