@@ -25,6 +25,7 @@ from torch import Tensor
 
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the first tensor argument, eager ops are cheaper than a call
+STATIC = 1 << 18  # from this many elements in the first tensor argument, a pass is compiled for its exact shapes
 RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _NEW = object()  # a signature not compiled yet
@@ -53,27 +54,42 @@ def fused(fn):
     def call(*args):
         nonlocal own_code_free
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if (not COMPILE or name in _FAILED or first is None or first.numel() < SMALL
+        if (not COMPILE or first is None or first.numel() < SMALL or name in _FAILED
                 or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
         # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
-        args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
-        key = _signature(args)
+        # (a plain tensor is checked by its type: Parameter's own isinstance check is slow)
+        args = tuple(a.detach() if type(a) is not Tensor and isinstance(a, torch.nn.Parameter) else a for a in args)
+        static = first.numel() >= STATIC
+        key = (_signature(args), _shapes(args)) if static else _signature(args)
         variant = compiled.get(key, _NEW)
         if variant is None:  # this signature hit torch.compile's recompile limit: eager from now on
             return fn(*args)
         first_call = variant is _NEW
         if first_call:
             own = own_code_free and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
-            variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=True, fullgraph=True)
+            variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=not static, fullgraph=True)
             own_code_free = False
         try:
-            with torch.profiler.record_function(f"int8fx.{name}"), _compile_settings(first_call):
-                return variant(*args)
+            # the hot path is a bare call: each context manager here cost microseconds, on hundreds of calls a
+            # step (what a call must set is set on the first one, or on a retry below)
+            if first_call:
+                with _compile_settings():
+                    return variant(*args)
+            if torch.autograd._profiler_enabled():
+                with torch.profiler.record_function(f"int8fx.{name}"):
+                    return variant(*args)
+            return variant(*args)
         except Exception as e:  # no C compiler, an inductor limitation, ...: the eager form computes the same
+            recompile = "Recompile" in type(e).__name__
+            if recompile and torch._dynamo.config.error_on_recompile:
+                # the user's setting means their model, not int8fx's passes (which compile a new variant when a
+                # new shape relation shows up): this call's recompilation happens without it
+                with _compile_settings():
+                    return variant(*args)
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            if "Recompile" in type(e).__name__:
+            if recompile:
                 # a long process meets new shape relations (detection inputs of many sizes, a test suite):
                 # a fresh copy of the code starts an empty cache, a few times, and then this call's signature
                 # stays eager. This call runs eagerly either way.
@@ -107,6 +123,12 @@ def _signature(a):
     return a if a is None or isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
 
 
+def _shapes(args) -> tuple:
+    """The sizes of every tensor in args (nested as `_signature` reads them): the key of a static variant."""
+    return tuple(tuple(a.shape) if isinstance(a, Tensor) else _shapes(a) if isinstance(a, (tuple, list))
+                 else _shapes(tuple(a.values())) if isinstance(a, dict) else None for a in args)
+
+
 def _fresh_copy(fn):
     """`fn` with a code object of its own (so a compiled cache of its own). A partial becomes a plain
     function calling a copy of its function: torch.compile runs every partial through one shared wrapper
@@ -127,29 +149,25 @@ def _fresh_copy(fn):
 
 
 @contextlib.contextmanager
-def _compile_settings(first: bool):
+def _compile_settings():
     """int8fx's own settings for compiling its passes, whatever the user set for theirs:
     - `error_on_recompile` off: a user who sets it means their model, not int8fx's passes (which compile a
       new variant when a new shape relation shows up);
-    - on the first call of a variant (where it is traced), no duck shaping: two dims that happen to be
-      equal at the first call (batch 16 and 16 channels) would otherwise be assumed equal and the next
-      layer recompile; and quiet `torch.utils.cpp_extension`, which warns "No CUDA runtime is found" on
-      a machine with a CUDA toolkit and no GPU."""
-    if not first and not torch._dynamo.config.error_on_recompile:  # the hot path: nothing to set
-        yield
-        return
+    - no duck shaping: two dims that happen to be equal at the first call (batch 16 and 16 channels) would
+      otherwise be assumed equal and the next layer recompile;
+    - quiet `torch.utils.cpp_extension`, which warns "No CUDA runtime is found" on a machine with a CUDA
+      toolkit and no GPU."""
+    from torch.fx.experimental import _config as fx_config
+
     with contextlib.ExitStack() as stack:
         if torch._dynamo.config.error_on_recompile:
             stack.enter_context(torch._dynamo.config.patch(error_on_recompile=False))
-        if first:
-            from torch.fx.experimental import _config as fx_config
-
-            if hasattr(fx_config, "use_duck_shape"):
-                stack.enter_context(fx_config.patch(use_duck_shape=False))
-            logger = logging.getLogger("torch.utils.cpp_extension")
-            level = logger.level
-            logger.setLevel(logging.ERROR)  # (setLevel clears every logger's cache: not on the hot path)
-            stack.callback(logger.setLevel, level)
+        if hasattr(fx_config, "use_duck_shape"):
+            stack.enter_context(fx_config.patch(use_duck_shape=False))
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # (setLevel clears every logger's cache: not on the hot path)
+        stack.callback(logger.setLevel, level)
         yield
 
 
