@@ -105,22 +105,30 @@ def fused(fn):
             return fn(*args)
 
     call.eager = fn
+    call.variants = compiled  # signature key -> compiled function (None: eager), for tests and tools
     return call
 
 
 def _signature(a):
     """What torch.compile specialises on, as a hashable key: a tensor's dtype, rank, which dims have size 1
     (sizes 0 and 1 are always specialised), its stride order, whether it requires grad and whether it is a
-    view; the value of a Python scalar; the same for the items of a tuple, list or dict."""
+    view; the value of a Python scalar; the same for the items of a tuple, list or dict. (Written for speed:
+    it runs on every call, hundreds of times a training step.)"""
     if isinstance(a, Tensor):
         order = () if a.is_contiguous() else tuple(sorted(range(a.dim()), key=a.stride().__getitem__))
         # dynamo also guards on requires_grad and, for a view, on its base's sizes and strides
-        return a.dtype, a.device.type, tuple(d <= 1 for d in a.shape), order, a.requires_grad, a._is_view()
+        return a.dtype, a.device.type, tuple(map(_AT_MOST_1, a.shape)), order, a.requires_grad, a._is_view()
+    if a is None or type(a) in _VALUES:
+        return a
     if isinstance(a, (tuple, list)):
-        return type(a), tuple(_signature(x) for x in a)
+        return type(a), tuple(map(_signature, a))
     if isinstance(a, dict):
         return dict, tuple((k, _signature(v)) for k, v in a.items())
-    return a if a is None or isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
+    return a if isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
+
+
+_AT_MOST_1 = (1).__ge__
+_VALUES = frozenset((bool, int, float, str, torch.dtype))
 
 
 def _shapes(args) -> tuple:

@@ -44,13 +44,32 @@ def test_quantizers_compiled_equal_eager_and_core():
     q, q_eager = _both(fused.quantize_nearest, x, s)
     _equal(q, q_eager)
     _equal(q, core.quantize(x, s, out_dtype=torch.int8))
-    ql, ql_eager = _both(fused.quantize_channels_last, x, s)
-    _equal(ql, ql_eager)
-    _equal(ql, q.permute(0, 2, 3, 1).contiguous())
-    pair, pair_eager = _both(fused.quantize_channels_last_pair, x, s)
-    _equal(pair, pair_eager)
-    _equal(pair[0], ql)
-    _equal(pair[1], ql.float())
+    for clip in (None, torch.tensor(0.0)):  # the batch's own absmax (a static clip of 0 is not set)
+        (s_r, qr), eager = _both(fused.quantize_activation, x, clip, "rows")
+        _equal((s_r, qr), eager)
+        _equal(s_r, s)
+        _equal(qr, q)
+        (s_l, ql), eager = _both(fused.quantize_activation, x, clip, "channels_last")
+        _equal((s_l, ql), eager)
+        _equal(ql, q.permute(0, 2, 3, 1).contiguous())
+        pair, pair_eager = _both(fused.quantize_activation, x, clip, "channels_last_pair")
+        _equal(pair, pair_eager)
+        _equal(pair[1], ql)
+        _equal(pair[2], ql.float())
+    static = core.absmax(x) / 2  # a static clip saturates what lies beyond it
+    (s_st, q_st), eager = _both(fused.quantize_activation, x, static, "rows")
+    _equal((s_st, q_st), eager)
+    _equal(q_st, core.quantize(x, core.scale_from_clip(static), out_dtype=torch.int8))
+
+
+def test_activation_scale_keeps_nonfinite_inputs_visible():
+    """An Inf or NaN in the activation gives a non-finite scale (the numerical contract: never clamped away)."""
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(N, generator=_gen())
+        x[N // 3] = bad
+        (s, _), (s_eager, _) = _both(fused.quantize_activation, x, None, "rows")
+        assert not torch.isfinite(s) and not torch.isfinite(s_eager)
+        assert torch.isnan(s) == torch.isnan(s_eager)
 
 
 def test_zero_scale_gives_zero():
@@ -75,9 +94,12 @@ def test_epilogues_compiled_equal_eager():
     _equal(y.permute(0, 2, 3, 1).reshape(4096, 64), outs[0])
     w_acc = torch.randint(-2**24, 2**24, (64, 3, 3, 32), dtype=torch.int32, generator=_gen(3)).permute(0, 3, 1, 2)
     s_gw = torch.rand(64, generator=_gen(4))
-    dw, dw_eager = _both(fused.scale_weight_gradient, w_acc, s_gw, s_x)
-    _equal(dw, dw_eager)
-    assert dw.is_contiguous()
+    for dtype in (torch.float32, torch.bfloat16):
+        (none, dw), (none_eager, dw_eager) = _both(fused.scale_gradients, None, w_acc, s_x, s_gw, s_x, dtype, dtype, False)
+        assert none is None and none_eager is None
+        _equal(dw, dw_eager)
+        _equal(dw, (w_acc.float() * s_gw.view(-1, 1, 1, 1) * s_x).to(dtype).contiguous())
+        assert dw.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -89,12 +111,18 @@ def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype):
     _equal(rows, dy.float().permute(0, 2, 3, 1).reshape(-1, 48))
     acc = torch.randint(-2**24, 2**24, (8, 16, 12, 48), dtype=torch.int32, generator=_gen(1))
     s = torch.tensor(3.1e-5)
+    w_acc = torch.randint(-2**24, 2**24, (48, 3, 3, 16), dtype=torch.int32, generator=_gen(2)).permute(0, 3, 1, 2)
+    s_gw = torch.rand(48, generator=_gen(3))
     for to_nchw in (True, False):
-        dx, dx_eager = _both(fused.scale_grad_input, acc, s, dtype, to_nchw)
-        _equal(dx, dx_eager)
+        (dx, dw), eager = _both(fused.scale_gradients, acc, w_acc, s, s_gw, s, dtype, torch.float32, to_nchw)
+        _equal((dx, dw), eager)
         want = (acc.float() * s).to(dtype)
         _equal(dx, want.permute(0, 3, 1, 2).contiguous() if to_nchw else want)
         assert dx.is_contiguous()
+        _equal(dw, (w_acc.float() * s_gw.view(-1, 1, 1, 1) * s).contiguous())
+        (dx_only, none), _ = _both(fused.scale_gradients, acc, None, s, s_gw, s, dtype, torch.float32, to_nchw)
+        assert none is None
+        _equal(dx_only, dx)
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -152,6 +180,26 @@ def test_many_signatures_stay_compiled():
     assert "quantize_nearest" not in fusing.compile_status()[1]
 
 
+def test_big_tensors_compile_for_their_exact_shapes(monkeypatch):
+    """From STATIC elements a pass is compiled for its exact shapes (a transposing loop compiled for dynamic
+    shapes ran 2.6x slower): one variant per shape, smaller tensors a dynamic one, and all compute
+    what the eager form computes."""
+    monkeypatch.setattr(fusing, "STATIC", 4 * N)
+
+    def to_rows(dy):
+        return dy.float().movedim(1, -1).reshape(-1, dy.shape[1])
+
+    f = fusing.fused(to_rows)
+    shapes = [(2, 16, 32, N // 512), (4, 16, 32, N // 512), (8, 16, 32, N // 512), (8, 32, 32, N // 512)]
+    for shape in shapes:
+        x = torch.randn(shape, generator=_gen())
+        _equal(f(x), to_rows(x))
+    static = [k for k in f.variants if isinstance(k[0], tuple) and isinstance(k[1], tuple) and k[1] and
+              isinstance(k[1][0], tuple)]
+    assert sorted(k[1][0] for k in static) == sorted(s for s in shapes if torch.Size(s).numel() >= 4 * N)
+    assert len(f.variants) == len(static) + 1  # the smallest shape: a dynamic variant
+
+
 def test_partials_do_not_share_one_compiled_cache():
     """torch.compile runs every functools.partial through one shared wrapper, so fused partials (each policy's
     `operands` is one) would fill a single cache and hit the recompile limit together; each gets code of its own."""
@@ -200,5 +248,5 @@ def test_equal_dims_at_first_call_and_users_error_on_recompile():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for shape in ((32, 32, 32), (32, 16, 64), (8, 64, 64)):
             x = torch.randn(shape, generator=_gen(), dtype=torch.float16)
-            _equal(*_both(fused.quantize_channels_last, x, s))
-    assert not any(k.startswith("quantize_channels_last") for k in fusing.compile_status()[1])
+            _equal(*_both(fused.quantize_activation, x, s, "channels_last"))
+    assert not any(k.startswith("quantize_activation") for k in fusing.compile_status()[1])

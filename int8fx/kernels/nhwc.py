@@ -33,11 +33,8 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from ..fusing import fused
-from ..quant.core import absmax, scale_from_clip
 from ..quant.fused import (
-    quantize_channels_last,
-    quantize_channels_last_pair,
-    quantize_nearest,
+    quantize_activation,
     quantize_weight_rows,
     scale_accumulators,
     scale_accumulators_bias,
@@ -146,24 +143,20 @@ def _group_columns(t: Tensor, g: int) -> Tensor:
 def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, act_clip: Tensor | None):
     """(y, x_q, s_x, w_q [O, K], s_w): y channels-last for convs; x_q the int8 activation (channels-last for
     convs) kept for backward; w_q in this pipeline's K order. `act_clip` as in quantized_forward."""
-    clip = absmax(x)
-    if act_clip is not None:
-        clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
-    s_x = scale_from_clip(clip)
     o, g = weight.shape[0], spec.groups
     w_q, s_w = _quantized_weight_rows(weight.detach(), spec)  # [O, K] int8
     if spec.is_linear:
-        x_q = quantize_nearest(x, s_x)
+        s_x, x_q = quantize_activation(x, act_clip, "rows")
         acc = backend.bmm(x_q.reshape(1, -1, x.shape[-1]), w_q.t().unsqueeze(0))[0]  # [M, O]
         out_shape = (*x.shape[:-1], o)
     elif is_depthwise(spec, x.shape, o):
-        xq_cl, xf_cl = quantize_channels_last_pair(x, s_x)  # [N, *S, C] int8 (kept) and fp32 (the operand)
+        s_x, xq_cl, xf_cl = quantize_activation(x, act_clip, "channels_last_pair")  # int8 (kept), fp32 (operand)
         x_q = xq_cl.movedim(-1, 1)
         acc = _dw_conv(xf_cl.movedim(-1, 1), w_q.view(o, 1, *spec.kernel).float(), spec)  # channels-last
         out_shape = (acc.shape[0], *acc.shape[2:], o)
         acc = acc.movedim(1, -1).reshape(-1, o)
     else:
-        xq_cl = quantize_channels_last(x, s_x)  # [N, *S, C]
+        s_x, xq_cl = quantize_activation(x, act_clip, "channels_last")  # [N, *S, C]
         x_q = xq_cl.movedim(-1, 1)
         cols, out = _im2col(xq_cl, spec)
         wg = w_q.view(g, o // g, -1).transpose(1, 2)  # [g, K/g, O/g]

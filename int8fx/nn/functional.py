@@ -35,7 +35,7 @@ from ..kernels import layouts, nhwc, resolve_backend
 from ..kernels.im2col import GemmSpec, output_to_rows
 from ..quant.core import (absmax, cosine_distance, dequantize, quantize, quantize_per_channel,
                           scale_from_clip)
-from ..quant.fused import gradient_rows, scale_grad_input, scale_weight_gradient
+from ..quant.fused import gradient_rows, scale_gradients
 from ..quant.grad import PolicyParams, grad_quantizer_class
 
 SAVED_OUTPUTS = 4  # x_q, s_x, w_q, s_w: what the forward op returns besides y, for the backward
@@ -162,39 +162,36 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         # the dX operand is dY s_W[o] (module docstring), as rows [M, O] like dY
         q_state = {n[len("grad_quantizer."):]: t for n, t in named.items() if n.startswith("grad_quantizer.")}
         need_dq = need_w or track_deviation
-        clip_w, clip_x, q_new, s_gx, s_gw, gq, dq = grad_quantizer_class(policy).operands(
+        clip_w, clip_x, q_new, s_gx, s_gw, gq, dq, db_ = grad_quantizer_class(policy).operands(
             rows, s_w, q_state, PolicyParams.from_floats(params), stochastic, calls,
-            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq)  # a fill, not a host copy
-        dx, dw, db = dy.new_empty(0, dtype=x_dtype), dy.new_empty(0, dtype=w_dtype), dy.new_empty(0)
-        if need_x:
-            if kind == "nhwc":
-                dx_int = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape))
-                to_nchw = not spec_.is_linear and not nhwc.stored_channels_last(dy)  # dX in dY's layout, as torch's
-                dx = scale_grad_input(dx_int, s_gx, x_dtype, to_nchw)
-                if not spec_.is_linear and not to_nchw:
-                    dx = _from_storage(dx, spec_)
-            else:
-                layout = layouts.layout_for(spec_, tuple(x_shape), O)
-                g_out = gq if spec_.is_linear else gq.view(x_shape[0], *spec_.out_size(tuple(x_shape[2:])), O).movedim(-1, 1)
-                dx_int = layouts.grad_input(be_, g_out.to(be_.operand_dtype), w_q.to(be_.operand_dtype), spec_,
-                                            tuple(x_shape), layout)
-                dx = (dx_int.float() * s_gx).to(x_dtype).contiguous()
+            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq, need_b)  # a fill, not a host copy
         deviation = named["deviation"]
         if track_deviation:
             d = cosine_distance(rows, dequantize(dq, s_gw))
             deviation = torch.where(torch.isfinite(d), d, deviation)
-        if need_w:
-            # one scale at a time: s_gw * s_x alone underflows for tiny dY and X (1e-20 each) while dW is
-            # still representable
-            if kind == "nhwc":
-                dw = scale_weight_gradient(nhwc.grad_weight(be_, dq, x_q, spec_, w_shape), s_gw, s_x)
-            else:
-                layout = layouts.layout_for(spec_, tuple(x_shape), O)
+        dx, dw, db = dy.new_empty(0, dtype=x_dtype), dy.new_empty(0, dtype=w_dtype), dy.new_empty(0)
+        if kind == "nhwc":
+            dx_acc = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape)) if need_x else None
+            dw_acc = nhwc.grad_weight(be_, dq, x_q, spec_, w_shape) if need_w else None
+            to_nchw = not spec_.is_linear and not nhwc.stored_channels_last(dy)  # dX in dY's layout, as torch's
+            dx_, dw_ = scale_gradients(dx_acc, dw_acc, s_gx, s_gw, s_x, x_dtype, w_dtype, to_nchw)
+            if need_x:
+                dx = dx_ if spec_.is_linear or to_nchw else _from_storage(dx_, spec_)
+            if need_w:
+                dw = dw_
+        else:
+            layout = layouts.layout_for(spec_, tuple(x_shape), O)
+            if need_x:
+                g_out = gq if spec_.is_linear else gq.view(x_shape[0], *spec_.out_size(tuple(x_shape[2:])), O).movedim(-1, 1)
+                dx_int = layouts.grad_input(be_, g_out.to(be_.operand_dtype), w_q.to(be_.operand_dtype), spec_,
+                                            tuple(x_shape), layout)
+                dx = (dx_int.float() * s_gx).to(x_dtype).contiguous()
+            if need_w:
                 acc = layouts.grad_weight(be_, dq.to(be_.operand_dtype), x_q.to(be_.operand_dtype), spec_, layout)
-                dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape)
-            dw = dw.to(w_dtype).contiguous()
+                # one scale at a time, as `scale_gradients`
+                dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape).to(w_dtype).contiguous()
         if need_b:
-            db = rows.sum(0)
+            db = db_
         finite = torch.isfinite(s_gx)  # a non-finite dY poisons both scales (GradQuantizer.operands)
         new = {"step": named["step"] + finite.long(), "deviation": deviation,
                **{f"grad_quantizer.{k}": v for k, v in q_new.items()}}

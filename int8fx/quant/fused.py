@@ -29,18 +29,24 @@ def quantize_nearest(x: Tensor, scale: Tensor) -> Tensor:
 
 
 @fused
-def quantize_channels_last(x: Tensor, scale: Tensor) -> Tensor:
-    """int8 round(x / scale) of x [N, C, *S] (any memory format), written channels-last: [N, *S, C]
-    contiguous, the layout of the GEMM operand (one pass: quantize and transpose together)."""
-    v = (x.float() / _divisor(scale.float())).round().clamp(-QMAX, QMAX).to(torch.int8)
-    return v.movedim(1, -1).contiguous()
-
-
-@fused
-def quantize_channels_last_pair(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """`quantize_channels_last` as int8 and as fp32 (the integers, for a conv run in fp32), one pass."""
-    v = (x.float() / _divisor(scale.float())).round().clamp(-QMAX, QMAX).movedim(1, -1)
-    return v.to(torch.int8).contiguous(), v.contiguous()
+def quantize_activation(x: Tensor, act_clip: Tensor | None, form: str):
+    """(s_x, x_q[, x_f]): the forward's activation operand in one call, its scale included: absmax / 127,
+    or `act_clip` / 127 where a static clip is given and set (> 0). `form`:
+      "rows": int8 in x's own layout (a linear's input);
+      "channels_last": x [N, C, *S] (any memory format) as int8 [N, *S, C] contiguous, the conv GEMM's
+        operand (quantize and transpose in one pass);
+      "channels_last_pair": that, and the same integers in fp32 (a depthwise conv run in fp32)."""
+    clip = x.detach().float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    if act_clip is not None:
+        clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
+    s = clip / QMAX
+    v = (x.float() / _divisor(s)).round().clamp(-QMAX, QMAX)
+    if form == "rows":
+        return s, v.to(torch.int8)
+    v = v.movedim(1, -1)
+    if form == "channels_last":
+        return s, v.to(torch.int8).contiguous()
+    return s, v.to(torch.int8).contiguous(), v.contiguous()
 
 
 @fused
@@ -113,19 +119,22 @@ def gradient_rows(dy: Tensor) -> Tensor:
 
 
 @fused
-def scale_grad_input(acc: Tensor, scale: Tensor, dtype: torch.dtype, to_nchw: bool) -> Tensor:
-    """dX = float(acc) * scale in `dtype`, from the accumulators [N, *S, C] of the channels-last pipeline
-    (or a linear's), in one pass: stored as acc is, or [N, C, *S] contiguous when `to_nchw` (a model kept
-    in torch's default layout gets dX in it without a transposing copy; see `gradient_rows` for why)."""
-    v = (acc.float() * scale).to(dtype)
-    return v.movedim(-1, 1).contiguous() if to_nchw else v
-
-
-@fused
-def scale_weight_gradient(acc: Tensor, s_gw: Tensor, s_x: Tensor) -> Tensor:
-    """dW = float(acc) * s_gw[o] * s_x (this order: each product alone stays representable), written
-    contiguous whatever acc's strides (the conv weight's layout from the GEMM's (kernel, channel) order)."""
-    return (acc.float() * s_gw.view(-1, *([1] * (acc.dim() - 1))) * s_x).contiguous()
+def scale_gradients(dx_acc: Tensor | None, dw_acc: Tensor | None, s_gx: Tensor, s_gw: Tensor, s_x: Tensor,
+                    x_dtype: torch.dtype, w_dtype: torch.dtype, to_nchw: bool):
+    """(dX, dW) from the backward GEMMs' accumulators in one call (None for a gradient not needed):
+    - dX = float(dx_acc) * s_gx in x_dtype, from the channels-last pipeline's [N, *S, C] (or a linear's):
+      stored as dx_acc is, or [N, C, *S] contiguous when `to_nchw` (a model kept in torch's default layout
+      gets dX in it without a transposing copy; see `gradient_rows` for why);
+    - dW = float(dw_acc) * s_gw[o] * s_x in w_dtype (this order: each product alone stays representable
+      where s_gw * s_x would underflow), written contiguous whatever dw_acc's strides (the conv weight's
+      layout from the GEMM's (kernel, channel) order)."""
+    dx = dw = None
+    if dx_acc is not None:
+        dx = (dx_acc.float() * s_gx).to(x_dtype)
+        dx = dx.movedim(-1, 1).contiguous() if to_nchw else dx
+    if dw_acc is not None:
+        dw = (dw_acc.float() * s_gw.view(-1, *([1] * (dw_acc.dim() - 1))) * s_x).to(w_dtype).contiguous()
+    return dx, dw
 
 
 @fused
