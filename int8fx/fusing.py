@@ -36,7 +36,7 @@ def compile_status() -> tuple[bool, dict[str, str]]:
     return COMPILE, dict(_FAILED)
 
 
-def fused(fn):
+def fused(fn=None, *, dynamic: bool = True):
     """`fn` compiled on first use; eager where that cannot or should not be (module docstring).
 
     One compiled copy per argument signature (`_signature`): torch.compile keeps one cache per code object
@@ -44,7 +44,13 @@ def fused(fn):
     and 5-d tensors, several policy constants, would hit that limit; a copy of the code object per
     signature keeps every variant compiled (sizes are dynamic within a signature). A signature that still
     hits the limit (new shape relations in a long process) gets up to RESTARTS fresh copies, then runs
-    eagerly."""
+    eagerly.
+
+    `dynamic=False` is for gathers whose compiled loops are only fast for known shapes (measured: an im2col
+    compiled for dynamic shapes ran 4-20x slower than ATen's copy, for exact shapes 1.2-4x faster): below
+    STATIC elements such a function runs eagerly."""
+    if fn is None:
+        return functools.partial(fused, dynamic=dynamic)
     compiled: dict = {}
     restarts: dict = {}  # signature -> fresh copies it got after hitting the recompile limit
     own_code_free = True  # fn's own code object (and its dynamo cache) is still unused by any variant
@@ -54,7 +60,7 @@ def fused(fn):
     def call(*args):
         nonlocal own_code_free
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if (not COMPILE or first is None or first.numel() < SMALL or name in _FAILED
+        if (not COMPILE or first is None or first.numel() < (SMALL if dynamic else STATIC) or name in _FAILED
                 or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make

@@ -6,11 +6,14 @@ fast path never changes a number.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 import int8fx
+from int8fx import fusing
 from int8fx.kernels import geometry as geo
 from int8fx.kernels import resolve_backend
 from int8fx.kernels.probe import cpu_choice, cpu_report
@@ -115,6 +118,21 @@ def _assert_same(a, b, close=(), sums=()):
 def test_torch_backend_equals_reference(site, grad_quant, rounding):
     make, shape = SITES[site]
     _assert_same(_run(make, shape, "reference", grad_quant, rounding), _run(make, shape, "torch", grad_quant, rounding))
+
+
+@pytest.mark.skipif(not fusing.COMPILE, reason="INT8FX_COMPILE=0: only the eager forms run")
+@pytest.mark.parametrize("site", ["conv2d-strided-grouped", "conv2d-dilated-asym", "conv2d-depthwise", "linear-3d-input"])
+def test_passes_compiled_for_exact_shapes_equal_reference(site, monkeypatch):
+    """A real model's big tensors take every pass compiled for their exact shapes (int8fx.fusing.STATIC), the
+    im2col gather included; here every tensor does, and the bits are still the reference's."""
+    monkeypatch.setattr(fusing, "SMALL", 1)
+    monkeypatch.setattr(fusing, "STATIC", 1)
+    make, shape = SITES[site]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="int8fx: .* runs eagerly")  # a compile that fell back: fail
+        fast = _run(make, shape, "torch", "gvq-mcs", "stochastic")
+    monkeypatch.setattr(fusing, "COMPILE", False)
+    _assert_same(_run(make, shape, "reference", "gvq-mcs", "stochastic"), fast, sums=("db",))  # sums in another order
 
 
 @pytest.mark.parametrize("grad_quant", ["dsgc", "mcs", "gvq", "gvq-mcs-search"])

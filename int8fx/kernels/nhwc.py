@@ -107,22 +107,32 @@ def _im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
     """int8 xq [N, *S, C] (contiguous) -> (Xcol [g, M, K/g], out size): rows = batch x positions, columns =
     (kernel position, channel) of each group. A 1x1 stride-1 conv without padding is a view."""
     n, *sizes, c = xq.shape
-    g, nd = spec.groups, spec.dims
     pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
-    if pointwise and g == 1:
+    if pointwise and spec.groups == 1:
         return xq.reshape(1, -1, c), tuple(sizes)
-    out = spec.out_size(tuple(sizes))
-    if spec.has_padding:
-        xq = F.pad(xq, [0, 0] + spec._pad_arg())  # the channel dim last: pad spatial dims only
+    # compiled for its shapes where runs of channels are long enough: 1.5-4x faster than ATen's strided copy
+    # (one thread, C/g 3 to 256), but 6x slower with one channel per group
+    gather = _gather_windows if c // spec.groups >= 3 else _gather_windows.eager
+    return gather(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups), spec.out_size(tuple(sizes))
+
+
+@fused(dynamic=False)
+def _gather_windows(xq: Tensor, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> Tensor:
+    """`_im2col`'s copy: the windows of xq [N, *S, C] as [g, M, window * C/g]."""
+    n, *sizes, c = xq.shape
+    nd = len(kernel)
+    if any(p for lohi in padding for p in lohi):
+        xq = F.pad(xq, [0, 0] + [p for lohi in reversed(padding) for p in lohi])  # spatial dims only
     v = xq
-    for i, (k, d, s) in enumerate(zip(spec.kernel, spec.dilation, spec.stride)):
+    for i, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
         v = v.unfold(1 + i, d * (k - 1) + 1, s)  # [N, *out, C, *window]
-    if any(d > 1 for d in spec.dilation):
-        v = v[(Ellipsis,) + tuple(slice(None, None, d) for d in spec.dilation)]
-    v = v.reshape(n, *out, g, c // g, *spec.kernel)
+    if any(d > 1 for d in dilation):
+        v = v[(Ellipsis,) + tuple(slice(None, None, d) for d in dilation)]
+    out = v.shape[1:1 + nd]
+    v = v.reshape(n, *out, groups, c // groups, *kernel)
     # -> [g, N, *out, *kernel, C/g]
     perm = (1 + nd, 0) + tuple(range(1, 1 + nd)) + tuple(range(3 + nd, 3 + 2 * nd)) + (2 + nd,)
-    return v.permute(perm).reshape(g, n * math.prod(out), spec.window * (c // g)), out
+    return v.permute(perm).reshape(groups, n * math.prod(out), math.prod(kernel) * (c // groups))
 
 
 def _per_group(backend, a: Tensor, b: Tensor) -> Tensor:
