@@ -102,6 +102,8 @@ def _worker(rank: int, tmpdir: str, runs: dict) -> None:
             param_div.append(float((both[0] - both[1]).abs().max()))
         torch.save(dict(state_div=state_div, param_div=param_div, factors_equal=factors_equal,
                         state=qm.state_dict()), f"{tmpdir}/{name}_{rank}.pt")
+        del ddp, sync, opt  # DDP's reducer, alive past destroy_process_group, sometimes aborted the process at exit
+    dist.barrier()
     dist.destroy_process_group()
 
 
