@@ -36,7 +36,7 @@ def compile_status() -> tuple[bool, dict[str, str]]:
     return COMPILE, dict(_FAILED)
 
 
-def fused(fn=None, *, dynamic: bool = True):
+def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     """`fn` compiled on first use; eager where that cannot or should not be (module docstring).
 
     One compiled copy per argument signature (`_signature`): torch.compile keeps one cache per code object
@@ -48,20 +48,29 @@ def fused(fn=None, *, dynamic: bool = True):
 
     `dynamic=False` is for gathers whose compiled loops are only fast for known shapes (measured: an im2col
     compiled for dynamic shapes ran 4-20x slower than ATen's copy, for exact shapes 1.2-4x faster): below
-    STATIC elements such a function runs eagerly."""
+    STATIC elements such a function runs eagerly: also right for passes of two or three ops, whose eager form
+    beats a compiled call's fixed cost up to ~100k elements (measured, one thread).
+    `min_elements` overrides the threshold below which a call runs eagerly (default SMALL, or STATIC with
+    `dynamic=False`): a function of dozens of ops (a policy's statistics) is worth compiling for far smaller
+    tensors."""
     if fn is None:
-        return functools.partial(fused, dynamic=dynamic)
+        return functools.partial(fused, dynamic=dynamic, min_elements=min_elements)
     compiled: dict = {}
     restarts: dict = {}  # signature -> fresh copies it got after hitting the recompile limit
     own_code_free = True  # fn's own code object (and its dynamo cache) is still unused by any variant
     name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
 
+    def compiles(first) -> bool:
+        """Whether a call whose first tensor is `first` takes the compiled path (sizes alone)."""
+        return first is not None and first.numel() >= (min_elements if min_elements is not None
+                                                         else SMALL if dynamic else STATIC)
+
     @functools.wraps(fn)
     def call(*args):
         nonlocal own_code_free
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if (not COMPILE or first is None or first.numel() < (SMALL if dynamic else STATIC) or name in _FAILED
-                or torch.compiler.is_compiling() or _functorch_wrapped(args) or _mode_active()):
+        if (not COMPILE or not compiles(first) or name in _FAILED or torch.compiler.is_compiling()
+                or _functorch_wrapped(args) or _mode_active()):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
         # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
@@ -111,6 +120,7 @@ def fused(fn=None, *, dynamic: bool = True):
             return fn(*args)
 
     call.eager = fn
+    call.compiles = lambda *args: compiles(next((a for a in args if isinstance(a, Tensor)), None))
     call.variants = compiled  # signature key -> compiled function (None: eager), for tests and tools
     return call
 

@@ -22,6 +22,7 @@ def _gen(seed=0):
 
 def _both(fn, *args):
     """(compiled result, eager result), with a check that the compiled path really ran."""
+    assert fn.compiles(*args), "arguments too small for the compiled path: the test would compare eager to eager"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to eager warns: fail instead of comparing eager to eager
         got = fn(*args)
@@ -92,8 +93,8 @@ def test_epilogues_compiled_equal_eager():
     y = torch.empty(16, 16, 16, 64).permute(0, 3, 1, 2)
     fused.scale_accumulators(acc, s_x, s_w, y.permute(0, 2, 3, 1).reshape(4096, 64))
     _equal(y.permute(0, 2, 3, 1).reshape(4096, 64), outs[0])
-    w_acc = torch.randint(-2**24, 2**24, (64, 3, 3, 32), dtype=torch.int32, generator=_gen(3)).permute(0, 3, 1, 2)
-    s_gw = torch.rand(64, generator=_gen(4))
+    w_acc = torch.randint(-2**24, 2**24, (256, 3, 3, 128), dtype=torch.int32, generator=_gen(3)).permute(0, 3, 1, 2)
+    s_gw = torch.rand(256, generator=_gen(4))
     for dtype in (torch.float32, torch.bfloat16):
         (none, dw), (none_eager, dw_eager) = _both(fused.scale_gradients, None, w_acc, s_x, s_gw, s_x, dtype, dtype, False)
         assert none is None and none_eager is None
@@ -105,11 +106,11 @@ def test_epilogues_compiled_equal_eager():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype):
     """dY to channels-last rows and the dX epilogue (scale, cast, back to NCHW) in one pass each."""
-    dy = torch.randn(8, 48, 16, 12, generator=_gen()).to(dtype)
+    dy = torch.randn(8, 48, 32, 24, generator=_gen()).to(dtype)  # from STATIC elements: these compile above it
     rows, rows_eager = _both(fused.gradient_rows, dy)
     _equal(rows, rows_eager)
     _equal(rows, dy.float().permute(0, 2, 3, 1).reshape(-1, 48))
-    acc = torch.randint(-2**24, 2**24, (8, 16, 12, 48), dtype=torch.int32, generator=_gen(1))
+    acc = torch.randint(-2**24, 2**24, (8, 32, 24, 48), dtype=torch.int32, generator=_gen(1))
     s = torch.tensor(3.1e-5)
     w_acc = torch.randint(-2**24, 2**24, (48, 3, 3, 16), dtype=torch.int32, generator=_gen(2)).permute(0, 3, 1, 2)
     s_gw = torch.rand(48, generator=_gen(3))

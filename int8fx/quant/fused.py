@@ -49,14 +49,14 @@ def quantize_activation(x: Tensor, act_clip: Tensor | None, form: str):
     return s, v.to(torch.int8).contiguous(), v.contiguous()
 
 
-@fused
+@fused(dynamic=False)  # a few ops: eager is faster below STATIC elements
 def scale_accumulators(acc: Tensor, s_x: Tensor, s_w: Tensor, out: Tensor) -> Tensor:
     """out[m, o] = float(acc[m, o]) * (s_x * s_w[o]): the forward's dequantization of int32 accumulators,
     written into `out` (the caller's output tensor, whatever its strides)."""
     return out.copy_(acc.float() * (s_x * s_w))
 
 
-@fused
+@fused(dynamic=False)  # a few ops: eager is faster below STATIC elements
 def scale_accumulators_bias(acc: Tensor, s_x: Tensor, s_w: Tensor, bias: Tensor, out: Tensor) -> Tensor:
     """`scale_accumulators` plus a float bias, in the same pass."""
     return out.copy_(acc.float() * (s_x * s_w) + bias.float())
@@ -109,7 +109,7 @@ def quantize_gradients(rows: Tensor, s_w: Tensor, s_gx: Tensor, s_gw: Tensor, st
     return _quantize_gradients_nearest(rows, s_w, s_gx, s_gw)
 
 
-@fused
+@fused(dynamic=False)  # a few ops: eager is faster below STATIC elements
 def gradient_rows(dy: Tensor) -> Tensor:
     """dY [N, C, *S] stored contiguous as fp32 rows [M, C], channels last (what the gradient quantizers
     read), in one pass. Why compiled: ATen's transposing copy is slow on a CPU, and slowest where the
@@ -118,7 +118,7 @@ def gradient_rows(dy: Tensor) -> Tensor:
     return dy.float().movedim(1, -1).reshape(-1, dy.shape[1])
 
 
-@fused
+@fused(dynamic=False)  # a few ops: eager is faster below STATIC elements
 def scale_gradients(dx_acc: Tensor | None, dw_acc: Tensor | None, s_gx: Tensor, s_gw: Tensor, s_x: Tensor,
                     x_dtype: torch.dtype, w_dtype: torch.dtype, to_nchw: bool):
     """(dX, dW) from the backward GEMMs' accumulators in one call (None for a gradient not needed):

@@ -70,6 +70,7 @@ def optional_buffers_on_load(load):
 
 _optional_load = optional_buffers_on_load(nn.Module._load_from_state_dict)
 _OPERANDS: dict[type, Callable] = {}
+OPERANDS_COMPILED = 1024  # dY elements from which a fusable policy's `operands` runs compiled
 
 
 def _operands(cls, rows, s_w, state, params, stochastic, counter, key_base, need_x, need_w, need_b):
@@ -175,7 +176,10 @@ class GradQuantizer(nn.Module):
         column sums); each None where not needed. One fused call for `fusable` policies (int8fx.fusing)."""
         fn = _OPERANDS.get(cls)
         if fn is None:
-            fn = _OPERANDS[cls] = (fused if cls.fusable else lambda f: f)(functools.partial(_operands, cls))
+            # dozens of ops: compiled from OPERANDS_COMPILED elements (eagerly, 0.6 ms at 16k elements against
+            # 0.13 ms for the compiled call, measured on one thread)
+            compiled = fused(min_elements=OPERANDS_COMPILED)
+            fn = _OPERANDS[cls] = (compiled if cls.fusable else lambda f: f)(functools.partial(_operands, cls))
         return fn(rows, s_w, state, params, stochastic, counter, key_base, need_x, need_w, need_b)
 
     # ------------------------------------------------------------------ stateful conveniences
