@@ -225,13 +225,13 @@ class Int8Layer(nn.Module):
         checkpointing): that forward was already counted."""
         if not self.training or (not torch.compiler.is_compiling() and _in_backward()):
             return
-        with torch.no_grad():
+        with torch.no_grad():  # (`out=` writes: a few scalar ops a site and step, each one a dispatch)
             clip = s_x.detach() * 127
             ok = torch.isfinite(clip)
             ema = self.act_clip_ema
             new_ema = torch.where(ema == 0, clip, 0.9 * ema + 0.1 * clip)
-            self.pending.get("act_clip_ema").copy_(torch.where(ok, new_ema, ema))
-            self.pending.get("act_clip").copy_(torch.where(ok, clip, self.act_clip))
+            torch.where(ok, new_ema, ema, out=self.pending.get("act_clip_ema"))
+            torch.where(ok, clip, self.act_clip, out=self.pending.get("act_clip"))
 
     # ----------------------------------------------------------------- state_dict compatibility
     _load_from_state_dict = optional_buffers_on_load(nn.Module._load_from_state_dict)
