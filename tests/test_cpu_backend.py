@@ -132,7 +132,7 @@ def test_passes_compiled_for_exact_shapes_equal_reference(site, monkeypatch):
         warnings.filterwarnings("error", message="int8fx: .* runs eagerly")  # a compile that fell back: fail
         fast = _run(make, shape, "torch", "gvq-mcs", "stochastic")
     monkeypatch.setattr(fusing, "COMPILE", False)
-    _assert_same(_run(make, shape, "reference", "gvq-mcs", "stochastic"), fast, sums=("db",))  # sums in another order
+    _assert_same(_run(make, shape, "reference", "gvq-mcs", "stochastic"), fast)
 
 
 @pytest.mark.parametrize("grad_quant", ["dsgc", "mcs", "gvq", "gvq-mcs-search"])

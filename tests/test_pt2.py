@@ -132,6 +132,8 @@ def count_host_syncs():
 def test_a_training_step_reads_nothing_on_the_host(policy):
     """Forward, backward and an optimizer step with DCLRS: not one host read of a tensor value (finiteness,
     clips, step counters, DSGC's period and the rounding keys all stay on the device)."""
+    warm = small(policy)  # compiles the fused passes first: tracing wraps Python floats in tensors and reads
+    F.cross_entropy(warm(X), Y).backward()  # them back (`item`), which is no host read of the step's data
     qm = small(policy)
     opt = int8fx.DeviationLRScaler(torch.optim.SGD(qm.parameters(), lr=0.1, momentum=0.9), qm)
     for step in range(3):  # includes a DSGC search step and reuse steps (period 10: search at 0)

@@ -162,9 +162,9 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         # the dX operand is dY s_W[o] (module docstring), as rows [M, O] like dY
         q_state = {n[len("grad_quantizer."):]: t for n, t in named.items() if n.startswith("grad_quantizer.")}
         need_dq = need_w or track_deviation
-        clip_w, clip_x, q_new, s_gx, s_gw, gq, dq, db_ = grad_quantizer_class(policy).operands(
+        clip_w, clip_x, q_new, s_gx, s_gw, gq, dq = grad_quantizer_class(policy).operands(
             rows, s_w, q_state, PolicyParams.from_floats(params), stochastic, calls,
-            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq, need_b)  # a fill, not a host copy
+            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq)  # a fill, not a host copy
         deviation = named["deviation"]
         if track_deviation:
             d = cosine_distance(rows, dequantize(dq, s_gw))
@@ -190,8 +190,8 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
                 acc = layouts.grad_weight(be_, dq.to(be_.operand_dtype), x_q.to(be_.operand_dtype), spec_, layout)
                 # one scale at a time, as `scale_gradients`
                 dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape).to(w_dtype).contiguous()
-        if need_b:
-            db = db_
+        if need_b:  # eagerly, so that every path (compiled or not, torch.func or not) sums in one order
+            db = rows.sum(0)
         finite = torch.isfinite(s_gx)  # a non-finite dY poisons both scales (GradQuantizer.operands)
         new = {"step": named["step"] + finite.long(), "deviation": deviation,
                **{f"grad_quantizer.{k}": v for k, v in q_new.items()}}
