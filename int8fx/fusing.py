@@ -26,6 +26,7 @@ from torch import Tensor
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the first tensor argument, eager ops are cheaper than a call
 STATIC = 1 << 18  # from this many elements in the first tensor argument, a pass is compiled for its exact shapes
+STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dynamic (a detector's many input sizes)
 RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _NEW = object()  # a signature not compiled yet
@@ -79,6 +80,11 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         static = first.numel() >= STATIC
         key = (_signature(args), _shapes(args)) if static else _signature(args)
         variant = compiled.get(key, _NEW)
+        if variant is _NEW and static and len(compiled) >= STATIC_SHAPES:  # a compile per new shape: no more
+            if not dynamic:
+                return fn(*args)
+            static, key = False, _signature(args)
+            variant = compiled.get(key, _NEW)
         if variant is None:  # this signature hit torch.compile's recompile limit: eager from now on
             return fn(*args)
         first_call = variant is _NEW

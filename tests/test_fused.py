@@ -199,6 +199,10 @@ def test_big_tensors_compile_for_their_exact_shapes(monkeypatch):
               isinstance(k[1][0], tuple)]
     assert sorted(k[1][0] for k in static) == sorted(s for s in shapes if torch.Size(s).numel() >= 4 * N)
     assert len(f.variants) == len(static) + 1  # the smallest shape: a dynamic variant
+    monkeypatch.setattr(fusing, "STATIC_SHAPES", len(f.variants))  # no more exact-shape compiles: dynamic
+    x = torch.randn(8, 16, 32, 2 * N // 512, generator=_gen())
+    _equal(f(x), to_rows(x))
+    assert len(f.variants) == len(static) + 1
 
 
 def test_partials_do_not_share_one_compiled_cache():
