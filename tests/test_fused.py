@@ -16,6 +16,12 @@ N = fusing.SMALL * 2  # big enough to take the compiled path
 pytestmark = pytest.mark.skipif(not fusing.COMPILE, reason="INT8FX_COMPILE=0: only the eager forms run")
 
 
+@fusing.fused
+def quantize_nearest(x, scale):
+    """The simplest fused pass (the forward's quantizer without its scale), for the tests of the mechanism."""
+    return (x.float() / fused._divisor(scale.float())).round().clamp(-core.QMAX, core.QMAX).to(torch.int8)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -42,7 +48,7 @@ def test_quantizers_compiled_equal_eager_and_core():
     x = torch.randn(8, 32, 16, 16, generator=_gen()) * 3
     x[0, 0, 0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5]) * (x.abs().max() / 127)  # ties: half to even
     s = core.scale_from_clip(core.absmax(x))
-    q, q_eager = _both(fused.quantize_nearest, x, s)
+    q, q_eager = _both(quantize_nearest, x, s)
     _equal(q, q_eager)
     _equal(q, core.quantize(x, s, out_dtype=torch.int8))
     for clip in (None, torch.tensor(0.0)):  # the batch's own absmax (a static clip of 0 is not set)
@@ -75,7 +81,7 @@ def test_activation_scale_keeps_nonfinite_inputs_visible():
 
 def test_zero_scale_gives_zero():
     x = torch.randn(N, generator=_gen())
-    q, q_eager = _both(fused.quantize_nearest, x, torch.tensor(0.0))
+    q, q_eager = _both(quantize_nearest, x, torch.tensor(0.0))
     _equal(q, q_eager)
     assert not q.any()
 
@@ -165,8 +171,8 @@ def test_small_tensors_and_traced_code_run_eagerly():
     """Below SMALL elements the call is eager (cheaper than a compiled call); under torch.func it is too."""
     x = torch.randn(10)
     s = torch.tensor(0.05)
-    assert torch.equal(fused.quantize_nearest(x, s), fused.quantize_nearest.eager(x, s))
-    out = torch.func.vmap(lambda r: fused.quantize_nearest(r, s).float())(torch.randn(4, N // 4))
+    assert torch.equal(quantize_nearest(x, s), quantize_nearest.eager(x, s))
+    out = torch.func.vmap(lambda r: quantize_nearest(r, s).float())(torch.randn(4, N // 4))
     assert out.shape == (4, N // 4)
 
 
@@ -177,7 +183,7 @@ def test_many_signatures_stay_compiled():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for shape in ((N,), (4, N // 4), (2, 4, N // 8), (2, 2, 2, N // 8)):
             x = torch.randn(shape, generator=_gen(), dtype=dtype)
-            _equal(*_both(fused.quantize_nearest, x, s))
+            _equal(*_both(quantize_nearest, x, s))
     assert "quantize_nearest" not in fusing.compile_status()[1]
 
 

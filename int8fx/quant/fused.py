@@ -23,12 +23,6 @@ def _divisor(scale: Tensor) -> Tensor:
 
 
 @fused
-def quantize_nearest(x: Tensor, scale: Tensor) -> Tensor:
-    """int8 round(x / scale) clamped to [-127, 127], scale broadcast against x."""
-    return (x.float() / _divisor(scale.float())).round().clamp(-QMAX, QMAX).to(torch.int8)
-
-
-@fused
 def quantize_activation(x: Tensor, act_clip: Tensor | None, form: str):
     """(s_x, x_q[, x_f]): the forward's activation operand in one call, its scale included: absmax / 127,
     or `act_clip` / 127 where a static clip is given and set (> 0). `form`:
