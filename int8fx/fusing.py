@@ -27,6 +27,7 @@ COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the first tensor argument, eager ops are cheaper than a call
 STATIC = 1 << 18  # from this many elements in the first tensor argument, a pass is compiled for its exact shapes
 STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dynamic (a detector's many input sizes)
+STATIC_AFTER = 3  # calls with the same shapes before their exact-shape variant is compiled (training repeats them)
 RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _NEW = object()  # a signature not compiled yet
@@ -58,6 +59,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         return functools.partial(fused, dynamic=dynamic, min_elements=min_elements)
     compiled: dict = {}
     restarts: dict = {}  # signature -> fresh copies it got after hitting the recompile limit
+    seen: dict = {}  # exact-shape key -> calls so far, until its variant is compiled (STATIC_AFTER)
     own_code_free = True  # fn's own code object (and its dynamo cache) is still unused by any variant
     name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
 
@@ -80,11 +82,17 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         static = first.numel() >= STATIC
         key = (_signature(args), _shapes(args)) if static else _signature(args)
         variant = compiled.get(key, _NEW)
-        if variant is _NEW and static and len(compiled) >= STATIC_SHAPES:  # a compile per new shape: no more
-            if not dynamic:
-                return fn(*args)
-            static, key = False, _signature(args)
-            variant = compiled.get(key, _NEW)
+        if variant is _NEW and static:
+            # an exact-shape variant is a compile per shape: only for shapes that repeat (a training loop's, not a
+            # one-off forward's or a detector's every new input size), and at most STATIC_SHAPES of them
+            if len(seen) > 4096:  # (a detector's stream of sizes: forget the counts, keep memory bounded)
+                seen.clear()
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] < STATIC_AFTER or len(compiled) >= STATIC_SHAPES:
+                if not dynamic:
+                    return fn(*args)
+                static, key = False, _signature(args)
+                variant = compiled.get(key, _NEW)
         if variant is None:  # this signature hit torch.compile's recompile limit: eager from now on
             return fn(*args)
         first_call = variant is _NEW
