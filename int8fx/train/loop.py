@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import fusing
 from .data import Data, augment, fit_input
 from .ends import end_layers, remove_end_batchnorm
 from .progress import Progress
@@ -81,8 +82,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _warm_up(model: torch.nn.Module, shape: tuple, device: torch.device) -> float:
-    """Compile the INT8 op's fused passes (int8fx.fusing) before the clock starts: one training and one
-    eval forward of a copy of the model on random data of the training shape. The compiled code is shared
+    """Compile the INT8 op's fused passes (int8fx.fusing) before the clock starts: training steps (as many
+    as it takes a shape to get its exact-shape variants) and one eval forward of a copy of the model on
+    random data of the training shape. The compiled code is shared
     by every model in the process and cached on disk, so this costs seconds once per machine, and the
     run's steps/s measures training, not compilation. The copy keeps the model and the random streams
     untouched. Returns the seconds spent."""
@@ -90,8 +92,9 @@ def _warm_up(model: torch.nn.Module, shape: tuple, device: torch.device) -> floa
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         twin = copy.deepcopy(model).train()
         x = torch.randn(shape, device=device)
-        out = twin(x)
-        (out if isinstance(out, torch.Tensor) else out[0]).float().sum().backward()
+        for _ in range(max(1, fusing.STATIC_AFTER)):
+            out = twin(x)
+            (out if isinstance(out, torch.Tensor) else out[0]).float().sum().backward()
         with torch.no_grad():
             twin.eval()(x)
     del twin
