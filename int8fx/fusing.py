@@ -4,10 +4,12 @@ Why: on a CPU, a chain of elementwise torch ops costs a pass over memory and a f
 (and large temporaries cost page faults), while the same chain compiled by `torch.compile` (inductor's CPU
 code generation needs only the system C compiler) is one loop. The quantizers, the dequantizing epilogues,
 the gradient statistics of the policies and the depthwise convolutions are written as plain tensor
-functions and wrapped with `fused`: compiled on first use (dynamic shapes, so one compilation serves every
-layer), eager where compiling is not possible (no compiler, `INT8FX_COMPILE=0`), for tensors too small to
-be worth a compiled call (`SMALL`), inside code that is itself being traced or transformed, and under a
-dispatch or function mode (which a compiled function would bypass). A function
+functions and wrapped with `fused`: compiled on first use for dynamic shapes (one compilation serves every
+layer), and for the exact shapes of big tensors once those shapes repeat (`STATIC`, `STATIC_AFTER`: the
+loops are faster without symbolic bounds); eager where compiling is not possible (no compiler,
+`INT8FX_COMPILE=0`), for tensors too small to be worth a compiled call (`SMALL`, or a function's own
+threshold), inside code that is itself being traced or transformed, and under a dispatch or function mode
+(which a compiled function would bypass). A function
 whose compilation fails falls back to eager alone, with one warning. Elementwise functions give the same
 bits either way; reductions that sum floats may round differently (their docstrings say so).
 """
@@ -48,10 +50,13 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     hits the limit (new shape relations in a long process) gets up to RESTARTS fresh copies, then runs
     eagerly.
 
-    `dynamic=False` is for gathers whose compiled loops are only fast for known shapes (measured: an im2col
-    compiled for dynamic shapes ran 4-20x slower than ATen's copy, for exact shapes 1.2-4x faster): below
-    STATIC elements such a function runs eagerly: also right for passes of two or three ops, whose eager form
-    beats a compiled call's fixed cost up to ~100k elements (measured, one thread).
+    Big tensors (from STATIC elements) get a variant compiled for their exact shapes at a shape's
+    STATIC_AFTER-th call, at most STATIC_SHAPES of them; until then, and past that, the dynamic variant.
+
+    `dynamic=False` compiles exact-shape variants only and runs eagerly otherwise. It is for gathers whose
+    compiled loops are only fast for known shapes (measured: an im2col compiled for dynamic shapes ran 4-20x
+    slower than ATen's copy, for exact shapes 1.2-4x faster), and for passes of two or three ops, whose eager
+    form beats a compiled call's fixed cost up to ~100k elements (measured, one thread).
     `min_elements` overrides the threshold below which a call runs eagerly (default SMALL, or STATIC with
     `dynamic=False`): a function of dozens of ops (a policy's statistics) is worth compiling for far smaller
     tensors."""
