@@ -195,8 +195,26 @@ def test_metadata_reads_back_and_names_the_deploy_nodes(deployed):
     names = {n.name for n in onnx.load(path).graph.node}
     for site, entry in back["layers"].items():
         (call,) = entry["onnx"]
-        for role in ("x_quantize", "x_dequantize", "w_dequantize", "compute", "y_quantize"):
+        roles = ("x_quantize", "x_dequantize", "w_dequantize", "compute") + (() if site == "fc" else ("y_quantize",))
+        for role in roles:
             assert call[role] == f"{site}/{role}" and call[role] in names
+        assert ("y_quantize" in call) == (site != "fc")  # the head returns float logits
+
+
+def test_the_graph_returns_float_logits_as_the_model_does(deployed):
+    """No QuantizeLinear/DequantizeLinear on the model's output: rounded to 255 levels, logits tie and swap
+    the top classes. The head still runs in INT8 (QGemm writes float)."""
+    qm, calib, path, meta = deployed
+    model = onnx.load(path)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    (out,) = model.graph.output
+    assert producer[out.name].name == meta["layers"]["fc"]["onnx"][0]["compute"]
+    assert meta["deploy"]["float_graph_outputs"] == [out.name]
+    assert runtime_ops(path)[producer[out.name].name] in ("QGemm", "MatMulIntegerToFloat")
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    assert len(np.unique(logits)) >= 0.9 * logits.size  # not on a grid: 80 logits here, 11 values when rounded
 
 
 def test_deploy_output_stays_close_to_the_eval_mode_model(deployed):
