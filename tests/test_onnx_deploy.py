@@ -234,7 +234,8 @@ def test_deploy_output_stays_close_to_the_eval_mode_model(deployed):
 
 @pytest.mark.slow
 def test_deploy_agrees_with_the_trained_model_on_fashion_mnist(tmp_path):
-    """A ResNet-20 (width 8) INT8-trained for 150 steps on real images (3-4 min on 2 busy cores): the deploy file's top-1 predictions
+    """A ResNet-20 (width 8) INT8-trained for 400 steps on real images (80 s on 2 cores; at 150 steps its
+    74% top-1 model flipped on 1.3-1.65% of the images): the deploy file's top-1 predictions
     agree with qmodel.eval() on 2,000 test images, and its accuracy is within half a point."""
     from int8fx.data import load_fashion_mnist, normalize_images
     from int8fx.zoo import build_model
@@ -244,7 +245,7 @@ def test_deploy_agrees_with_the_trained_model_on_fashion_mnist(tmp_path):
     x_test, y_test = load_fashion_mnist("test")
     qm = int8fx.convert(build_model("resnet20", width=8).module)
     opt = torch.optim.SGD(qm.parameters(), lr=0.1, momentum=0.9)
-    for step in range(150):
+    for step in range(400):
         idx = torch.randint(0, len(y_train), (64,))
         F.cross_entropy(qm(normalize_images(x_train[idx])), y_train[idx]).backward()
         opt.step()
