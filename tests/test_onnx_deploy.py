@@ -232,6 +232,27 @@ def test_deploy_output_stays_close_to_the_eval_mode_model(deployed):
         assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), np.abs(out - ref).max() / np.abs(ref).max()
 
 
+def test_sigmoid_gates_stay_float_and_read_floats(deployed):
+    """x * sigmoid(g) runs in float, as in qmodel.eval(): SiLU (g = x) reads the dequantized conv output (its
+    conv still writes int8), the squeeze-excite gate multiplies the float SiLU output, not a copy rounded to
+    its calibrated range, and the gate's INT8 logits are quantized over at most +-8 (sigmoid saturates)."""
+    _, _, path, meta = deployed
+    from int8fx.onnx.deploy import SIGMOID_RANGE
+    from int8fx.onnx.graphs import GraphView
+
+    view = GraphView(onnx.load(path))
+    sigmoids = [n for n in view.graph.node if n.op_type == "Sigmoid"]
+    assert len(sigmoids) == 2 and meta["deploy"]["float_sigmoid_gates"] == 2
+    silu_mul = next(m for s in sigmoids for m in view.consumers[s.output[0]] if s.input[0] in m.input)
+    gate_sig = next(s for s in sigmoids if s.input[0] not in silu_mul.input)
+    (gate_mul,) = view.consumers[gate_sig.output[0]]
+    assert silu_mul.output[0] in gate_mul.input  # float SiLU output, no QuantizeLinear/DequantizeLinear between
+    dq = view.made_by(gate_sig.input[0], "DequantizeLinear")
+    assert view.made_by(dq.input[0], "QuantizeLinear") is not None
+    assert np.float32(view.const(dq.input[1])) <= np.float32(SIGMOID_RANGE / 127)
+    assert meta["deploy"]["sigmoid_inputs_capped"] in (0, 1)
+
+
 @pytest.mark.slow
 def test_deploy_agrees_with_the_trained_model_on_fashion_mnist(tmp_path):
     """A ResNet-20 (width 8) INT8-trained for 400 steps on real images (80 s on 2 cores; at 150 steps its
