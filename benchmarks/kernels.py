@@ -286,7 +286,6 @@ def sec_train(quick: bool) -> None:
     import int8fx
     from int8fx import fusing
 
-    compiled = fusing.COMPILE
 
     models = [("resnet18", 256), ("resnet50", 128), ("mobilenet_v2", 256)]
     if quick:
@@ -304,7 +303,6 @@ def sec_train(quick: bool) -> None:
             xin = x
             if mode.startswith("int8"):
                 m = int8fx.convert(m, int8fx.Int8Config(backend=mode.split()[1].rstrip(","))).cuda()
-            fusing.COMPILE = not mode.endswith("eager passes")
             if mode == "bf16-amp-cl":
                 m = m.to(memory_format=torch.channels_last)
                 xin = x.to(memory_format=torch.channels_last)
@@ -321,7 +319,8 @@ def sec_train(quick: bool) -> None:
                 opt.step()
             try:
                 torch.cuda.reset_peak_memory_stats()
-                ms = bench(step, warm=3, rep=10)
+                with fusing.eager_passes(mode.endswith("eager passes")):
+                    ms = bench(step, warm=3, rep=10)
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 rows.append([mname, bs, mode, ms, bs / ms * 1000, peak])
                 RESULTS.setdefault("train", {})[f"{mname} {mode}"] = {"ms": ms, "img_s": bs / ms * 1000, "peak_gib": peak}
@@ -329,7 +328,6 @@ def sec_train(quick: bool) -> None:
                 rows.append([mname, bs, mode, "failed", f"{type(ex).__name__}: {str(ex)[:60]}", ""])
             del m, opt
             torch.cuda.empty_cache()
-    fusing.COMPILE = compiled
     table("training step (SGD momentum, cross entropy, 224x224)", ["model", "batch", "mode", "ms/step", "img/s", "peak GiB"],
           rows)
 

@@ -40,6 +40,19 @@ def compile_status() -> tuple[bool, dict[str, str]]:
     return COMPILE, dict(_FAILED)
 
 
+@contextlib.contextmanager
+def eager_passes(enabled: bool = True):
+    """Run every fused pass eagerly inside the block when `enabled` (benchmarks time both forms); the
+    setting before it comes back after it, also on an exception."""
+    global COMPILE
+    previous = COMPILE
+    COMPILE = previous and not enabled
+    try:
+        yield
+    finally:
+        COMPILE = previous
+
+
 def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     """`fn` compiled on first use; eager where that cannot or should not be (module docstring).
 

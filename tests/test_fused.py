@@ -24,8 +24,11 @@ def _exact_shapes_at_first_call(monkeypatch):
 
 @fusing.fused
 def quantize_nearest(x, scale):
-    """The simplest fused pass (the forward's quantizer without its scale), for the tests of the mechanism."""
-    return (x.float() / fused._divisor(scale.float())).round().clamp(-core.QMAX, core.QMAX).to(torch.int8)
+    """The simplest fused pass (the forward's quantizer without its scale), for the tests of the mechanism;
+    a zero scale divides by +inf and gives 0, as quant.core.quantize does."""
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.full_like(s, float("inf")))
+    return (x.float() / s).round().clamp(-core.QMAX, core.QMAX).to(torch.int8)
 
 
 def _gen(seed=0):
@@ -276,3 +279,20 @@ def test_equal_dims_at_first_call_and_users_error_on_recompile():
             x = torch.randn(shape, generator=_gen(), dtype=torch.float16)
             _equal(*_both(fused.quantize_activation, x, s, "channels_last"))
     assert not any(k.startswith("quantize_activation") for k in fusing.compile_status()[1])
+
+
+def test_eager_passes_block_runs_eagerly_and_restores_the_setting():
+    def halve(x):
+        return x * 0.5
+
+    f = fusing.fused(halve)
+    x = torch.randn(64, 512)
+    with fusing.eager_passes():
+        _equal(f(x), x * 0.5)
+        with pytest.raises(RuntimeError), fusing.eager_passes(False):
+            raise RuntimeError("inside a nested block")  # cannot turn compiling back on; restores on errors
+        _equal(f(x), x * 0.5)
+    assert not f.variants  # nothing was compiled inside the block
+    assert fusing.COMPILE
+    _equal(f(x), x * 0.5)
+    assert len(f.variants) == 1

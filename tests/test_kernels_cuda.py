@@ -19,7 +19,7 @@ from int8fx.kernels.reference import ReferenceBackend, exact_int_bmm, naive_int6
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
 from int8fx.quant import core
-from test_cpu_backend import SITES, _assert_same, _run
+from sites import SITES, assert_same, run_site
 
 pytestmark = pytest.mark.cuda
 
@@ -334,7 +334,7 @@ def _cos(a, b):
 @pytest.mark.parametrize("backend", ["cupy", "torch"])
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_every_kind_of_site_equals_the_reference(site, backend):
-    """Each kind of site (tests/test_cpu_backend.py's list: strided, grouped, depthwise, dilated, padded,
+    """Each kind of site (tests/sites.py's list: strided, grouped, depthwise, dilated, padded,
     1d/3d, linear), two steps on the GPU through the channels-last pipeline: output, dX, dW and db equal,
     bit for bit, the reference backend's on the same GPU (its own pipeline, fp32 GEMMs on K-chunks).
     Reflect padding is outside the op: torch's reflection-pad backward adds with atomics on CUDA, so dX
@@ -346,10 +346,10 @@ def test_every_kind_of_site_equals_the_reference(site, backend):
     make, shape = SITES[site]
     atomics = ("dX",) if "reflect" in site else ()
     for grad_quant, rounding in (("per-tensor", "nearest"), ("gvq-mcs", "stochastic")):
-        gpu = _run(make, shape, backend, grad_quant, rounding, device=DEV)
-        _assert_same(gpu, _run(make, shape, "reference", grad_quant, rounding, device=DEV), close=atomics)
-    cpu = _run(make, shape, "reference", "per-tensor", "nearest")
-    _assert_same(_run(make, shape, backend, "per-tensor", "nearest", device=DEV), cpu,
+        gpu = run_site(make, shape, backend, grad_quant, rounding, device=DEV)
+        assert_same(gpu, run_site(make, shape, "reference", grad_quant, rounding, device=DEV), close=atomics)
+    cpu = run_site(make, shape, "reference", "per-tensor", "nearest")
+    assert_same(run_site(make, shape, backend, "per-tensor", "nearest", device=DEV), cpu,
                        close=("y", "dX", "dW"), sums=("db",))
 
 

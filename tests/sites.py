@@ -1,0 +1,64 @@
+"""Whole converted sites run for two steps, shared by the CPU backend tests and the CUDA tests: each kind
+of site (strided, grouped, depthwise, dilated, padded, 1d/3d, linear) and a bit-for-bit comparison."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import int8fx
+
+SITES = {
+    "conv2d": (lambda: nn.Conv2d(16, 32, 3, padding=1), (4, 16, 12, 12)),
+    "conv2d-strided-grouped": (lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4), (4, 16, 13, 12)),
+    "conv2d-1x1-no-bias": (lambda: nn.Conv2d(16, 32, 1, bias=False), (4, 16, 8, 8)),
+    "conv2d-depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8, padding=1), (2, 8, 9, 6)),
+    "conv2d-depthwise-strided-mult2": (lambda: nn.Conv2d(8, 16, 5, stride=2, groups=8, padding=2), (2, 8, 11, 10)),
+    "conv2d-dilated-asym": (lambda: nn.Conv2d(6, 8, (3, 5), padding=(2, 1), dilation=(2, 1), groups=2), (2, 6, 9, 8)),
+    "conv2d-same-even-kernel": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 7)),
+    "conv2d-reflect": (lambda: nn.Conv2d(3, 8, 2, padding="same", padding_mode="reflect"), (2, 3, 9, 10)),
+    "conv2d-circular": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), (2, 4, 7, 7)),
+    "conv2d-pad-past-input": (lambda: nn.Conv2d(3, 4, 3, padding=3), (2, 3, 5, 5)),
+    "conv1d": (lambda: nn.Conv1d(6, 9, 3, stride=2, padding=2, dilation=2, groups=3), (2, 6, 17)),
+    "conv1d-1x1-single-channel": (lambda: nn.Conv1d(1, 2, 1, bias=False), (2, 1, 3)),
+    "conv3d": (lambda: nn.Conv3d(4, 8, (3, 2, 3), stride=(1, 2, 1), padding=1, groups=2), (2, 4, 5, 6, 7)),
+    "conv3d-depthwise": (lambda: nn.Conv3d(4, 4, 3, groups=4, padding=1), (1, 4, 4, 5, 6)),
+    "linear-3d-input": (lambda: nn.Linear(20, 7), (3, 5, 20)),
+    "linear-single-row": (lambda: nn.Linear(5, 1), (1, 5)),
+}
+
+
+def run_site(make, shape, backend, grad_quant, rounding, channels_last=False, dtype=torch.float32, device="cpu"):
+    """Two steps of one converted site (tests/test_kernels_cuda.py runs it on CUDA)."""
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    qm = int8fx.convert(model, int8fx.Int8Config(backend=backend, grad_quant=grad_quant, rounding=rounding)).to(device)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = []
+    for step in range(2):  # the second step runs on state (clips, periods) the first one committed
+        y = qm(x)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2 + step), dtype=dtype).to(device)
+        x.grad = None
+        qm.zero_grad()
+        y.backward(dy)
+        int8fx.commit(qm)
+        out.append((y.detach(), x.grad.clone(), qm.weight.grad.clone(),
+                    None if qm.bias is None else qm.bias.grad.clone()))
+    return out
+
+
+def assert_same(a, b, close=(), sums=()):
+    """Two `run_site`s equal bit for bit, except the named quantities: `close` within 16 fp32 ulps of each
+    element, `sums` (float sums in another order) within 1e-5 of the largest element."""
+    for step_a, step_b in zip(a, b):
+        for name, u, v in zip(("y", "dX", "dW", "db"), step_a, step_b):
+            if u is None or v is None:
+                assert u is None and v is None, name
+            elif name in close:
+                torch.testing.assert_close(u, v.to(u.device), rtol=2**-19, atol=0, msg=name)
+            elif name in sums:
+                torch.testing.assert_close(u, v.to(u.device), rtol=0, atol=1e-5 * float(v.abs().max()), msg=name)
+            else:
+                assert torch.equal(u, v.to(u.device)), f"{name} differs: max |diff| {(u - v.to(u.device)).abs().max().item()}"
