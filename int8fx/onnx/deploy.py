@@ -8,7 +8,7 @@ Built in three steps:
    quantizes back to int8fx's very codes (sign-flipped where gamma < 0) with scale |gamma / sigma| * s_w.
 2. Quantize that graph with onnxruntime's own static quantizer (`quantize_static`, QDQ format), which knows
    where runtimes want Q/DQ: around convs and matmuls (weights int8 per output channel, biases int32 with
-   scale s_x * s_w), residual Adds, Muls, Concat, pooling, Sigmoid. TensorRT's explicit-quantization rules
+   scale s_x * s_w), residual Adds, Muls, Concat, pooling. TensorRT's explicit-quantization rules
    hold: symmetric int8, zero point 0, scales and zero points as initializers. The activation scale of
    every INT8 site's input is int8fx's (`TensorQuantOverrides`), carried back through the ops that commute
    with quantization (Relu, ReLU6's Clip, MaxPool, reshapes) to the conv output that feeds it, so a conv
@@ -25,10 +25,13 @@ Built in three steps:
    6e-8, below anything an INT8 code can show); each INT8 site keeps its exact scale. An INT8 op whose
    output feeds several consumers is quantized once and re-quantized per consumer (`_fan_out`).
 
-What the model returns stays float (`_float_graph_outputs`): the quantizer would round the logits too.
+What stays float, as in int8fx: what the model returns (`_float_graph_outputs`: the quantizer would round
+the logits too), and every sigmoid gate x * sigmoid(g), SiLU and squeeze-excite (`_sigmoid_gates`), which
+reads float values (`_float_ops_read_floats`) and INT8 logits over at most +-8 (`_cap_sigmoid_inputs`).
 
 Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
-(where they feed an Add), biases are rounded to int32, and QuantizeLinear saturates at -128, not -127.
+(where they feed an Add or a SiLU: an INT8 conv writes int8), biases are rounded to int32, and
+QuantizeLinear saturates at -128, not -127.
 README ("Inspect and export to ONNX") gives the measured effect on top-1.
 """
 from __future__ import annotations
