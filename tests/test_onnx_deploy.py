@@ -232,6 +232,38 @@ def test_deploy_output_stays_close_to_the_eval_mode_model(deployed):
         assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), np.abs(out - ref).max() / np.abs(ref).max()
 
 
+def test_a_nearly_dead_channel_keeps_its_bias_in_int32(tmp_path):
+    """A BatchNorm factor of ~1e-9 (timm zero-initialises a block's last BN) folds into a tiny weight whose
+    int32 bias would overflow: onnxruntime's quantizer widens that channel's scale, the export accepts the
+    coarser codes of that channel only, says which, and the file still runs every site in INT8."""
+    from int8fx.quant.core import scale_from_clip
+
+    qm = _trained()
+    s_x = float(scale_from_clip(qm.conv2.act_clip_ema.float()))
+    s_w = float(quantize_per_channel(qm.conv2.weight.detach().reshape(24, -1), 0)[1][3])
+    with torch.no_grad():  # BN factor a = gamma: the int32 bias 0.5 / (s_x a s_w) would be 3x int32's range
+        qm.bn2.running_mean[3], qm.bn2.running_var[3], qm.bn2.bias[3] = 0.0, 1.0 - qm.bn2.eps, 0.5
+        qm.bn2.weight[3] = 0.5 / (s_x * s_w * 2**31) / 3
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    path = str(tmp_path / "dead.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
+    assert meta["layers"]["conv2"]["onnx"][0]["channels_rescaled_for_int32_bias"] == [3]
+    assert all("channels_rescaled_for_int32_bias" not in meta["layers"][s]["onnx"][0] for s in meta["layers"] if s != "conv2")
+    ran = int8_sites(meta, runtime_ops(path))
+    assert ran["conv2"] == ["QLinearConv"]
+
+
+def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
+    from int8fx.onnx.deploy import _rescaled_channels
+
+    codes = np.array([[127, -60, 3], [10, 127, -127]], np.int8)
+    assert _rescaled_channels(codes, codes) == []
+    assert _rescaled_channels(np.array([[-127, 60, -3], [10, 127, -127]]), codes) == []  # sign-flipped channel
+    assert _rescaled_channels(np.array([[13, -6, 0], [10, 127, -127]]), codes) == [0]  # r = 0.1
+    assert _rescaled_channels(np.array([[13, 6, 0], [10, 127, -127]]), codes) is None  # not a scaled copy
+    assert _rescaled_channels(np.array([[127, -60, 4], [10, 127, -127]]), codes) is None  # same scale, other code
+
+
 def test_sigmoid_gates_stay_float_and_read_floats(deployed):
     """x * sigmoid(g) runs in float, as in qmodel.eval(): SiLU (g = x) reads the dequantized conv output (its
     conv still writes int8), the squeeze-excite gate multiplies the float SiLU output, not a copy rounded to
