@@ -49,7 +49,8 @@ def layer_of(model: nn.Module) -> Int8Layer:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def quant_buffers(model: nn.Module) -> dict:

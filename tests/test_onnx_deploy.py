@@ -254,14 +254,14 @@ def test_a_nearly_dead_channel_keeps_its_bias_in_int32(tmp_path):
 
 
 def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
-    from int8fx.onnx.deploy import _rescaled_channels
+    from int8fx.onnx.graphs import rescaled_channels
 
     codes = np.array([[127, -60, 3], [10, 127, -127]], np.int8)
-    assert _rescaled_channels(codes, codes) == []
-    assert _rescaled_channels(np.array([[-127, 60, -3], [10, 127, -127]]), codes) == []  # sign-flipped channel
-    assert _rescaled_channels(np.array([[13, -6, 0], [10, 127, -127]]), codes) == [0]  # r = 0.1
-    assert _rescaled_channels(np.array([[13, 6, 0], [10, 127, -127]]), codes) is None  # not a scaled copy
-    assert _rescaled_channels(np.array([[127, -60, 4], [10, 127, -127]]), codes) is None  # same scale, other code
+    assert rescaled_channels(codes, codes) == []
+    assert rescaled_channels(np.array([[-127, 60, -3], [10, 127, -127]]), codes) == []  # sign-flipped channel
+    assert rescaled_channels(np.array([[13, -6, 0], [10, 127, -127]]), codes) == [0]  # r = 0.1
+    assert rescaled_channels(np.array([[13, 6, 0], [10, 127, -127]]), codes) is None  # not a scaled copy
+    assert rescaled_channels(np.array([[127, -60, 4], [10, 127, -127]]), codes) is None  # same scale, other code
 
 
 def test_sigmoid_gates_stay_float_and_read_floats(deployed):

@@ -55,6 +55,7 @@ from .graphs import (
     float_codes,
     out_major,
     rename,
+    rescaled_channels,
     weight_source,
 )
 from .standins import FloatSite, export_with_standins
@@ -412,29 +413,6 @@ def _dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, Stat
     return nudged
 
 
-def _rescaled_channels(graph_codes: np.ndarray, site_codes: np.ndarray) -> list[int] | None:
-    """The output channels whose INT8 weights in the file are int8fx's codes (up to sign) at a coarser
-    scale, [] if none, None if any channel differs otherwise.
-
-    onnxruntime's quantizer widens a channel's weight scale where its int32 bias would overflow at
-    s_x * s_w: a channel whose folded BatchNorm factor is nearly zero (timm's zero-initialised last BN of a
-    residual block, barely trained) has a tiny folded weight and a bias that is all BN shift. The widened
-    codes are round(c * r) of int8fx's codes c for one ratio r < 1 per channel; that channel adds almost
-    nothing to its output either way."""
-    a = graph_codes.reshape(graph_codes.shape[0], -1).astype(np.int64)
-    b = site_codes.reshape(site_codes.shape[0], -1).astype(np.int64)
-    if a.shape != b.shape:
-        return None
-    rescaled = []
-    for c in np.flatnonzero(~((a == b).all(1) | (a == -b).all(1) | (a == 0).all(1))):
-        top, full = np.abs(a[c]).max(), np.abs(b[c]).max()
-        ratio = top / full if full else 1.0
-        if ratio >= 1 or not any(np.abs(a[c] - np.round(sign * b[c] * ratio)).max() <= 1 for sign in (1, -1)):
-            return None
-        rescaled.append(int(c))
-    return rescaled
-
-
 def _site_behind(view: GraphView, q, site_of: dict[str, str]) -> str | None:
     """The site whose input this QuantizeLinear quantizes (through its DequantizeLinear), if any."""
     for dq in view.consumers[q.output[0]]:
@@ -468,7 +446,7 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
             problems.append("its weight is not an int8 initializer")
         rescaled: list[int] = []
         if codes is not None and codes.dtype == np.int8:
-            rescaled = _rescaled_channels(out_major(codes, transposed), st.w_int8.numpy())
+            rescaled = rescaled_channels(out_major(codes, transposed), st.w_int8.numpy())
         if codes is not None and codes.dtype == np.int8 and rescaled is None:
             problems.append("its int8 weights differ from int8fx's")
         bias = view.const(bdq.input[0]) if bdq is not None else None

@@ -87,8 +87,35 @@ def codes_match(graph_codes: np.ndarray, site_codes: np.ndarray, *, up_to_sign: 
         return False
     if not up_to_sign:
         return bool((a == b).all())
-    same, flipped, zero = (a == b).all(1), (a == -b).all(1), (a == 0).all(1)
-    return bool((same | flipped | zero).all())
+    return bool(_equal_up_to_sign(a, b).all())
+
+
+def _equal_up_to_sign(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per output channel of two [O, K] code arrays: equal, sign-flipped, or all zero in `a`."""
+    return (a == b).all(1) | (a == -b).all(1) | (a == 0).all(1)
+
+
+def rescaled_channels(graph_codes: np.ndarray, site_codes: np.ndarray) -> list[int] | None:
+    """The output channels whose INT8 weights in the graph are the site's codes (up to sign) at a coarser
+    scale, [] if none, None if any channel differs otherwise (or the shapes do).
+
+    onnxruntime's quantizer widens a channel's weight scale where its int32 bias would overflow at
+    s_x * s_w: a channel whose folded BatchNorm factor is nearly zero (timm's zero-initialised last BN of a
+    residual block, barely trained) has a tiny folded weight and a bias that is all BN shift. The widened
+    codes are round(c * r) of the site's codes c for one ratio r < 1 per channel; that channel adds almost
+    nothing to its output either way."""
+    a = graph_codes.reshape(graph_codes.shape[0], -1).astype(np.int64)
+    b = site_codes.reshape(site_codes.shape[0], -1).astype(np.int64)
+    if a.shape != b.shape:
+        return None
+    rescaled = []
+    for c in np.flatnonzero(~_equal_up_to_sign(a, b)):
+        top, full = np.abs(a[c]).max(), np.abs(b[c]).max()
+        ratio = top / full if full else 1.0
+        if ratio >= 1 or not any(np.abs(a[c] - np.round(sign * b[c] * ratio)).max() <= 1 for sign in (1, -1)):
+            return None
+        rescaled.append(int(c))
+    return rescaled
 
 
 def assign_sites(candidates: list[tuple], site_codes: dict[str, np.ndarray], calls: dict[str, int], *,
