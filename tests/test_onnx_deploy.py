@@ -264,6 +264,26 @@ def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
     assert rescaled_channels(np.array([[127, -60, 4], [10, 127, -127]]), codes) is None  # same scale, other code
 
 
+def test_a_pool_whose_scales_onnxruntime_cannot_take_runs_in_float(tmp_path):
+    """onnxruntime's QLinearGlobalAveragePool refuses to run when s_x / (s_y H W) >= 256 (a barely trained
+    model: the squeeze's site clip far below its input's range). Such a pool becomes a float ReduceMean, the
+    same mean, and the file runs; the other pool stays INT8."""
+    import onnxruntime as ort
+
+    qm = _trained()
+    with torch.no_grad():
+        qm.se_reduce.act_clip_ema.div_(1e7)
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    path = str(tmp_path / "pool.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    assert meta["deploy"]["rewritten_for_int8_kernels"].get("GlobalAveragePool") == 1
+    assert list(runtime_ops(path).values()).count("ReduceMean") == 2  # the squeeze and the head's mean
+    with torch.no_grad():
+        ref = qm(calib[0]).numpy()
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def test_sigmoid_gates_stay_float_and_read_floats(deployed):
     """x * sigmoid(g) runs in float, as in qmodel.eval(): SiLU (g = x) reads the dequantized conv output (its
     conv still writes int8), the squeeze-excite gate multiplies the float SiLU output, not a copy rounded to

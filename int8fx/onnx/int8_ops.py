@@ -40,16 +40,51 @@ def before_quantization(model) -> dict[str, int]:
     return _replace(model, replace)
 
 
+# onnxruntime's QLinearGlobalAveragePool needs s_x / (s_y * H * W) below this
+GAP_SCALE_RATIO = 256.0
+
+
 def after_quantization(model) -> dict[str, int]:
-    """Rewrite ReLU6 Clips of the QDQ graph in place where quantization makes them a ReLU."""
+    """Rewrite ReLU6 Clips of the QDQ graph in place where quantization makes them a ReLU, and global
+    average pools whose scales onnxruntime's INT8 kernel cannot take into a float mean (module docstring)."""
+    import onnx
+
+    ranks = _ranks(onnx.shape_inference.infer_shapes(model))
     view = GraphView(model)
 
     def replace(n):
         if n.op_type == "Clip" and view.made_by(n.input[0], "DequantizeLinear") is not None and _relu6_below(view, n):
             return helper.make_node("LeakyRelu", [n.input[0]], list(n.output), name=n.name, alpha=0.0)
+        if n.op_type == "GlobalAveragePool" and ranks.get(n.input[0], 0) >= 3 and _pool_out_of_range(view, n):
+            return _spatial_reduce_mean(model, n, ranks[n.input[0]])
         return None
 
     return _replace(model, replace)
+
+
+def _pool_out_of_range(view: GraphView, node) -> bool:
+    dq = view.made_by(node.input[0], "DequantizeLinear")
+    users = view.consumers.get(node.output[0], [])
+    if dq is None or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        return False
+    s_x, s_y = view.const(dq.input[1]), view.const(users[0].input[1])
+    return s_x is not None and s_y is not None and float(s_x.reshape(())) >= GAP_SCALE_RATIO * float(s_y.reshape(()))
+
+
+def _spatial_reduce_mean(model, node, rank: int):
+    """ReduceMean over axes 2.. keeping them: GlobalAveragePool's result, in an op with no INT8 kernel."""
+    from onnx import numpy_helper
+
+    import numpy as np
+
+    axes = list(range(2, rank))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    if opset < 18:
+        return helper.make_node("ReduceMean", [node.input[0]], list(node.output), name=node.name, axes=axes,
+                                keepdims=1)
+    name = f"{node.name}_axes"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name))
+    return helper.make_node("ReduceMean", [node.input[0], name], list(node.output), name=node.name, keepdims=1)
 
 
 def _replace(model, replace) -> dict[str, int]:
