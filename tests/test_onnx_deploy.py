@@ -302,7 +302,27 @@ def test_sigmoid_gates_stay_float_and_read_floats(deployed):
     dq = view.made_by(gate_sig.input[0], "DequantizeLinear")
     assert view.made_by(dq.input[0], "QuantizeLinear") is not None
     assert np.float32(view.const(dq.input[1])) <= np.float32(SIGMOID_RANGE / 127)
-    assert meta["deploy"]["sigmoid_inputs_capped"] in (0, 1)
+
+
+def test_a_wide_gate_input_is_quantized_over_the_sigmoid_range_only(tmp_path):
+    """Gate logits calibrated over +-40 would be quantized with a step of 0.3 (the gate moves by up to
+    0.08); they get the step of +-8, where sigmoid has saturated."""
+    from int8fx.onnx.deploy import SIGMOID_RANGE
+    from int8fx.onnx.graphs import GraphView
+
+    qm = _trained()
+    with torch.no_grad():
+        qm.se_expand.bias[:16] += 40.0
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    path = str(tmp_path / "gate.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
+    assert meta["deploy"]["sigmoid_inputs_capped"] == 1
+    view = GraphView(onnx.load(path))
+    # the gate's Sigmoid: its input is not the other factor of its Mul (SiLU's is)
+    (gate_sig,) = [n for n in view.graph.node
+                   if n.op_type == "Sigmoid" and n.input[0] not in view.consumers[n.output[0]][0].input]
+    dq = view.made_by(gate_sig.input[0], "DequantizeLinear")
+    assert np.float32(view.const(dq.input[1])) == np.float32(SIGMOID_RANGE / 127)
 
 
 @pytest.mark.slow
