@@ -253,6 +253,66 @@ def test_a_nearly_dead_channel_keeps_its_bias_in_int32(tmp_path):
     assert ran["conv2"] == ["QLinearConv"]
 
 
+class Branchy(nn.Module):
+    """What onnxruntime's quantizer and optimizer make of structures Net lacks, each of which left a conv in
+    float in a torchvision/timm model: a channel split before a conv (ShuffleNet, CSP blocks) and an average
+    pool before one (timm's resnet26d downsample), whose outputs the quantizer gives their input's scale, so
+    the conv's int32 bias was computed at a scale the site does not use; an in-place add into a whole-tensor
+    slice (timm's ghostnet), an Identity in the exported graph that hid a fan-out; and the input's batch
+    size read by the forward (torchvision's convnext), a Shape node reading the quantized input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.branch, self.bn_b = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.down, self.bn_d = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.conv, self.bn_c = nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = F.relu(self.bn0(self.stem(x)))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, F.relu(self.bn_b(self.branch(b)))], 1)
+        x = self.bn_d(self.down(F.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False)))
+        y = torch.cat([x[:, :16], x[:, 16:]], 1)[:, :32]
+        y += x
+        x = F.relu(self.bn_c(self.conv(y)) + y)
+        return self.fc(x.mean((2, 3))).reshape(n, -1)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_convs_after_a_split_a_pool_or_an_alias_run_in_int8(exporter, tmp_path):
+    import onnxruntime as ort
+    from int8fx.onnx.graphs import GraphView
+
+    torch.manual_seed(0)
+    qm = int8fx.convert(Branchy())
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        F.cross_entropy(qm(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+        opt.zero_grad()
+    qm.eval()
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    path = str(tmp_path / "branchy.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    ran = int8_sites(meta, runtime_ops(path))
+    assert ran == {"stem": ["QLinearConv"], "branch": ["QLinearConv"], "down": ["QLinearConv"],
+                   "conv": ["QLinearConv"], "fc": ["QGemm"]}
+    assert sorted(meta["deploy"]["biases_requantized_at_input_scale"]) == ["branch/compute", "down/compute"]
+    view = GraphView(onnx.load(path))
+    for site in ("branch", "down"):  # bias scale = input scale x weight scale, the one QLinearConv assumes
+        call = meta["layers"][site]["onnx"][0]
+        b_scale = view.const(view.nodes[call["b_dequantize"]].input[1])
+        np.testing.assert_array_equal(b_scale, np.float32(call["x_scale"]) * np.array(call["weight_scale"]["data"],
+                                                                                       np.float32))
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    with torch.no_grad():
+        ref = qm(calib[0]).numpy()
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
     from int8fx.onnx.graphs import rescaled_channels
 

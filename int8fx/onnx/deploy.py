@@ -87,12 +87,16 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
     feeds = [{n: np.ascontiguousarray(a.detach().numpy()) for n, a in zip(in_names, b) if hasattr(a, "detach")}
              for b in batches]
+    float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
+                    if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
     model = _quantize(ortq, fp32, feeds, float_compute + gates, overrides)
     float_outputs = _float_graph_outputs(model)
     _float_ops_read_floats(model, set(gates))
+    _shapes_read_floats(model)
     capped = _cap_sigmoid_inputs(model, set(gates))
     rewritten.update(int8_ops.after_quantization(model))
     nudged = _dedicate_quantizers(model, site_of, statics)
+    requantized = _exact_biases(model, float_biases)
     fanned = _fan_out(model, site_of)
     calls_meta = _annotate(model, site_of, statics)
     clean(model)
@@ -102,7 +106,8 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "sigmoid_inputs_capped": capped,
                         "float_graph_outputs": float_outputs,
                         "rewritten_for_int8_kernels": rewritten,
-                        "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned}}
+                        "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
+                        "biases_requantized_at_input_scale": requantized}}
     return model, used, calls_meta, extra
 
 
@@ -313,6 +318,19 @@ def _float_ops_read_floats(model, float_ops: set[str]) -> None:
                 n.input[i] = q.input[0]
 
 
+def _shapes_read_floats(model) -> None:
+    """A Shape or Size node reads the float tensor, not its quantized copy: it needs no values, and a second
+    reader of a DequantizeLinear makes it a fan-out that stops onnxruntime from fusing the INT8 op that is
+    the real reader (torchvision's convnext_tiny takes the batch size of its input)."""
+    view = GraphView(model)
+    for n in model.graph.node:
+        if n.op_type in ("Shape", "Size"):
+            dq = view.made_by(n.input[0], "DequantizeLinear")
+            q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
+            if q is not None:
+                n.input[0] = q.input[0]
+
+
 # Sigmoid is within 3.4e-4 of 0 or 1 beyond +-8: an INT8 sigmoid input needs no wider range
 SIGMOID_RANGE = 8.0
 
@@ -411,6 +429,44 @@ def _dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, Stat
                     n.input[1], n.input[2] = sn, zn
     model.graph.initializer.extend(new_inits)  # (the ones they replace are dropped by torch_export.clean)
     return nudged
+
+
+def _exact_biases(model, float_biases: dict[str, np.ndarray | None]) -> list[str]:
+    """Re-quantize every int32 bias whose scale is not s_x * s_w of its conv/matmul, from the float bias:
+    onnxruntime fuses a conv into QLinearConv only where bias scale = input scale x weight scale (QLinearConv
+    takes no bias scale). The quantizer computes the bias at the input scale it chose, and it ignores a scale
+    override on the output of the ops it quantizes as their input (AveragePool, Split): there
+    `_dedicate_quantizers` then gives the site its own scale, and left alone the bias would be read at the
+    wrong scale. (A conv after AvgPool in timm's resnet26d-style downsample, after the channel Split of a
+    ShuffleNet or CSP block.) Returns the compute nodes whose bias was re-quantized."""
+    from onnx import numpy_helper
+
+    view = GraphView(model)
+    done = []
+    for n in model.graph.node:
+        if n.op_type not in COMPUTE_OPS or len(n.input) < 3 or not n.input[2]:
+            continue
+        xdq, bdq = view.made_by(n.input[0], "DequantizeLinear"), view.made_by(n.input[2], "DequantizeLinear")
+        wdq = view.made_by(weight_source(view, n)[0], "DequantizeLinear")
+        if xdq is None or bdq is None or wdq is None or bdq.input[0] not in view.inits:
+            continue
+        scale = (np.float32(view.const(xdq.input[1]).reshape(())) * view.const(wdq.input[1])).astype(np.float32)
+        if np.array_equal(view.const(bdq.input[1]), np.broadcast_to(scale, view.const(bdq.input[1]).shape)):
+            continue
+        bias = float_biases.get(bdq.output[0])
+        if bias is None:  # (not in the FP32 graph by that name: what the quantizer rounded)
+            bias = view.const(bdq.input[0]) * view.const(bdq.input[1])
+        codes = np.round(bias.astype(np.float64) / scale)
+        if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+            raise OnnxExportError(f"the int32 bias of '{n.name}' overflows at its input's scale {float(scale.ravel()[0])}"
+                                  f" x weight scale")
+        base = f"{n.name}/bias_at_input_scale"
+        model.graph.initializer.extend([numpy_helper.from_array(codes.astype(np.int32), f"{base}_codes"),
+                                        numpy_helper.from_array(np.broadcast_to(scale, codes.shape).copy(),
+                                                                f"{base}_scale")])
+        bdq.input[0], bdq.input[1] = f"{base}_codes", f"{base}_scale"
+        done.append(n.name)
+    return done
 
 
 def _site_behind(view: GraphView, q, site_of: dict[str, str]) -> str | None:

@@ -88,12 +88,14 @@ def _export_with(chosen, exporter, module, args, opset, input_names, output_name
 
 def clean(model) -> None:
     """Lowest IR version the opsets allow; no node/value metadata or doc strings (see module docstring);
-    constants read directly from initializers, not through the Identity nodes torch's constant
-    de-duplication leaves (runtimes and TensorRT want scales and zero points as initializers); no unused
-    initializers."""
+    no Identity nodes but those that write a graph output: constants read directly from initializers, not
+    through the Identity nodes torch's constant de-duplication leaves (runtimes and TensorRT want scales and
+    zero points as initializers), and activations read where they are made (an Identity between a tensor
+    and its readers hides a fan-out from the deploy form's quantizer, which then quantizes the tensor
+    twice: timm's ghostnet); no unused initializers."""
     import onnx
 
-    _bypass_constant_identities(model.graph)
+    _bypass_identities(model.graph)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
     if len(keep) != len(model.graph.initializer):
@@ -113,12 +115,11 @@ def clean(model) -> None:
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
 
-def _bypass_constant_identities(graph) -> None:
-    inits = {i.name for i in graph.initializer}
+def _bypass_identities(graph) -> None:
     outputs = {o.name for o in graph.output}
     alias = {}
     for n in list(graph.node):
-        if n.op_type == "Identity" and n.input[0] in inits | set(alias) and n.output[0] not in outputs:
+        if n.op_type == "Identity" and n.output[0] not in outputs:
             alias[n.output[0]] = alias.get(n.input[0], n.input[0])
             graph.node.remove(n)
     for n in graph.node:
