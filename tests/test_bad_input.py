@@ -480,6 +480,10 @@ def test_clear_errors_for_wrong_inputs():
         qm(torch.randn(1, 5, 6, 6))
     with pytest.raises(TypeError, match="floating-point input"):
         qm(torch.ones(1, 3, 6, 6, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):  # what FP32 says ...
+        nn.Conv2d(3, 8, 5)(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"padded input size \(4, 4\) is smaller than the dilated kernel \(5, 5\)"):
+        int8fx.convert(nn.Conv2d(3, 8, 5))(torch.randn(1, 3, 4, 4))  # ... and INT8, not an unfold's message
     with pytest.raises(TypeError, match="takes an nn.Module"):
         int8fx.convert(lambda x: x)
     with pytest.raises(int8fx.ConfigError, match="grad_quant"):

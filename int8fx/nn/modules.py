@@ -176,6 +176,11 @@ class Int8Layer(nn.Module):
             return self.int8_functional(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
         self._check_input(input, weight, groups)
         spec = resolve_spec(self.dims, tuple(weight.shape[2:]), stride, padding, dilation, groups)
+        if self.dims and any(o < 1 for o in spec.out_size(tuple(input.shape[2:]))):  # as torch's own conv refuses
+            padded = tuple(n + lo + hi for n, (lo, hi) in zip(input.shape[2:], spec.padding))
+            raise ValueError(f"{self.site_name}: padded input size {padded} is smaller than the dilated kernel "
+                             f"{tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel, spec.dilation))} "
+                             f"(input {tuple(input.shape)})")
         names = [n for n in self.state_tensors() if n not in ("act_clip", "act_clip_ema")]
         if self._sized_for(weight.shape[0]):
             committed = self.state_tensors()
