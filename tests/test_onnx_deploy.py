@@ -457,3 +457,40 @@ def test_relu6_becomes_leaky_relu_only_where_quantization_makes_them_equal(scale
     if not rewritten:  # the case the condition guards: there a ReLU would give other codes
         relu = np.clip(np.round(np.maximum(np.round(x["x"] / 0.1).clip(-128, 127) * 0.1, 0) / s), -128, 127)
         assert not np.array_equal(relu.astype(np.int8), want[0])
+
+
+# models where onnxruntime once left conv sites in float, or the deploy export failed (what each tests:
+# `Branchy`'s docstring); a few steps from random init, random images
+UNSEEN_STRUCTURES = ["timm:resnet26d", "timm:cspresnet50", "timm:ghostnet_100", "timm:nf_resnet26",
+                     "torchvision:shufflenet_v2_x0_5", "torchvision:convnext_tiny"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", UNSEEN_STRUCTURES)
+def test_every_conv_site_of_a_zoo_model_runs_in_int8(name):
+    import tempfile
+
+    source, model_name = name.split(":")
+    torch.manual_seed(0)
+    if source == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(model_name, pretrained=False, num_classes=10)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, model_name)(num_classes=10)
+    qm = int8fx.convert(model)
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for _ in range(2):
+        F.cross_entropy(qm(torch.randn(4, 3, 64, 64)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+    qm.eval()
+    calib = [torch.randn(4, 3, 64, 64) for _ in range(3)]
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/m.onnx"
+        meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
+        ran = int8_sites(meta, runtime_ops(path))
+    sites = [s.name for s in sites_of(qm) if s.converted]
+    assert sorted(ran) == sorted(sites)
+    assert {s: ops for s, ops in ran.items() if not ops or not all(op in INT8_KERNELS for op in ops)} == {}
