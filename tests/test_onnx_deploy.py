@@ -313,6 +313,42 @@ def test_convs_after_a_split_a_pool_or_an_alias_run_in_int8(exporter, tmp_path):
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+class SegHead(nn.Module):
+    """A segmentation head: the last conv's output upsampled to a size read from that output (torchvision's
+    FCN and DeepLabV3 heads export a Shape node reading their classifier conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+        self.classifier = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        y = self.classifier(F.relu(self.bn(self.conv(x))))
+        return F.interpolate(y, size=(y.shape[-2] * 2, y.shape[-1] * 2), mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_conv_whose_output_shape_is_read_runs_in_int8(exporter, tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    qm = int8fx.convert(SegHead())
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for _ in range(3):
+        qm(torch.randn(4, 3, 32, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    qm.eval()
+    calib = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    path = str(tmp_path / "seg.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    assert int8_sites(meta, runtime_ops(path)) == {"conv": ["QLinearConv"], "classifier": ["QLinearConv"]}
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    with torch.no_grad():
+        ref = qm(calib[0]).numpy()
+    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
     from int8fx.onnx.graphs import rescaled_channels
 

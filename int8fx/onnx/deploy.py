@@ -319,15 +319,19 @@ def _float_ops_read_floats(model, float_ops: set[str]) -> None:
 
 
 def _shapes_read_floats(model) -> None:
-    """A Shape or Size node reads the float tensor, not its quantized copy: it needs no values, and a second
-    reader of a DequantizeLinear makes it a fan-out that stops onnxruntime from fusing the INT8 op that is
-    the real reader (torchvision's convnext_tiny takes the batch size of its input)."""
+    """A Shape or Size node reads the float tensor, not its quantized copy, where that tensor is a graph
+    input or a float op's output: it needs no values, and a second reader of a DequantizeLinear makes it a
+    fan-out (`_fan_out`), whose Clip stops onnxruntime from fusing the INT8 op that is the real reader
+    (torchvision's convnext_tiny takes the batch size of its input). The output of an INT8 op stays read
+    through its DequantizeLinear: a second reader of the op's output would stop the op's own fusion (the
+    size a segmentation head's upsampling takes from its last conv)."""
     view = GraphView(model)
     for n in model.graph.node:
         if n.op_type in ("Shape", "Size"):
             dq = view.made_by(n.input[0], "DequantizeLinear")
             q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
-            if q is not None:
+            source = view.producer.get(q.input[0]) if q is not None else None
+            if q is not None and (source is None or not _is_int8_op(view, source)):
                 n.input[0] = q.input[0]
 
 
