@@ -64,17 +64,26 @@ FOLDED = {"stem": "bn0", "conv1": "bn1", "conv2": "bn2", "down": "bn_down", "exp
           "project": "bn_p"}
 
 
-def _trained(seed: int = 0):
-    """Net after a few INT8 training steps on random data: trained running clips, non-trivial BN statistics."""
+def _briefly_trained(make, shape=(8, 3, 32, 32), steps: int = 3, momentum: float = 0.9, seed: int = 0):
+    """The model `make()` builds (seeded), converted and INT8-trained a few steps on random data, in eval
+    mode: trained running clips, non-trivial BN statistics. Logits [N, classes] take a cross-entropy loss,
+    other outputs (a segmentation map) their mean square."""
     torch.manual_seed(seed)
-    qm = int8fx.convert(Net())
-    opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(3):
-        x = torch.randn(8, 3, 32, 32)
-        F.cross_entropy(qm(x), torch.randint(0, 10, (8,))).backward()
+    qm = int8fx.convert(make())
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=momentum)
+    for _ in range(steps):
+        out = qm(torch.randn(shape))
+        loss = (F.cross_entropy(out, torch.randint(0, out.shape[1], (shape[0],))) if out.dim() == 2
+                else out.square().mean())
+        loss.backward()
         opt.step()
         opt.zero_grad()
     return qm.eval()
+
+
+def _trained(seed: int = 0):
+    """Net after a few INT8 training steps on random data."""
+    return _briefly_trained(Net, seed=seed)
 
 
 @pytest.fixture(scope="module", params=["dynamo", "torchscript"])
@@ -286,14 +295,7 @@ def test_convs_after_a_split_a_pool_or_an_alias_run_in_int8(exporter, tmp_path):
     import onnxruntime as ort
     from int8fx.onnx.graphs import GraphView
 
-    torch.manual_seed(0)
-    qm = int8fx.convert(Branchy())
-    opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(3):
-        F.cross_entropy(qm(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
-        opt.step()
-        opt.zero_grad()
-    qm.eval()
+    qm = _briefly_trained(Branchy)
     calib = [torch.randn(8, 3, 32, 32) for _ in range(3)]
     path = str(tmp_path / "branchy.onnx")
     meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
@@ -331,14 +333,7 @@ class SegHead(nn.Module):
 def test_a_conv_whose_output_shape_is_read_runs_in_int8(exporter, tmp_path):
     import onnxruntime as ort
 
-    torch.manual_seed(0)
-    qm = int8fx.convert(SegHead())
-    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
-    for _ in range(3):
-        qm(torch.randn(4, 3, 32, 32)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    qm.eval()
+    qm = _briefly_trained(SegHead, (4, 3, 32, 32), momentum=0.0)
     calib = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     path = str(tmp_path / "seg.onnx")
     meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
@@ -507,21 +502,14 @@ def test_every_conv_site_of_a_zoo_model_runs_in_int8(name):
     import tempfile
 
     source, model_name = name.split(":")
-    torch.manual_seed(0)
     if source == "timm":
         timm = pytest.importorskip("timm")
-        model = timm.create_model(model_name, pretrained=False, num_classes=10)
+        make = lambda: timm.create_model(model_name, pretrained=False, num_classes=10)  # noqa: E731
     else:
         import torchvision
 
-        model = getattr(torchvision.models, model_name)(num_classes=10)
-    qm = int8fx.convert(model)
-    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
-    for _ in range(2):
-        F.cross_entropy(qm(torch.randn(4, 3, 64, 64)), torch.randint(0, 10, (4,))).backward()
-        opt.step()
-        opt.zero_grad()
-    qm.eval()
+        make = lambda: getattr(torchvision.models, model_name)(num_classes=10)  # noqa: E731
+    qm = _briefly_trained(make, (4, 3, 64, 64), steps=2, momentum=0.0)
     calib = [torch.randn(4, 3, 64, 64) for _ in range(3)]
     with tempfile.TemporaryDirectory() as d:
         path = f"{d}/m.onnx"
