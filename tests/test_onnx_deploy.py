@@ -344,6 +344,36 @@ def test_a_conv_whose_output_shape_is_read_runs_in_int8(exporter, tmp_path):
     assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+class TwoViews(nn.Module):
+    """A model taking a list of images (as torchvision's detectors do): the exporter makes each a graph input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, views: list[torch.Tensor]):
+        return self.fc(sum(F.relu(self.conv(v)).mean((2, 3)) for v in views))
+
+
+def test_calibration_batches_of_a_list_input_feed_every_graph_input(tmp_path):
+    torch.manual_seed(0)
+    qm = int8fx.convert(TwoViews())
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for _ in range(3):
+        F.cross_entropy(qm([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+    qm.eval()
+    batches = [([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)],) for _ in range(3)]
+    path = str(tmp_path / "views.onnx")
+    meta = int8fx.export_onnx(qm, batches[0], path, form="deploy", calibration_data=batches[1:])
+    assert int8_sites(meta, runtime_ops(path)) == {"conv": ["QLinearConv", "QLinearConv"], "fc": ["QGemm"]}
+    with pytest.raises(int8fx.onnx.OnnxExportError, match="a calibration batch holds 1 tensors, the exported graph "
+                                                          "takes 2 inputs"):
+        int8fx.export_onnx(qm, batches[0], str(tmp_path / "bad.onnx"), form="deploy",
+                           calibration_data=[([torch.randn(4, 3, 16, 16)],)])
+
+
 def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
     from int8fx.onnx.graphs import rescaled_channels
 

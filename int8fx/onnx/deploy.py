@@ -75,9 +75,9 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
         raise OnnxExportError(f"the deploy form is quantized with onnxruntime's quantizer: pip install onnxruntime "
                               f"({e})") from None
 
-    fp32, used, calls, in_names = export_with_standins(qmodel, FloatSite, statics, dynamic, args, exporter=exporter,
-                                                       opset=opset, input_names=input_names,
-                                                       output_names=output_names, dynamic_batch=dynamic_batch)
+    fp32, used, calls, _ = export_with_standins(qmodel, FloatSite, statics, dynamic, args, exporter=exporter,
+                                                opset=opset, input_names=input_names, output_names=output_names,
+                                                dynamic_batch=dynamic_batch)
     site_of = _name_site_nodes(fp32, statics, calls)
     view = GraphView(fp32)
     float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
@@ -85,8 +85,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     overrides = _activation_overrides(view, site_of, statics)
     rewritten = int8_ops.before_quantization(fp32)
     clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
-    feeds = [{n: np.ascontiguousarray(a.detach().numpy()) for n, a in zip(in_names, b) if hasattr(a, "detach")}
-             for b in batches]
+    feeds = _feeds(fp32, batches)
     float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
     model = _quantize(ortq, fp32, feeds, float_compute + gates, overrides)
@@ -109,6 +108,25 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
                         "biases_requantized_at_input_scale": requantized}}
     return model, used, calls_meta, extra
+
+
+def _feeds(model, batches: list[tuple]) -> list[dict]:
+    """The calibration batches as onnxruntime feeds: each batch's tensors in the order the exporter
+    flattens them into graph inputs (a detector takes a list of images: one input per image)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    feeds = []
+    for b in batches:
+        tensors = [a for a in tree_leaves(b) if isinstance(a, torch.Tensor)]
+        if len(tensors) != len(names):
+            raise OnnxExportError(f"a calibration batch holds {len(tensors)} tensors, the exported graph takes "
+                                  f"{len(names)} inputs ({', '.join(names)}): give batches shaped like the "
+                                  f"example input")
+        feeds.append({n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(names, tensors)})
+    return feeds
 
 
 def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> dict[str, str]:
@@ -487,6 +505,7 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
     view = GraphView(model)
     outputs = _names(model.graph.output)
     per_site: dict[str, list[dict]] = defaultdict(list)
+    named: set[int] = set()  # nodes two calls share (a site's weight, read by both of its calls) keep one name
     for name, site in site_of.items():
         node = view.nodes.get(name)
         st = statics[site]
@@ -518,7 +537,9 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
             raise OnnxExportError(f"the deploy graph cannot run INT8 site '{site}' in INT8: " + "; ".join(problems))
         base = name.rsplit("/", 1)[0]
         roles = {"x_quantize": xq, "x_dequantize": xdq, "w_dequantize": wdq, "b_dequantize": bdq, "y_quantize": yq}
-        names = {role: rename(view, n, f"{base}/{role}") for role, n in roles.items() if n is not None}
+        names = {role: n.name if id(n) in named else rename(view, n, f"{base}/{role}")
+                 for role, n in roles.items() if n is not None}
+        named.update(id(n) for n in roles.values() if n is not None)
         w_scale = view.const(wdq.input[1])
         if rescaled:
             names["channels_rescaled_for_int32_bias"] = rescaled
