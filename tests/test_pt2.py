@@ -43,6 +43,31 @@ def test_no_graph_breaks():
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
 
 
+class _StdConv(nn.Conv2d):
+    """A conv that computes its own weight and calls F.conv2d (timm's StdConv2d, ScaledStdConv2d): int8fx
+    runs its forward as rewritten by torch.fx."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_rewritten_forward_compiles_in_fullgraph_on_its_first_call(copied):
+    """The Python function of a rewritten forward is made from its fx graph when the graph is set (and when
+    a copy is unpickled), not at the first call, which may be inside torch.compile: dynamo cannot trace
+    the code generation (timm's lcnet_100 and nfnet_l0 failed `fullgraph=True` with "Attempted to inline
+    function marked as skipped: Graph.python_code")."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(_StdConv(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 10)))
+    assert type(qm[0]).__name__ == "Int8_StdConv"  # rewritten, not a module site
+    if copied:
+        qm = copy.deepcopy(qm)
+    out = torch.compile(qm, fullgraph=True, backend="aot_eager")(X)
+    out.sum().backward()
+    assert qm[0].weight.grad is not None and torch.isfinite(qm[0].weight.grad).all()
+
+
 def test_each_int8_op_compiled_equals_eager_bit_for_bit():
     """One site compiled (forward and backward, fullgraph) against the same site in eager mode: output,
     dX, dW, db and the staged quantizer state are identical, step after step; after the first step

@@ -96,7 +96,9 @@ class Rewritten(_AddsChildren, nn.Module):
     `_int8fx_graphs` holds one `torch.fx.Graph` ("any") or one per training mode ("train", "eval") when
     tracing in the two modes gave different code: the graph freezes `self.training` where the original
     code reads it, so a rewrite must never serve the other mode. The graphs are the state (they pickle);
-    the Python functions compiled from them are a cache."""
+    the Python functions compiled from them are a cache, filled when the graphs are set and when a copy is
+    unpickled (`compile_forwards`), not at the first call: that call may be inside `torch.compile`, which
+    cannot trace the code generation (`exec`) and would break the graph."""
 
     def current_graph(self) -> fx.Graph:
         """The graph this module runs in its current training mode."""
@@ -108,16 +110,28 @@ class Rewritten(_AddsChildren, nn.Module):
     def forward(self, *args, **kwargs):
         graphs = self._int8fx_graphs
         key = self._graph_key()
-        compiled = self.__dict__.setdefault("_int8fx_compiled", {})
-        fn = compiled.get(key)
+        fn = self.__dict__.get("_int8fx_compiled", {}).get(key)
         if fn is None:
-            fn = compiled[key] = compile_graph(graphs[key], f"{type(self).__name__}.forward[{key}]")
+            fn = self.compile_forwards()[key]
         return fn(self, *args, **kwargs)
+
+    def compile_forwards(self) -> dict:
+        """{mode key: forward function} for every graph, made from the graphs (the cache `forward` reads)."""
+        compiled = self.__dict__.setdefault("_int8fx_compiled", {})
+        for key, graph in self._int8fx_graphs.items():
+            if key not in compiled:
+                compiled[key] = compile_graph(graph, f"{type(self).__name__}.forward[{key}]")
+        return compiled
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_int8fx_compiled", None)
         return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "_int8fx_graphs" in self.__dict__:
+            self.compile_forwards()
 
     def rewritten_code(self) -> dict[str, str]:
         """The Python source of the rewritten forward, per mode."""

@@ -219,6 +219,7 @@ class Converter:
             for attr, site in new.values():
                 m.add_site(attr, site)
             m._int8fx_graphs = graphs
+            m.compile_forwards()
 
     def _module_site_of(self, m: nn.Module, node) -> tuple[str, Site] | None:
         """(path inside m, site) when `node` reads the weight of a conv/linear module site."""
