@@ -1,8 +1,10 @@
 """Resolve a MODEL argument of the command line to a module (and, when known, an example input).
 
-Three forms:
+Four forms:
   torchvision:NAME   a torchvision model built with `weights=None` (random init: nothing is downloaded),
                      e.g. torchvision:resnet50, torchvision:mobilenet_v2, torchvision:r3d_18;
+  timm:NAME          a timm model built with `pretrained=False` (random init), its example input of the size
+                     its pretrained config names (e.g. 1,3,224,224), e.g. timm:resnet26d, timm:efficientnet_b0;
   module:function    an importable module (or a .py file path) and an attribute in it: a function returning
                      a model, `(model, example_inputs)` or `{"model": ..., "example_inputs": ...}`; an
                      nn.Module class (built without arguments); or an nn.Module instance;
@@ -15,6 +17,7 @@ Checkpoints are unpickled (`weights_only=False`): load only files you trust.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -43,6 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "MODEL is one of:\n"
         "  torchvision:NAME   torchvision model, random init (no download), e.g. torchvision:resnet50\n"
+        "  timm:NAME          timm model, random init (no download), e.g. timm:resnet26d\n"
         "  module:function    importable module or file.py and a function returning a model, (model, example\n"
         "                     inputs) or {'model':..., 'example_inputs':...}; or an nn.Module class/instance\n"
         "  PATH               checkpoint from torch.save: a model, or a dict with 'model', or 'arch' (a MODEL\n"
@@ -51,15 +55,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  int8fx inspect torchvision:resnet50 --exclude conv1 --exclude fc\n"
         "  int8fx export torchvision:resnet18 -o resnet18.onnx --input-shape 1,3,224,224\n")
-    parser.add_argument("model", metavar="MODEL", help="the model: torchvision:NAME, module:function or a checkpoint path "
-                                                       "(see below)")
+    parser.add_argument("model", metavar="MODEL", help="the model: torchvision:NAME, timm:NAME, module:function or a "
+                                                       "checkpoint path (see below)")
     parser.add_argument("--input-shape", metavar="N,C,...", default=None,
                         help="shape of the example input (random normal, seeded), comma-separated; default: "
-                             "1,3,224,224 for torchvision image models, 1,3,16,112,112 for video models, else the "
+                             "1,3,224,224 for torchvision image models, 1,3,16,112,112 for video models, a timm model's "
+                             "pretrained input size, else the "
                              "example the model source provides; 'none' to skip the example forward")
     parser.add_argument("--arch", metavar="MODEL", default=None,
-                        help="architecture (a torchvision:NAME or module:function) for a checkpoint that holds only "
-                             "a state_dict")
+                        help="architecture (a torchvision:NAME, timm:NAME or module:function) for a checkpoint that "
+                             "holds only a state_dict")
     parser.add_argument("--grad-quant", choices=grad_quantizer_names(), default=None,
                         help="gradient quantizer policy (default: Int8Config's default)")
     parser.add_argument("--rounding", choices=ROUNDINGS, default=None, help="rounding of gradients")
@@ -106,6 +111,20 @@ def _torchvision(name: str) -> tuple[nn.Module, tuple | None]:
     classification = name in torchvision.models.list_models(module=torchvision.models)
     shape = VIDEO_SHAPE if video else IMAGE_SHAPE if classification else None
     return model, shape
+
+
+def _timm(name: str) -> tuple[nn.Module, tuple]:
+    try:
+        import timm
+    except ImportError as e:
+        raise ModelSpecError(f"timm:{name} needs timm: pip install timm ({e})") from e
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=8)
+        raise ModelSpecError(f"timm has no model {name!r}" + (f"; did you mean: {', '.join(close)}" if close else
+                                                               "; see timm.list_models()"))
+    model = timm.create_model(name, pretrained=False)
+    size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", IMAGE_SHAPE[1:]))
+    return model, (1, *size)
 
 
 def _import_attr(spec: str) -> Any:
@@ -155,12 +174,16 @@ def load_model(spec: str, arch: str | None = None) -> tuple[nn.Module, Any, tupl
     if spec.startswith("torchvision:"):
         model, shape = _torchvision(spec.split(":", 1)[1])
         return model, None, shape, None
+    if spec.startswith("timm:"):
+        model, shape = _timm(spec.split(":", 1)[1])
+        return model, None, shape, None
     if os.path.isfile(spec):
         return _checkpoint(spec, arch)
     if ":" in spec:
         model, example = _from_object(_import_attr(spec), spec)
         return model, example, None, None
-    raise ModelSpecError(f"cannot resolve MODEL {spec!r}: not torchvision:NAME, not module:function, and no such file")
+    raise ModelSpecError(f"cannot resolve MODEL {spec!r}: not torchvision:NAME or timm:NAME, not module:function, and "
+                         "no such file")
 
 
 def _checkpoint(path: str, arch: str | None):
@@ -181,8 +204,8 @@ def _checkpoint(path: str, arch: str | None):
         state = obj
     arch = arch or obj.get("arch")
     if state is None or arch is None:
-        raise ModelSpecError(f"{path}: a state_dict checkpoint needs its architecture: pass --arch torchvision:NAME or "
-                             "module:function, or save it under the key 'arch'")
+        raise ModelSpecError(f"{path}: a state_dict checkpoint needs its architecture: pass --arch torchvision:NAME, "
+                             "timm:NAME or module:function, or save it under the key 'arch'")
     model, ex2, shape, _ = load_model(arch)
     return _StateDictModel(model, state), example if example is not None else ex2, shape, cfg
 

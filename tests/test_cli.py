@@ -79,6 +79,16 @@ def test_inspect_torchvision_model_writes_json_and_graph(tmp_path, capsys):
     assert "Int8Conv2d" in (tmp_path / "g.dot").read_text()
 
 
+def test_a_timm_model_by_name(tmp_path, capsys):
+    pytest.importorskip("timm")
+    model, example, shape, _ = load_model("timm:resnet26d")
+    assert type(model).__name__ == "ResNet" and example is None and shape == (1, 3, 224, 224)
+    rc = main(["inspect", "timm:resnet26d", "--input-shape", "1,3,64,64"])
+    assert rc == 0 and "resnet26d: 32/32 conv/linear sites in INT8" in capsys.readouterr().out
+    with pytest.raises(ModelSpecError, match="timm has no model 'resnet26dd'; did you mean: .*resnet26d"):
+        load_model("timm:resnet26dd")
+
+
 def test_export_module_function_runs_in_onnxruntime(user_file, tmp_path, capsys):
     out_path = tmp_path / "tiny.onnx"
     rc = main(["export", f"{user_file}:build", "-o", str(out_path), "--grad-quant", "dsgc"])
@@ -139,7 +149,7 @@ def test_unresolvable_models_get_helpful_errors(user_file, tmp_path, capsys):
         load_model(f"{user_file}:nope")
     with pytest.raises(ModelSpecError, match="gave a int"):
         load_model(f"{user_file}:not_a_model")
-    with pytest.raises(ModelSpecError, match="not torchvision:NAME, not module:function, and no such file"):
+    with pytest.raises(ModelSpecError, match="not torchvision:NAME or timm:NAME, not module:function, and no such file"):
         load_model("missing.pt")
     with pytest.raises(ModelSpecError, match="positive integer"):
         parse_shape("1,0,3")
