@@ -410,7 +410,7 @@ def test_sigmoid_gates_stay_float_and_read_floats(deployed):
     conv still writes int8), the squeeze-excite gate multiplies the float SiLU output, not a copy rounded to
     its calibrated range, and the gate's INT8 logits are quantized over at most +-8 (sigmoid saturates)."""
     _, _, path, meta = deployed
-    from int8fx.onnx.deploy import SIGMOID_RANGE
+    from int8fx.onnx.quantized import SIGMOID_RANGE
     from int8fx.onnx.graphs import GraphView
 
     view = GraphView(onnx.load(path))
@@ -428,7 +428,7 @@ def test_sigmoid_gates_stay_float_and_read_floats(deployed):
 def test_a_wide_gate_input_is_quantized_over_the_sigmoid_range_only(tmp_path):
     """Gate logits calibrated over +-40 would be quantized with a step of 0.3 (the gate moves by up to
     0.08); they get the step of +-8, where sigmoid has saturated."""
-    from int8fx.onnx.deploy import SIGMOID_RANGE
+    from int8fx.onnx.quantized import SIGMOID_RANGE
     from int8fx.onnx.graphs import GraphView
 
     qm = _trained()

@@ -6,7 +6,9 @@
     qdq_op.py        the faithful site as one torch op and its ONNX form for both exporters
     torch_export.py  torch.export-based or TorchScript exporter, errors that name the node
     faithful.py      the QDQ graph equal to qmodel.eval()
-    deploy.py        the graph runtimes run in INT8 (BatchNorm folded, int8/int32 initializers)
+    deploy.py        the graph runtimes run in INT8 (BatchNorm folded, int8/int32 initializers): how it is built
+    int8_ops.py      ops without an INT8 kernel rewritten into equal ones that have one
+    quantized.py     the quantizer's graph made what onnxruntime fuses and what int8fx computes
     graphs.py        reading a graph; finding each site's node by its INT8 weights
     check.py         verification of a built graph; what onnxruntime runs
     metadata.py      the metadata schema, validation, read_onnx_metadata

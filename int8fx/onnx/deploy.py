@@ -23,11 +23,14 @@ Built in three steps:
    QuantizeLinears of one tensor whose scales are equal. Two consumers that want the same scale (a
    block's conv and its downsample shortcut) therefore get scales one float ulp apart (a relative change of
    6e-8, below anything an INT8 code can show); each INT8 site keeps its exact scale. An INT8 op whose
-   output feeds several consumers is quantized once and re-quantized per consumer (`_fan_out`).
+   output feeds several consumers is quantized once and re-quantized per consumer (`quantized.fan_out`), and
+   an int32 bias the quantizer computed at another input scale than the site's is re-quantized at s_x * s_w
+   (`quantized.exact_biases`). Steps 3 and the float fix-ups below live in int8fx.onnx.quantized.
 
-What stays float, as in int8fx: what the model returns (`_float_graph_outputs`: the quantizer would round
-the logits too), and every sigmoid gate x * sigmoid(g), SiLU and squeeze-excite (`_sigmoid_gates`), which
-reads float values (`_float_ops_read_floats`) and INT8 logits over at most +-8 (`_cap_sigmoid_inputs`).
+What stays float, as in int8fx: what the model returns (`quantized.float_graph_outputs`: the quantizer would
+round the logits too), and every sigmoid gate x * sigmoid(g), SiLU and squeeze-excite (`_sigmoid_gates`),
+which reads float values (`quantized.float_ops_read_floats`) and INT8 logits over at most +-8
+(`quantized.cap_sigmoid_inputs`).
 
 Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
 (where they feed an Add or a SiLU: an INT8 conv writes int8), biases are rounded to int32, and
@@ -45,7 +48,7 @@ from collections import defaultdict
 import numpy as np
 import torch.nn as nn
 
-from . import int8_ops
+from . import int8_ops, quantized
 from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .graphs import (
@@ -89,14 +92,14 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
     model = _quantize(ortq, fp32, feeds, float_compute + gates, overrides)
-    float_outputs = _float_graph_outputs(model)
-    _float_ops_read_floats(model, set(gates))
-    _shapes_read_floats(model)
-    capped = _cap_sigmoid_inputs(model, set(gates))
+    float_outputs = quantized.float_graph_outputs(model)
+    quantized.float_ops_read_floats(model, set(gates))
+    quantized.shapes_read_floats(model)
+    capped = quantized.cap_sigmoid_inputs(model, set(gates))
     rewritten.update(int8_ops.after_quantization(model))
-    nudged = _dedicate_quantizers(model, site_of, statics)
-    requantized = _exact_biases(model, float_biases)
-    fanned = _fan_out(model, site_of)
+    nudged = quantized.dedicate_quantizers(model, site_of, statics)
+    requantized = quantized.exact_biases(model, float_biases)
+    fanned = quantized.fan_out(model, site_of)
     calls_meta = _annotate(model, site_of, statics)
     clean(model)
     extra = {"producer": {"onnxruntime": onnxruntime.__version__},
@@ -245,265 +248,10 @@ def _quiet_onnxruntime():
         logging.disable(previous)
 
 
-# ops onnxruntime fuses with their input DequantizeLinears and their output QuantizeLinear into one INT8 op
-_FUSED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
-          "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where"}
-
-
-def _fan_out(model, site_of: dict[str, str]) -> int:
-    """Make every activation QuantizeLinear feed one DequantizeLinear, and every activation
-    DequantizeLinear one consumer: onnxruntime duplicates a DequantizeLinear per consumer, and converts a
-    QuantizeLinear to its u8 kernels only when a single DequantizeLinear follows it; an INT8 op must also
-    write exactly one QuantizeLinear to be fused. Where a value fans out, it is dequantized once and
-    saturated at -127 steps as int8fx does (a Clip, which changes a value, so no optimizer folds it away),
-    and the consumers read the Clip:
-      * an INT8 op whose output several QuantizeLinears read (a projection conv read by the next block and
-        by a residual Add): quantize once (at the reading site's scale, else the largest of theirs),
-            out -> Q0 -> DQ0 -> Clip(-127 s0, 127 s0) -> {Q1 -> DQ1 -> conv, Q2 -> DQ2 -> Add};
-      * a DequantizeLinear read by several float ops (the Sigmoid and Mul of SiLU): DQ -> Clip -> {...}.
-    Returns how many fan-outs."""
-    view = GraphView(model)
-    after: dict[int, list] = {}  # new nodes to place right after a node (topological order)
-    for tensor, users in list(view.consumers.items()):
-        producer = view.producer.get(tensor)
-        if producer is None or len(users) < 2:
-            continue
-        qs = [u for u in users if u.op_type == "QuantizeLinear"]
-        if len(qs) == len(users) and _is_int8_op(view, producer):
-            scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
-            at_site = [sc for q, sc in zip(qs, scales) if _site_behind(view, q, site_of)]
-            s0 = at_site[0] if at_site else max(scales)
-            zp = view.const(qs[0].input[2]).reshape(())
-            after[id(producer)] = _requantize_and_clip(model, tensor, s0, zp, users)
-        elif producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits:
-            s0, zp = view.const(producer.input[1]).reshape(()), view.const(producer.input[2]).reshape(())
-            after[id(producer)] = _requantize_and_clip(model, tensor, s0, zp, users, requantize=False)
-    if after:
-        nodes = [m for n in model.graph.node for m in [n] + after.get(id(n), [])]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return len(after)
-
-
-def _float_graph_outputs(model) -> list[str]:
-    """Remove the QuantizeLinear/DequantizeLinear pair the quantizer puts on each graph output, so the file
-    returns what `qmodel.eval()` returns: float logits, not logits rounded to 255 levels of their calibrated
-    range. Rounded logits tie and swap the top two classes: on a Fashion-MNIST resnet18 that alone cost
-    0.8 points of top-1 agreement with qmodel.eval(). A head Gemm/MatMul still runs in INT8 (onnxruntime's
-    QGemm / MatMulIntegerToFloat write float); a conv whose output the model returns runs on its dequantized
-    INT8 weights in float. Returns the outputs made float."""
-    view = GraphView(model)
-    done = []
-    for out in model.graph.output:
-        dq = view.made_by(out.name, "DequantizeLinear")
-        q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
-        if q is None or len(view.consumers[q.output[0]]) != 1 or q.input[0] in view.inits:
-            continue
-        source = q.input[0]
-        producer = view.producer.get(source)
-        if producer is not None and len(view.consumers[source]) == 1 and source not in _names(model.graph.output):
-            for i, name in enumerate(producer.output):  # the producer writes the output itself
-                if name == source:
-                    producer.output[i] = out.name
-            drop = {id(q), id(dq)}
-        else:  # (the graph input, or a tensor other nodes read too)
-            dq.op_type, dq.input[:] = "Identity", [source]
-            del dq.attribute[:]
-            drop = {id(q)}
-        kept = [n for n in model.graph.node if id(n) not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
-        view = GraphView(model)
-        done.append(out.name)
-    return done
-
-
-def _float_ops_read_floats(model, float_ops: set[str]) -> None:
-    """A float op (`float_ops`, by name) that the quantizer handed a DequantizeLinear(QuantizeLinear(t)) of
-    another float op's output t reads t itself, as int8fx does: a squeeze-excite gate multiplies the float
-    SiLU output, not that output rounded to its calibrated range (the QuantizeLinear stays for the INT8
-    readers of t, here the squeeze's pooling). Outputs of INT8 ops stay dequantized: read in float, they
-    would stop onnxruntime from fusing the op that writes them."""
-    view = GraphView(model)
-    for n in model.graph.node:
-        if n.name not in float_ops:
-            continue
-        for i, name in enumerate(n.input):
-            dq = view.made_by(name, "DequantizeLinear")
-            q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
-            source = view.producer.get(q.input[0]) if q is not None else None
-            if source is not None and source.name in float_ops:
-                n.input[i] = q.input[0]
-
-
-def _shapes_read_floats(model) -> None:
-    """A Shape or Size node reads the float tensor, not its quantized copy, where that tensor is a graph
-    input or a float op's output: it needs no values, and a second reader of a DequantizeLinear makes it a
-    fan-out (`_fan_out`), whose Clip stops onnxruntime from fusing the INT8 op that is the real reader
-    (torchvision's convnext_tiny takes the batch size of its input). The output of an INT8 op stays read
-    through its DequantizeLinear: a second reader of the op's output would stop the op's own fusion (the
-    size a segmentation head's upsampling takes from its last conv)."""
-    view = GraphView(model)
-    for n in model.graph.node:
-        if n.op_type in ("Shape", "Size"):
-            dq = view.made_by(n.input[0], "DequantizeLinear")
-            q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
-            source = view.producer.get(q.input[0]) if q is not None else None
-            if q is not None and (source is None or not _is_int8_op(view, source)):
-                n.input[0] = q.input[0]
-
-
-# Sigmoid is within 3.4e-4 of 0 or 1 beyond +-8: an INT8 sigmoid input needs no wider range
-SIGMOID_RANGE = 8.0
-
-
-def _cap_sigmoid_inputs(model, float_ops: set[str]) -> int:
-    """Quantize the INT8 output that a float Sigmoid gate reads (a squeeze-excite conv) over at most
-    +-SIGMOID_RANGE: calibrated over its whole range (+-85 for some of efficientnet_b0's), its step rounds
-    the gate by up to 0.08; capped, by 0.008 at most, plus 3.4e-4 where it saturates. On efficientnet_b0
-    (Fashion-MNIST, 1200 steps) top-1 agreement with qmodel.eval() went from 90.0% to 90.6%. Returns how
-    many inputs were capped."""
-    from onnx import numpy_helper
-
-    view = GraphView(model)
-    cap = np.float32(SIGMOID_RANGE / 127)
-    capped = 0
-    for n in model.graph.node:
-        if n.op_type != "Sigmoid" or n.name not in float_ops:
-            continue
-        dq = view.made_by(n.input[0], "DequantizeLinear")
-        q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
-        if q is None or len(view.consumers[dq.output[0]]) != 1 or np.float32(view.const(q.input[1]).reshape(())) <= cap:
-            continue
-        name = f"{q.output[0]}_sigmoid_range_scale"
-        model.graph.initializer.append(numpy_helper.from_array(np.array(cap, np.float32), name))
-        q.input[1] = dq.input[1] = name
-        capped += 1
-    return capped
-
-
-def _names(values) -> set[str]:
-    return {v.name for v in values}
-
-
-def _is_int8_op(view: GraphView, node) -> bool:
-    """Whether onnxruntime can fuse `node` into an INT8 op: a fusable type whose every activation input is
-    dequantized (its output Q is what the fan-out is about)."""
-    acts = [i for i in node.input if i and i not in view.inits]
-    return node.op_type in _FUSED and all(view.made_by(i, "DequantizeLinear") is not None for i in acts)
-
-
-def _requantize_and_clip(model, tensor: str, s0, zp, users, requantize: bool = True) -> list:
-    """[Q0, DQ0,] Clip nodes on `tensor`, rewiring `users` to the Clip's output."""
-    from onnx import helper, numpy_helper
-
-    base = f"{tensor}_fanout"
-    s0 = np.float32(s0)
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
-                                    numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
-    nodes, source = [], tensor
-    if requantize:
-        model.graph.initializer.extend([numpy_helper.from_array(np.array(s0, np.float32), f"{base}_scale"),
-                                        numpy_helper.from_array(np.array(zp), f"{base}_zero_point")])
-        nodes = [helper.make_node("QuantizeLinear", [tensor, f"{base}_scale", f"{base}_zero_point"],
-                                  [f"{base}_quantized"], name=f"{base}_quantize"),
-                 helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                                  [f"{base}_dequantized"], name=f"{base}_dequantize")]
-        source = f"{base}_dequantized"
-    nodes.append(helper.make_node("Clip", [source, f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
-                                  name=f"{base}_clip"))
-    for u in users:
-        for i, name in enumerate(u.input):
-            if name == tensor:
-                u.input[i] = f"{base}_clipped"
-    return nodes
-
-
-def _dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> int:
-    """One scale and zero-point initializer per activation QuantizeLinear, the site's exact scale on each
-    site input, and distinct scales among the QuantizeLinears of one tensor (module docstring, step 3).
-    Returns how many scales were moved by an ulp."""
-    from onnx import numpy_helper
-
-    view = GraphView(model)
-    by_tensor: dict[str, list] = defaultdict(list)
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] not in view.inits:
-            by_tensor[n.input[0]].append(n)
-    nudged = 0
-    new_inits = []
-    for tensor, qs in by_tensor.items():
-        taken: set[float] = set()
-        # sites first: they keep their exact scale
-        ordered = sorted(qs, key=lambda q: _site_behind(view, q, site_of) is None)
-        for q in ordered:
-            site = _site_behind(view, q, site_of)
-            s = np.float32(statics[site].x_scale if site else view.const(q.input[1]).reshape(()))
-            while float(s) in taken:
-                s = np.nextafter(s, np.float32(np.inf))
-                nudged += 1
-            taken.add(float(s))
-            zp = view.const(q.input[2]).reshape(())
-            sn, zn = f"{q.output[0]}_scale", f"{q.output[0]}_zero_point"
-            new_inits += [numpy_helper.from_array(np.array(s, np.float32), sn), numpy_helper.from_array(zp, zn)]
-            for n in [q] + view.consumers[q.output[0]]:
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-                    n.input[1], n.input[2] = sn, zn
-    model.graph.initializer.extend(new_inits)  # (the ones they replace are dropped by torch_export.clean)
-    return nudged
-
-
-def _exact_biases(model, float_biases: dict[str, np.ndarray | None]) -> list[str]:
-    """Re-quantize every int32 bias whose scale is not s_x * s_w of its conv/matmul, from the float bias:
-    onnxruntime fuses a conv into QLinearConv only where bias scale = input scale x weight scale (QLinearConv
-    takes no bias scale). The quantizer computes the bias at the input scale it chose, and it ignores a scale
-    override on the output of the ops it quantizes as their input (AveragePool, Split): there
-    `_dedicate_quantizers` then gives the site its own scale, and left alone the bias would be read at the
-    wrong scale. (A conv after AvgPool in timm's resnet26d-style downsample, after the channel Split of a
-    ShuffleNet or CSP block.) Returns the compute nodes whose bias was re-quantized."""
-    from onnx import numpy_helper
-
-    view = GraphView(model)
-    done = []
-    for n in model.graph.node:
-        if n.op_type not in COMPUTE_OPS or len(n.input) < 3 or not n.input[2]:
-            continue
-        xdq, bdq = view.made_by(n.input[0], "DequantizeLinear"), view.made_by(n.input[2], "DequantizeLinear")
-        wdq = view.made_by(weight_source(view, n)[0], "DequantizeLinear")
-        if xdq is None or bdq is None or wdq is None or bdq.input[0] not in view.inits:
-            continue
-        scale = (np.float32(view.const(xdq.input[1]).reshape(())) * view.const(wdq.input[1])).astype(np.float32)
-        if np.array_equal(view.const(bdq.input[1]), np.broadcast_to(scale, view.const(bdq.input[1]).shape)):
-            continue
-        bias = float_biases.get(bdq.output[0])
-        if bias is None:  # (not in the FP32 graph by that name: what the quantizer rounded)
-            bias = view.const(bdq.input[0]) * view.const(bdq.input[1])
-        codes = np.round(bias.astype(np.float64) / scale)
-        if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
-            raise OnnxExportError(f"the int32 bias of '{n.name}' overflows at its input's scale {float(scale.ravel()[0])}"
-                                  f" x weight scale")
-        base = f"{n.name}/bias_at_input_scale"
-        model.graph.initializer.extend([numpy_helper.from_array(codes.astype(np.int32), f"{base}_codes"),
-                                        numpy_helper.from_array(np.broadcast_to(scale, codes.shape).copy(),
-                                                                f"{base}_scale")])
-        bdq.input[0], bdq.input[1] = f"{base}_codes", f"{base}_scale"
-        done.append(n.name)
-    return done
-
-
-def _site_behind(view: GraphView, q, site_of: dict[str, str]) -> str | None:
-    """The site whose input this QuantizeLinear quantizes (through its DequantizeLinear), if any."""
-    for dq in view.consumers[q.output[0]]:
-        for c in view.consumers[dq.output[0]] if dq.op_type == "DequantizeLinear" else []:
-            if c.name in site_of and c.input[0] == dq.output[0]:
-                return site_of[c.name]
-    return None
-
-
 def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> dict[str, list[dict]]:
     """Check each site call's Q/DQ structure, name its nodes after the site and return them per call."""
     view = GraphView(model)
-    outputs = _names(model.graph.output)
+    outputs = {o.name for o in model.graph.output}
     per_site: dict[str, list[dict]] = defaultdict(list)
     named: set[int] = set()  # nodes two calls share (a site's weight, read by both of its calls) keep one name
     for name, site in site_of.items():
