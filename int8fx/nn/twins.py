@@ -108,7 +108,6 @@ class Rewritten(_AddsChildren, nn.Module):
         return "any" if "any" in self._int8fx_graphs else ("train" if self.training else "eval")
 
     def forward(self, *args, **kwargs):
-        graphs = self._int8fx_graphs
         key = self._graph_key()
         fn = self.__dict__.get("_int8fx_compiled", {}).get(key)
         if fn is None:
