@@ -46,7 +46,9 @@ import tempfile
 from collections import defaultdict
 
 import numpy as np
+import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from . import int8_ops, quantized
 from .calibrate import StaticSite
@@ -116,9 +118,6 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
 def _feeds(model, batches: list[tuple]) -> list[dict]:
     """The calibration batches as onnxruntime feeds: each batch's tensors in the order the exporter
     flattens them into graph inputs (a detector takes a list of images: one input per image)."""
-    import torch
-    from torch.utils._pytree import tree_leaves
-
     inits = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
     feeds = []
