@@ -68,8 +68,7 @@ def float_graph_outputs(model) -> list[str]:
     view = GraphView(model)
     done = []
     for out in model.graph.output:
-        dq = view.made_by(out.name, "DequantizeLinear")
-        q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
+        dq, q = _requantized(view, out.name)
         if q is None or len(view.consumers[q.output[0]]) != 1 or q.input[0] in view.inits:
             continue
         source = q.input[0]
@@ -102,8 +101,7 @@ def float_ops_read_floats(model, float_ops: set[str]) -> None:
         if n.name not in float_ops:
             continue
         for i, name in enumerate(n.input):
-            dq = view.made_by(name, "DequantizeLinear")
-            q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
+            dq, q = _requantized(view, name)
             source = view.producer.get(q.input[0]) if q is not None else None
             if source is not None and source.name in float_ops:
                 n.input[i] = q.input[0]
@@ -119,8 +117,7 @@ def shapes_read_floats(model) -> None:
     view = GraphView(model)
     for n in model.graph.node:
         if n.op_type in ("Shape", "Size"):
-            dq = view.made_by(n.input[0], "DequantizeLinear")
-            q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
+            dq, q = _requantized(view, n.input[0])
             source = view.producer.get(q.input[0]) if q is not None else None
             if q is not None and (source is None or not _is_int8_op(view, source)):
                 n.input[0] = q.input[0]
@@ -144,8 +141,7 @@ def cap_sigmoid_inputs(model, float_ops: set[str]) -> int:
     for n in model.graph.node:
         if n.op_type != "Sigmoid" or n.name not in float_ops:
             continue
-        dq = view.made_by(n.input[0], "DequantizeLinear")
-        q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
+        dq, q = _requantized(view, n.input[0])
         if q is None or len(view.consumers[dq.output[0]]) != 1 or np.float32(view.const(q.input[1]).reshape(())) <= cap:
             continue
         name = f"{q.output[0]}_sigmoid_range_scale"
@@ -153,6 +149,13 @@ def cap_sigmoid_inputs(model, float_ops: set[str]) -> int:
         q.input[1] = dq.input[1] = name
         capped += 1
     return capped
+
+
+def _requantized(view: GraphView, tensor: str) -> tuple:
+    """(DequantizeLinear, QuantizeLinear) where `tensor` is DequantizeLinear(QuantizeLinear(t)) of an activation
+    t (q.input[0]), the quantizer's usual pair; None for each that is not there."""
+    dq = view.made_by(tensor, "DequantizeLinear")
+    return dq, (view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None)
 
 
 def _names(values) -> set[str]:
