@@ -280,3 +280,37 @@ def test_timm_conv2d_same_and_weight_standardisation_are_converted():
     y.sum().backward()
     int8fx.commit(qm)
     assert int(qm[0].int8_conv2d.step) == 1 and int(qm[2].int8_conv2d.step) == 1
+
+
+def test_a_bf16_model_trains_in_int8_with_its_quantizer_state_in_fp32():
+    """`model.to(torch.bfloat16)` casts every floating buffer; int8fx's state (clips, running averages, staged
+    copies) stays fp32, as the INT8 op computes its scales in fp32 (it failed outright before)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    ref = Net().to(torch.bfloat16)
+    qm = int8fx.convert(copy.deepcopy(ref)).to(torch.bfloat16)
+    x = X.to(torch.bfloat16)
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    qm(x).float().logsumexp(1).sum().backward()
+    ref(x).float().logsumexp(1).sum().backward()
+    opt.step()
+    assert qm.conv.weight.dtype == qm.conv.weight.grad.dtype == torch.bfloat16
+    assert qm(x).dtype == torch.bfloat16
+    state = {k: v for k, v in qm.state_dict().items() if k.startswith(("conv.", "fc.")) and "weight" not in k
+             and "bias" not in k}
+    assert state and all(v.dtype in (torch.float32, torch.int64) for v in state.values()), \
+        {k: v.dtype for k, v in state.items()}
+    assert all(t.dtype in (torch.float32, torch.int64) for t in qm.conv.pending.buffers())
+    assert float(qm.conv.act_clip_ema) == pytest.approx(float(X.to(torch.bfloat16).abs().max()), rel=1e-6)
+    assert int(qm.conv.step) == 1
+    g, g_ref = qm.conv.weight.grad.float().flatten(), ref.conv.weight.grad.float().flatten()
+    assert F.cosine_similarity(g, g_ref, dim=0) > 0.95
+    qm.half()  # and back into any other float dtype
+    assert qm.conv.act_clip.dtype == qm.fc.grad_quantizer.last_clip_x.dtype == torch.float32

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import Int8Config
 from ..kernels.im2col import GemmSpec
-from ..quant.grad import PolicyParams, make_grad_quantizer, optional_buffers_on_load
+from ..quant.grad import PolicyParams, make_grad_quantizer, optional_buffers_on_load, keep_float32
 from .functional import int8_gemm, spec_to_ints
 from .state import PendingState, track, untrack
 
@@ -104,6 +104,11 @@ class Int8Layer(nn.Module):
         self._reset_pending()
         self.register_load_state_dict_post_hook(_resync_pending)
         track(self)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_float32(self, QUANT_BUFFERS)  # a bf16 model keeps fp32 quantizer state (quant.grad.keep_float32)
+        return self
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

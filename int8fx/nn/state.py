@@ -20,6 +20,8 @@ import weakref
 import torch.nn as nn
 from torch import Tensor
 
+from ..quant.grad import keep_float32
+
 _LIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # every Int8Layer that exists
 _hook_installed = False
 
@@ -37,6 +39,11 @@ class PendingState(nn.Module):
         super().__init__()
         for name, t in state.items():
             self.register_buffer(_key(name), t.detach().clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_float32(self)  # the staged state stays fp32 like the committed state
+        return self
 
     def get(self, name: str) -> Tensor:
         return self._buffers[_key(name)]
