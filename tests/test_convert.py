@@ -1,6 +1,7 @@
 """convert(): every conv/linear site becomes an INT8 op computing exactly the quantized math, the model's
 names and the input model are preserved, and what is not converted says why."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -310,3 +311,15 @@ def test_eval_forward_uses_the_training_clip_so_predictions_do_not_depend_on_the
     assert float(layer.act_clip) == pytest.approx(float(x.abs().max()))
     with pytest.raises(int8fx.config.ConfigError, match="eval_act_clip"):
         int8fx.Int8Config(eval_act_clip="static")
+
+
+def test_sites_left_in_fp32_by_accident_are_warned_about_and_chosen_ones_are_not():
+    """An uninitialised lazy module cannot be converted: the model would train in FP32 without a word
+    (inspect said why, convert did not)."""
+    lazy = nn.Sequential(nn.LazyConv2d(8, 3), nn.Flatten(), nn.LazyLinear(4))
+    with pytest.warns(UserWarning, match=r"2 conv/linear site\(s\) stay in full precision \(0: lazy module"):
+        int8fx.convert(lazy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        int8fx.convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)), int8fx.Int8Config(exclude=["0"]),
+                       filter_fn=lambda name, m: name != "1")

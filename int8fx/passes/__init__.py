@@ -3,6 +3,7 @@ backends). `convert` is their composition; `to_float` undoes it."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch.nn as nn
 
@@ -10,7 +11,7 @@ from ..config import Int8Config
 from ..nn.modules import Int8Layer
 from ..nn.twins import is_twin, revert
 from .lower import lower
-from .rewrite import Conversion, FilterFn, Site, rewrite
+from .rewrite import EXCLUDED, FILTERED, Conversion, FilterFn, Site, rewrite
 from .trace import OpaqueModule, analysis_graphs, trace_own_code
 
 RECORD = "_int8fx"
@@ -40,7 +41,19 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
     record = rewrite(work, config, filter_fn)
     lower(work, config.backend)
     setattr(work, RECORD, record)  # a plain attribute: not in state_dict, carried by deepcopy and pickle
+    _warn_unintended_fp32(record)
     return work
+
+
+def _warn_unintended_fp32(record: Conversion) -> None:
+    """Say so where a site stays in FP32 for a reason other than the user's own exclusion (an uninitialised
+    lazy module, a TorchScript submodule, ...): a model that silently trained in FP32 would look like an
+    INT8 result."""
+    kept = [s for s in record.sites if not s.converted and EXCLUDED not in s.reason and FILTERED not in s.reason]
+    if kept:
+        listed = "; ".join(f"{s.name}: {s.reason}" for s in kept[:4]) + ("; ..." if len(kept) > 4 else "")
+        warnings.warn(f"int8fx.convert: {len(kept)} conv/linear site(s) stay in full precision ({listed}); "
+                      "int8fx.inspect(model) lists every site", stacklevel=3)
 
 
 def to_float(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:

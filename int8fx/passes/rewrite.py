@@ -44,6 +44,11 @@ FilterFn = Callable[[str, nn.Module], bool]
 ROOT = "(root)"  # the name of a site that is the model itself (a bare nn.Conv2d converted)
 
 
+# the reasons for keeping a site in FP32 that are the user's own choice (every other reason is worth a warning)
+EXCLUDED = "excluded by Int8Config.exclude"
+FILTERED = "filter_fn returned False"
+
+
 @dataclass
 class Site:
     """One conv/linear call site of the model, converted or not. `source`: "module" (a conv/linear module),
@@ -114,9 +119,9 @@ class Converter:
 
     def _skip_reason(self, name: str, module: nn.Module) -> str:
         if self.config.excludes(name, module):
-            return "excluded by Int8Config.exclude"
+            return EXCLUDED
         if self.filter_fn is not None and not self.filter_fn(name, module):
-            return "filter_fn returned False"
+            return FILTERED
         return ""
 
     def _next_index(self) -> int:
