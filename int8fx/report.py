@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from torch.overrides import TorchFunctionMode
@@ -287,7 +288,9 @@ def _macs(n) -> str:
 
 
 # --------------------------------------------------------------------------- shapes
-def _add_call(record: dict, name: str, x, weight, out) -> None:
+def _add_call(record: dict, name: str, x, weight, out, transposed: bool = False) -> None:
+    """Count one call of site `name`. MACs: each output (each input, for a transposed conv) is a dot
+    product with one weight slice."""
     rec = record.setdefault(name, {"calls": 0, "macs": 0})
     rec["calls"] += 1
     if isinstance(x, Tensor) and "input" not in rec:
@@ -297,7 +300,7 @@ def _add_call(record: dict, name: str, x, weight, out) -> None:
     if isinstance(out, Tensor):
         rec.setdefault("output", tuple(out.shape))
         if isinstance(weight, Tensor):
-            rec["macs"] += out.numel() * weight[0].numel()
+            rec["macs"] += (x.numel() if transposed and isinstance(x, Tensor) else out.numel()) * weight[0].numel()
 
 
 class _FP32Calls(TorchFunctionMode):
@@ -316,7 +319,7 @@ class _FP32Calls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _site_functions() and self.stack and self.stack[-1] is not None:
+        if (func in _site_functions() or func in _TRANSPOSED) and self.stack and self.stack[-1] is not None:
             owner = self.stack[-1]
             if owner in self.module_sites:
                 name = owner
@@ -326,8 +329,11 @@ class _FP32Calls(TorchFunctionMode):
                 name = names[k] if k < len(names) else None
             if name is not None:
                 bound = dict(zip(("input", "weight"), args), **(kwargs or {}))
-                _add_call(self.record, name, bound.get("input"), bound.get("weight"), out)
+                _add_call(self.record, name, bound.get("input"), bound.get("weight"), out, func in _TRANSPOSED)
         return out
+
+
+_TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)  # module sites kept in FP32
 
 
 def _site_functions():

@@ -211,3 +211,21 @@ def test_projections_inside_attention_get_shapes():
     assert rows["att.in_proj"].converted and rows["att.in_proj"].weight_shape == (48, 16)
     assert rows["att.in_proj"].macs == 2 * 5 * 48 * 16
     assert rows["att.out_proj"].macs == 2 * 5 * 16 * 16
+
+
+def test_transposed_convs_are_listed_as_kept_in_fp32_with_their_shapes():
+    """A decoder's ConvTranspose2d is a convolution int8fx leaves in FP32: the report and convert say so
+    (before, it was in neither, and a UNet-like model looked fully converted)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(4, 2, 1))
+    with pytest.warns(UserWarning, match=r"1 conv/linear site\(s\) stay in full precision \(1: transposed"):
+        qm = int8fx.convert(m)
+    x = torch.randn(2, 3, 8, 8)
+    rep = int8fx.inspect(qm, x)
+    assert [(r.name, r.op, r.converted) for r in rep.layers] == [
+        ("0", "conv2d", True), ("1", "conv_transpose2d", False), ("2", "conv2d", True)]
+    row = rep.layers[1]
+    assert "transposed convolution" in row.reason and row.weight_shape == (8, 4, 2, 2)
+    assert row.output_shape == (2, 4, 16, 16)
+    assert row.macs == 2 * 8 * 8 * 8 * (4 * 2 * 2)  # every input element meets C_out x k x k weights
+    assert "1 (conv_transpose2d, module): transposed convolution" in str(rep)
+    assert torch.equal(qm[1](qm[0](x)), m[1](qm[0](x)))  # it computes what the original computes

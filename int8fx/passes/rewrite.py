@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.conv import _ConvTransposeNd
 
 from ..config import Int8Config
 from ..nn.modules import Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, site_op
@@ -47,6 +48,7 @@ ROOT = "(root)"  # the name of a site that is the model itself (a bare nn.Conv2d
 # the reasons for keeping a site in FP32 that are the user's own choice (every other reason is worth a warning)
 EXCLUDED = "excluded by Int8Config.exclude"
 FILTERED = "filter_fn returned False"
+TRANSPOSED = "transposed convolution: int8fx has no INT8 training op for it (it runs in FP32)"
 
 
 @dataclass
@@ -105,6 +107,8 @@ class Converter:
         for path, m in modules:
             if site_op(m) is not None and _standard_forward(m):
                 self.module_site(path, m)
+            elif isinstance(m, _ConvTransposeNd):  # listed, so that reports and convert's warning name it
+                self._report(Site(path or ROOT, f"conv_transpose{len(m.kernel_size)}d", "module", False, TRANSPOSED, path))
         for path, m in modules:
             if not isinstance(m, ModuleSite):
                 self.own_code(path, m)
