@@ -314,3 +314,18 @@ def test_a_bf16_model_trains_in_int8_with_its_quantizer_state_in_fp32():
     assert F.cosine_similarity(g, g_ref, dim=0) > 0.95
     qm.half()  # and back into any other float dtype
     assert qm.conv.act_clip.dtype == qm.fc.grad_quantizer.last_clip_x.dtype == torch.float32
+
+
+def test_a_gradient_penalty_through_int8_sites_raises_instead_of_being_wrong():
+    """create_graph=True gives the same first gradients; differentiating them again (a gradient penalty)
+    raises: the INT8 backward has no second-order terms (its graph gave a weight gradient at cosine 0.03 to
+    FP32's, silently)."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 2)),
+                        int8fx.Int8Config(rounding="nearest"))
+    x = X.clone().requires_grad_()
+    plain, = torch.autograd.grad(qm(x).sum(), x)
+    g, = torch.autograd.grad(qm(x).sum(), x, create_graph=True)
+    assert torch.equal(g.detach(), plain)
+    with pytest.raises(RuntimeError, match="INT8 conv/linear backward is not differentiable"):
+        g.square().sum().backward()

@@ -288,6 +288,22 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, *unused, through_op: bool = True):
+    """The autograd formula. Differentiable once: the gradients come from INT8 operands (straight-through
+    quantizers, integer GEMMs), so a graph of this backward would carry none of the second-order terms and
+    a gradient penalty would be silently wrong; under create_graph its results raise when differentiated."""
+    if not (torch.is_grad_enabled() and dy.requires_grad) or _functorch_level(dy):
+        return _gradients(ctx, dy, through_op)
+    with torch.no_grad():
+        grads = _gradients(ctx, dy, through_op)
+    tensors = [g for g in grads if isinstance(g, Tensor)]
+    err = torch._C._functions.DelayedError(
+        b"int8fx: the INT8 conv/linear backward is not differentiable (a gradient penalty, higher-order "
+        b"gradients); keep the sites involved in FP32 (Int8Config.exclude or convert's filter_fn)", len(tensors))
+    guarded = iter(err(*[g.detach().requires_grad_() for g in tensors]))
+    return tuple(next(guarded) if isinstance(g, Tensor) else g for g in grads)
+
+
+def _gradients(ctx, dy, through_op: bool):
     x_q, s_x, w_q, s_w, calls, *state = ctx.saved_tensors
     pending = ctx.pending
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -303,6 +319,12 @@ def _backward(ctx, dy, *unused, through_op: bool = True):
     # the op's autograd wants the inputs' structure (a None per tensor of each list); a Function one per input
     lists = ([None] * ctx.n_state, [None] * ctx.n_state) if through_op else (None, None)
     return grads + lists + (None,) * (len(_INPUTS) - 6)
+
+
+def _functorch_level(t: Tensor) -> bool:
+    """Whether `t` is a torch.func transform's tensor: `torch.func.grad` differentiates with create_graph on
+    (to allow nesting), which is no request for a second derivative."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 gemm_op.register_autograd(_backward, setup_context=_setup_context)
