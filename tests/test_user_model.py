@@ -329,3 +329,29 @@ def test_a_gradient_penalty_through_int8_sites_raises_instead_of_being_wrong():
     assert torch.equal(g.detach(), plain)
     with pytest.raises(RuntimeError, match="INT8 conv/linear backward is not differentiable"):
         g.square().sum().backward()
+
+
+def test_fx_tracing_a_converted_model_keeps_each_site_as_one_call():
+    """torchvision's create_feature_extractor (torch.fx) on a converted backbone: each INT8 site is one
+    call_module node, so the traced model computes what the converted one does and trains its sites
+    (before, tracing failed on the sites' own branches: "symbolically traced variables cannot be used as
+    inputs to control flow")."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    qm = int8fx.convert(resnet(), int8fx.Int8Config(rounding="nearest")).eval()
+    features = create_feature_extractor(qm, return_nodes=["layer2", "layer4"])
+    calls = [n.target for n in features.graph.nodes if n.op == "call_module"]
+    assert "conv1" in calls and "layer1.0.conv1" in calls and "layer4.1.conv2" in calls
+    body = nn.Sequential(qm.conv1, qm.bn1, qm.relu, qm.maxpool, qm.layer1, qm.layer2, qm.layer3, qm.layer4)
+    with torch.no_grad():
+        assert torch.equal(features(X)["layer4"], body(X))
+    features.train()
+    features(X)["layer4"].sum().backward()
+    assert qm.layer4[1].conv2.weight.grad is not None and float(qm.layer4[1].conv2.pending.get("act_clip")) > 0
+    # a routed module (timm's Conv2dSame: code fx cannot trace even in FP32) is one call too
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tq = int8fx.convert(timm.create_model("tf_efficientnet_lite0", num_classes=4), int8fx.Int8Config(rounding="nearest")).eval()
+    gm = torch.fx.symbolic_trace(tq)
+    with torch.no_grad():
+        assert torch.equal(gm(X), tq(X))

@@ -23,12 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx import Proxy
 
 from ..config import Int8Config
 from ..kernels.im2col import GemmSpec
-from ..quant.grad import PolicyParams, make_grad_quantizer, optional_buffers_on_load, keep_float32
+from ..quant.grad import PolicyParams, make_grad_quantizer, keep_float32, optional_buffers_on_load
 from .functional import int8_gemm, spec_to_ints
 from .state import PendingState, track, untrack
+from .twins import traced_call
 
 CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES)
@@ -274,6 +276,8 @@ class ModuleSite(Int8Layer):
     of its own parameters and geometry, read from the module's attributes at each call as the original does."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, (input,))
         if not self.config.quantize:
             return self._int8fx_base.forward(self, input)
         if self.dims == 0:
@@ -300,6 +304,8 @@ class Int8Function(Int8Layer):
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                 groups=1) -> Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, (input, weight, bias, stride, padding, dilation, groups))
         return self.int8_functional(input, weight, bias, stride, padding, dilation, groups)
 
     def extra_repr(self) -> str:

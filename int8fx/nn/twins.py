@@ -147,6 +147,8 @@ class Routed(_AddsChildren, nn.Module):
     quantizing, fused eval fast paths that would skip the sites are off (`no_fused_fastpath`)."""
 
     def forward(self, *args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in args):
+            return traced_call(self, args, kwargs)
         table = {id(self.get_parameter(p)): self.get_submodule(s) for p, s in self._int8fx_routes.items()}
         with routed(table), no_fused_fastpath(self._int8fx_quantize):
             return type(self)._int8fx_base.forward(self, *args, **kwargs)
@@ -155,6 +157,15 @@ class Routed(_AddsChildren, nn.Module):
         base = type(self)._int8fx_base.extra_repr(self)
         routes = ", ".join(f"{p}->{s}" for p, s in self._int8fx_routes.items()) or "none"
         return f"{base + ', ' if base else ''}int8: routed calls ({routes})"
+
+
+def traced_call(module: nn.Module, args: tuple, kwargs: dict | None = None):
+    """A converted module met by `torch.fx.symbolic_trace` of the converted model (torchvision's
+    create_feature_extractor, a user's own fx pass) is one `call_module` node, as torch's own conv modules
+    are: a site's forward branches on values fx cannot trace (a routed module's too), and the GraphModule
+    then calls the module itself, INT8 state and all."""
+    tracer = next(a for a in args if isinstance(a, fx.Proxy)).tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), tuple(args), dict(kwargs or {}))
 
 
 def compile_graph(graph: fx.Graph, label: str):
