@@ -355,3 +355,28 @@ def test_fx_tracing_a_converted_model_keeps_each_site_as_one_call():
     gm = torch.fx.symbolic_trace(tq)
     with torch.no_grad():
         assert torch.equal(gm(X), tq(X))
+
+
+def test_a_model_converted_on_the_meta_device_starts_with_fresh_int8_state_after_to_empty():
+    """Meta-device init (large models, FSDP): convert, `to_empty`, initialise the parameters. `to_empty`
+    leaves memory uninitialised, and int8fx's clips, counters and running averages were garbage (an eval
+    clip of -2e36, a step counter of 1e14)."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 2))
+
+    with torch.device("meta"):
+        qm = int8fx.convert(net(), int8fx.Int8Config(grad_quant="dsgc"))
+    qm.to_empty(device="cpu")
+    for m in qm.modules():
+        if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False)):
+            m.reset_parameters()
+    fresh = int8fx.convert(net(), int8fx.Int8Config(grad_quant="dsgc"))
+    ours = {k: v for k, v in fresh.state_dict().items() if not k.endswith(("weight", "bias"))}
+    got = qm.state_dict()
+    assert ours and all(torch.equal(got[k], v) for k, v in ours.items()), \
+        {k: got[k] for k, v in ours.items() if not torch.equal(got[k], v)}
+    assert all(torch.equal(a, b) for a, b in zip(qm[0].pending.buffers(), fresh[0].pending.buffers()))
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    qm(X).sum().backward()
+    opt.step()
+    assert int(qm[0].step) == 1 and float(qm[0].act_clip_ema) == pytest.approx(float(X.abs().max()))

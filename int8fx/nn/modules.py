@@ -108,9 +108,25 @@ class Int8Layer(nn.Module):
         track(self)
 
     def _apply(self, fn, recurse=True):
+        """As nn.Module's, with two rules for int8fx's state: it stays fp32 when the model is cast (bf16 / fp16:
+        `quant.grad.keep_float32`), and state materialised from the meta device (`to_empty` after a
+        meta-device init) starts fresh: `to_empty` leaves memory uninitialised, and garbage clips, counters
+        and running averages would be used as they are."""
+        was_meta = "step" in self._buffers and self._buffers["step"].is_meta
         super()._apply(fn, recurse)
-        keep_float32(self, QUANT_BUFFERS)  # a bf16 model keeps fp32 quantizer state (quant.grad.keep_float32)
+        keep_float32(self, QUANT_BUFFERS)
+        if was_meta and not self._buffers["step"].is_meta:
+            self._fresh_state()
         return self
+
+    def _fresh_state(self) -> None:
+        """The state of a site that never ran, on the device it is on."""
+        with torch.no_grad():
+            for b in QUANT_BUFFERS + ("calls",):
+                self._buffers[b].zero_()
+        q = self.grad_quantizer
+        self.grad_quantizer = make_grad_quantizer(self.config.grad_quant, q.num_channels, self.config).to(self.step.device)
+        self._reset_pending()
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
