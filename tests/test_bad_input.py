@@ -452,17 +452,19 @@ def test_untraceable_model_converts_its_children_and_trains():
 
 def test_unsupported_sites_stay_fp32_and_run_time_geometry_is_taken_per_call():
     """What int8fx does not convert keeps its FP32 computation and still trains: ConvTranspose2d (no INT8
-    rule). A Conv2d subclass with its own forward has that forward traced, so its inner F.conv2d call is
+    rule; listed as a site kept in FP32). A Conv2d subclass with its own forward has that forward traced, so its inner F.conv2d call is
     converted (the site carries the module's name); a functional conv whose stride is computed at run time
     is converted too, with the stride of each call."""
     torch.manual_seed(0)
     fp = Mixed()
-    qm = int8fx.convert(fp)
+    with pytest.warns(UserWarning, match="up: transposed convolution"):
+        qm = int8fx.convert(fp)
     rows = {r.name: r for r in int8fx.inspect(qm).layers}
     assert rows["conv"].converted and rows["fc"].converted
     assert rows["custom"].converted and rows["custom"].source == "function"
     assert rows["conv2d"].converted and rows["conv2d"].source == "function"
-    assert set(rows) == {"conv", "custom", "fc", "conv2d"}
+    assert set(rows) == {"conv", "custom", "fc", "conv2d", "up"}
+    assert not rows["up"].converted and rows["up"].op == "conv_transpose2d" and "transposed" in rows["up"].reason
     assert type(qm.get_submodule("up")) is nn.ConvTranspose2d
     x = X[:, :, :5, :5]
     y, y_fp = qm(x), fp(x)
