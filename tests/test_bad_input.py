@@ -506,3 +506,11 @@ def test_inspect_of_uninitialised_lazy_module():
     qm = int8fx.convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU()))
     row = int8fx.inspect(qm).layers[0]
     assert not row.converted and "lazy" in row.reason
+
+
+def test_torch_jit_trace_of_a_converted_model_is_a_clear_error():
+    """TorchScript tracing cannot record the INT8 op (it failed inside torch with "Expected bool, got
+    Tensor"); the error names what to use instead, and int8fx's own export still traces its stand-ins."""
+    _, qm = conv_pair()
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record int8fx's INT8 op; use int8fx.export_onnx"):
+        torch.jit.trace(qm.eval(), X)

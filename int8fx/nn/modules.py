@@ -195,6 +195,9 @@ class Int8Layer(nn.Module):
         if not self.config.quantize:
             f = _original(self.dims)
             return f(input, weight, bias) if self.dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
+        if torch.jit.is_tracing():  # (it failed deep inside torch with "Expected bool, got Tensor")
+            raise RuntimeError(f"{self.site_name}: torch.jit.trace cannot record int8fx's INT8 op; use int8fx.export_onnx "
+                               "for ONNX, torch.export or torch.compile for a traced model")
         if self.dims and input.dim() == self.dims + 1 and input.dim() > 1:  # unbatched, as nn.Conv*d takes it
             return self.int8_functional(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
         self._check_input(input, weight, groups)
