@@ -514,3 +514,16 @@ def test_torch_jit_trace_of_a_converted_model_is_a_clear_error():
     _, qm = conv_pair()
     with pytest.raises(RuntimeError, match="torch.jit.trace cannot record int8fx's INT8 op; use int8fx.export_onnx"):
         torch.jit.trace(qm.eval(), X)
+
+
+def test_vmap_over_an_int8_site_is_a_clear_error():
+    from torch.func import functional_call, grad, vmap
+
+    _, qm = conv_pair()
+    params = {k: v.detach() for k, v in qm.named_parameters()}
+
+    def loss(p, xi):
+        return functional_call(qm, p, (xi.unsqueeze(0),)).sum()
+
+    with pytest.raises(RuntimeError, match="vmap over an INT8 conv/linear site .* is not supported"):
+        vmap(grad(loss), in_dims=(None, 0))(params, X)

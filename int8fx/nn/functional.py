@@ -346,6 +346,13 @@ class _DirectGemm(torch.autograd.Function):
     def backward(ctx, dy, *unused):
         return _backward(ctx, dy, through_op=False)
 
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        # per-sample quantization is not what the batched op computes (one activation clip per call), and a
+        # batching rule for the integer GEMMs and the policies' statistics is not written
+        raise RuntimeError("int8fx: torch.func.vmap over an INT8 conv/linear site (e.g. per-sample gradients) is "
+                           "not supported; keep those sites in FP32 (Int8Config.exclude or convert's filter_fn)")
+
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
