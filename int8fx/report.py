@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from torch.overrides import TorchFunctionMode
@@ -319,7 +318,8 @@ class _FP32Calls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if (func in _site_functions() or func in _TRANSPOSED) and self.stack and self.stack[-1] is not None:
+        transposed = func in _transposed_functions()
+        if (transposed or func in _site_functions()) and self.stack and self.stack[-1] is not None:
             owner = self.stack[-1]
             if owner in self.module_sites:
                 name = owner
@@ -329,17 +329,23 @@ class _FP32Calls(TorchFunctionMode):
                 name = names[k] if k < len(names) else None
             if name is not None:
                 bound = dict(zip(("input", "weight"), args), **(kwargs or {}))
-                _add_call(self.record, name, bound.get("input"), bound.get("weight"), out, func in _TRANSPOSED)
+                _add_call(self.record, name, bound.get("input"), bound.get("weight"), out, transposed)
         return out
 
 
-_TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)  # module sites kept in FP32
+
 
 
 def _site_functions():
     from .passes.rewrite import SITE_FUNCTIONS
 
     return SITE_FUNCTIONS
+
+
+def _transposed_functions():
+    from .passes.rewrite import TRANSPOSED_FUNCTIONS
+
+    return TRANSPOSED_FUNCTIONS
 
 
 def record_shapes(qmodel: nn.Module, example_inputs, sites) -> dict[str, dict]:

@@ -229,3 +229,18 @@ def test_transposed_convs_are_listed_as_kept_in_fp32_with_their_shapes():
     assert row.macs == 2 * 8 * 8 * 8 * (4 * 2 * 2)  # every input element meets C_out x k x k weights
     assert "1 (conv_transpose2d, module): transposed convolution" in str(rep)
     assert torch.equal(qm[1](qm[0](x)), m[1](qm[0](x)))  # it computes what the original computes
+
+    class Decoder(nn.Module):  # the same call in a module's own code
+        def __init__(self):
+            super().__init__()
+            self.conv, self.up = nn.Conv2d(3, 4, 1), nn.Parameter(torch.randn(4, 2, 2, 2))
+
+        def forward(self, x):
+            return F.conv_transpose2d(self.conv(x), self.up, stride=2)
+
+    with pytest.warns(UserWarning, match=r"conv_transpose2d: transposed convolution"):
+        qd = int8fx.convert(Decoder())
+    rows = int8fx.inspect(qd, x).layers
+    assert [(r.name, r.op, r.converted, r.source) for r in rows] == [  # (owners first, as for every site)
+        ("conv_transpose2d", "conv_transpose2d", False, "function"), ("conv", "conv2d", True, "module")]
+    assert rows[0].output_shape == (2, 2, 16, 16) and rows[0].macs == 2 * 4 * 8 * 8 * (2 * 2 * 2)

@@ -35,6 +35,9 @@ from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, trace_own_code
 
 SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+# listed as sites kept in FP32 (TRANSPOSED), as transposed conv modules are
+TRANSPOSED_FUNCTIONS = {F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
+                        F.conv_transpose3d: "conv_transpose3d"}
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 FUSED_FASTPATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -219,6 +222,9 @@ class Converter:
             for node in list(graph.nodes):
                 if node.op == "call_function" and node.target in SITE_FUNCTIONS:
                     changed |= self._rewrite_call(path, m, graph, node, new, single, derived)
+                elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
+                    self._report(Site(_join(path, node.name), TRANSPOSED_FUNCTIONS[node.target], "function", False,
+                                      TRANSPOSED, path))
                 elif node.op == "call_function" and _is_opaque_function(node.target):
                     changed |= self._route_call(m, graph, node)
             self._report_other_weight_uses(path, m, graph, derived)
