@@ -27,7 +27,7 @@ from torch.fx import Proxy
 
 from ..config import Int8Config
 from ..kernels.im2col import GemmSpec
-from ..quant.grad import PolicyParams, make_grad_quantizer, keep_float32, optional_buffers_on_load
+from ..quant.grad import Float32State, PolicyParams, make_grad_quantizer, optional_buffers_on_load
 from .functional import int8_gemm, spec_to_ints
 from .state import PendingState, track, untrack
 from .twins import traced_call
@@ -79,7 +79,7 @@ def op_dims(op: str) -> int:
     return 0 if op == "linear" else int(op[4])
 
 
-class Int8Layer(nn.Module):
+class Int8Layer(Float32State):
     """The INT8-training state and computation of one conv/linear site (a mixin; see the module docstring).
 
     Never constructed directly: `setup_int8` gives an existing module its state (module sites), and
@@ -107,14 +107,14 @@ class Int8Layer(nn.Module):
         self.register_load_state_dict_post_hook(_resync_pending)
         track(self)
 
+    float32_buffers = QUANT_BUFFERS  # (Float32State: the site's own quantizer state stays fp32 in a cast model)
+
     def _apply(self, fn, recurse=True):
-        """As nn.Module's, with two rules for int8fx's state: it stays fp32 when the model is cast (bf16 / fp16:
-        `quant.grad.keep_float32`), and state materialised from the meta device (`to_empty` after a
-        meta-device init) starts fresh: `to_empty` leaves memory uninitialised, and garbage clips, counters
-        and running averages would be used as they are."""
+        """As Float32State's, and state materialised from the meta device (`to_empty` after a meta-device
+        init) starts fresh: `to_empty` leaves memory uninitialised, and garbage clips, counters and running
+        averages would be used as they are."""
         was_meta = "step" in self._buffers and self._buffers["step"].is_meta
         super()._apply(fn, recurse)
-        keep_float32(self, QUANT_BUFFERS)
         if was_meta and not self._buffers["step"].is_meta:
             self._fresh_state()
         return self

@@ -20,7 +20,7 @@ import weakref
 import torch.nn as nn
 from torch import Tensor
 
-from ..quant.grad import keep_float32
+from ..quant.grad import Float32State
 
 _LIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # every Int8Layer that exists
 _hook_installed = False
@@ -30,7 +30,7 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class PendingState(nn.Module):
+class PendingState(Float32State):
     """The staged copy of a site's state: one non-persistent buffer per state tensor (named with `__` for
     `.`), so it moves with the model (`.to()`), is not saved, and is re-synchronised to the committed state
     after a load, a commit, or a structural change."""
@@ -39,11 +39,6 @@ class PendingState(nn.Module):
         super().__init__()
         for name, t in state.items():
             self.register_buffer(_key(name), t.detach().clone(), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        keep_float32(self)  # the staged state stays fp32 like the committed state
-        return self
 
     def get(self, name: str) -> Tensor:
         return self._buffers[_key(name)]

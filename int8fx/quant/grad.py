@@ -68,15 +68,22 @@ def optional_buffers_on_load(load):
     return _load_from_state_dict
 
 
-def keep_float32(module: nn.Module, names=None) -> None:
-    """Put `module`'s quantizer state buffers (`names`, default every buffer of its own) back in fp32 after an
-    `_apply` (what `.to(dtype)`, `.half()`, `.bfloat16()` run) cast them with the model: clips and running
-    averages in bf16 would lose what they track (a bf16 EMA stops moving once 0.1 x a new clip is below its
-    half-ulp), and the INT8 op computes its scales in fp32 whatever the model's dtype. Device moves stay."""
-    for name in (module._buffers if names is None else names):
-        t = module._buffers.get(name)
-        if t is not None and t.is_floating_point() and t.dtype != torch.float32:
-            module._buffers[name] = t.float()
+class Float32State(nn.Module):
+    """A module whose quantizer state buffers (`float32_buffers`, None for every buffer of its own) stay fp32
+    through an `_apply` (what `.to(dtype)`, `.half()`, `.bfloat16()` run) that casts the model: clips and
+    running averages in bf16 would lose what they track (a bf16 EMA stops moving once 0.1 x a new clip is
+    below its half-ulp), and the INT8 op computes its scales in fp32 whatever the model's dtype. Device moves
+    apply as usual. (A mixin: site twins put it before the user's conv/linear class.)"""
+
+    float32_buffers: tuple[str, ...] | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in (self._buffers if self.float32_buffers is None else self.float32_buffers):
+            t = self._buffers.get(name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        return self
 
 
 _optional_load = optional_buffers_on_load(nn.Module._load_from_state_dict)
@@ -113,7 +120,7 @@ class PolicyParams(NamedTuple):
         return cls(*floats, int(period))
 
 
-class GradQuantizer(nn.Module):
+class GradQuantizer(Float32State):
     """Base class: the buffers of one site's gradient quantizer, and its policy as a pure function.
 
     `compute(g, g_input, state, params)` is the policy: from dY as rows [M, O] and the dX operand, and the
@@ -135,11 +142,6 @@ class GradQuantizer(nn.Module):
         self.params = PolicyParams.of(config)
         self.register_buffer("last_clip_w", torch.zeros(num_channels))
         self.register_buffer("last_clip_x", torch.zeros(()))
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        keep_float32(self)
-        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A quantizer not sized yet (its site learns its channel count at the first call) takes the sizes of
