@@ -527,3 +527,21 @@ def test_vmap_over_an_int8_site_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="vmap over an INT8 conv/linear site .* is not supported"):
         vmap(grad(loss), in_dims=(None, 0))(params, X)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_torch_jit_script_of_a_converted_model_is_a_clear_error(functional):
+    """TorchScript compilation failed with a type error about torch.fx's Proxy in a site's forward; it now
+    names what to use instead, for module sites and for modules whose own code was rewritten."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w)
+
+    qm = int8fx.convert(nn.Sequential(Functional()) if functional else conv_pair()[0])
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile a converted model .*int8fx.export_onnx"):
+        torch.jit.script(qm)

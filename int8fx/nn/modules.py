@@ -30,7 +30,7 @@ from ..kernels.im2col import GemmSpec
 from ..quant.grad import Float32State, PolicyParams, make_grad_quantizer, optional_buffers_on_load
 from .functional import int8_gemm, spec_to_ints
 from .state import PendingState, track, untrack
-from .twins import traced_call
+from .twins import refuse_torchscript, traced_call
 
 CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES)
@@ -88,6 +88,8 @@ class Int8Layer(Float32State):
     `deviation` (DCLRS) and those of `grad_quantizer`, staged in `pending` until an optimizer steps
     (int8fx.nn.state); `calls` counts calls with autograd on and keys stochastic rounding.
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def setup_int8(self, *, op: str, out_channels: int, config: Int8Config, name: str, index: int, source: str,
                    owns_params: bool) -> None:

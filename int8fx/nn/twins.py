@@ -75,9 +75,20 @@ def revert(module: nn.Module) -> nn.Module:
     return module
 
 
+def refuse_torchscript(module: nn.Module):
+    """`__prepare_scriptable__` of every converted module: torch.jit.script calls it on each module before
+    compiling, so the refusal names the alternatives instead of TorchScript's type error on the tracing
+    branch of a site's forward (the INT8 op itself is a Python autograd function TorchScript cannot hold)."""
+    raise RuntimeError(f"int8fx: torch.jit.script cannot compile a converted model ({type(module).__name__} runs "
+                       "int8fx's INT8 op in Python); use int8fx.export_onnx for ONNX, torch.export or torch.compile "
+                       "for a compiled model")
+
+
 class _AddsChildren:
     """Rewritten and Routed twins own the `Int8Function` children they call; `add_site` records them so
     `remove_int8` can take them away again."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def add_site(self, attr: str, site: nn.Module) -> None:
         self.add_module(attr, site)
