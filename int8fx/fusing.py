@@ -96,7 +96,11 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
         # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
         # (a plain tensor is checked by its type: Parameter's own isinstance check is slow)
-        args = tuple(a.detach() if type(a) is not Tensor and isinstance(a, torch.nn.Parameter) else a for a in args)
+        # A view is passed as a plain alias of its storage: dynamo guards on a view's base (its sizes, which of
+        # them are 1, their relations to the strides), which `_signature` does not see, and a long process
+        # (several models, a detector's sizes) then recompiled one variant up to torch's limit.
+        args = tuple(a.detach() if type(a) is not Tensor and isinstance(a, torch.nn.Parameter)
+                     else _plain_alias(a) if type(a) is Tensor and a._is_view() else a for a in args)
         static = first.numel() >= STATIC
         key = (_signature(args), _shapes(args)) if static else _signature(args)
         variant = compiled.get(key, _NEW)
@@ -177,6 +181,13 @@ def _signature(a):
 
 _AT_MOST_1 = (1).__ge__
 _VALUES = frozenset((bool, int, float, str, torch.dtype))
+
+
+def _plain_alias(t: Tensor) -> Tensor:
+    """`t` as a tensor that is not a view: the same storage, offset, sizes and strides (so writes into an
+    `out` argument land where they would have), without autograd history (the passes run inside int8fx's
+    ops, on tensors autograd does not record)."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _shapes(args) -> tuple:

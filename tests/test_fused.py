@@ -270,6 +270,27 @@ def test_recompile_limit_restarts_with_a_fresh_copy():
     fusing._FAILED.pop("branchy (one signature)")
 
 
+def test_views_of_differently_shaped_bases_share_one_compilation():
+    """dynamo guards on a view argument's base (here whether its middle dim is 1): the rows of a linear's
+    [B, T, C] gradient with T = 1 and T > 1 recompiled one variant each time the base changed, which a long
+    process (several models in one notebook) ran into as torch's recompile-limit warning, then eager passes.
+    Views are passed as plain aliases, so the base is not seen; the numbers are those of the views."""
+
+    def amax_scaled(x, s):
+        return (x.float() * s).abs().amax()
+
+    f = fusing.fused(amax_scaled)
+    s = torch.tensor(2.0)
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")  # hitting the limit for good warns (and raises here)
+        for i in range(2 * fusing.RESTARTS + 3):
+            base = torch.randn(4 * N // 64, 1 if i % 2 else 4, 16, generator=_gen(i))
+            rows = base.reshape(-1, 16)
+            assert rows._is_view()
+            _equal(f(rows, s), amax_scaled(rows, s))
+    assert len(f.variants) == 1 and None not in f.variants.values()
+
+
 def test_equal_dims_at_first_call_and_users_error_on_recompile():
     """A variant traced on a tensor whose dims happen to be equal must not assume they always are (no
     recompile for the next shape), and a user's `error_on_recompile` is about their code, not these passes."""
