@@ -35,9 +35,9 @@ from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, trace_own_code
 
 SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
-# listed as sites kept in FP32 (TRANSPOSED), as transposed conv modules are
-TRANSPOSED_FUNCTIONS = {F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
-                        F.conv_transpose3d: "conv_transpose3d"}
+# listed as sites kept in FP32 (TRANSPOSED), calls and modules alike, by one op name per dimensionality
+_TRANSPOSED_BY_DIMS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+TRANSPOSED_FUNCTIONS = {f: f"conv_transpose{dims}d" for dims, f in _TRANSPOSED_BY_DIMS.items()}
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 FUSED_FASTPATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -111,7 +111,8 @@ class Converter:
             if site_op(m) is not None and _standard_forward(m):
                 self.module_site(path, m)
             elif isinstance(m, _ConvTransposeNd):  # listed, so that reports and convert's warning name it
-                self._report(Site(path or ROOT, f"conv_transpose{len(m.kernel_size)}d", "module", False, TRANSPOSED, path))
+                op = TRANSPOSED_FUNCTIONS[_TRANSPOSED_BY_DIMS[len(m.kernel_size)]]
+                self._report(Site(path or ROOT, op, "module", False, TRANSPOSED, path))
         for path, m in modules:
             if not isinstance(m, ModuleSite):
                 self.own_code(path, m)
