@@ -90,7 +90,8 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     def call(*args):
         nonlocal own_code_free
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if (not COMPILE or not compiles(first) or name in _FAILED or torch.compiler.is_compiling()
+        # (is_compiling first: inside another fused pass being traced, reading a size would add a guard on it)
+        if (torch.compiler.is_compiling() or not COMPILE or not compiles(first) or name in _FAILED
                 or _functorch_wrapped(args) or _mode_active()):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make

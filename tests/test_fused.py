@@ -291,6 +291,24 @@ def test_views_of_differently_shaped_bases_share_one_compilation():
     assert len(f.variants) == 1 and None not in f.variants.values()
 
 
+def test_a_fused_pass_inside_another_adds_no_size_guard():
+    """A fused pass called from one being compiled runs inline; asking first whether its tensor is big enough
+    for a compiled call of its own put a guard on that size into the outer pass (numel >= SMALL), so the outer
+    one recompiled whenever a layer's tensor crossed it."""
+    inner = fusing.fused(lambda x: x * 3)
+
+    def outer(x):
+        return inner(x) + 1
+
+    f = fusing.fused(outer, min_elements=1)
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(2 * fusing.RESTARTS + 3):
+            x = torch.randn(fusing.SMALL * 2 if i % 2 else fusing.SMALL // 2, generator=_gen(i))
+            _equal(f(x), x * 3 + 1)
+    assert len(f.variants) == 1 and None not in f.variants.values()
+
+
 def test_equal_dims_at_first_call_and_users_error_on_recompile():
     """A variant traced on a tensor whose dims happen to be equal must not assume they always are (no
     recompile for the next shape), and a user's `error_on_recompile` is about their code, not these passes."""
