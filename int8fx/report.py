@@ -228,7 +228,8 @@ class Report:
                          f"converted; conv/linear calls its own code makes on its weights stay FP32) "
                          f"({len(self.opaque)}):\n", style="bold")
             for o in self.opaque:
-                lines.append(f"  {o.name} ({o.type}): {o.reason}\n")
+                own = f" (its own weights: {', '.join(o.weights)})" if o.weights else ""
+                lines.append(f"  {o.name} ({o.type}){own}: {o.reason}\n")
             parts.append(lines)
         if self.backend_note:
             parts.append(Text(self.backend_note, style="dim"))

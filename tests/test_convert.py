@@ -313,6 +313,33 @@ def test_eval_forward_uses_the_training_clip_so_predictions_do_not_depend_on_the
         int8fx.Int8Config(eval_act_clip="static")
 
 
+def test_untraceable_code_with_weights_of_its_own_is_warned_about():
+    """A module whose forward branches on a tensor value cannot be traced, so an F.conv2d call on its own
+    weight stays FP32; the report listed the module, convert said nothing. It now warns, naming the weight;
+    an untraceable module whose only weights are its conv children's (all converted) gives no warning."""
+
+    class Branchy(nn.Module):
+        def __init__(self, own: bool):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.w = nn.Parameter(torch.randn(3, 3, 1, 1)) if own else None
+            self.norm_scale = nn.Parameter(torch.ones(3))  # 1-d: no conv/linear weight
+
+        def forward(self, x):
+            y = self.conv(x) * self.norm_scale.view(1, -1, 1, 1)
+            if self.w is not None and y.mean() > 0:  # data-dependent: torch.fx cannot trace it
+                y = F.conv2d(y, self.w)
+            return y
+
+    with pytest.warns(UserWarning, match=r"1 module\(s\) may make F.conv\*d / F.linear calls int8fx cannot see.*"
+                                         r"\(root\) \(Branchy\) uses its own w in code torch.fx cannot trace"):
+        qm = int8fx.convert(Branchy(own=True))
+    assert "its own weights: w" in str(int8fx.inspect(qm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        int8fx.convert(Branchy(own=False))
+
+
 def test_sites_left_in_fp32_by_accident_are_warned_about_and_chosen_ones_are_not():
     """An uninitialised lazy module cannot be converted: the model would train in FP32 without a word
     (inspect said why, convert did not)."""

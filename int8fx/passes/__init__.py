@@ -47,13 +47,20 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
 
 def _warn_unintended_fp32(record: Conversion) -> None:
     """Say so where a site stays in FP32 for a reason other than the user's own exclusion (an uninitialised
-    lazy module, a TorchScript submodule, ...): a model that silently trained in FP32 would look like an
-    INT8 result."""
-    kept = [s for s in record.sites if not s.converted and EXCLUDED not in s.reason and FILTERED not in s.reason]
-    if kept:
-        listed = "; ".join(f"{s.name}: {s.reason}" for s in kept[:4]) + ("; ..." if len(kept) > 4 else "")
-        warnings.warn(f"int8fx.convert: {len(kept)} conv/linear site(s) stay in full precision ({listed}); "
-                      "int8fx.inspect(model) lists every site", stacklevel=3)
+    lazy module, a TorchScript submodule, ...), or may (a module whose code torch.fx cannot trace, with
+    weights of its own that its code could pass to F.conv*d / F.linear): a model that silently trained in
+    FP32 would look like an INT8 result."""
+    kept = [f"{s.name}: {s.reason}" for s in record.sites
+            if not s.converted and EXCLUDED not in s.reason and FILTERED not in s.reason]
+    unseen = [f"{o.name} ({o.type}) uses its own {', '.join(o.weights)} in code torch.fx cannot trace ({o.reason})"
+              for o in record.opaque if o.weights]
+    said = [f"{len(items)} {what} ({'; '.join(items[:4])}{'; ...' if len(items) > 4 else ''})"
+            for items, what in ((kept, "conv/linear site(s) stay in full precision"),
+                                (unseen, "module(s) may make F.conv*d / F.linear calls int8fx cannot see, which stay "
+                                         "in full precision"))
+            if items]
+    if said:
+        warnings.warn(f"int8fx.convert: {'; '.join(said)}; int8fx.inspect(model) lists every site", stacklevel=3)
 
 
 def to_float(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -204,7 +204,8 @@ class Converter:
             if any(p.dim() >= 2 for p in m.parameters(recurse=False)) or any(
                     site_op(c) is not None for c in m.modules() if c is not m):
                 # listed because its code could make conv/linear calls that int8fx did not see
-                self.opaque.append(OpaqueModule(path or "(root)", type(m).__name__, reason))
+                weights = tuple(n for n, w in m.named_parameters(recurse=False) if 2 <= w.dim() <= 5)
+                self.opaque.append(OpaqueModule(path or "(root)", type(m).__name__, reason, weights))
             return
         # a conv/linear subclass whose forward fx cannot trace (timm's Conv2dSame): route its weight
         skip = self._skip_reason(path, m)

@@ -21,11 +21,13 @@ import torch.nn as nn
 
 @dataclass
 class OpaqueModule:
-    """A module whose own code torch.fx could not trace, with the tracer's reason."""
+    """A module whose own code torch.fx could not trace, with the tracer's reason; `weights` are its own
+    parameters of 2 to 5 dims, whose F.conv*d / F.linear calls (if its code makes any) int8fx cannot see."""
 
     name: str
     type: str
     reason: str
+    weights: tuple = ()
 
 
 class OwnCodeTracer(fx.Tracer):
