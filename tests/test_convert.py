@@ -340,6 +340,30 @@ def test_untraceable_code_with_weights_of_its_own_is_warned_about():
         int8fx.convert(Branchy(own=False))
 
 
+def test_a_model_torch_cannot_copy_is_a_clear_error_and_converts_in_place():
+    """A pruned conv's weight is a computed tensor, which deepcopy refuses: convert (which copies by default)
+    failed with torch's message about graph leaves. It now says to pass inplace=True, which works: the pruned
+    weights' gradients stay masked and match FP32's."""
+    import torch.nn.utils.prune as prune
+
+    def pruned():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        prune.l1_unstructured(m[2], "weight", 0.5)
+        return m
+
+    with pytest.raises(RuntimeError, match="int8fx.convert works on a copy .* pass inplace=True"):
+        int8fx.convert(pruned())
+    ref, qm = pruned(), int8fx.convert(pruned(), inplace=True)
+    assert [s.converted for s in int8fx.inspect(qm).layers] == [True, True]
+    x = torch.randn(4, 3, 12, 12)
+    qm(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    g, g_ref = qm[2].weight_orig.grad, ref[2].weight_orig.grad
+    assert bool((g[ref[2].weight_mask == 0] == 0).all())
+    assert F.cosine_similarity(g.flatten(), g_ref.flatten(), 0) > 0.99
+
+
 def test_sites_left_in_fp32_by_accident_are_warned_about_and_chosen_ones_are_not():
     """An uninitialised lazy module cannot be converted: the model would train in FP32 without a word
     (inspect said why, convert did not)."""

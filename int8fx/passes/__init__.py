@@ -37,12 +37,23 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
         raise TypeError(f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__}")
     if conversion_of(model) is not None or any(is_twin(m) for m in model.modules()):
         raise ValueError("this model is already converted by int8fx (int8fx.to_float gives back the float model)")
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy(model, "convert")
     record = rewrite(work, config, filter_fn)
     lower(work, config.backend)
     setattr(work, RECORD, record)  # a plain attribute: not in state_dict, carried by deepcopy and pickle
     _warn_unintended_fp32(record)
     return work
+
+
+def _copy(model: nn.Module, caller: str) -> nn.Module:
+    """A deep copy of `model`, or an error that says how to go on where torch cannot copy it (a pruned
+    module's weight is a computed tensor, which deepcopy refuses)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        raise RuntimeError(f"int8fx.{caller} works on a copy of the model (inplace=False), and torch cannot copy "
+                           f"this one ({str(e).splitlines()[0][:200]}); pass inplace=True to change the model "
+                           "itself") from e
 
 
 def _warn_unintended_fp32(record: Conversion) -> None:
@@ -68,7 +79,7 @@ def to_float(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
     model's own buffers), without int8fx's state. A copy unless `inplace`."""
     if conversion_of(qmodel) is None and not any(is_twin(m) for m in qmodel.modules()):
         raise ValueError("to_float() needs a model returned by int8fx.convert()")
-    work = qmodel if inplace else copy.deepcopy(qmodel)
+    work = qmodel if inplace else _copy(qmodel, "to_float")
     for m in list(work.modules()):
         revert(m)
         m.__dict__.pop(RECORD, None)
