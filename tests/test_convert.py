@@ -364,6 +364,34 @@ def test_a_model_torch_cannot_copy_is_a_clear_error_and_converts_in_place():
     assert F.cosine_similarity(g.flatten(), g_ref.flatten(), 0) > 0.99
 
 
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_a_conv_subclass_overriding_conv_forward_keeps_its_computation(conv):
+    """A subclass may override `_conv_forward` alone (here: weight standardisation), keeping torch's forward.
+    It was taken for a plain conv, and the module site computed F.conv on the raw weight: outputs off by
+    ~15 (the standardised weight's scale), weight-gradient cosine 0.37, no word. Its code is now traced like
+    any module's own code: the call on the standardised weight is the site."""
+
+    dims = (1, 2, 3) if conv is nn.Conv2d else (1, 2)
+
+    class WSConv(conv):
+        def _conv_forward(self, x, w, b):
+            w = (w - w.mean(dim=dims, keepdim=True)) / (w.std(dim=dims, keepdim=True) + 1e-5)
+            return super()._conv_forward(x, w, b)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(WSConv(3, 8, 3), nn.ReLU(), WSConv(8, 4, 3))
+    x = torch.randn(4, 3, *([12] * (2 if conv is nn.Conv2d else 1)))
+    assert torch.equal(int8fx.convert(m, int8fx.Int8Config(quantize=False))(x), m(x))
+    qm = int8fx.convert(m)
+    assert [(s.converted, s.source) for s in int8fx.inspect(qm).layers] == [(True, "function")] * 2
+    y, y_ref = qm(x), m(x)
+    assert (y - y_ref).abs().max() < 0.05 * y_ref.abs().max()
+    y.square().mean().backward()
+    y_ref.square().mean().backward()
+    for a, b in zip(qm.parameters(), m.parameters()):
+        assert F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), 0) > 0.99
+
+
 def test_sites_left_in_fp32_by_accident_are_warned_about_and_chosen_ones_are_not():
     """An uninitialised lazy module cannot be converted: the model would train in FP32 without a word
     (inspect said why, convert did not)."""

@@ -80,15 +80,23 @@ class Conversion:
 
 
 def _standard_forward(module: nn.Module) -> bool:
+    """Whether a conv/linear module computes what torch's own class does: its forward is torch's, and so is
+    a conv's `_conv_forward` (which that forward calls: a subclass may override it alone, e.g. to
+    standardise the weight, and a module site, which computes F.conv*d on `weight`, would skip it)."""
     base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
                                                                 if isinstance(module, t))
-    return type(module).forward is base.forward
+    return type(module).forward is base.forward and (
+        base is nn.Linear or getattr(type(module), "_conv_forward", None) is base._conv_forward)
 
 
 def _library_code(module: nn.Module) -> bool:
     """A module whose forward comes from torch itself (Sequential, BatchNorm, ...): no conv/linear calls of
-    its own beyond the ones rule 3 knows about."""
-    return (getattr(type(module).forward, "__module__", "") or "").startswith("torch.")
+    its own beyond the ones rule 3 knows about. (A conv whose `_conv_forward` is the user's is not.)"""
+    def from_torch(fn) -> bool:
+        return (getattr(fn, "__module__", "") or "").startswith("torch.")
+
+    cls = type(module)
+    return from_torch(cls.forward) and from_torch(getattr(cls, "_conv_forward", cls.forward))
 
 
 def _join(a: str, b: str) -> str:
