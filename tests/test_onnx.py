@@ -402,6 +402,22 @@ def test_attention_projections_inside_opaque_code_are_exported_in_int8(tmp_path)
     assert np.abs(out - ref.numpy()).max() <= 2 * sens + 1e-5 * ref.abs().max().item()
 
 
+def test_a_routed_conv_computing_its_own_weight_is_exported_in_int8(tmp_path):
+    """timm's StdConv2dSame standardises its weight in code fx does not trace; its routed call reaches its
+    site (by the weight's shape), and so do the export's stand-ins, whose own F.conv2d on a weight of that
+    shape must not be routed again (it recursed)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(timm_layers.StdConv2dSame(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+    x = torch.randn(2, 3, 15, 15)
+    _train_step(qm, x)
+    meta = export_onnx(qm, x, tmp_path / "std.onnx")
+    assert all(e["exported"] and len(e["onnx"]) == 1 for e in meta["layers"].values())
+    ref, sens = tie_flip_sensitivity(qm, x)
+    out = _session(str(tmp_path / "std.onnx")).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - ref.numpy()).max() <= 2 * sens + 1e-5 * ref.abs().max().item()
+
+
 # --------------------------------------------------------------------------- failure
 class WithCummax(nn.Module):
     def __init__(self) -> None:

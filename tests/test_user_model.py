@@ -282,6 +282,29 @@ def test_timm_conv2d_same_and_weight_standardisation_are_converted():
     assert int(qm[0].int8_conv2d.step) == 1 and int(qm[2].int8_conv2d.step) == 1
 
 
+@pytest.mark.parametrize("cls", ["StdConv2dSame", "ScaledStdConv2dSame"])
+def test_timm_same_padded_weight_standardised_conv_runs_its_site(cls):
+    """timm's StdConv2dSame (the ResNet stems of its hybrid ViTs) is a conv whose forward torch.fx cannot
+    trace (padding from the input's size) and that passes a standardised copy of its weight to F.conv2d.
+    Routed by weight identity, the call never reached its site: inspect said INT8, the layer ran FP32 and
+    its site never counted a step. Calls with a weight of its weight's shape are routed too."""
+    import timm.layers
+
+    torch.manual_seed(0)
+    m = nn.Sequential(getattr(timm.layers, cls)(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 15, 15)
+    assert torch.equal(int8fx.convert(m, int8fx.Int8Config(quantize=False))(x), m(x))
+    qm = int8fx.convert(m)
+    assert int8fx.inspect(qm).layers[0].source == "routed"
+    y, ref = qm(x), m(x)
+    assert not torch.equal(y, ref) and F.cosine_similarity(y.flatten(), ref.flatten(), 0) > 0.99
+    y.square().mean().backward()
+    ref.square().mean().backward()
+    int8fx.commit(qm)
+    assert int(qm[0].int8_conv2d.step) == 1
+    assert F.cosine_similarity(qm[0].weight.grad.flatten(), m[0].weight.grad.flatten(), 0) > 0.99
+
+
 def test_a_bf16_model_trains_in_int8_with_its_quantizer_state_in_fp32():
     """`model.to(torch.bfloat16)` casts every floating buffer; int8fx's state (clips, running averages, staged
     copies) stays fp32, as the INT8 op computes its scales in fp32 (it failed outright before)."""

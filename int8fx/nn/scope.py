@@ -37,10 +37,17 @@ def _router(name: str):
         tables = getattr(_local, "tables", None)
         if tables:
             bound = dict(zip(_ARGS, args), **kwargs)
-            weight_id = id(bound.get("weight"))
+            weight = bound.get("weight")
             for table in reversed(tables):
-                if weight_id in table:
-                    return table[weight_id].int8_functional(**bound)
+                site = table.get(id(weight))
+                if site is None and isinstance(weight, torch.Tensor):
+                    site = table.get(derived_key(name, weight.shape))
+                if site is not None:  # what the site computes with is never routed again (an export's stand-ins
+                    _local.tables = []  # call F.conv*d on a weight of the same shape)
+                    try:
+                        return site.int8_functional(**bound)
+                    finally:
+                        _local.tables = tables
         return original(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
@@ -51,10 +58,16 @@ def _router(name: str):
 _PATCHED = {name: _router(name) for name in ROUTED_NAMES}
 
 
+def derived_key(op: str, shape) -> tuple:
+    """The table key under which a site takes `op` calls whose weight is not the parameter itself but has
+    its shape (a weight the routed code computed from it)."""
+    return ("derived", op, tuple(shape))
+
+
 @contextlib.contextmanager
 def routed(table: dict):
     """Within the block, on this thread, `F.linear/conv*d(x, w, ...)` with `id(w)` in `table` calls
-    `table[id(w)].int8_functional(x, w, ...)` instead."""
+    `table[id(w)].int8_functional(x, w, ...)` instead (or the site under `derived_key(name, w.shape)`)."""
     global _active
     with _lock:
         if _active == 0:

@@ -24,7 +24,7 @@ import linecache
 import torch.fx as fx
 import torch.nn as nn
 
-from .scope import no_fused_fastpath, routed
+from .scope import derived_key, no_fused_fastpath, routed
 
 _TWINS: dict[tuple[type, type], type] = {}
 _counter = itertools.count()
@@ -154,13 +154,20 @@ class Rewritten(_AddsChildren, nn.Module):
 
 class Routed(_AddsChildren, nn.Module):
     """Runs the module's original forward with `F.linear` / `F.conv*d` calls on known weights routed to INT8
-    sites: `_int8fx_routes` maps a parameter path to the path of the site that computes with it. While
+    sites: `_int8fx_routes` maps a parameter path to the path of the site that computes with it. A conv
+    subclass (`_int8fx_derived_op`: its op) may compute the weight it passes from its own (timm's
+    `StdConv2dSame` standardises it): its calls with a weight of its weight's shape are routed too. While
     quantizing, fused eval fast paths that would skip the sites are off (`no_fused_fastpath`)."""
 
     def forward(self, *args, **kwargs):
         if any(isinstance(a, fx.Proxy) for a in args):
             return traced_call(self, args, kwargs)
-        table = {id(self.get_parameter(p)): self.get_submodule(s) for p, s in self._int8fx_routes.items()}
+        table = {}
+        for p, s in self._int8fx_routes.items():
+            weight, site = self.get_parameter(p), self.get_submodule(s)
+            table[id(weight)] = site
+            if self.__dict__.get("_int8fx_derived_op"):
+                table[derived_key(self._int8fx_derived_op, weight.shape)] = site
         with routed(table), no_fused_fastpath(self._int8fx_quantize):
             return type(self)._int8fx_base.forward(self, *args, **kwargs)
 

@@ -179,11 +179,13 @@ class Converter:
             return self.untraceable(path, m, graphs)
         return self.rewrite(path, m, graphs)
 
-    def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function]) -> None:
+    def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function],
+                     derived_op: str | None = None) -> None:
         become(m, Routed)
         for attr, site in new_sites.items():
             m.add_site(attr, site)
         m._int8fx_routes = routes
+        m._int8fx_derived_op = derived_op  # calls of this op with a weight of the routed one's shape are routed too
         m._int8fx_quantize = self.config.quantize
 
     def route_attention(self, path: str, m: nn.MultiheadAttention) -> None:
@@ -220,7 +222,7 @@ class Converter:
         self._report(Site(path, op, "routed", not skip, skip, path))
         if not skip:
             site = self._new_function_site(op, m.weight.shape[0], path, m, "routed")
-            self._make_routed(m, {"weight": f"int8_{op}"}, {f"int8_{op}": site})
+            self._make_routed(m, {"weight": f"int8_{op}"}, {f"int8_{op}": site}, derived_op=op)
 
     def rewrite(self, path: str, m: nn.Module, graphs: dict[str, fx.Graph]) -> None:
         calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in SITE_FUNCTIONS]
