@@ -305,6 +305,113 @@ def test_timm_same_padded_weight_standardised_conv_runs_its_site(cls):
     assert F.cosine_similarity(qm[0].weight.grad.flatten(), m[0].weight.grad.flatten(), 0) > 0.99
 
 
+def test_conv_calls_of_modules_without_parameters_are_sites():
+    """A module with no parameters of its own can still convolve: timm's BlurPool2d (anti-aliased ResNets and
+    DenseNets) applies a fixed filter held in a buffer, a hypernetwork's helper applies a weight it is given.
+    Such modules were never traced: their calls ran FP32 and inspect did not list them at all, while the same
+    call in a module that happened to own a parameter was converted."""
+    import timm.layers
+
+    class DynamicConv(nn.Module):  # no parameters: the weight is an argument, computed by another layer
+        def forward(self, x, w):
+            return F.conv2d(x, w.reshape(-1, x.shape[1], 1, 1))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.blur = timm.layers.BlurPool2d(8, filt_size=3, stride=2)
+            self.gen, self.dyn = nn.Linear(3, 4 * 8), DynamicConv()
+
+        def forward(self, x):
+            return self.dyn(self.blur(self.conv(x)), self.gen(x.mean((0, 2, 3))))
+
+    torch.manual_seed(0)
+    m, x = Net(), torch.randn(2, 3, 16, 16)
+    qm = int8fx.convert(m)
+    layers = {r.name: r for r in int8fx.inspect(qm).layers}
+    assert sorted(layers) == ["blur.conv2d", "conv", "dyn.conv2d", "gen"] and all(r.converted for r in layers.values())
+    assert torch.equal(int8fx.convert(m, int8fx.Int8Config(quantize=False))(x), m(x))
+    y, ref = qm(x), m(x)
+    assert not torch.equal(y, ref) and F.cosine_similarity(y.flatten(), ref.flatten(), 0) > 0.99
+    y.square().mean().backward()
+    ref.square().mean().backward()
+    int8fx.commit(qm)
+    assert int(qm.blur.int8_conv2d.step) == int(qm.dyn.int8_conv2d.step) == 1
+    for name in ("conv.weight", "gen.weight"):
+        g, g_ref = qm.get_parameter(name).grad, m.get_parameter(name).grad
+        assert F.cosine_similarity(g.flatten(), g_ref.flatten(), 0) > 0.99
+    assert qm.blur.filt.grad is None
+
+
+class _Drawing(nn.Module):
+    """Skips its conv at random with a draw that does not depend on the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+
+    def forward(self, x):
+        if self.training and torch.rand(1).item() < 0.5:
+            return F.conv2d(x, self.w) * 0
+        return F.conv2d(x, self.w)
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.calls = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return F.conv2d(x, self.w)
+
+
+class _Tempered(nn.Module):
+    """A temperature annealed by the training loop, and a constant tensor made by the code."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.tau = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2), 1.0
+
+    def forward(self, x):
+        return F.conv2d(x, self.w) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1) / self.tau
+
+
+def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
+    """A converted module runs its forward as a torch.fx graph, which replays what the code did while traced.
+    A draw that does not depend on the input was replayed forever (the branch taken once, always), an
+    assignment to `self` never happened again (a counter stayed 0), a tensor the code made from constants
+    was looked up on the module and missing (AttributeError at the first call), and a number read from
+    `self` stayed what it was at convert time (an annealed temperature was ignored)."""
+    x = torch.randn(2, 3, 8, 8)
+    m, state = _Drawing(), torch.get_rng_state()
+    with pytest.warns(UserWarning, match="draws random numbers"):
+        qm = int8fx.convert(m)
+    assert torch.equal(torch.get_rng_state(), state)  # tracing drew, and the generator was put back
+    zeros = [bool((qm(x) == 0).all()) for _ in range(40)]
+    assert 5 < sum(zeros) < 35  # the model's own code, drawing at every call
+
+    with pytest.warns(UserWarning, match=r"assigns to self \(calls\)"):
+        qm = int8fx.convert(_Counting())
+    for _ in range(3):
+        qm(x)
+    assert qm.calls == 3
+
+    torch.manual_seed(0)
+    m = _Tempered()
+    qm = int8fx.convert(m)
+    assert [r.converted for r in int8fx.inspect(qm).layers] == [True]
+    y = qm(x)
+    assert F.cosine_similarity(y.flatten(), m(x).flatten(), 0) > 0.99
+    qm.tau = m.tau = 2.0
+    with pytest.raises(RuntimeError, match=r"converted with self.tau = 1.0, and it is now 2.0"):
+        qm(x)
+    qm.tau = 1.0
+    assert qm(x).shape == y.shape
+    assert not any(k.startswith("_int8fx") for k in int8fx.to_float(qm).__dict__)
+
+
 def test_a_bf16_model_trains_in_int8_with_its_quantizer_state_in_fp32():
     """`model.to(torch.bfloat16)` casts every floating buffer; int8fx's state (clips, running averages, staged
     copies) stays fp32, as the INT8 op computes its scales in fp32 (it failed outright before)."""

@@ -119,11 +119,24 @@ class Rewritten(_AddsChildren, nn.Module):
         return "any" if "any" in self._int8fx_graphs else ("train" if self.training else "eval")
 
     def forward(self, *args, **kwargs):
+        self._check_traced_values()
         key = self._graph_key()
         fn = self.__dict__.get("_int8fx_compiled", {}).get(key)
         if fn is None:
             fn = self.compile_forwards()[key]
         return fn(self, *args, **kwargs)
+
+    def _check_traced_values(self) -> None:
+        """The graphs hold the plain values the code read from `self` when it was traced (a temperature, a
+        flag) as constants: one changed since would be ignored, so it is refused instead."""
+        own = self.__dict__
+        for name, value in own.get("_int8fx_traced_with", {}).items():
+            now = own.get(name, value)
+            if now is not value and now != value:
+                raise RuntimeError(
+                    f"int8fx: {type(self).__name__}.forward was converted with self.{name} = {value!r}, and it is "
+                    f"now {now!r}: the converted forward (a torch.fx graph) still computes with {value!r}. Set it "
+                    f"before int8fx.convert, or keep it in a tensor (a buffer), which is read at every call.")
 
     def compile_forwards(self) -> dict:
         """{mode key: forward function} for every graph, made from the graphs (the cache `forward` reads)."""

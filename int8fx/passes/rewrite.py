@@ -5,9 +5,10 @@ Three rules, one per way a model reaches a convolution or a linear layer:
      its twin class `ModuleSite` (`int8fx.nn.twins`): same object, same parameters and hooks; whoever
      calls it now runs INT8.
   2. **Functional sites in a module's own code.** `trace_own_code` gives the graph of the module's own
-     forward (children are leaves). Each `F.conv*d` / `F.linear` node whose weight comes from parameters
-     (plain, or computed from them as in weight standardisation) becomes a call of a new `Int8Function`
-     child, or of the module site whose weight it uses; an opaque (`torch.fx.wrap`-ped) function that
+     forward (children are leaves), with or without parameters of its own. Each `F.conv*d` / `F.linear`
+     node becomes a call of a new `Int8Function` child, or of the module site whose weight it uses,
+     whatever the weight is (a parameter, one computed from parameters as in weight standardisation, a
+     buffer such as a fixed blur filter, an argument); an opaque (`torch.fx.wrap`-ped) function that
      receives module-site weights is called through `call_routed`. The module becomes `Rewritten`: it
      runs that graph, one per training mode when its code depends on the mode.
   3. **Code torch.fx cannot rewrite.** `nn.MultiheadAttention` (library code calling `F.linear` on its
@@ -32,7 +33,7 @@ from ..config import Int8Config
 from ..nn.modules import Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, site_op
 from ..nn.scope import call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
-from .trace import OpaqueModule, trace_own_code
+from .trace import OpaqueModule, OwnCode, trace_own_code
 
 SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 # listed as sites kept in FP32 (TRANSPOSED), calls and modules alike, by one op name per dimensionality
@@ -172,12 +173,12 @@ class Converter:
             return self.route_attention(path, m)
         if isinstance(m, FUSED_FASTPATH_MODULES):
             return self._make_routed(m, {}, {})
-        if next(m.parameters(), None) is None or _library_code(m) or isinstance(m, torch.jit.ScriptModule):
+        if _library_code(m) or isinstance(m, torch.jit.ScriptModule):
             return None
-        graphs = trace_own_code(m)
-        if isinstance(graphs, str):
-            return self.untraceable(path, m, graphs)
-        return self.rewrite(path, m, graphs)
+        code = trace_own_code(m)
+        if isinstance(code, str):
+            return self.untraceable(path, m, code)
+        return self.rewrite(path, m, code)
 
     def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function],
                      derived_op: str | None = None) -> None:
@@ -224,7 +225,9 @@ class Converter:
             site = self._new_function_site(op, m.weight.shape[0], path, m, "routed")
             self._make_routed(m, {"weight": f"int8_{op}"}, {f"int8_{op}": site}, derived_op=op)
 
-    def rewrite(self, path: str, m: nn.Module, graphs: dict[str, fx.Graph]) -> None:
+    def rewrite(self, path: str, m: nn.Module, code: OwnCode) -> None:
+        graphs = code.graphs
+        m.__dict__.update(code.constants)  # the graphs read them from the module (a weight may be made from one)
         calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in SITE_FUNCTIONS]
         single = site_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
         new: dict[str, tuple[str, Int8Function]] = {}  # node name -> (attribute, site), shared by both modes
@@ -246,7 +249,11 @@ class Converter:
             for attr, site in new.values():
                 m.add_site(attr, site)
             m._int8fx_graphs = graphs
+            m._int8fx_traced_with = code.traced_with
             m.compile_forwards()
+        else:  # the module keeps its own code
+            for name in code.constants:
+                del m.__dict__[name]
 
     def _module_site_of(self, m: nn.Module, node) -> tuple[str, Site] | None:
         """(path inside m, site) when `node` reads the weight of a conv/linear module site."""

@@ -12,6 +12,7 @@ per largest traceable part. Analysis only: the model is neither changed nor repl
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -46,21 +47,46 @@ def failure_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"[:200]
 
 
-def trace_own_code(module: nn.Module) -> dict[str, fx.Graph] | str:
-    """{"any": graph} when the module's own code is the same in both modes, else {"train": g, "eval": g};
-    the tracer's reason (a str) when it cannot be traced. Training flags are restored afterwards."""
-    # tracing runs the module's code: on a shallow copy, so that what it assigns to `self` stays there
-    shadow = object.__new__(type(module))
-    shadow.__dict__.update(module.__dict__)
+@dataclass
+class OwnCode:
+    """A module's own forward as torch.fx graphs (see `trace_own_code`). `constants`: tensors the code made
+    from constants (`torch.tensor(2.0)`), which the graphs read as attributes of the module; `traced_with`:
+    the plain values (numbers, flags, strings) the code read from `self`, which the graphs hold as constants."""
+
+    graphs: dict[str, fx.Graph]
+    constants: dict[str, torch.Tensor]
+    traced_with: dict[str, object]
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def trace_own_code(module: nn.Module) -> OwnCode | str:
+    """The module's own code: graphs {"any": g} when it is the same in both modes, else {"train": g,
+    "eval": g}; or the reason (a str) it cannot be traced faithfully. Tracing runs the code once per mode; the
+    training flags, the module's buffers and the random generators are as they were afterwards.
+
+    A graph replays what the code did while traced, so code whose result a graph would not reproduce is
+    refused as if untraceable: code that draws random numbers independent of its input (`torch.rand(1) <
+    p`: the graph would replay one draw forever), and code that assigns to `self` (a counter, a cache, a
+    stored attention map: the graph would not assign it)."""
     flags = [(m, m.training) for m in module.modules()]
     own = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
-    graphs = {}
+    generators = _RandomState()
+    graphs, constants, traced_with, assigned = {}, {}, {}, set()
     try:
         for key, mode in (("train", True), ("eval", False)):
             for m, _ in flags:
                 m.training = mode
+            # on a shallow copy, one per mode: what the code assigns to `self` stays there, and a proxy of one
+            # mode's graph (a cache filled at the first call) does not reach the other's
+            shadow = object.__new__(_reading_class(type(module), traced_with))
+            shadow.__dict__.update(module.__dict__)
             shadow.training = mode
             graphs[key] = OwnCodeTracer().trace(shadow)
+            made = constants[key] = _constants(graphs[key], shadow, module)
+            assigned |= {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
+                         and (k not in module.__dict__ or module.__dict__[k] is not v)}
     except Exception as e:  # torch.fx raises many types (TraceError, TypeError, AssertionError, ...)
         return failure_reason(e)
     finally:
@@ -70,11 +96,80 @@ def trace_own_code(module: nn.Module) -> dict[str, fx.Graph] | str:
             for k, v in own.items():
                 if not torch.equal(module._buffers[k], v):
                     module._buffers[k].copy_(v)
+        drew = generators.restore()
+    if drew:
+        return ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): "
+                "a traced graph would replay one draw forever")
+    if assigned:
+        return (f"its forward assigns to self ({', '.join(sorted(assigned))}): a traced graph would not")
     for graph in graphs.values():
         _plain_meta(graph)
-    if same_code(graphs["train"], graphs["eval"]):
-        return {"any": graphs["train"]}
-    return graphs
+    if same_code(graphs["train"], graphs["eval"]) and constants["train"].keys() == constants["eval"].keys() and all(
+            torch.equal(v, constants["eval"][k]) for k, v in constants["train"].items()):
+        graphs, constants = {"any": graphs["train"]}, {"any": constants["train"]}
+    traced_with.pop("training", None)
+    return OwnCode(graphs, _renamed_constants(graphs, constants), traced_with)
+
+
+def _reading_class(cls: type, reads: dict) -> type:
+    """`cls`, with every plain value the code reads from the instance's own attributes recorded in `reads`
+    (what a graph freezes). `cls` itself when a subclass could have side effects (`__init_subclass__`, a
+    metaclass): then nothing is recorded."""
+    if type(cls) is not type or any("__init_subclass__" in c.__dict__ for c in cls.__mro__[:-1]):
+        return cls
+
+    def __getattribute__(self, name):
+        value = cls.__getattribute__(self, name)
+        if isinstance(value, _PLAIN) and name in object.__getattribute__(self, "__dict__"):
+            reads.setdefault(name, value)
+        return value
+
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def _constants(graph: fx.Graph, shadow: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors torch.fx stored on the traced copy (`_tensor_constant0`: a tensor the code made from
+    constants) and that the graph reads, by name."""
+    return {n.target: shadow.__dict__[n.target] for n in graph.nodes
+            if n.op == "get_attr" and n.target not in module.__dict__ and not hasattr(module, n.target)
+            and isinstance(shadow.__dict__.get(n.target), torch.Tensor)}
+
+
+def _renamed_constants(graphs: dict[str, fx.Graph], constants: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Each graph's constants under a name of int8fx's, per graph (each mode's trace numbers them from 0)."""
+    out = {}
+    for key, graph in graphs.items():
+        for node in graph.nodes:
+            if node.op == "get_attr" and node.target in constants[key]:
+                name = f"_int8fx_constant_{key}{node.target}"
+                out[name] = constants[key][node.target]
+                node.target = name
+    return out
+
+
+class _RandomState:
+    """The state of torch's CPU generator and Python's and NumPy's global ones; `restore()` puts it back and
+    says whether anything drew from them in between."""
+
+    def __init__(self) -> None:
+        self.torch, self.python = torch.random.get_rng_state(), random.getstate()
+        try:
+            import numpy
+            self.numpy = numpy.random.get_state()
+        except ImportError:
+            self.numpy = None
+
+    def restore(self) -> bool:
+        drew = not torch.equal(torch.random.get_rng_state(), self.torch) or random.getstate() != self.python
+        torch.random.set_rng_state(self.torch)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            import numpy
+            now = numpy.random.get_state()
+            drew |= not (now[2:] == self.numpy[2:] and (now[1] == self.numpy[1]).all())
+            numpy.random.set_state(self.numpy)
+        return drew
 
 
 def _plain_meta(graph: fx.Graph) -> None:
