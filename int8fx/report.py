@@ -224,9 +224,9 @@ class Report:
                 lines.append(f"  {r.name} ({r.op}, {r.source}): {r.reason}\n")
             parts.append(lines)
         if self.opaque:
-            lines = Text(f"own code not traceable by torch.fx, kept as it is (its conv/linear modules are still "
-                         f"converted; conv/linear calls its own code makes on its weights stay FP32) "
-                         f"({len(self.opaque)}):\n", style="bold")
+            lines = Text(f"own code not rewritable (torch.fx cannot trace it, or a graph would not replay it), "
+                         f"kept as it is (its conv/linear modules are still converted; conv/linear calls its own "
+                         f"code makes on its weights stay FP32) ({len(self.opaque)}):\n", style="bold")
             for o in self.opaque:
                 own = f" (its own weights: {', '.join(o.weights)})" if o.weights else ""
                 lines.append(f"  {o.name} ({o.type}){own}: {o.reason}\n")

@@ -332,7 +332,7 @@ def test_untraceable_code_with_weights_of_its_own_is_warned_about():
             return y
 
     with pytest.warns(UserWarning, match=r"1 module\(s\) may make F.conv\*d / F.linear calls int8fx cannot see.*"
-                                         r"\(root\) \(Branchy\) uses its own w in code torch.fx cannot trace"):
+                                         r"\(root\) \(Branchy\) uses its own w in code int8fx cannot rewrite"):
         qm = int8fx.convert(Branchy(own=True))
     assert "its own weights: w" in str(int8fx.inspect(qm))
     with warnings.catch_warnings():

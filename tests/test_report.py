@@ -187,7 +187,7 @@ def test_partially_traced_model_reports_opaque_parts_and_draws_each_graph(tmp_pa
     qm = int8fx.convert(Untraceable())
     rep = int8fx.inspect(qm, torch.randn(1, 3, 6, 6))
     assert [o.name for o in rep.opaque] == ["(root)"]
-    assert "not traceable" in str(rep) and "(root) (Untraceable)" in str(rep)
+    assert "not rewritable" in str(rep) and "(root) (Untraceable)" in str(rep)
     assert [r.converted for r in rep.layers] == [True, True] and rep.summary["int8_flop_percent"] == 100.0
     rep.save_graph(tmp_path / "p.dot")
     dot = (tmp_path / "p.dot").read_text()

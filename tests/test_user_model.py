@@ -360,11 +360,13 @@ class _Drawing(nn.Module):
 class _Counting(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w, self.calls = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2), 0
+        self.w, self.calls, self.outputs = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2), 0, []
 
     def forward(self, x):
         self.calls += 1
-        return F.conv2d(x, self.w)
+        y = F.conv2d(x, self.w)
+        self.outputs.append(y)  # tracing appended torch.fx proxies to the model's own list
+        return y
 
 
 class _Tempered(nn.Module):
@@ -381,7 +383,8 @@ class _Tempered(nn.Module):
 def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     """A converted module runs its forward as a torch.fx graph, which replays what the code did while traced.
     A draw that does not depend on the input was replayed forever (the branch taken once, always), an
-    assignment to `self` never happened again (a counter stayed 0), a tensor the code made from constants
+    assignment to `self` never happened again (a counter stayed 0; a list held two torch.fx proxies from
+    tracing and never grew), a tensor the code made from constants
     was looked up on the module and missing (AttributeError at the first call), and a number read from
     `self` stayed what it was at convert time (an annealed temperature was ignored)."""
     x = torch.randn(2, 3, 8, 8)
@@ -392,11 +395,12 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     zeros = [bool((qm(x) == 0).all()) for _ in range(40)]
     assert 5 < sum(zeros) < 35  # the model's own code, drawing at every call
 
-    with pytest.warns(UserWarning, match=r"assigns to self \(calls\)"):
+    with pytest.warns(UserWarning, match=r"changes self \(calls, outputs\)"):
         qm = int8fx.convert(_Counting())
+    assert qm.outputs == []
     for _ in range(3):
         qm(x)
-    assert qm.calls == 3
+    assert qm.calls == 3 and len(qm.outputs) == 3 and all(type(y) is torch.Tensor for y in qm.outputs)
 
     torch.manual_seed(0)
     m = _Tempered()

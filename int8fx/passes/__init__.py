@@ -58,12 +58,12 @@ def _copy(model: nn.Module, caller: str) -> nn.Module:
 
 def _warn_unintended_fp32(record: Conversion) -> None:
     """Say so where a site stays in FP32 for a reason other than the user's own exclusion (an uninitialised
-    lazy module, a TorchScript submodule, ...), or may (a module whose code torch.fx cannot trace, with
+    lazy module, a TorchScript submodule, ...), or may (a module whose code cannot be traced faithfully, with
     weights of its own that its code could pass to F.conv*d / F.linear): a model that silently trained in
     FP32 would look like an INT8 result."""
     kept = [f"{s.name}: {s.reason}" for s in record.sites
             if not s.converted and EXCLUDED not in s.reason and FILTERED not in s.reason]
-    unseen = [f"{o.name} ({o.type}) uses its own {', '.join(o.weights)} in code torch.fx cannot trace ({o.reason})"
+    unseen = [f"{o.name} ({o.type}) uses its own {', '.join(o.weights)} in code int8fx cannot rewrite ({o.reason})"
               for o in record.opaque if o.weights]
     said = [f"{len(items)} {what} ({'; '.join(items[:4])}{'; ...' if len(items) > 4 else ''})"
             for items, what in ((kept, "conv/linear site(s) stay in full precision"),

@@ -12,6 +12,7 @@ per largest traceable part. Analysis only: the model is neither changed nor repl
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -68,10 +69,11 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
 
     A graph replays what the code did while traced, so code whose result a graph would not reproduce is
     refused as if untraceable: code that draws random numbers independent of its input (`torch.rand(1) <
-    p`: the graph would replay one draw forever), and code that assigns to `self` (a counter, a cache, a
-    stored attention map: the graph would not assign it)."""
+    p`: the graph would replay one draw forever), and code that changes `self` (a counter, a cache, a stored
+    attention map, a list it appends to: the graph would not change it)."""
     flags = [(m, m.training) for m in module.modules()]
     own = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
+    containers = {k: copy.copy(v) for k, v in module.__dict__.items() if type(v) in (list, dict, set)}
     generators = _RandomState()
     graphs, constants, traced_with, assigned = {}, {}, {}, set()
     try:
@@ -97,11 +99,13 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
                 if not torch.equal(module._buffers[k], v):
                     module._buffers[k].copy_(v)
         drew = generators.restore()
+        assigned |= _restore_containers(module, containers)
     if drew:
         return ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): "
                 "a traced graph would replay one draw forever")
     if assigned:
-        return (f"its forward assigns to self ({', '.join(sorted(assigned))}): a traced graph would not")
+        return f"its forward changes self ({', '.join(sorted(assigned))}): a traced graph would not"
+
     for graph in graphs.values():
         _plain_meta(graph)
     if same_code(graphs["train"], graphs["eval"]) and constants["train"].keys() == constants["eval"].keys() and all(
@@ -146,6 +150,26 @@ def _renamed_constants(graphs: dict[str, fx.Graph], constants: dict[str, dict]) 
                 out[name] = constants[key][node.target]
                 node.target = name
     return out
+
+
+def _restore_containers(module: nn.Module, before: dict) -> set[str]:
+    """The lists, dicts and sets of the module that the traced code changed in place (`self.feats.append(y)`:
+    the shallow copy shares them), put back as they were; their names."""
+    changed = set()
+    for name, old in before.items():
+        now = module.__dict__.get(name)
+        if type(now) is not type(old):
+            continue
+        same = (len(now) == len(old) and all(a is b for a, b in zip(now, old))) if isinstance(old, list) else (
+            now.keys() == old.keys() and all(now[k] is old[k] for k in old)) if isinstance(old, dict) else now == old
+        if not same:
+            changed.add(name)
+            now.clear()
+            if isinstance(old, list):
+                now.extend(old)
+            else:
+                now.update(old)
+    return changed
 
 
 class _RandomState:
