@@ -416,6 +416,52 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     assert not any(k.startswith("_int8fx") for k in int8fx.to_float(qm).__dict__)
 
 
+class _Gated(nn.Module):
+    """Optional arguments, as attention layers take a mask or a shared position bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.proj = nn.Parameter(torch.randn(6, 5) * 0.3), nn.Parameter(torch.randn(4, 6) * 0.3)
+
+    def forward(self, x, bias: torch.Tensor | None = None, context=None):
+        if context is not None:  # a call on `gate` that only some calls make, before the call on `proj`
+            x = x * torch.sigmoid(F.linear(context, self.gate)).mean(-1, keepdim=True)
+        y = F.linear(x, self.proj)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+def test_optional_arguments_given_or_not_each_run_their_own_code():
+    """torch.fx traces `if bias is not None:` as always true: timm's BEiT attention (`shared_rel_pos_bias=None`)
+    failed at its first call with "unsupported operand type(s) for +: 'Tensor' and 'NoneType'". Each set of
+    optional arguments passed as None now has its graph, and a call present in some graphs only does not
+    shift the sites of the calls after it."""
+    torch.manual_seed(0)
+    m, x, b, c = _Gated(), torch.randn(3, 6), torch.randn(4), torch.randn(3, 5)
+    passthrough = int8fx.convert(m, int8fx.Int8Config(quantize=False))
+    for args, kwargs in (((x,), {}), ((x, b), {}), ((x,), {"context": c}), ((x, None, c), {}), ((x, b, c), {}),
+                         ((x,), {"bias": b, "context": None})):
+        assert torch.equal(passthrough(*args, **kwargs), m(*args, **kwargs))
+    qm = int8fx.convert(m)
+    assert [(r.name, r.converted) for r in int8fx.inspect(qm).layers] == [("linear", True), ("linear_1", True)]
+    assert sorted(f.out_channels for f in qm.children() if isinstance(f, Int8Function)) == [4, 6]
+    y = qm(x, b) + qm(x, context=c)
+    assert F.cosine_similarity(y.flatten(), (m(x, b) + m(x, context=c)).flatten(), 0) > 0.99
+    calls = sorted((f.out_channels, int(f.calls)) for f in qm.children() if isinstance(f, Int8Function))
+    assert calls == [(4, 2), (6, 1)]  # proj in both calls, gate in the one with a context
+    y.square().mean().backward()
+    assert qm.proj.grad is not None and qm.gate.grad is not None
+    import timm
+
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                             embed_dim=32, num_heads=2, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(int8fx.convert(beit, int8fx.Int8Config(quantize=False))(x), beit(x))
+    int8fx.convert(beit)(x).sum().backward()
+
+
 def test_a_bf16_model_trains_in_int8_with_its_quantizer_state_in_fp32():
     """`model.to(torch.bfloat16)` casts every floating buffer; int8fx's state (clips, running averages, staged
     copies) stays fp32, as the INT8 op computes its scales in fp32 (it failed outright before)."""

@@ -101,26 +101,39 @@ class _AddsChildren:
             del self.__dict__[key]
 
 
+def variant_key(mode: str, none: tuple[str, ...]) -> str:
+    """The key of a rewritten forward's graph: its training mode ("train", "eval", or "any" when both trace
+    to the same code) and the optional arguments it was traced with as None (in signature order)."""
+    return f"{mode}[{','.join(none)}]" if none else mode
+
+
 class Rewritten(_AddsChildren, nn.Module):
     """Runs the module's own forward as rewritten by `int8fx.passes.rewrite`.
 
     `_int8fx_graphs` holds one `torch.fx.Graph` ("any") or one per training mode ("train", "eval") when
     tracing in the two modes gave different code: the graph freezes `self.training` where the original
-    code reads it, so a rewrite must never serve the other mode. The graphs are the state (they pickle);
+    code reads it, so a rewrite must never serve the other mode. Likewise it freezes `mask is not None`:
+    with optional arguments (`_int8fx_optional`) there is a graph per set of them passed as None
+    (`variant_key`), and each call runs the one of the arguments it got. The graphs are the state (they pickle);
     the Python functions compiled from them are a cache, filled when the graphs are set and when a copy is
     unpickled (`compile_forwards`), not at the first call: that call may be inside `torch.compile`, which
     cannot trace the code generation (`exec`) and would break the graph."""
 
     def current_graph(self) -> fx.Graph:
-        """The graph this module runs in its current training mode."""
+        """The graph this module runs in its current training mode with every optional argument given."""
         return self._int8fx_graphs[self._graph_key()]
 
-    def _graph_key(self) -> str:
-        return "any" if "any" in self._int8fx_graphs else ("train" if self.training else "eval")
+    def _graph_key(self, args: tuple = (), kwargs: dict | None = None) -> str:
+        mode = "any" if "any" in self._int8fx_graphs else ("train" if self.training else "eval")
+        optional = self.__dict__.get("_int8fx_optional")
+        if not optional or kwargs is None:
+            return mode
+        return variant_key(mode, tuple(name for name, pos in optional if (
+            kwargs[name] if name in kwargs else args[pos] if pos is not None and pos < len(args) else None) is None))
 
     def forward(self, *args, **kwargs):
         self._check_traced_values()
-        key = self._graph_key()
+        key = self._graph_key(args, kwargs)
         fn = self.__dict__.get("_int8fx_compiled", {}).get(key)
         if fn is None:
             fn = self.compile_forwards()[key]

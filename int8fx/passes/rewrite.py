@@ -178,7 +178,10 @@ class Converter:
         code = trace_own_code(m)
         if isinstance(code, str):
             return self.untraceable(path, m, code)
-        return self.rewrite(path, m, code)
+        if code.unfaithful and any(n.op == "call_function" and (n.target in SITE_FUNCTIONS or _is_opaque_function(
+                n.target)) for g in code.graphs.values() for n in g.nodes):
+            return self.untraceable(path, m, code.unfaithful)  # it has calls to rewrite, and cannot be rewritten
+        return self.rewrite(path, m, code)  # (code that only cannot be replayed has nothing to change here)
 
     def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function],
                      derived_op: str | None = None) -> None:
@@ -230,13 +233,14 @@ class Converter:
         m.__dict__.update(code.constants)  # the graphs read them from the module (a weight may be made from one)
         calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in SITE_FUNCTIONS]
         single = site_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
-        new: dict[str, tuple[str, Int8Function]] = {}  # node name -> (attribute, site), shared by both modes
+        new: dict[tuple, tuple[str, Int8Function, str]] = {}  # call -> (attribute, site, name), shared by all graphs
         changed = False
         for graph in graphs.values():
             derived: set[fx.Node] = set()
+            occurrences: dict[tuple, int] = {}
             for node in list(graph.nodes):
                 if node.op == "call_function" and node.target in SITE_FUNCTIONS:
-                    changed |= self._rewrite_call(path, m, graph, node, new, single, derived)
+                    changed |= self._rewrite_call(path, m, graph, node, new, single, derived, occurrences)
                 elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
                     self._report(Site(_join(path, node.name), TRANSPOSED_FUNCTIONS[node.target], "function", False,
                                       TRANSPOSED, path))
@@ -246,10 +250,11 @@ class Converter:
             graph.lint()
         if changed:
             become(m, Rewritten)
-            for attr, site in new.values():
+            for attr, site, _ in new.values():
                 m.add_site(attr, site)
             m._int8fx_graphs = graphs
             m._int8fx_traced_with = code.traced_with
+            m._int8fx_optional = code.optional
             m.compile_forwards()
         else:  # the module keeps its own code
             for name in code.constants:
@@ -266,7 +271,7 @@ class Converter:
             return None
         return owner, found[1]
 
-    def _rewrite_call(self, path, m, graph, node, new, single, derived) -> bool:
+    def _rewrite_call(self, path, m, graph, node, new, single, derived, occurrences) -> bool:
         op = SITE_FUNCTIONS[node.target]
         args = {**({} if op == "linear" else _CONV_DEFAULTS), "bias": None, **dict(zip(_ARG_NAMES, node.args)),
                 **node.kwargs}
@@ -284,18 +289,19 @@ class Converter:
             with graph.inserting_before(node):
                 new_node = graph.call_method("int8_functional", (graph.get_attr(owner), *call_args))
         else:
-            name = path if single else _join(path, node.name)
+            key = _call_key(node, args["weight"], occurrences)
+            name = new[key][2] if key in new else path if single else _join(path, node.name)
             reason = self._skip_reason(name, m)
             self._report(Site(name, op, "function", not reason, reason, path))
             if reason:
                 return False
-            if node.name not in new:
+            if key not in new:
                 # a weight computed from the model input (CondConv's per-sample expert mix) has its channel
                 # count only at run time: 0 here, and the site sizes its state at the first call
                 weight = _static_value(m, args["weight"])
-                new[node.name] = (_free_attr(m, f"int8_{node.name}"), self._new_function_site(
-                    op, 0 if weight is None else weight.shape[0], name, m, "function"))
-            attr = new[node.name][0]
+                new[key] = (_free_attr(m, f"int8_{node.name}"), self._new_function_site(
+                    op, 0 if weight is None else weight.shape[0], name, m, "function"), name)
+            attr = new[key][0]
             with graph.inserting_before(node):
                 new_node = graph.call_module(attr, tuple(call_args))
         new_node.meta = dict(node.meta)
@@ -338,6 +344,16 @@ class Converter:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _call_key(node: fx.Node, weight, occurrences: dict) -> tuple:
+    """Which call of the module's code `node` is, the same in each of its graphs (training modes, optional
+    arguments given or not), so that they share its site: the k-th call of its op on the same weight
+    attribute, or, for a weight the code computes, by node name. (Node names are numbered in order of
+    appearance: a call that one graph skips renumbers the calls after it.)"""
+    base = (node.target, weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else (node.name,)
+    occurrences[base] = occurrences.get(base, 0) + 1
+    return (*base, occurrences[base])
+
+
 def _is_opaque_function(target) -> bool:
     """A function the tracer did not enter and that is not a torch/python builtin (e.g. torch.fx.wrap-ped)."""
     mod = (getattr(target, "__module__", None) or "").split(".")[0]

@@ -13,12 +13,16 @@ per largest traceable part. Analysis only: the model is neither changed nor repl
 from __future__ import annotations
 
 import copy
+import inspect
+import itertools
 import random
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from ..nn.twins import variant_key
 
 
 @dataclass
@@ -50,45 +54,58 @@ def failure_reason(e: Exception) -> str:
 
 @dataclass
 class OwnCode:
-    """A module's own forward as torch.fx graphs (see `trace_own_code`). `constants`: tensors the code made
+    """A module's own forward as torch.fx graphs by variant (see `trace_own_code`). `constants`: tensors the code made
     from constants (`torch.tensor(2.0)`), which the graphs read as attributes of the module; `traced_with`:
     the plain values (numbers, flags, strings) the code read from `self`, which the graphs hold as constants."""
 
     graphs: dict[str, fx.Graph]
     constants: dict[str, torch.Tensor]
     traced_with: dict[str, object]
+    optional: tuple = ()  # (name, position) of the arguments whose None-ness picks the graph
+    unfaithful: str = ""  # why running the graphs instead of the code would not be the same, if it would not
 
 
 _PLAIN = (bool, int, float, str, type(None))
 
 
 def trace_own_code(module: nn.Module) -> OwnCode | str:
-    """The module's own code: graphs {"any": g} when it is the same in both modes, else {"train": g,
-    "eval": g}; or the reason (a str) it cannot be traced faithfully. Tracing runs the code once per mode; the
-    training flags, the module's buffers and the random generators are as they were afterwards.
+    """The module's own code as graphs, one per variant (`variant_key`): per training mode ("any" when both
+    give the same code) and per set of its optional arguments passed as None; or the reason (a str) it cannot
+    be traced faithfully. Tracing runs the code; the training flags, the module's buffers, lists and dicts and
+    the random generators are as they were afterwards.
 
-    A graph replays what the code did while traced, so code whose result a graph would not reproduce is
-    refused as if untraceable: code that draws random numbers independent of its input (`torch.rand(1) <
-    p`: the graph would replay one draw forever), and code that changes `self` (a counter, a cache, a stored
-    attention map, a list it appends to: the graph would not change it)."""
+    A graph replays what the code did while traced. `if mask is not None:` on a traced argument is always
+    true, so the code is traced once more with each set of its optional arguments fixed to None, and each
+    call runs the graph of the arguments it got. Where no graph would reproduce the code, `unfaithful` says
+    why: code that draws random numbers independent of its input (`torch.rand(1) < p`: the graph would
+    replay one draw forever), and code that changes `self` (a counter, a cache, a stored attention map, a
+    list it appends to: the graph would not change it)."""
+    params, optional = _arguments(type(module).forward)
+    if len(optional) > MAX_OPTIONAL:
+        return (f"its forward has {len(optional)} optional arguments ({', '.join(optional)}); int8fx traces one "
+                f"graph per set of them given as None, for at most {MAX_OPTIONAL}")
+    nones = [tuple(c) for r in range(len(optional) + 1) for c in itertools.combinations(optional, r)]
     flags = [(m, m.training) for m in module.modules()]
     own = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
     containers = {k: copy.copy(v) for k, v in module.__dict__.items() if type(v) in (list, dict, set)}
     generators = _RandomState()
     graphs, constants, traced_with, assigned = {}, {}, {}, set()
     try:
-        for key, mode in (("train", True), ("eval", False)):
+        for mode in ("train", "eval"):
             for m, _ in flags:
-                m.training = mode
-            # on a shallow copy, one per mode: what the code assigns to `self` stays there, and a proxy of one
-            # mode's graph (a cache filled at the first call) does not reach the other's
-            shadow = object.__new__(_reading_class(type(module), traced_with))
-            shadow.__dict__.update(module.__dict__)
-            shadow.training = mode
-            graphs[key] = OwnCodeTracer().trace(shadow)
-            made = constants[key] = _constants(graphs[key], shadow, module)
-            assigned |= {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
-                         and (k not in module.__dict__ or module.__dict__[k] is not v)}
+                m.training = mode == "train"
+            for none in nones:
+                # on a shallow copy, one per graph: what the code assigns to `self` stays there, and a proxy of
+                # one graph (a cache filled at the first call) does not reach another
+                shadow = object.__new__(_reading_class(type(module), traced_with))
+                shadow.__dict__.update(module.__dict__)
+                shadow.training = mode == "train"
+                key = variant_key(mode, none)
+                graphs[key] = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
+                _keep_argument_names(graphs[key], params)
+                made = constants[key] = _constants(graphs[key], shadow, module)
+                assigned |= {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
+                             and (k not in module.__dict__ or module.__dict__[k] is not v)}
     except Exception as e:  # torch.fx raises many types (TraceError, TypeError, AssertionError, ...)
         return failure_reason(e)
     finally:
@@ -100,19 +117,56 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
                     module._buffers[k].copy_(v)
         drew = generators.restore()
         assigned |= _restore_containers(module, containers)
-    if drew:
-        return ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): "
-                "a traced graph would replay one draw forever")
-    if assigned:
-        return f"its forward changes self ({', '.join(sorted(assigned))}): a traced graph would not"
-
+    unfaithful = ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): a "
+                  "traced graph would replay one draw forever" if drew else f"its forward changes self "
+                  f"({', '.join(sorted(assigned))}): a traced graph would not" if assigned else "")
     for graph in graphs.values():
         _plain_meta(graph)
-    if same_code(graphs["train"], graphs["eval"]) and constants["train"].keys() == constants["eval"].keys() and all(
-            torch.equal(v, constants["eval"][k]) for k, v in constants["train"].items()):
-        graphs, constants = {"any": graphs["train"]}, {"any": constants["train"]}
+    if all(_same(graphs, constants, variant_key("train", n), variant_key("eval", n)) for n in nones):
+        graphs = {variant_key("any", n): graphs[variant_key("train", n)] for n in nones}
+        constants = {variant_key("any", n): constants[variant_key("train", n)] for n in nones}
     traced_with.pop("training", None)
-    return OwnCode(graphs, _renamed_constants(graphs, constants), traced_with)
+    return OwnCode(graphs, _renamed_constants(graphs, constants), traced_with, optional_positions(params, optional),
+                   unfaithful)
+
+
+MAX_OPTIONAL = 4  # optional arguments of one forward: 2**4 graphs per mode at most
+
+
+def _arguments(forward) -> tuple[list[inspect.Parameter], tuple[str, ...]]:
+    """The forward's parameters after `self`, and the names of those that may be None (a None default or an
+    `Optional` annotation)."""
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    optional = tuple(p.name for p in params if p.kind in named and (
+        p.default is None or (p.default is inspect.Parameter.empty and _may_be_none(p.annotation))))
+    return params, optional
+
+
+def _may_be_none(annotation) -> bool:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return annotation is not inspect.Parameter.empty and ("Optional" in text or "None" in text)
+
+
+def optional_positions(params: list[inspect.Parameter], optional: tuple[str, ...]) -> tuple:
+    """(name, position among the positional arguments or None) of each optional argument."""
+    positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return tuple((name, positional.index(name) if name in positional else None) for name in optional)
+
+
+def _keep_argument_names(graph: fx.Graph, params: list[inspect.Parameter]) -> None:
+    """torch.fx renames an argument it specialises to None (`mask` becomes `mask_1`): the forward must still
+    take it by its own name."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]  # in the signature's order
+    for node, p in zip(placeholders, params):
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            node.target = p.name
+
+
+def _same(graphs: dict, constants: dict, a: str, b: str) -> bool:
+    return same_code(graphs[a], graphs[b]) and constants[a].keys() == constants[b].keys() and all(
+        torch.equal(v, constants[b][k]) for k, v in constants[a].items())
 
 
 def _reading_class(cls: type, reads: dict) -> type:
@@ -141,12 +195,13 @@ def _constants(graph: fx.Graph, shadow: nn.Module, module: nn.Module) -> dict[st
 
 
 def _renamed_constants(graphs: dict[str, fx.Graph], constants: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Each graph's constants under a name of int8fx's, per graph (each mode's trace numbers them from 0)."""
+    """Each graph's constants under a name of int8fx's, one per graph and constant (each trace numbers its
+    own from 0)."""
     out = {}
     for key, graph in graphs.items():
         for node in graph.nodes:
             if node.op == "get_attr" and node.target in constants[key]:
-                name = f"_int8fx_constant_{key}{node.target}"
+                name = f"_int8fx_constant{len(out)}"
                 out[name] = constants[key][node.target]
                 node.target = name
     return out
