@@ -369,6 +369,16 @@ class _Counting(nn.Module):
         return y
 
 
+class _Keywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+
+    def forward(self, x, **kw):
+        y, mask = F.conv2d(x, self.w), kw.get("mask")
+        return y if mask is None else y * mask
+
+
 class _Tempered(nn.Module):
     """A temperature annealed by the training loop, and a constant tensor made by the code."""
 
@@ -384,9 +394,10 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     """A converted module runs its forward as a torch.fx graph, which replays what the code did while traced.
     A draw that does not depend on the input was replayed forever (the branch taken once, always), an
     assignment to `self` never happened again (a counter stayed 0; a list held two torch.fx proxies from
-    tracing and never grew), a tensor the code made from constants
-    was looked up on the module and missing (AttributeError at the first call), and a number read from
-    `self` stayed what it was at convert time (an annealed temperature was ignored)."""
+    tracing and never grew), a tensor the code made from constants was looked up on the module and missing
+    (AttributeError at the first call), `kw.get("mask") is not None` was always true (a call without a mask
+    failed), and a number read from `self` stayed what it was at convert time (an annealed temperature was
+    ignored)."""
     x = torch.randn(2, 3, 8, 8)
     m, state = _Drawing(), torch.get_rng_state()
     with pytest.warns(UserWarning, match="draws random numbers"):
@@ -401,6 +412,11 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     for _ in range(3):
         qm(x)
     assert qm.calls == 3 and len(qm.outputs) == 3 and all(type(y) is torch.Tensor for y in qm.outputs)
+
+    m = _Keywords()
+    with pytest.warns(UserWarning, match=r"reads \*\*kw"):
+        qm = int8fx.convert(m)
+    assert torch.equal(qm(x), m(x)) and torch.equal(qm(x, mask=torch.zeros(1)), torch.zeros(2, 4, 6, 6))
 
     torch.manual_seed(0)
     m = _Tempered()

@@ -79,7 +79,8 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
     call runs the graph of the arguments it got. Where no graph would reproduce the code, `unfaithful` says
     why: code that draws random numbers independent of its input (`torch.rand(1) < p`: the graph would
     replay one draw forever), and code that changes `self` (a counter, a cache, a stored attention map, a
-    list it appends to: the graph would not change it)."""
+    list it appends to: the graph would not change it), and code that reads `**kwargs` (a graph cannot
+    tell which keywords a call passes)."""
     params, optional = _arguments(type(module).forward)
     if len(optional) > MAX_OPTIONAL:
         return (f"its forward has {len(optional)} optional arguments ({', '.join(optional)}); int8fx traces one "
@@ -117,9 +118,14 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
                     module._buffers[k].copy_(v)
         drew = generators.restore()
         assigned |= _restore_containers(module, containers)
+    keywords = [p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    read = keywords and any(n.op == "placeholder" and n.target == f"**{keywords[0]}" and n.users
+                            for g in graphs.values() for n in g.nodes)
     unfaithful = ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): a "
                   "traced graph would replay one draw forever" if drew else f"its forward changes self "
-                  f"({', '.join(sorted(assigned))}): a traced graph would not" if assigned else "")
+                  f"({', '.join(sorted(assigned))}): a traced graph would not" if assigned else
+                  f"its forward reads **{keywords[0]}: a traced graph holds whichever keywords it was traced with "
+                  f"(`{keywords[0]}.get('mask') is not None` is always true)" if read else "")
     for graph in graphs.values():
         _plain_meta(graph)
     if all(_same(graphs, constants, variant_key("train", n), variant_key("eval", n)) for n in nones):
