@@ -468,6 +468,18 @@ def test_optional_arguments_given_or_not_each_run_their_own_code():
     assert calls == [(4, 2), (6, 1)]  # proj in both calls, gate in the one with a context
     y.square().mean().backward()
     assert qm.proj.grad is not None and qm.gate.grad is not None
+    class Flagged(nn.Module):  # `mask is not None or flag` reads the traced flag only when mask is None
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x, mask=None, flag: bool = False):
+            y = F.linear(x, self.w)
+            return y * mask if mask is not None or flag else y
+
+    with pytest.warns(UserWarning, match="cannot be traced with mask None"):
+        qm = int8fx.convert(Flagged())
+    assert torch.equal(qm(x), F.linear(x, qm.w)) and torch.equal(qm(x, torch.zeros(4)), torch.zeros(3, 4))
     import timm
 
     torch.manual_seed(0)

@@ -82,10 +82,13 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
     list it appends to: the graph would not change it), and code that reads `**kwargs` (a graph cannot
     tell which keywords a call passes)."""
     params, optional = _arguments(type(module).forward)
-    if len(optional) > MAX_OPTIONAL:
-        return (f"its forward has {len(optional)} optional arguments ({', '.join(optional)}); int8fx traces one "
-                f"graph per set of them given as None, for at most {MAX_OPTIONAL}")
     nones = [tuple(c) for r in range(len(optional) + 1) for c in itertools.combinations(optional, r)]
+    if len(optional) > MAX_OPTIONAL:
+        nones = [()]
+        failed = [f"it has {len(optional)} optional arguments ({', '.join(optional)}); int8fx traces one graph per "
+                  f"set of them given as None, for at most {MAX_OPTIONAL}"]
+    else:
+        failed = []  # why a graph with some optional arguments None could not be traced
     flags = [(m, m.training) for m in module.modules()]
     own = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
     containers = {k: copy.copy(v) for k, v in module.__dict__.items() if type(v) in (list, dict, set)}
@@ -102,7 +105,14 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
                 shadow.__dict__.update(module.__dict__)
                 shadow.training = mode == "train"
                 key = variant_key(mode, none)
-                graphs[key] = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
+                try:
+                    graphs[key] = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
+                except Exception as e:
+                    if not none:
+                        raise
+                    # (`mask is not None or flag` reads a traced flag only when mask is None)
+                    failed.append(f"it cannot be traced with {', '.join(none)} None ({failure_reason(e)})")
+                    continue
                 _keep_argument_names(graphs[key], params)
                 made = constants[key] = _constants(graphs[key], shadow, module)
                 assigned |= {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
@@ -125,12 +135,14 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
                   "traced graph would replay one draw forever" if drew else f"its forward changes self "
                   f"({', '.join(sorted(assigned))}): a traced graph would not" if assigned else
                   f"its forward reads **{keywords[0]}: a traced graph holds whichever keywords it was traced with "
-                  f"(`{keywords[0]}.get('mask') is not None` is always true)" if read else "")
+                  f"(`{keywords[0]}.get('mask') is not None` is always true)" if read else
+                  f"{failed[0]}: a call with them None has no graph" if failed else "")
     for graph in graphs.values():
         _plain_meta(graph)
-    if all(_same(graphs, constants, variant_key("train", n), variant_key("eval", n)) for n in nones):
-        graphs = {variant_key("any", n): graphs[variant_key("train", n)] for n in nones}
-        constants = {variant_key("any", n): constants[variant_key("train", n)] for n in nones}
+    traced = [n for n in nones if variant_key("train", n) in graphs and variant_key("eval", n) in graphs]
+    if all(_same(graphs, constants, variant_key("train", n), variant_key("eval", n)) for n in traced):
+        graphs = {variant_key("any", n): graphs[variant_key("train", n)] for n in traced}
+        constants = {variant_key("any", n): constants[variant_key("train", n)] for n in traced}
     traced_with.pop("training", None)
     return OwnCode(graphs, _renamed_constants(graphs, constants), traced_with, optional_positions(params, optional),
                    unfaithful)
