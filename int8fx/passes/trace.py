@@ -83,60 +83,31 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
     tell which keywords a call passes)."""
     params, optional = _arguments(type(module).forward)
     nones = [tuple(c) for r in range(len(optional) + 1) for c in itertools.combinations(optional, r)]
+    failed = []  # why a graph with some optional arguments None is missing
     if len(optional) > MAX_OPTIONAL:
         nones = [()]
-        failed = [f"it has {len(optional)} optional arguments ({', '.join(optional)}); int8fx traces one graph per "
-                  f"set of them given as None, for at most {MAX_OPTIONAL}"]
-    else:
-        failed = []  # why a graph with some optional arguments None could not be traced
-    flags = [(m, m.training) for m in module.modules()]
-    own = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
-    containers = {k: copy.copy(v) for k, v in module.__dict__.items() if type(v) in (list, dict, set)}
-    generators = _RandomState()
+        failed.append(f"it has {len(optional)} optional arguments ({', '.join(optional)}); int8fx traces one graph "
+                      f"per set of them given as None, for at most {MAX_OPTIONAL}")
     graphs, constants, traced_with, assigned = {}, {}, {}, set()
-    try:
-        for mode in ("train", "eval"):
-            for m, _ in flags:
-                m.training = mode == "train"
-            for none in nones:
-                # on a shallow copy, one per graph: what the code assigns to `self` stays there, and a proxy of
-                # one graph (a cache filled at the first call) does not reach another
-                shadow = object.__new__(_reading_class(type(module), traced_with))
-                shadow.__dict__.update(module.__dict__)
-                shadow.training = mode == "train"
-                key = variant_key(mode, none)
-                try:
-                    graphs[key] = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
-                except Exception as e:
-                    if not none:
-                        raise
-                    # (`mask is not None or flag` reads a traced flag only when mask is None)
-                    failed.append(f"it cannot be traced with {', '.join(none)} None ({failure_reason(e)})")
-                    continue
-                _keep_argument_names(graphs[key], params)
-                made = constants[key] = _constants(graphs[key], shadow, module)
-                assigned |= {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
-                             and (k not in module.__dict__ or module.__dict__[k] is not v)}
-    except Exception as e:  # torch.fx raises many types (TraceError, TypeError, AssertionError, ...)
-        return failure_reason(e)
-    finally:
-        for m, t in flags:
-            m.training = t
-        with torch.no_grad():  # tracing runs the code: whatever it did to the module's own state is undone
-            for k, v in own.items():
-                if not torch.equal(module._buffers[k], v):
-                    module._buffers[k].copy_(v)
-        drew = generators.restore()
-        assigned |= _restore_containers(module, containers)
-    keywords = [p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
-    read = keywords and any(n.op == "placeholder" and n.target == f"**{keywords[0]}" and n.users
-                            for g in graphs.values() for n in g.nodes)
-    unfaithful = ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): a "
-                  "traced graph would replay one draw forever" if drew else f"its forward changes self "
-                  f"({', '.join(sorted(assigned))}): a traced graph would not" if assigned else
-                  f"its forward reads **{keywords[0]}: a traced graph holds whichever keywords it was traced with "
-                  f"(`{keywords[0]}.get('mask') is not None` is always true)" if read else
-                  f"{failed[0]}: a call with them None has no graph" if failed else "")
+    with _Undone(module) as undone:
+        try:
+            for mode in ("train", "eval"):
+                undone.set_training(mode == "train")
+                for none in nones:
+                    key = variant_key(mode, none)
+                    try:
+                        graphs[key], constants[key], changed = _trace(module, mode == "train", none, params,
+                                                                      traced_with)
+                    except Exception as e:
+                        if not none:
+                            raise
+                        # (`mask is not None or flag` reads a traced flag only when mask is None)
+                        failed.append(f"it cannot be traced with {', '.join(none)} None ({failure_reason(e)})")
+                        continue
+                    assigned |= changed
+        except Exception as e:  # torch.fx raises many types (TraceError, TypeError, AssertionError, ...)
+            return failure_reason(e)
+    unfaithful = _unfaithful(undone.drew, assigned | undone.changed, _kwargs_read(params, graphs), failed)
     for graph in graphs.values():
         _plain_meta(graph)
     traced = [n for n in nones if variant_key("train", n) in graphs and variant_key("eval", n) in graphs]
@@ -149,6 +120,22 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
 
 
 MAX_OPTIONAL = 4  # optional arguments of one forward: 2**4 graphs per mode at most
+
+
+def _trace(module: nn.Module, training: bool, none: tuple[str, ...], params: list, reads: dict):
+    """(graph, the tensor constants it reads, the attributes the code assigned to `self`) of the module's
+    code in one training mode with the optional arguments `none` fixed to None."""
+    # on a shallow copy, one per graph: what the code assigns to `self` stays there, and a proxy of one graph
+    # (a cache filled at the first call) does not reach another
+    shadow = object.__new__(_reading_class(type(module), reads))
+    shadow.__dict__.update(module.__dict__)
+    shadow.training = training
+    graph = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
+    _keep_argument_names(graph, params)
+    made = _constants(graph, shadow, module)
+    assigned = {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
+                and (k not in module.__dict__ or module.__dict__[k] is not v)}
+    return graph, made, assigned
 
 
 def _arguments(forward) -> tuple[list[inspect.Parameter], tuple[str, ...]]:
@@ -185,6 +172,58 @@ def _keep_argument_names(graph: fx.Graph, params: list[inspect.Parameter]) -> No
 def _same(graphs: dict, constants: dict, a: str, b: str) -> bool:
     return same_code(graphs[a], graphs[b]) and constants[a].keys() == constants[b].keys() and all(
         torch.equal(v, constants[b][k]) for k, v in constants[a].items())
+
+
+def _unfaithful(drew: bool, changed: set[str], kwargs_read: str, failed: list[str]) -> str:
+    """Why running the traced graphs would not be running the module's code ("" when it would)."""
+    if drew:
+        return ("its forward draws random numbers that do not depend on its input (e.g. torch.rand(1) < p): a "
+                "traced graph would replay one draw forever")
+    if changed:
+        return f"its forward changes self ({', '.join(sorted(changed))}): a traced graph would not"
+    if kwargs_read:
+        return (f"its forward reads **{kwargs_read}: a traced graph holds whichever keywords it was traced with "
+                f"(`{kwargs_read}.get('mask') is not None` is always true)")
+    return f"{failed[0]}: a call with them None has no graph" if failed else ""
+
+
+def _kwargs_read(params: list[inspect.Parameter], graphs: dict[str, fx.Graph]) -> str:
+    """The name of the forward's `**kwargs` when its code reads them."""
+    names = [p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    read = names and any(n.op == "placeholder" and n.target == f"**{names[0]}" and n.users
+                         for g in graphs.values() for n in g.nodes)
+    return names[0] if read else ""
+
+
+class _Undone:
+    """Tracing runs the module's code: on leaving, whatever it did to the module is undone (training flags of
+    the module tree, its buffers' values, its lists, dicts and sets changed in place: the shallow copies
+    share them) and the random generators are put back. `drew` and `changed` say what there was to undo."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.flags = [(m, m.training) for m in module.modules()]
+        self.buffers = {k: v.clone() for k, v in module._buffers.items() if isinstance(v, torch.Tensor)}
+        self.containers = {k: copy.copy(v) for k, v in module.__dict__.items() if type(v) in (list, dict, set)}
+        self.generators = _RandomState()
+        self.drew, self.changed = False, set()
+
+    def set_training(self, mode: bool) -> None:
+        for m, _ in self.flags:
+            m.training = mode
+
+    def __enter__(self) -> _Undone:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, t in self.flags:
+            m.training = t
+        with torch.no_grad():
+            for k, v in self.buffers.items():
+                if not torch.equal(self.module._buffers[k], v):
+                    self.module._buffers[k].copy_(v)
+        self.drew = self.generators.restore()
+        self.changed = _restore_containers(self.module, self.containers)
 
 
 def _reading_class(cls: type, reads: dict) -> type:
