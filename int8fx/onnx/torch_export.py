@@ -76,13 +76,13 @@ def _export_with(chosen, exporter, module, args, opset, input_names, output_name
     if chosen == "dynamo":
         try:
             return _dynamo(module, args, opset, input_names, output_names, dynamic_batch), "dynamo"
-        except _CaptureFailed as e:
+        except _DynamoFailed as e:
             if exporter != "auto":
-                raise OnnxExportError(f"cannot export to ONNX: torch.export cannot capture the model: {e}") from e
-            try:
+                raise OnnxExportError(str(e)) from e
+            try:  # where torch.export cannot capture the model, or torch's translation lacks an op it needs
                 return _torchscript(module, args, opset, input_names, output_names, dynamic_batch), "torchscript"
             except OnnxExportError as e2:
-                raise OnnxExportError(f"{e2} (torch.export could not capture the model either: {e})") from e2
+                raise OnnxExportError(f"{e2} (the torch.export-based exporter failed too: {e})") from e2
     return _torchscript(module, args, opset, input_names, output_names, dynamic_batch), "torchscript"
 
 
@@ -129,8 +129,10 @@ def _bypass_identities(graph) -> None:
 
 
 # --------------------------------------------------------------------------- torch.export-based exporter
-class _CaptureFailed(Exception):
-    """torch.export could not capture the model as a graph (before any ONNX translation)."""
+class _DynamoFailed(Exception):
+    """The torch.export-based exporter failed: torch.export could not capture the model as a graph, or torch's
+    ONNX translation of the captured graph failed (an op without an ONNX function, a failed decomposition:
+    timm's BEiT). With exporter="auto", the TorchScript exporter gets its turn."""
 
 
 def _dynamic_shapes(module, args: tuple, dynamic_batch: bool):
@@ -164,8 +166,9 @@ def _dynamo(module, args, opset, input_names, output_names, dynamic_batch):
         if isinstance(cause, OnnxExportError):  # raised by a stand-in while torch.export ran the model
             raise cause from None
         if isinstance(e, _errors.TorchExportError):
-            raise _CaptureFailed(_first_line(cause)) from e
-        raise OnnxExportError(_explain_dynamo_failure(module, args, e, opset)) from e
+            raise _DynamoFailed(f"cannot export to ONNX: torch.export cannot capture the model: "
+                                f"{_first_line(cause)}") from e
+        raise _DynamoFailed(_explain_dynamo_failure(module, args, e, opset)) from e
     return program.model_proto
 
 
@@ -191,8 +194,8 @@ _ATEN_DOT = re.compile(r"aten\.(\w+)")
 
 def _explain_dynamo_failure(module, args, e: Exception, opset: int) -> str:
     text = str(e)
-    found = _ATEN_DOT.search(text[text.find("No ONNX function"):] if "No ONNX function" in text else text)
-    if not found:
+    found = _ATEN_DOT.search(text[text.find("No ONNX function"):]) if "No ONNX function" in text else None
+    if not found:  # not a missing op (a decomposition that failed: torch's own error says where)
         return f"cannot export to ONNX (opset {opset}): {_first_line(_root_cause(e))}"
     op = found.group(1)
     where = []
