@@ -486,38 +486,34 @@ class DataDependent(nn.Module):
         return y
 
 
-def test_auto_falls_back_to_torchscript_where_torch_export_cannot_capture(tmp_path):
-    qm = int8fx.convert(DataDependent()).eval()
-    x = torch.randn(1, 3, 8, 8)
-    meta = export_onnx(qm, x, tmp_path / "dd.onnx")
-    assert meta["exporter"] == "torchscript"
-    with torch.no_grad():
-        ref = qm(x)
-    out = _session(str(tmp_path / "dd.onnx")).run(None, {"input": x.numpy()})[0]
-    assert np.abs(out - ref.numpy()).max() <= 1e-5 * ref.abs().max().item()
-    with pytest.raises(OnnxExportError, match="torch.export cannot capture the model"):
-        export_onnx(qm, x, tmp_path / "dd2.onnx", exporter="dynamo")
-    assert sorted(os.listdir(tmp_path)) == ["dd.onnx"]
-
-
-def test_auto_falls_back_to_torchscript_where_torchs_onnx_translation_fails(tmp_path):
-    """timm's BEiT is captured by torch.export, but torch's ONNX translation fails in a decomposition (a view
-    of its attention output): "auto" stopped there, with an error blaming aten::view as an op without an ONNX
-    form. It now takes the TorchScript exporter, as where capture fails; "dynamo" names torch's own error."""
+def _beit():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    qm = int8fx.convert(timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=8,
-                                          depth=1, embed_dim=16, num_heads=2, num_classes=3)).eval()
-    x = torch.randn(1, 3, 16, 16)
-    meta = export_onnx(qm, x, tmp_path / "beit.onnx")
+    return timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                             embed_dim=16, num_heads=2, num_classes=3)
+
+
+@pytest.mark.parametrize("model, shape, reason", [
+    (DataDependent, (1, 3, 8, 8), "torch.export cannot capture the model"),
+    (_beit, (1, 3, 16, 16), "Cannot view a tensor"),
+], ids=["capture", "translation"])
+def test_auto_falls_back_to_torchscript_where_the_torch_export_based_exporter_fails(model, shape, reason, tmp_path):
+    """Where torch.export cannot capture a model (control flow on a tensor value), or torch's ONNX translation
+    of the captured graph fails (timm's BEiT: a decomposition of a view of its attention output; "auto"
+    stopped there, blaming aten::view as an op without an ONNX form), "auto" takes the TorchScript exporter,
+    and exporter="dynamo" says torch's own reason."""
+    qm = int8fx.convert(model()).eval()
+    x = torch.randn(shape)
+    meta = export_onnx(qm, x, tmp_path / "m.onnx")
     assert meta["exporter"] == "torchscript"
     with torch.no_grad():
         ref = qm(x)
-    out = _session(str(tmp_path / "beit.onnx")).run(None, {"input": x.numpy()})[0]
+    out = _session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
     assert np.abs(out - ref.numpy()).max() <= 1e-5 * ref.abs().max().item()
-    with pytest.raises(OnnxExportError, match="Cannot view a tensor") as info:
-        export_onnx(qm, x, tmp_path / "beit2.onnx", exporter="dynamo")
+    with pytest.raises(OnnxExportError, match=reason) as info:
+        export_onnx(qm, x, tmp_path / "m2.onnx", exporter="dynamo")
     assert "no ONNX form" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
 def test_a_site_without_its_qdq_pattern_fails_loudly(tmp_path, monkeypatch):
