@@ -12,7 +12,8 @@ from ..nn.modules import Int8Layer
 from ..nn.twins import is_twin, revert
 from .lower import lower
 from .rewrite import EXCLUDED, FILTERED, Conversion, FilterFn, Site, rewrite
-from .trace import OpaqueModule, analysis_graphs, trace_own_code
+from .analysis import analysis_graphs
+from .trace import OpaqueModule, trace_own_code
 
 RECORD = "_int8fx"
 

@@ -1,14 +1,15 @@
-"""torch.fx tracing, two ways.
-
-`trace_own_code(module)`: the graph of one module's *own* forward code, every child module a leaf (a
+"""`trace_own_code(module)`: the graphs of one module's *own* forward code, every child module a leaf (a
 `call_module` node). This is what conversion rewrites: conv/linear calls a module makes itself
 (`F.conv2d(x, self.weight, ...)`, weight standardisation, `F.linear(x, self.qkv.weight, ...)`), each in
-the smallest module that makes it. torch.fx freezes `self.training` into a graph, so the code is traced
-in both modes; when the two graphs differ, both are kept and the twin picks one per call.
+the smallest module that makes it.
 
-`analysis_graphs(model)`: whole-model graphs for `inspect`'s picture, INT8 sites as leaves; a model that
-does not trace as a whole (data-dependent control flow, as in torchvision's detectors) gives one graph
-per largest traceable part. Analysis only: the model is neither changed nor replaced by them.
+A graph replays what the code did while it was traced, and the rewritten module runs the graph instead of
+the code, so the tracing here is about faithfulness: torch.fx freezes `self.training` and `mask is not
+None` into a graph, so the code is traced per training mode and per set of optional arguments passed as
+None, and the twin picks the graph per call; the plain values read from `self` are recorded so that the
+twin can refuse to run with changed ones; code no graph would reproduce (random draws, changes to
+`self`, reads of `**kwargs`) is flagged, and what tracing did to the module is undone.
+(Whole-model graphs for `inspect`'s picture are `int8fx.passes.analysis`.)
 """
 from __future__ import annotations
 
@@ -321,36 +322,3 @@ def _plain_meta(graph: fx.Graph) -> None:
 
 def same_code(a: fx.Graph, b: fx.Graph) -> bool:
     return a.python_code(root_module="self").src == b.python_code(root_module="self").src
-
-
-class AnalysisTracer(fx.Tracer):
-    """The standard tracer, with int8fx's sites and routed modules kept as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from ..nn.modules import Int8Layer
-        from ..nn.twins import Routed
-
-        return isinstance(m, (Int8Layer, Routed)) or super().is_leaf_module(m, qualname)
-
-
-def analysis_graphs(model: nn.Module, name: str = "") -> tuple[list[tuple[str, fx.GraphModule]], list[OpaqueModule]]:
-    """([(module path, GraphModule)], [untraceable modules on the way]): the model traced as a whole, or its
-    largest traceable parts (see the module docstring). The model is not modified."""
-    from ..nn.twins import Rewritten
-
-    try:
-        tracer = AnalysisTracer()
-        root = model
-        if isinstance(model, Rewritten):  # its forward takes (*args, **kwargs): trace its own graph's module
-            root = fx.GraphModule(model, model.current_graph(), type(model).__name__)
-        graph = tracer.trace(root)
-        return [(name, fx.GraphModule(tracer.root, graph, type(model).__name__))], []
-    except Exception as e:
-        parts, opaque = [], [OpaqueModule(name or "(root)", type(model).__name__, failure_reason(e))]
-    for child_name, child in model.named_children():
-        if AnalysisTracer().is_leaf_module(child, ""):
-            continue
-        p, o = analysis_graphs(child, f"{name}.{child_name}" if name else child_name)
-        parts += p
-        opaque += o
-    return parts, opaque
