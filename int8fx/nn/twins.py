@@ -114,10 +114,10 @@ class Rewritten(_AddsChildren, nn.Module):
     tracing in the two modes gave different code: the graph freezes `self.training` where the original
     code reads it, so a rewrite must never serve the other mode. Likewise it freezes `mask is not None`:
     with optional arguments (`_int8fx_optional`) there is a graph per set of them passed as None
-    (`variant_key`), and each call runs the one of the arguments it got. The graphs are the state (they pickle);
-    the Python functions compiled from them are a cache, filled when the graphs are set and when a copy is
-    unpickled (`compile_forwards`), not at the first call: that call may be inside `torch.compile`, which
-    cannot trace the code generation (`exec`) and would break the graph."""
+    (`variant_key`), and each call runs the one of the arguments it got. The graphs are the state (they
+    pickle); the Python functions compiled from them are a cache, filled when the graphs are set and when a
+    copy is unpickled (`compile_forwards`), not at the first call: that call may be inside `torch.compile`,
+    which cannot trace the code generation (`exec`) and would break the graph."""
 
     def current_graph(self) -> fx.Graph:
         """The graph this module runs in its current training mode with every optional argument given."""

@@ -10,7 +10,9 @@ Three rules, one per way a model reaches a convolution or a linear layer:
      whatever the weight is (a parameter, one computed from parameters as in weight standardisation, a
      buffer such as a fixed blur filter, an argument); an opaque (`torch.fx.wrap`-ped) function that
      receives module-site weights is called through `call_routed`. The module becomes `Rewritten`: it
-     runs that graph, one per training mode when its code depends on the mode.
+     runs that graph, one per training mode and per set of optional arguments passed as None where its
+     code depends on them. Code that no graph would replay faithfully (`trace_own_code`'s `unfaithful`)
+     is kept as it is, like code torch.fx cannot trace.
   3. **Code torch.fx cannot rewrite.** `nn.MultiheadAttention` (library code calling `F.linear` on its
      projection weights), the Transformer layers' fused eval paths, and conv/linear subclasses whose own
      forward cannot be traced (timm's `Conv2dSame`) become `Routed`: their original forward runs with
