@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -379,6 +380,25 @@ class _Keywords(nn.Module):
         return y if mask is None else y * mask
 
 
+def _opaque_scale(x, s: float):
+    return x * s
+
+
+torch.fx.wrap("_opaque_scale")  # a function torch.fx does not enter (as Swin's attention)
+
+
+class _CountingWithoutCalls(nn.Module):
+    """Changes self and calls an opaque function, but makes no call int8fx would rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pos, self.calls = nn.Conv2d(3, 4, 3), nn.Parameter(torch.zeros(1, 4, 6, 6)), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return _opaque_scale(self.conv(x) + self.pos, 2.0)
+
+
 class _Tempered(nn.Module):
     """A temperature annealed by the training loop, and a constant tensor made by the code."""
 
@@ -412,6 +432,12 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     for _ in range(3):
         qm(x)
     assert qm.calls == 3 and len(qm.outputs) == 3 and all(type(y) is torch.Tensor for y in qm.outputs)
+
+    with warnings.catch_warnings():  # nothing to rewrite in it: its code is kept without a word, its conv converted
+        warnings.simplefilter("error")
+        qm = int8fx.convert(_CountingWithoutCalls())
+    qm(x)
+    assert qm.calls == 1 and isinstance(qm.conv, ModuleSite) and not int8fx.inspect(qm).opaque
 
     m = _Keywords()
     with pytest.warns(UserWarning, match=r"reads \*\*kw"):

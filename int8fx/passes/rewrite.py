@@ -180,10 +180,15 @@ class Converter:
         code = trace_own_code(m)
         if isinstance(code, str):
             return self.untraceable(path, m, code)
-        if code.unfaithful and any(n.op == "call_function" and (n.target in SITE_FUNCTIONS or _is_opaque_function(
-                n.target)) for g in code.graphs.values() for n in g.nodes):
+        if code.unfaithful and self._has_calls_to_rewrite(m, code):
             return self.untraceable(path, m, code.unfaithful)  # it has calls to rewrite, and cannot be rewritten
         return self.rewrite(path, m, code)  # (code that only cannot be replayed has nothing to change here)
+
+    def _has_calls_to_rewrite(self, m: nn.Module, code: OwnCode) -> bool:
+        """Whether rewriting would change the module's code: a conv/linear call, or an opaque function given a
+        converted module site's weight (what `rewrite` changes)."""
+        return any(n.op == "call_function" and (n.target in SITE_FUNCTIONS or (
+            _is_opaque_function(n.target) and self._routes(m, n))) for g in code.graphs.values() for n in g.nodes)
 
     def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function],
                      derived_op: str | None = None) -> None:
@@ -266,12 +271,11 @@ class Converter:
         """(path inside m, site) when `node` reads the weight of a conv/linear module site."""
         if not (isinstance(node, fx.Node) and node.op == "get_attr"):
             return None
-        value = _attr(m, node.target)
-        found = self.module_sites.get(id(value))
         owner, _, leaf = node.target.rpartition(".")
-        if found is None or leaf != "weight" or not owner:
+        if leaf != "weight" or not owner:
             return None
-        return owner, found[1]
+        found = self.module_sites.get(id(_attr(m, node.target)))
+        return None if found is None else (owner, found[1])
 
     def _rewrite_call(self, path, m, graph, node, new, single, derived, occurrences) -> bool:
         op = SITE_FUNCTIONS[node.target]
@@ -313,11 +317,7 @@ class Converter:
 
     def _route_call(self, m, graph, node) -> bool:
         """`fn(..., self.qkv.weight, ...)` with fn opaque to torch.fx: call it through `call_routed`."""
-        routes = {}
-        for key, a in list(enumerate(node.args)) + list(node.kwargs.items()):
-            used = self._module_site_of(m, a)
-            if used is not None and used[1].converted:
-                routes[key] = used[0]
+        routes = self._routes(m, node)
         if not routes:
             return False
         fn_attr = f"_int8fx_fn_{node.name}"  # the function itself: a graph argument cannot hold one
@@ -329,6 +329,16 @@ class Converter:
         node.replace_all_uses_with(new_node)
         graph.erase_node(node)
         return True
+
+    def _routes(self, m: nn.Module, node: fx.Node) -> dict:
+        """{argument position or keyword: path of the converted module site} for the module-site weights
+        that the call `node` receives."""
+        routes = {}
+        for key, a in list(enumerate(node.args)) + list(node.kwargs.items()):
+            used = self._module_site_of(m, a)
+            if used is not None and used[1].converted:
+                routes[key] = used[0]
+        return routes
 
     def _report_other_weight_uses(self, path, m, graph, derived) -> None:
         """A conv/linear weight that the module's code uses outside a conv/linear call (`x @ w.t()`) is not a

@@ -116,7 +116,7 @@ def trace_own_code(module: nn.Module) -> OwnCode | str:
         graphs = {variant_key("any", n): graphs[variant_key("train", n)] for n in traced}
         constants = {variant_key("any", n): constants[variant_key("train", n)] for n in traced}
     traced_with.pop("training", None)
-    return OwnCode(graphs, _renamed_constants(graphs, constants), traced_with, optional_positions(params, optional),
+    return OwnCode(graphs, _renamed_constants(graphs, constants), traced_with, _optional_positions(params, optional),
                    unfaithful)
 
 
@@ -154,7 +154,7 @@ def _may_be_none(annotation) -> bool:
     return annotation is not inspect.Parameter.empty and ("Optional" in text or "None" in text)
 
 
-def optional_positions(params: list[inspect.Parameter], optional: tuple[str, ...]) -> tuple:
+def _optional_positions(params: list[inspect.Parameter], optional: tuple[str, ...]) -> tuple:
     """(name, position among the positional arguments or None) of each optional argument."""
     positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)]
