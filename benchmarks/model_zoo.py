@@ -229,9 +229,7 @@ def quantized(case: Case) -> dict:
     fp32 = case.build()
     qm = int8fx.convert(fp32)
     rep = int8fx.inspect(qm)
-    # transposed convs (mask and keypoint heads) are listed as sites kept in FP32 by design: not counted here
-    row = {"sites": sum(not r.op.startswith("conv_transpose") for r in rep.layers), "converted": len(rep.converted),
-           "skipped": [(r.name, r.reason) for r in rep.skipped if not r.op.startswith("conv_transpose")]}
+    row = {"sites": len(rep.layers), "converted": len(rep.converted), "skipped": [(r.name, r.reason) for r in rep.skipped]}
     # gradient fidelity at random init, per conv/linear weight (eval mode; detectors: training losses)
     train = case.family == "detection"
     _, g_fp = step(fp32, case, train, seed=9)

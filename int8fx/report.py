@@ -361,7 +361,8 @@ def record_shapes(qmodel: nn.Module, example_inputs, sites) -> dict[str, dict]:
         path = None if isinstance(mod, Int8Layer) else name
         handles.append(mod.register_forward_pre_hook(lambda m, a, path=path: stack.append(path)))
         handles.append(mod.register_forward_hook(lambda m, a, out: stack.pop() and None, always_call=True))
-    int8_calls = observe_int8_calls(qmodel, lambda m, x, w, b, out, geometry: _add_call(record, m.site_name, x, w, out))
+    int8_calls = observe_int8_calls(qmodel, lambda m, x, w, b, out, geometry: _add_call(record, m.site_name, x, w, out,
+                                                                                        m.is_transposed))
     try:
         with int8_calls, eval_mode(qmodel), no_fused_fastpath(), _FP32Calls(sites, stack, record):
             qmodel(*_to(_as_args(example_inputs), _device_of(qmodel)))
@@ -410,6 +411,8 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
             row.device = _device_of(layer).type
             try:
                 row.backend = resolve_backend(layer.backend_choice, _device_of(layer)).name
+                if layer.is_transposed:  # (int8fx.nn.transposed: the reference pipeline on every backend)
+                    row.backend = "reference"
             except RuntimeError:
                 row.backend = f"{layer.backend_choice} (unavailable)"
             row.weight_shape = tuple(layer.weight.shape) if layer.owns_params else ()

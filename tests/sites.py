@@ -1,5 +1,6 @@
 """Whole converted sites run for two steps, shared by the CPU backend tests and the CUDA tests: each kind
-of site (strided, grouped, depthwise, dilated, padded, 1d/3d, linear) and a bit-for-bit comparison."""
+of site (strided, grouped, depthwise, dilated, padded, 1d/3d, transposed, linear) and a bit-for-bit
+comparison."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +23,12 @@ SITES = {
     "conv1d-1x1-single-channel": (lambda: nn.Conv1d(1, 2, 1, bias=False), (2, 1, 3)),
     "conv3d": (lambda: nn.Conv3d(4, 8, (3, 2, 3), stride=(1, 2, 1), padding=1, groups=2), (2, 4, 5, 6, 7)),
     "conv3d-depthwise": (lambda: nn.Conv3d(4, 4, 3, groups=4, padding=1), (1, 4, 4, 5, 6)),
+    "conv-transpose2d-strided-grouped": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1,
+                                                                    groups=2), (2, 8, 5, 6)),
+    "conv-transpose2d-depthwise-dilated": (lambda: nn.ConvTranspose2d(4, 4, 3, padding=2, dilation=2, groups=4),
+                                           (2, 4, 6, 5)),
+    "conv-transpose1d": (lambda: nn.ConvTranspose1d(6, 3, 4, stride=2, padding=1, bias=False), (2, 6, 9)),
+    "conv-transpose3d": (lambda: nn.ConvTranspose3d(4, 2, (2, 3, 2), stride=(2, 1, 2)), (1, 4, 3, 4, 3)),
     "linear-3d-input": (lambda: nn.Linear(20, 7), (3, 5, 20)),
     "linear-single-row": (lambda: nn.Linear(5, 1), (1, 5)),
 }

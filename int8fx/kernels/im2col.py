@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,7 +19,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class GemmSpec:
-    """Static geometry of one conv/linear site. dims = 0 means linear (channels last, no window)."""
+    """Static geometry of one conv/linear site. dims = 0 means linear (channels last, no window).
+
+    `transposed`: the site is the transposed conv of this geometry (`F.conv_transpose*d`), whose output
+    is the conv's input: `conv` is the conv it is the adjoint of, and `output_padding` says which of the
+    conv input sizes that map onto the transposed conv's input it produces."""
 
     dims: int
     kernel: tuple = ()
@@ -27,6 +31,8 @@ class GemmSpec:
     padding: tuple = ()  # per spatial dim: (before, after), zeros mode
     dilation: tuple = ()
     groups: int = 1
+    transposed: bool = False
+    output_padding: tuple = ()
 
     @property
     def is_linear(self) -> bool:
@@ -36,7 +42,15 @@ class GemmSpec:
     def window(self) -> int:
         return math.prod(self.kernel) if self.kernel else 1
 
+    @property
+    def conv(self) -> "GemmSpec":
+        """The (non-transposed) conv of this geometry."""
+        return replace(self, transposed=False, output_padding=()) if self.transposed else self
+
     def out_size(self, in_size: tuple) -> tuple:
+        if self.transposed:
+            return tuple((n - 1) * s - lo - hi + d * (k - 1) + op + 1 for n, (lo, hi), d, k, s, op in
+                         zip(in_size, self.padding, self.dilation, self.kernel, self.stride, self.output_padding))
         return tuple(
             (n + lo + hi - d * (k - 1) - 1) // s + 1
             for n, (lo, hi), d, k, s in zip(in_size, self.padding, self.dilation, self.kernel, self.stride)

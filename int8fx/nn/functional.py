@@ -37,24 +37,25 @@ from ..quant.core import (absmax, cosine_distance, dequantize, quantize, quantiz
                           scale_from_clip)
 from ..quant.fused import gradient_rows, scale_gradients
 from ..quant.grad import PolicyParams, grad_quantizer_class
+from . import transposed
 
 SAVED_OUTPUTS = 4  # x_q, s_x, w_q, s_w: what the forward op returns besides y, for the backward
 
 
 # --------------------------------------------------------------------------------------------- geometry
 def spec_to_ints(spec: GemmSpec) -> list[int]:
-    """[dims, groups, *kernel, *stride, *pad_before, *pad_after, *dilation]: a GemmSpec as a torch.library
-    `int[]` argument."""
+    """[dims, groups, *kernel, *stride, *pad_before, *pad_after, *dilation (, *output_padding of a transposed
+    conv)]: a GemmSpec as a torch.library `int[]` argument."""
     return [spec.dims, spec.groups, *spec.kernel, *spec.stride, *(lo for lo, _ in spec.padding),
-            *(hi for _, hi in spec.padding), *spec.dilation]
+            *(hi for _, hi in spec.padding), *spec.dilation, *(spec.output_padding if spec.transposed else ())]
 
 
 def spec_from_ints(ints) -> GemmSpec:
     dims, groups, rest = ints[0], ints[1], list(ints[2:])
     if dims == 0:
         return GemmSpec(0)
-    k, s, lo, hi, d = (tuple(rest[i * dims:(i + 1) * dims]) for i in range(5))
-    return GemmSpec(dims, k, s, tuple(zip(lo, hi)), d, groups)
+    k, s, lo, hi, d, op = (tuple(rest[i * dims:(i + 1) * dims]) for i in range(6))
+    return GemmSpec(dims, k, s, tuple(zip(lo, hi)), d, groups, transposed=bool(op), output_padding=op)
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -69,6 +70,10 @@ def quantized_forward(x: Tensor, weight: Tensor, spec: GemmSpec, backend, act_cl
     s_x = scale_from_clip(clip)
     x_op = quantize(x, s_x, out_dtype=backend.operand_dtype)  # the GEMM operand
     x_q = x_op if x_op.dtype == torch.int8 else x_op.to(torch.int8)  # what backward keeps
+    if spec.transposed:
+        w_q, s_w = transposed.weight_operand(weight, spec.groups, backend.operand_dtype)
+        acc = transposed.forward(backend, x_op, w_q, spec)
+        return acc.float() * (s_x * s_w).view(-1, *([1] * spec.dims)), x_q, s_x, w_q, s_w
     w2 = weight.reshape(weight.shape[0], -1)
     w_q, s_w = quantize_per_channel(w2, 0, out_dtype=backend.operand_dtype)
     layout = layouts.layout_for(spec, tuple(x.shape), w2.shape[0])
@@ -94,7 +99,7 @@ def pipeline(backend: str, device: torch.device, spec: GemmSpec, x_shape, out_ch
     channels-last pipeline (int8fx.kernels.nhwc) except for depthwise convs, which take the reference's
     direct path. The fake implementations ask the same question, so they promise the same strides."""
     be = resolve_backend(backend, device)
-    if nhwc.applies(be, device, spec, tuple(x_shape), out_channels):
+    if not spec.transposed and nhwc.applies(be, device, spec, tuple(x_shape), out_channels):
         return "nhwc", be
     return "reference", (be if be.operand_dtype == torch.float32 else resolve_backend("reference", device))
 
@@ -103,7 +108,7 @@ def gemm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Te
                  static_clip: bool, backend: str, out_dtype: torch.dtype):
     """The forward computation: (y in out_dtype, x_q int8, s_x, w_q int8 [O, K], s_w [O])."""
     spec_ = spec_from_ints(spec)
-    kind, be = pipeline(backend, x.device, spec_, x.shape, weight.shape[0])
+    kind, be = pipeline(backend, x.device, spec_, x.shape, out_channels(weight.shape, spec_))
     clip = act_clip if static_clip else None
     with _no_autocast(x.device):
         if kind == "nhwc":  # y and x_q channels-last for convs, as `_forward_fake` promises
@@ -131,7 +136,12 @@ def _grad_input_like(dy: Tensor, x_shape, dtype, kind: str, spec: GemmSpec) -> T
 def _output_shape(x_shape, w_shape, spec: GemmSpec) -> tuple:
     if spec.is_linear:
         return (*x_shape[:-1], w_shape[0])
-    return (x_shape[0], w_shape[0], *spec.out_size(tuple(x_shape[2:])))
+    return (x_shape[0], out_channels(w_shape, spec), *spec.out_size(tuple(x_shape[2:])))
+
+
+def out_channels(w_shape, spec: GemmSpec) -> int:
+    """A site's output channels: W's dim 0, or for a transposed conv W's dim 1 in each group."""
+    return w_shape[1] * spec.groups if spec.transposed else w_shape[0]
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -179,6 +189,16 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
                 dx = dx_ if spec_.is_linear or to_nchw else _from_storage(dx_, spec_)
             if need_w:
                 dw = dw_
+        elif spec_.transposed:
+            if need_x:
+                dx_int = transposed.grad_input(be_, _as_output(gq, spec_, dy).to(be_.operand_dtype),
+                                               w_q.to(be_.operand_dtype), spec_)
+                dx = (dx_int.float() * s_gx).to(x_dtype).contiguous()
+            if need_w:
+                acc = transposed.grad_weight(be_, _as_output(dq, spec_, dy).to(be_.operand_dtype),
+                                             x_q.to(be_.operand_dtype), spec_)  # [C_in, C_out/g, window]
+                dw = (acc.float() * s_gw.view(g, 1, -1, 1).expand(g, x_shape[1] // g, -1, 1).reshape(
+                    x_shape[1], -1, 1) * s_x).reshape(w_shape).to(w_dtype).contiguous()
         else:
             layout = layouts.layout_for(spec_, tuple(x_shape), O)
             if need_x:
@@ -207,6 +227,11 @@ def _gradient_rows(dy: Tensor, spec: GemmSpec) -> Tensor:
     return gradient_rows(dy)
 
 
+def _as_output(rows: Tensor, spec: GemmSpec, dy: Tensor) -> Tensor:
+    """Rows [M, O] of a conv gradient operand as a tensor shaped like dY [N, O, *out] (a view)."""
+    return rows.view(dy.shape[0], *dy.shape[2:], rows.shape[1]).movedim(-1, 1)
+
+
 def _from_storage(t: Tensor, spec: GemmSpec) -> Tensor:
     """A conv tensor stored [N, *S, C] as its [N, C, *S] view (channels-last strides)."""
     return t if spec.is_linear else t.movedim(-1, 1)
@@ -228,7 +253,7 @@ def _(x, weight, bias, act_clip, state, pending, calls, spec, static_clip, backe
       params, stochastic, key_base, track_deviation):
     spec_ = spec_from_ints(spec)
     y_shape = _output_shape(x.shape, weight.shape, spec_)
-    kind, _ = pipeline(backend, x.device, spec_, x.shape, weight.shape[0])
+    kind, _ = pipeline(backend, x.device, spec_, x.shape, out_channels(weight.shape, spec_))
     if kind == "nhwc" and not spec_.is_linear:
         x_q = _channels_last_like(x.shape, torch.int8, x)
         y = (_channels_last_like(y_shape, out_dtype, x) if nhwc.output_channels_last(x, weight)
@@ -237,7 +262,7 @@ def _(x, weight, bias, act_clip, state, pending, calls, spec, static_clip, backe
         y, x_q = x.new_empty(y_shape, dtype=out_dtype), x.new_empty(x.shape, dtype=torch.int8)
     return (y, x_q, x.new_empty((), dtype=torch.float32),
             x.new_empty((weight.shape[0], weight[0].numel()), dtype=torch.int8),
-            x.new_empty(weight.shape[0], dtype=torch.float32))
+            x.new_empty(out_channels(weight.shape, spec_), dtype=torch.float32))
 
 
 @torch.library.custom_op("int8fx::gemm_backward", mutates_args=())
@@ -258,10 +283,10 @@ def gemm_backward_op(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Ten
 def _(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy, state_names, params, stochastic,
       key_base, needs, track_deviation, backend, x_dtype, w_dtype):
     spec_ = spec_from_ints(spec)
-    kind, _ = pipeline(backend, dy.device, spec_, x_shape, w_shape[0])
+    kind, _ = pipeline(backend, dy.device, spec_, x_shape, out_channels(w_shape, spec_))
     dx = _grad_input_like(dy, x_shape, x_dtype, kind, spec_) if needs[0] else dy.new_empty(0, dtype=x_dtype)
     return (dx, dy.new_empty(w_shape if needs[1] else 0, dtype=w_dtype),
-            dy.new_empty(w_shape[0] if needs[2] else 0, dtype=torch.float32),
+            dy.new_empty(out_channels(w_shape, spec_) if needs[2] else 0, dtype=torch.float32),
             [torch.empty_like(t) for t in state])
 
 

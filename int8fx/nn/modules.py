@@ -18,6 +18,7 @@ module's own forward, or the original function): the pass-through that proves a 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -33,12 +34,14 @@ from .state import PendingState, track, untrack
 from .twins import refuse_torchscript, traced_call
 
 CONV_TYPES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES)
+TRANSPOSED_TYPES = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES) + tuple(TRANSPOSED_TYPES)
 # state every Int8Layer adds beyond the original parameters; loading tolerates its absence
 QUANT_BUFFERS = ("step", "act_clip", "act_clip_ema", "deviation")
 QUANT_STATE_KEY = re.compile(r"(^|\.)(grad_quantizer\.[^.]+|step|act_clip|act_clip_ema|deviation|calls)$")
 _FUNCTIONS = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-INT8_ATTRS = ("dims", "config", "site_name", "index", "source", "backend_choice",
+_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+INT8_ATTRS = ("dims", "is_transposed", "config", "site_name", "index", "source", "backend_choice",
                "tracks_deviation", "rounding_stream", "owns_params")
 
 
@@ -75,8 +78,22 @@ def site_op(module: nn.Module) -> str | None:
     return None
 
 
+def transposed_op(module: nn.Module) -> str | None:
+    """"conv_transpose1d" / "2d" / "3d" for transposed conv modules (subclasses included), else None."""
+    for t, d in TRANSPOSED_TYPES.items():
+        if isinstance(module, t):
+            return f"conv_transpose{d}d"
+    return None
+
+
 def op_dims(op: str) -> int:
-    return 0 if op == "linear" else int(op[4])
+    return 0 if op == "linear" else int(op[-2])
+
+
+def out_channels_of(module: nn.Module) -> int:
+    """A conv/linear module's output channels (a transposed conv's are its weight's dim 1 times groups)."""
+    w = module.weight
+    return w.shape[1] * module.groups if transposed_op(module) else w.shape[0]
 
 
 class Int8Layer(Float32State):
@@ -94,6 +111,7 @@ class Int8Layer(Float32State):
     def setup_int8(self, *, op: str, out_channels: int, config: Int8Config, name: str, index: int, source: str,
                    owns_params: bool) -> None:
         self.dims = op_dims(op)
+        self.is_transposed = op.startswith("conv_transpose")
         self.config, self.site_name, self.index, self.source = config, name, index, source
         self.backend_choice = config.backend
         self.tracks_deviation = False
@@ -148,7 +166,7 @@ class Int8Layer(Float32State):
 
     @property
     def site_op(self) -> str:
-        return "linear" if self.dims == 0 else f"conv{self.dims}d"
+        return "linear" if self.dims == 0 else f"conv_transpose{self.dims}d" if self.is_transposed else f"conv{self.dims}d"
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, Tensor]:
@@ -191,30 +209,38 @@ class Int8Layer(Float32State):
 
     # ----------------------------------------------------------------- the computation
     def int8_functional(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-                        dilation=1, groups=1) -> Tensor:
+                        dilation=1, groups=1, output_padding=0) -> Tensor:
         """`F.conv{dims}d(input, weight, bias, stride, padding, dilation, groups)` (or `F.linear(input, weight,
-        bias)`) in INT8; with `Int8Config.quantize=False`, that very call."""
+        bias)`, or for a transposed conv site `F.conv_transpose{dims}d` with `output_padding`) in INT8; with
+        `Int8Config.quantize=False`, that very call."""
         if not self.config.quantize:
+            if self.is_transposed:
+                return _TRANSPOSED_FUNCTIONS[self.dims](input, weight, bias, stride, padding, output_padding, groups,
+                                                        dilation)
             f = _original(self.dims)
             return f(input, weight, bias) if self.dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
         if torch.jit.is_tracing():  # (it failed deep inside torch with "Expected bool, got Tensor")
             raise RuntimeError(f"{self.site_name}: torch.jit.trace cannot record int8fx's INT8 op; use int8fx.export_onnx "
                                "for ONNX, torch.export or torch.compile for a traced model")
         if self.dims and input.dim() == self.dims + 1 and input.dim() > 1:  # unbatched, as nn.Conv*d takes it
-            return self.int8_functional(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
+            return self.int8_functional(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                                        output_padding).squeeze(0)
         self._check_input(input, weight, groups)
-        spec = resolve_spec(self.dims, tuple(weight.shape[2:]), stride, padding, dilation, groups)
-        if self.dims and any(o < 1 for o in spec.out_size(tuple(input.shape[2:]))):  # as torch's own conv refuses
+        spec = call_spec(self, weight, (stride, padding, dilation, groups, output_padding))
+        if self.is_transposed:
+            self._check_transposed(spec, input)
+        elif self.dims and any(o < 1 for o in spec.out_size(tuple(input.shape[2:]))):  # as torch's own conv refuses
             padded = tuple(n + lo + hi for n, (lo, hi) in zip(input.shape[2:], spec.padding))
             raise ValueError(f"{self.site_name}: padded input size {padded} is smaller than the dilated kernel "
                              f"{tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel, spec.dilation))} "
                              f"(input {tuple(input.shape)})")
         names = [n for n in self.state_tensors() if n not in ("act_clip", "act_clip_ema")]
-        if self._sized_for(weight.shape[0]):
+        channels = weight.shape[1] * groups if self.is_transposed else weight.shape[0]
+        if self._sized_for(channels):
             committed = self.state_tensors()
             state, pending = [committed[n] for n in names], self.pending_tensors(names)
         else:  # stateless: fresh state in, results discarded
-            fresh = make_grad_quantizer(self.config.grad_quant, weight.shape[0], self.config).to(input.device)
+            fresh = make_grad_quantizer(self.config.grad_quant, channels, self.config).to(input.device)
             scratch = {**{n: t.clone() for n, t in self.state_tensors().items() if not n.startswith("grad_quantizer.")},
                        **{f"grad_quantizer.{k}": v for k, v in fresh.state().items()}}
             state, pending = [scratch[n] for n in names], [scratch[n].clone() for n in names]
@@ -230,6 +256,15 @@ class Int8Layer(Float32State):
             self._observe_forward(s_x)
         return y
 
+    def _check_transposed(self, spec: GemmSpec, x: Tensor) -> None:
+        """A transposed conv call's arguments, checked as torch's own op checks them."""
+        if any(p >= max(s, d) for p, s, d in zip(spec.output_padding, spec.stride, spec.dilation)):
+            raise ValueError(f"{self.site_name}: output padding {spec.output_padding} must be smaller than either "
+                             f"stride {spec.stride} or dilation {spec.dilation}")
+        if any(o < 1 for o in spec.out_size(tuple(x.shape[2:]))):
+            raise ValueError(f"{self.site_name}: the transposed conv's output size "
+                             f"{spec.out_size(tuple(x.shape[2:]))} would be smaller than 1 (input {tuple(x.shape)})")
+
     def _key_base(self) -> int:
         """The per-site constant of its rounding streams: (seed, site index, DDP rank)."""
         return (self.config.seed * 1_000_003 + self.index * 7_919 + self.rounding_stream * 0x9E3779B1) % 2**63
@@ -239,7 +274,7 @@ class Int8Layer(Float32State):
         if self.dims and x.dim() != want:
             raise ValueError(f"{self.site_name}: Conv{self.dims}d expects a {want - 1}-d or {want}-d input, got shape "
                              f"{tuple(x.shape)}")
-        k_in = weight.shape[1] * (groups if self.dims else 1)
+        k_in = weight.shape[0] if self.is_transposed else weight.shape[1] * (groups if self.dims else 1)
         c = x.shape[1] if self.dims else x.shape[-1]
         if c != k_in:
             raise ValueError(f"{self.site_name}: expected {k_in} input channels/features, got {c} (input {tuple(x.shape)})")
@@ -287,6 +322,16 @@ def _output_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def call_spec(layer: Int8Layer, weight: Tensor, geometry: tuple) -> GemmSpec:
+    """The GemmSpec of one call of a site with `geometry` = (stride, padding, dilation, groups, output_padding)
+    as the call gives them."""
+    stride, padding, dilation, groups, output_padding = geometry
+    spec = resolve_spec(layer.dims, tuple(weight.shape[2:]), stride, padding, dilation, groups)
+    if not layer.is_transposed:
+        return spec
+    return replace(spec, transposed=True, output_padding=_tuple(_hashable(output_padding), layer.dims))
+
+
 def resolve_spec(dims: int, kernel: tuple, stride, padding, dilation, groups) -> GemmSpec:
     return make_spec(dims, kernel, _hashable(stride), _hashable(padding), _hashable(dilation), groups) if dims \
         else make_spec(0, (), 1, 0, 1, 1)
@@ -296,17 +341,29 @@ class ModuleSite(Int8Layer):
     """The role of a module site (mixed into the twin of nn.Conv*d / nn.Linear): its forward is the conv/linear
     of its own parameters and geometry, read from the module's attributes at each call as the original does."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *args, **kwargs) -> Tensor:
+        # (`args`, `kwargs`: a transposed conv's `output_size`; a conv or linear refuses any, as torch's does)
         if isinstance(input, Proxy):
-            return traced_call(self, (input,))
-        if not self.config.quantize:
-            return self._int8fx_base.forward(self, input)
+            return traced_call(self, (input, *args), kwargs)
+        if not self.config.quantize or ((args or kwargs) and not self.is_transposed):
+            return self._int8fx_base.forward(self, input, *args, **kwargs)
+        if self.is_transposed:
+            return self._transposed_forward(input, *args, **kwargs)
         if self.dims == 0:
             return self.int8_functional(input, self.weight, self.bias)
         padding = self.padding
         if self.padding_mode != "zeros":  # as _ConvNd: pad in floating point, then a zero-padding-free conv
             input, padding = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         return self.int8_functional(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def _transposed_forward(self, input: Tensor, output_size=None) -> Tensor:
+        """nn.ConvTranspose*d's forward: the output padding that gives `output_size`, then the INT8 op."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only \"zeros\" padding mode is supported for {self._int8fx_base.__name__}")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              self.dims, self.dilation)
+        return self.int8_functional(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                    self.groups, output_padding)
 
     def extra_repr(self) -> str:
         return f"{self._int8fx_base.extra_repr(self)}, {self.int8_repr()}"

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..kernels.im2col import GemmSpec
-from ..nn.modules import Int8Layer, _hashable, make_spec
+from ..nn.modules import Int8Layer, call_spec
 from ..nn.scope import no_fused_fastpath
 from ..observe import device_of, eval_mode, observe_int8_calls, to_device
 from ..quant.core import absmax, quantize_per_channel, scale_from_clip
@@ -72,7 +72,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable[tuple]) -> dict[str, SiteCali
     def record(mod, x, weight, bias, out, geometry):
         rec = seen.get(mod.site_name)
         if rec is None:
-            spec = make_spec(mod.dims, tuple(weight.shape[2:]), *map(_hashable, geometry)) if mod.dims else None
+            spec = call_spec(mod, weight, geometry) if mod.dims else None
             rec = seen[mod.site_name] = SiteCalibration(
                 torch.zeros((), dtype=torch.float32), 0, weight.detach().cpu(),
                 None if bias is None else bias.detach().cpu(), tuple(x.shape), spec)

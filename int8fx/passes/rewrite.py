@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.conv import _ConvTransposeNd
 
 from ..config import Int8Config
-from ..nn.modules import Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, site_op
+from ..nn.modules import (SITE_TYPES, Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, out_channels_of,
+                          site_op, transposed_op)
 from ..nn.scope import call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, OwnCode, trace_own_code
@@ -54,7 +54,10 @@ ROOT = "(root)"  # the name of a site that is the model itself (a bare nn.Conv2d
 # the reasons for keeping a site in FP32 that are the user's own choice (every other reason is worth a warning)
 EXCLUDED = "excluded by Int8Config.exclude"
 FILTERED = "filter_fn returned False"
-TRANSPOSED = "transposed convolution: int8fx has no INT8 training op for it (it runs in FP32)"
+TRANSPOSED = ("transposed convolution called as a function: int8fx converts nn.ConvTranspose1d/2d/3d modules, not "
+              "F.conv_transpose*d calls (it runs in FP32)")
+TRANSPOSED_OWN_FORWARD = ("a transposed convolution subclass with its own forward: int8fx converts nn.ConvTranspose*d "
+                          "modules that keep torch's forward (it runs in FP32)")
 
 
 @dataclass
@@ -86,10 +89,9 @@ def _standard_forward(module: nn.Module) -> bool:
     """Whether a conv/linear module computes what torch's own class does: its forward is torch's, and so is
     a conv's `_conv_forward` (which that forward calls: a subclass may override it alone, e.g. to
     standardise the weight, and a module site, which computes F.conv*d on `weight`, would skip it)."""
-    base = nn.Linear if isinstance(module, nn.Linear) else next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-                                                                if isinstance(module, t))
+    base = next(t for t in SITE_TYPES if isinstance(module, t))
     return type(module).forward is base.forward and (
-        base is nn.Linear or getattr(type(module), "_conv_forward", None) is base._conv_forward)
+        getattr(type(module), "_conv_forward", None) is getattr(base, "_conv_forward", None))
 
 
 def _library_code(module: nn.Module) -> bool:
@@ -119,11 +121,10 @@ class Converter:
     def run(self) -> Conversion:
         modules = list(self.root.named_modules())
         for path, m in modules:
-            if site_op(m) is not None and _standard_forward(m):
+            if (site_op(m) or transposed_op(m)) is not None and _standard_forward(m):
                 self.module_site(path, m)
-            elif isinstance(m, _ConvTransposeNd):  # listed, so that reports and convert's warning name it
-                op = TRANSPOSED_FUNCTIONS[_TRANSPOSED_BY_DIMS[len(m.kernel_size)]]
-                self._report(Site(path or ROOT, op, "module", False, TRANSPOSED, path))
+            elif transposed_op(m) is not None:  # listed, so that reports and convert's warning name it
+                self._report(Site(path or ROOT, transposed_op(m), "module", False, TRANSPOSED_OWN_FORWARD, path))
         for path, m in modules:
             if not isinstance(m, ModuleSite):
                 self.own_code(path, m)
@@ -153,7 +154,7 @@ class Converter:
 
     # ------------------------------------------------------------------ rule 1
     def module_site(self, path: str, m: nn.Module) -> None:
-        op = site_op(m)
+        op = site_op(m) or transposed_op(m)
         reason = self._skip_reason(path, m)
         if not reason and isinstance(m.weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialised yet: run one forward before convert()"
@@ -166,7 +167,7 @@ class Converter:
         if reason:
             return
         become(m, ModuleSite)
-        m.setup_int8(op=op, out_channels=m.weight.shape[0], config=self.config.for_layer(path, m), name=path or ROOT,
+        m.setup_int8(op=op, out_channels=out_channels_of(m), config=self.config.for_layer(path, m), name=path or ROOT,
                      index=self._next_index(), source="module", owns_params=True)
 
     # ------------------------------------------------------------------ rules 2 and 3

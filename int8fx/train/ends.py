@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-SITE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from ..nn.modules import SITE_TYPES  # conv (transposed too) and linear modules
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 

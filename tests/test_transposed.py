@@ -1,0 +1,169 @@
+"""Transposed convolutions (nn.ConvTranspose1d/2d/3d) as INT8 training sites: the integers are exactly the
+transposed conv's, the gradients are its conv's products with roles exchanged (int8fx.nn.transposed), and
+the converted module behaves as the user's (output_size, unbatched input, pass-through, errors)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import int8fx
+from int8fx.kernels import resolve_backend
+from int8fx.nn.functional import quantized_forward
+from int8fx.nn.modules import make_spec
+from dataclasses import replace
+
+CASES = {  # (module, input shape)
+    "2d-strided-output-padding-grouped": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1,
+                                                                     groups=2), (2, 8, 5, 6)),
+    "2d-rect-dilated": (lambda: nn.ConvTranspose2d(3, 5, (2, 3), stride=(2, 1), padding=(0, 1), output_padding=(1, 0),
+                                                   dilation=(1, 2)), (2, 3, 4, 5)),
+    "2d-depthwise": (lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, groups=4), (2, 4, 5, 5)),
+    "2d-kernel-equals-stride": (lambda: nn.ConvTranspose2d(6, 4, 2, stride=2, bias=False), (2, 6, 3, 3)),
+    "1d": (lambda: nn.ConvTranspose1d(6, 3, 4, stride=2, padding=1), (2, 6, 9)),
+    "3d-grouped": (lambda: nn.ConvTranspose3d(4, 6, (2, 3, 2), stride=(2, 1, 2), groups=2), (1, 4, 3, 4, 3)),
+}
+_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_C = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _spec(m: nn.Module):
+    spec = make_spec(len(m.kernel_size), m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+    return replace(spec, transposed=True, output_padding=tuple(m.output_padding))
+
+
+def _geometry(m):
+    return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_is_the_exact_integer_transposed_conv(case):
+    """y = (X_int8 (*)^T W_int8) s_X s_W[o], the integer sums exact (float64 of int codes is exact here), with
+    one weight scale per *output* channel (W's dim 1 in each group)."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(shape)
+    y, x_q, s_x, w_q, s_w = quantized_forward(x, m.weight, _spec(m), resolve_backend("reference", x.device))
+    w_int = w_q.reshape(m.weight.shape)
+    nd = len(m.kernel_size)
+    acc = _T[nd](x_q.double(), w_int.double(), None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+    assert torch.equal(y, acc.float() * (s_x * s_w).view(-1, *[1] * nd))
+    c_in, og = m.weight.shape[:2]  # each output channel's codes reach +-127: W quantized per output channel
+    per_out = w_int.view(m.groups, c_in // m.groups, og, -1).transpose(1, 2).reshape(m.groups * og, -1)
+    assert torch.equal(per_out.abs().amax(1), torch.full((m.groups * og,), 127, dtype=torch.int8))
+    assert F.cosine_similarity(y.flatten(), (m(x) - (0 if m.bias is None else m.bias.view(-1, *[1] * nd))).flatten(),
+                               0) > 0.999
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_are_the_exact_integer_products(case):
+    """With operands the quantizers represent exactly (X and W integer multiples of one step, dY integers
+    in [-127, 127]; per-tensor gradient clips, nearest rounding), dX is the conv of dY with W (the
+    transposed conv's adjoint) and dW the transposed conv's weight gradient, both as exact integers times one
+    scale: each must be a constant multiple of the float64 computation, element for element."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    m = make()
+    nd = len(m.kernel_size)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every output channel's absmax 1: s_W the same for all, so dY s_W quantizes exactly
+        w_int = torch.randint(-127, 128, m.weight.shape, generator=g).double()
+        w_int[:, :, *[0] * nd] = 127
+        m.weight.copy_(w_int / 127)
+    x_int = torch.randint(-127, 128, shape, generator=g).double()
+    x_int.view(-1)[0] = 127
+    x = (x_int / 127 * 0.5).float().requires_grad_()
+    qm = int8fx.convert(copy.deepcopy(m), int8fx.Int8Config(grad_quant="per-tensor", rounding="nearest"))
+    y = qm(x)
+    dy_int = torch.randint(-127, 128, y.shape, generator=g).double()
+    dy_int.view(-1)[0] = -127
+    y.backward(dy_int.float())
+
+    w_ = w_int.clone().requires_grad_()
+    x_ = x_int.clone().requires_grad_()
+    _T[nd](x_, w_, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation).backward(dy_int)
+    assert torch.equal(x_.grad, _C[nd](dy_int, w_int, None, **_geometry(m)))  # (the adjoint, for the record)
+    for got, exact in ((x.grad, x_.grad), (qm.weight.grad, w_.grad)):
+        nz = exact != 0
+        ratio = got.double()[nz] / exact[nz]
+        assert nz.sum() > exact.numel() // 2 and torch.equal(got.double()[~nz], exact[~nz])
+        assert float((ratio / ratio[0] - 1).abs().max()) < 2**-22  # one scale, applied once in fp32
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_follow_fp32_with_per_channel_clips(case):
+    """gvq-mcs (per-output-channel dW clips) on output channels whose gradients differ 300-fold in size: a
+    per-channel scale put on the wrong channel would wreck dW's cosine to FP32."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    m = make()
+    qm = int8fx.convert(copy.deepcopy(m), int8fx.Int8Config(rounding="nearest"))
+    x = torch.randn(shape)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = m(x1), qm(x2)
+    o = y1.shape[1]
+    dy = torch.randn(y1.shape) * torch.logspace(0, 2.5, o).view(1, o, *[1] * (y1.dim() - 2))
+    y1.backward(dy)
+    y2.backward(dy)
+    cos = lambda a, b: float(F.cosine_similarity(a.detach().flatten().double(), b.detach().flatten().double(), 0))  # noqa: E731
+    assert cos(y1, y2) > 0.999
+    assert cos(x1.grad, x2.grad) > 0.99 and cos(m.weight.grad, qm.weight.grad) > 0.99
+    if m.bias is not None:
+        torch.testing.assert_close(m.bias.grad, qm.bias.grad, rtol=1e-5, atol=0)  # dY's sums, in another order
+
+
+def test_the_converted_module_is_the_users_transposed_conv():
+    """Converted in place (class, isinstance, repr), listed by inspect, `output_size` and unbatched inputs as
+    torch takes them, pass-through exact, and torch's errors for bad arguments."""
+    torch.manual_seed(0)
+    m = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+    ref = copy.deepcopy(m)
+    qm = int8fx.convert(m)
+    assert isinstance(qm, nn.ConvTranspose2d) and "ConvTranspose2d" in type(qm).__name__
+    row = int8fx.inspect(qm).layers[0]
+    assert row.converted and row.op == "conv_transpose2d"
+    x = torch.randn(2, 4, 5, 5)
+    for size in (None, [9, 9], [10, 10]):
+        y = qm(x, output_size=size)
+        assert y.shape == ref(x, output_size=size).shape
+        assert F.cosine_similarity(y.flatten(), ref(x, size).flatten(), 0) > 0.999
+    assert qm(x[0]).shape == ref(x[0]).shape == (3, 9, 9)
+    with pytest.raises(ValueError, match="output_size|requested an output size"):
+        qm(x, output_size=[20, 20])
+    with pytest.raises(ValueError, match="input channels"):
+        qm(torch.randn(2, 3, 5, 5))
+    bad = int8fx.convert(nn.ConvTranspose2d(4, 3, 3, stride=2, output_padding=2))
+    with pytest.raises(ValueError, match="output padding"):
+        bad(x)
+    with pytest.raises(TypeError):
+        int8fx.convert(nn.Conv2d(4, 3, 3))(x, [9, 9])  # a conv takes no output_size, converted or not
+    exact = int8fx.convert(copy.deepcopy(ref), int8fx.Int8Config(quantize=False))
+    assert torch.equal(exact(x, [10, 10]), ref(x, [10, 10]))
+    back = int8fx.to_float(copy.deepcopy(qm))
+    assert type(back) is nn.ConvTranspose2d and torch.equal(back(x), ref(x))
+
+
+def test_transposed_calls_of_own_code_and_own_forwards_are_listed_in_fp32():
+    """What is not converted says so: F.conv_transpose2d in a module's own code, and a ConvTranspose2d
+    subclass with its own forward."""
+    class OwnCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 2, 2))
+
+        def forward(self, x):
+            return F.conv_transpose2d(x, self.w, stride=2)
+
+    class OwnForward(nn.ConvTranspose2d):
+        def forward(self, x, output_size=None):
+            return super().forward(x * 2, output_size)
+
+    model = nn.Sequential(OwnCall(), OwnForward(3, 2, 2))
+    with pytest.warns(UserWarning, match="2 conv/linear site"):
+        qm = int8fx.convert(model)
+    rows = {r.name: r for r in int8fx.inspect(qm).layers}
+    assert not rows["1"].converted and "own forward" in rows["1"].reason
+    assert [r.converted for r in rows.values()] == [False, False]
+    assert any("called as a function" in r.reason for r in rows.values())
