@@ -103,7 +103,7 @@ def grad_input(backend, g_q: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple
         return dx[(slice(None), slice(None)) + tuple(slice(lo, lo + sz) for sz, (lo, _) in zip(x_shape[2:], spec.padding))]
     w_t = w_q.view(g, o // g, -1)  # [g, O/g, K]
     if layout == "samples":
-        gq = g_q.reshape(g_q.shape[0], g, o // g, -1)  # [N, g, O/g, L]
+        gq = g_q.reshape(g_q.shape[0], g, o // g, math.prod(g_q.shape[2:]))  # [N, g, O/g, L] (N may be 0)
         dcols = _gemm(backend, w_t.transpose(1, 2).unsqueeze(0), gq)  # [N, g, K, L]
         return fold(exact_sum_dtype(dcols, bound), spec, x_shape)
     if spec.is_linear:
