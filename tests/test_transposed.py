@@ -2,6 +2,7 @@
 transposed conv's, the gradients are its conv's products with roles exchanged (int8fx.nn.transposed), and
 the converted module behaves as the user's (output_size, unbatched input, pass-through, errors)."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from fashion_data import needs_data
 from int8fx.kernels import resolve_backend
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
-from dataclasses import replace
 
 CASES = {  # (module, input shape)
     "2d-strided-output-padding-grouped": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1,
@@ -71,7 +71,7 @@ def test_gradients_are_the_exact_integer_products(case):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every output channel's absmax 1: s_W the same for all, so dY s_W quantizes exactly
         w_int = torch.randint(-127, 128, m.weight.shape, generator=g).double()
-        w_int[:, :, *[0] * nd] = 127
+        w_int[(slice(None), slice(None)) + (0,) * nd] = 127
         m.weight.copy_(w_int / 127)
     x_int = torch.randint(-127, 128, shape, generator=g).double()
     x_int.view(-1)[0] = 127

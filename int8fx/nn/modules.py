@@ -29,7 +29,7 @@ from torch.fx import Proxy
 from ..config import Int8Config
 from ..kernels.im2col import GemmSpec
 from ..quant.grad import Float32State, PolicyParams, make_grad_quantizer, optional_buffers_on_load
-from .functional import int8_gemm, spec_to_ints
+from .functional import int8_gemm, out_channels, spec_to_ints
 from .state import PendingState, track, untrack
 from .twins import refuse_torchscript, traced_call
 
@@ -166,7 +166,9 @@ class Int8Layer(Float32State):
 
     @property
     def site_op(self) -> str:
-        return "linear" if self.dims == 0 else f"conv_transpose{self.dims}d" if self.is_transposed else f"conv{self.dims}d"
+        if self.dims == 0:
+            return "linear"
+        return f"conv_transpose{self.dims}d" if self.is_transposed else f"conv{self.dims}d"
 
     # ----------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, Tensor]:
@@ -235,7 +237,7 @@ class Int8Layer(Float32State):
                              f"{tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel, spec.dilation))} "
                              f"(input {tuple(input.shape)})")
         names = [n for n in self.state_tensors() if n not in ("act_clip", "act_clip_ema")]
-        channels = weight.shape[1] * groups if self.is_transposed else weight.shape[0]
+        channels = out_channels(weight.shape, spec)
         if self._sized_for(channels):
             committed = self.state_tensors()
             state, pending = [committed[n] for n in names], self.pending_tensors(names)
