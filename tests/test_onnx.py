@@ -526,7 +526,7 @@ def test_a_site_without_its_qdq_pattern_fails_loudly(tmp_path, monkeypatch):
     key = next(iter(qdq_op.ONNX_TRANSLATIONS))
 
     def float_only(x, x_scale, x_zero_point, w_int8, w_scale, w_zero_point, bias, kind, strides, pads, dilations,
-                   groups):
+                   groups, output_padding):
         w = op.Mul(op.Cast(w_int8, to=1), op.Reshape(w_scale, op.Constant(value_ints=[-1, 1, 1, 1])))
         return op.Conv(x, w, bias, strides=list(strides), pads=list(pads), dilations=list(dilations), group=groups)
 

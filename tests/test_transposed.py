@@ -209,18 +209,45 @@ def test_a_decoder_with_int8_transposed_convs_learns_as_fp32_does():
     assert errors[True] < 1.05 * errors[False], errors
 
 
-def test_onnx_export_refuses_int8_transposed_sites_and_exports_them_excluded(tmp_path):
-    """No ONNX form for an INT8 transposed conv yet: a clear error naming the site, and no file; excluded, the
-    model exports (faithful), the transposed conv in FP32."""
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_faithful_onnx_carries_the_transposed_sites_qdq_and_equals_eval_mode(tmp_path, exporter):
+    """The faithful file: Clip -> QuantizeLinear -> DequantizeLinear -> ConvTranspose, W's int8 codes behind a
+    DequantizeLinear on axis 1 (its output channels); onnxruntime without graph optimizations equals
+    qm.eval() to float summation error. (Its optimized ConvTranspose sums differently, ~1e-5 relative, which
+    can flip a rounding in a quantizer after it.) The deploy form and grouped transposed convs are refused
+    with errors that say what to do, and no file."""
+    ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
     from int8fx.onnx.errors import OnnxExportError
 
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ConvTranspose2d(4, 2, 2, stride=2))
-    x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(OnnxExportError, match=r"transposed convolution site\(s\) 1 .*exclude"):
-        int8fx.export_onnx(int8fx.convert(copy.deepcopy(m)).eval(), x, tmp_path / "a.onnx", form="faithful")
-    assert not (tmp_path / "a.onnx").exists()
-    qm = int8fx.convert(copy.deepcopy(m), int8fx.Int8Config(exclude=("1",))).eval()
-    int8fx.export_onnx(qm, x, tmp_path / "b.onnx", form="faithful")
-    assert (tmp_path / "b.onnx").stat().st_size > 0
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)))
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(2):
+        qm(x).square().mean().backward()
+        int8fx.commit(qm)
+    qm.eval()
+    path = tmp_path / "f.onnx"
+    int8fx.export_onnx(qm, x, path, form="faithful", exporter=exporter)
+    meta = int8fx.read_onnx_metadata(path)
+    site = meta["layers"]["2"]
+    assert site["op"] == "conv_transpose2d" and site["exported"] and site["forward"]["weight"]["axis"] == 1
+    import onnx
+
+    nodes = {n.name: n for n in onnx.load(path).graph.node}
+    assert nodes["2/compute"].op_type == "ConvTranspose" and nodes["2/w_dequantize"].op_type == "DequantizeLinear"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    ref = qm(x).detach()
+    assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+    with pytest.raises(OnnxExportError, match=r"transposed convolution site\(s\) 2 have no deploy form"):
+        int8fx.export_onnx(qm, x, tmp_path / "d.onnx", form="deploy", exporter=exporter)
+    grouped = int8fx.convert(nn.Sequential(nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2))).eval()
+    with pytest.raises(OnnxExportError, match=r"grouped INT8 transposed .* 0 .*exclude"):
+        int8fx.export_onnx(grouped, torch.randn(1, 4, 3, 3), tmp_path / "g.onnx", exporter=exporter)
+    assert not (tmp_path / "d.onnx").exists() and not (tmp_path / "g.onnx").exists()

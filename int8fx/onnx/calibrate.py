@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..kernels.im2col import GemmSpec
+from ..nn import transposed
 from ..nn.modules import Int8Layer, call_spec
 from ..nn.scope import no_fused_fastpath
 from ..observe import device_of, eval_mode, observe_int8_calls, to_device
@@ -119,7 +120,10 @@ def static_sites(sites, cal: dict[str, SiteCalibration], calibration: str) -> di
         if use_ema and float(layer.act_clip_ema) > 0:
             clip, source = float(layer.act_clip_ema), "act_clip_ema"
         w = rec.weight.float()
-        w_q, s_w = quantize_per_channel(w.reshape(w.shape[0], -1), 0)
+        if layer.is_transposed:  # one scale per output channel, W's axis 1 (int8fx.nn.transposed)
+            w_q, s_w = transposed.weight_operand(w, rec.spec.groups, torch.float32)
+        else:
+            w_q, s_w = quantize_per_channel(w.reshape(w.shape[0], -1), 0)
         s_x = float(scale_from_clip(torch.tensor(clip, dtype=torch.float32)))
         # QuantizeLinear divides by its scale: a site whose input was all zeros gets the smallest normal fp32
         # scale, which maps 0 to 0 (as int8fx's zero scale does) without a division by zero.

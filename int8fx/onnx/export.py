@@ -65,10 +65,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     import onnx
 
     sites = sites_of(qmodel)
-    transposed = [s.name for s in sites if s.converted and s.op.startswith("conv_transpose")]
-    if transposed:  # (int8fx.nn.transposed: training runs them in INT8; the exporters have no form for it yet)
-        raise OnnxExportError(f"INT8 transposed convolution site(s) {', '.join(transposed)} have no ONNX form yet: "
-                              f"convert with Int8Config(exclude=[...]) naming them to export them in FP32")
+    _check_transposed_sites(sites, form)
     args = as_args(example_inputs)
     batches = [args] + [as_args(b) for b in (calibration_data or [])]
     cal = calibrate(qmodel, batches)
@@ -124,3 +121,18 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _check_transposed_sites(sites, form: str) -> None:
+    """INT8 transposed convs export in the faithful form (QDQ -> ConvTranspose, one group): onnxruntime has no
+    integer kernel for them that the deploy form could target, and a grouped one's per-output-channel scales
+    lie on no single axis of its weight, which DequantizeLinear needs."""
+    transposed = [s for s in sites if s.converted and s.op.startswith("conv_transpose")]
+    grouped = [s.name for s in transposed if getattr(s.layer, "groups", 1) != 1]
+    if form == "deploy" and transposed:
+        raise OnnxExportError(f"INT8 transposed convolution site(s) {', '.join(s.name for s in transposed)} have no "
+                              "deploy form: export form='faithful', or convert with Int8Config(exclude=[...]) naming "
+                              "them to deploy them in FP32")
+    if grouped:
+        raise OnnxExportError(f"grouped INT8 transposed convolution site(s) {', '.join(grouped)} have no ONNX form: "
+                              "convert with Int8Config(exclude=[...]) naming them to export them in FP32")

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .graphs import (
-    COMPUTE_OPS,
+    SITE_OPS,
     GraphView,
     assign_sites,
     out_major,
@@ -39,7 +39,7 @@ def annotate(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> di
     view = GraphView(model)
     candidates, patterns = [], {}
     for n in model.graph.node:
-        if n.op_type not in COMPUTE_OPS or len(n.input) < 2:
+        if n.op_type not in SITE_OPS or len(n.input) < 2:
             continue
         w_src, transposed = weight_source(view, n)
         wdq = view.made_by(w_src, "DequantizeLinear")

@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+SITE_OPS = COMPUTE_OPS + ("ConvTranspose",)  # a faithful site's compute node (no deploy form is transposed)
 
 
 class GraphView:

@@ -206,7 +206,8 @@ def layer_entry(site, static, status: str, onnx_calls: list[dict], root_cfg, lr_
             "activation": {"granularity": "per-tensor", "clip": static.clip, "clip_source": static.clip_source,
                            "scale": static.x_scale, "calibration_absmax": float(cal.absmax),
                            "input_shape": list(cal.input_shape)},
-            "weight": {"granularity": "per-channel", "axis": 0, "shape": list(static.w_int8.shape),
+            "weight": {"granularity": "per-channel", "axis": 1 if layer.is_transposed else 0,
+                       "shape": list(static.w_int8.shape),
                        "scale": tensor_to_json(static.w_scale)},
         }
     else:

@@ -54,7 +54,8 @@ class StandIn(nn.Module):
         self.calls += 1
         return self.compute(x, args, kwargs)
 
-    def int8_functional(self, input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    def int8_functional(self, input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                        output_padding=0):
         self.calls += 1
         return self.compute(input, (weight, bias, stride, padding, dilation, groups), {})
 
@@ -68,11 +69,13 @@ class _StaticGeometry(StandIn):
     def __init__(self, layer: Int8Layer, site: StaticSite) -> None:
         super().__init__(layer)
         spec = site.cal.spec
+        self.transposed = spec is not None and spec.transposed
         if spec is not None:
             self.strides, self.dilations, self.groups = list(spec.stride), list(spec.dilation), spec.groups
             self.pads = [lo for lo, _ in spec.padding] + [hi for _, hi in spec.padding]
+            self.output_padding = list(spec.output_padding) if spec.transposed else [0] * spec.dims
         else:
-            self.strides, self.dilations, self.groups, self.pads = [], [], 1, []
+            self.strides, self.dilations, self.groups, self.pads, self.output_padding = [], [], 1, [], []
 
 
 class FaithfulSite(_StaticGeometry):
@@ -82,16 +85,16 @@ class FaithfulSite(_StaticGeometry):
         super().__init__(layer, site)
         self.register_buffer("w_int8", site.w_int8.clone())
         self.register_buffer("w_scale", site.w_scale.clone())
-        self.register_buffer("w_zero_point", torch.zeros(site.w_int8.shape[0], dtype=torch.int8))
+        self.register_buffer("w_zero_point", torch.zeros(site.w_scale.numel(), dtype=torch.int8))
         self.register_buffer("x_scale", torch.tensor(site.x_scale, dtype=torch.float32))
         self.register_buffer("x_zero_point", torch.zeros((), dtype=torch.int8))
         self.register_buffer("qdq_bias", None if site.bias is None else site.bias.clone())
 
     def compute(self, x, args, kwargs):
-        kind = "conv" if self.dims else ("gemm" if x.dim() == 2 else "matmul")
+        kind = ("conv_transpose" if self.transposed else "conv") if self.dims else ("gemm" if x.dim() == 2 else "matmul")
         x = x if x.dtype == torch.float32 else x.float()  # (a no-op .float() would be a Cast in the graph)
         return qdq_gemm(x, self.x_scale, self.x_zero_point, self.w_int8, self.w_scale, self.w_zero_point,
-                        self.qdq_bias, kind, self.strides, self.pads, self.dilations, self.groups)
+                        self.qdq_bias, kind, self.strides, self.pads, self.dilations, self.groups, self.output_padding)
 
 
 class FloatSite(_StaticGeometry):
