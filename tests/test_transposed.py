@@ -2,6 +2,7 @@
 transposed conv's, the gradients are its conv's products with roles exchanged (int8fx.nn.transposed), and
 the converted module behaves as the user's (output_size, unbatched input, pass-through, errors)."""
 import copy
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -149,28 +150,65 @@ def test_the_converted_module_is_the_users_transposed_conv():
     assert type(back) is nn.ConvTranspose2d and torch.equal(back(x), ref(x))
 
 
-def test_transposed_calls_of_own_code_and_own_forwards_are_listed_in_fp32():
-    """What is not converted says so: F.conv_transpose2d in a module's own code, and a ConvTranspose2d
-    subclass with its own forward."""
-    class OwnCall(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(4, 3, 2, 2))
+def _tied_decode(h, w):
+    return F.conv_transpose2d(h, w, stride=2)
 
-        def forward(self, x):
-            return F.conv_transpose2d(x, self.w, stride=2)
 
-    class OwnForward(nn.ConvTranspose2d):
-        def forward(self, x, output_size=None):
-            return super().forward(x * 2, output_size)
+torch.fx.wrap("_tied_decode")  # opaque to torch.fx: called with its module-site weights routed
 
-    model = nn.Sequential(OwnCall(), OwnForward(3, 2, 2))
-    with pytest.warns(UserWarning, match="2 conv/linear site"):
-        qm = int8fx.convert(model)
-    rows = {r.name: r for r in int8fx.inspect(qm).layers}
-    assert not rows["1"].converted and "own forward" in rows["1"].reason
-    assert [r.converted for r in rows.values()] == [False, False]
-    assert any("called as a function" in r.reason for r in rows.values())
+
+class _OwnCall(nn.Module):
+    """F.conv_transpose2d on a parameter of its own, and on a conv module site's weight (a tied decoder), in
+    its own code and in an opaque function."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 2, stride=2)
+        self.w = nn.Parameter(torch.randn(4, 3, 2, 2) / 4)
+
+    def forward(self, x):
+        h = F.relu(self.enc(x))
+        return (F.conv_transpose2d(h, self.w, stride=2) + F.conv_transpose2d(h, self.enc.weight, stride=2)
+                + _tied_decode(h, self.enc.weight))  # (a routed call on the conv's weight: not the conv's site)
+
+
+class _OwnForward(nn.ConvTranspose2d):
+    def forward(self, x, output_size=None):
+        return super().forward(x * 2, output_size)
+
+
+class _Untraceable(nn.ConvTranspose2d):
+    def forward(self, x):
+        if x.abs().sum() >= 0:  # data-dependent control flow: torch.fx cannot trace it
+            return super().forward(x)
+        return x
+
+
+def test_transposed_calls_in_own_code_own_forwards_and_untraceable_subclasses_are_int8_sites():
+    """Every way a transposed conv is called becomes an INT8 site: F.conv_transpose2d in a module's own code
+    (a tied weight, a conv site's used in a transposed call, gets a site of its own rather than the conv's),
+    and ConvTranspose2d subclasses with forwards of their own (routed at run time: torch.fx cannot trace the
+    output-size arithmetic of a given `output_size`, nor data-dependent control flow). Pass-through is exact; INT8 follows FP32 and every parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_OwnCall(), _OwnForward(3, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                          _Untraceable(4, 2, 2, stride=2))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left in FP32
+        qm = int8fx.convert(copy.deepcopy(model))
+    rows = [(r.name, r.op, r.converted, r.source) for r in int8fx.inspect(qm).layers]
+    assert sorted(rows) == sorted([
+        ("0.enc", "conv2d", True, "module"), ("0.conv_transpose2d", "conv_transpose2d", True, "function"),
+        ("0.conv_transpose2d_1", "conv_transpose2d", True, "function"), ("1", "conv_transpose2d", True, "routed"),
+        ("3", "conv_transpose2d", True, "routed")])
+    exact = int8fx.convert(copy.deepcopy(model), int8fx.Int8Config(quantize=False))
+    assert torch.equal(exact(x), model(x))
+    y, y_fp = qm(x), model(x)
+    assert y.shape == y_fp.shape == (2, 2, 32, 32)
+    assert F.cosine_similarity(y.flatten(), y_fp.flatten(), 0) > 0.999
+    y.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in qm.parameters())
+    assert all(int(m.calls) == 1 for m in qm.modules() if isinstance(m, int8fx.nn.modules.Int8Layer))
 
 
 @needs_data

@@ -216,11 +216,8 @@ class Int8Layer(Float32State):
         bias)`, or for a transposed conv site `F.conv_transpose{dims}d` with `output_padding`) in INT8; with
         `Int8Config.quantize=False`, that very call."""
         if not self.config.quantize:
-            if self.is_transposed:
-                return _TRANSPOSED_FUNCTIONS[self.dims](input, weight, bias, stride, padding, output_padding, groups,
-                                                        dilation)
-            f = _original(self.dims)
-            return f(input, weight, bias) if self.dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
+            return float_call(self.dims, self.is_transposed, input, weight, bias, stride, padding, dilation, groups,
+                              output_padding)
         if torch.jit.is_tracing():  # (it failed deep inside torch with "Expected bool, got Tensor")
             raise RuntimeError(f"{self.site_name}: torch.jit.trace cannot record int8fx's INT8 op; use int8fx.export_onnx "
                                "for ONNX, torch.export or torch.compile for a traced model")
@@ -383,10 +380,10 @@ class Int8Function(Int8Layer):
                         owns_params=False)
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                groups=1) -> Tensor:
+                groups=1, output_padding=0) -> Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, (input, weight, bias, stride, padding, dilation, groups))
-        return self.int8_functional(input, weight, bias, stride, padding, dilation, groups)
+            return traced_call(self, (input, weight, bias, stride, padding, dilation, groups, output_padding))
+        return self.int8_functional(input, weight, bias, stride, padding, dilation, groups, output_padding)
 
     def extra_repr(self) -> str:
         return f"{self.site_op}, out={self.out_channels}, {self.int8_repr()}"
@@ -396,11 +393,18 @@ def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def _original(dims: int):
-    """The unrouted torch function (calls from inside a routed scope must not be routed again)."""
+def float_call(dims: int, transposed: bool, input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+               padding=0, dilation=1, groups=1, output_padding=0) -> Tensor:
+    """The torch call a site stands for (`F.linear`, `F.conv*d` or `F.conv_transpose*d`), given the arguments
+    in `Int8Layer.int8_functional`'s order; unrouted (calls from inside a routed scope must not be routed
+    again)."""
     from .scope import ORIGINAL
 
-    return ORIGINAL[_FUNCTIONS[dims].__name__]
+    if transposed:
+        f = ORIGINAL[_TRANSPOSED_FUNCTIONS[dims].__name__]
+        return f(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    f = ORIGINAL[_FUNCTIONS[dims].__name__]
+    return f(input, weight, bias) if dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
 
 
 def _in_backward() -> bool:

@@ -22,9 +22,10 @@ import threading
 import torch
 import torch.nn.functional as F
 
-ROUTED_NAMES = ("linear", "conv1d", "conv2d", "conv3d")
+ROUTED_NAMES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 ORIGINAL = {name: getattr(F, name) for name in ROUTED_NAMES}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _local = threading.local()
 _lock = threading.Lock()
 _active = 0
@@ -33,13 +34,17 @@ _active = 0
 def _router(name: str):
     original = ORIGINAL[name]
 
+    names = _TRANSPOSED_ARGS if name.startswith("conv_transpose") else _ARGS
+
     def call(*args, **kwargs):
         tables = getattr(_local, "tables", None)
         if tables:
-            bound = dict(zip(_ARGS, args), **kwargs)
+            bound = dict(zip(names, args), **kwargs)
             weight = bound.get("weight")
             for table in reversed(tables):
                 site = table.get(id(weight))
+                if site is not None and site.site_op != name:  # a tied weight in another kind of call: not that site
+                    site = None
                 if site is None and isinstance(weight, torch.Tensor):
                     site = table.get(derived_key(name, weight.shape))
                 if site is not None:  # what the site computes with is never routed again (an export's stand-ins

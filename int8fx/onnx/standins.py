@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.modules import Int8Layer, ModuleSite, _original
+from ..nn.modules import Int8Layer, ModuleSite, float_call
 from ..nn.scope import no_fused_fastpath
 from .calibrate import StaticSite
 from .qdq_op import conv_nd, qdq_gemm
@@ -38,7 +38,8 @@ class StandIn(nn.Module):
 
     def __init__(self, layer: Int8Layer) -> None:
         super().__init__()
-        self.site_name, self.dims = layer.site_name, layer.dims
+        self.site_name, self.dims, self.site_op = layer.site_name, layer.dims, layer.site_op
+        self.transposed = layer.is_transposed
         # a module site in a non-zeros padding mode pads in floating point before its conv (as nn.Conv2d)
         mode = getattr(layer, "padding_mode", "zeros") if isinstance(layer, ModuleSite) else "zeros"
         self.padding_mode = mode
@@ -57,7 +58,7 @@ class StandIn(nn.Module):
     def int8_functional(self, input: Tensor, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1,
                         output_padding=0):
         self.calls += 1
-        return self.compute(input, (weight, bias, stride, padding, dilation, groups), {})
+        return self.compute(input, (weight, bias, stride, padding, dilation, groups, output_padding), {})
 
     def compute(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         raise NotImplementedError
@@ -69,7 +70,6 @@ class _StaticGeometry(StandIn):
     def __init__(self, layer: Int8Layer, site: StaticSite) -> None:
         super().__init__(layer)
         spec = site.cal.spec
-        self.transposed = spec is not None and spec.transposed
         if spec is not None:
             self.strides, self.dilations, self.groups = list(spec.stride), list(spec.dilation), spec.groups
             self.pads = [lo for lo, _ in spec.padding] + [hi for _, hi in spec.padding]
@@ -119,9 +119,9 @@ class DynamicFloatSite(StandIn):
     form exists for it. (A module site computes with its parameters, which are always static.)"""
 
     def compute(self, x, args, kwargs):
-        names = ("weight", "bias", "stride", "padding", "dilation", "groups") if self.dims else ("weight", "bias")
+        names = ("weight", "bias", "stride", "padding", "dilation", "groups", "output_padding")
         call = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
-        return _original(self.dims)(x, **call)
+        return float_call(self.dims, self.transposed, x, **call)
 
 
 class NotCalibrated(nn.Module):

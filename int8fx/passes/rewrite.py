@@ -38,11 +38,12 @@ from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, OwnCode, trace_own_code
 
 SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
-# listed as sites kept in FP32 (TRANSPOSED), calls and modules alike, by one op name per dimensionality
-_TRANSPOSED_BY_DIMS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-TRANSPOSED_FUNCTIONS = {f: f"conv_transpose{dims}d" for dims, f in _TRANSPOSED_BY_DIMS.items()}
+TRANSPOSED_FUNCTIONS = {F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
+                        F.conv_transpose3d: "conv_transpose3d"}
+CALL_OPS = {**SITE_FUNCTIONS, **TRANSPOSED_FUNCTIONS}  # the calls in a module's own code that become sites
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_TRANSPOSED_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 FUSED_FASTPATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _METADATA_METHODS = {"size", "dim", "numel", "type", "is_contiguous", "stride"}
@@ -54,10 +55,6 @@ ROOT = "(root)"  # the name of a site that is the model itself (a bare nn.Conv2d
 # the reasons for keeping a site in FP32 that are the user's own choice (every other reason is worth a warning)
 EXCLUDED = "excluded by Int8Config.exclude"
 FILTERED = "filter_fn returned False"
-TRANSPOSED = ("transposed convolution called as a function: int8fx converts nn.ConvTranspose1d/2d/3d modules, not "
-              "F.conv_transpose*d calls (it runs in FP32)")
-TRANSPOSED_OWN_FORWARD = ("a transposed convolution subclass with its own forward: int8fx converts nn.ConvTranspose*d "
-                          "modules that keep torch's forward (it runs in FP32)")
 
 
 @dataclass
@@ -121,10 +118,8 @@ class Converter:
     def run(self) -> Conversion:
         modules = list(self.root.named_modules())
         for path, m in modules:
-            if (site_op(m) or transposed_op(m)) is not None and _standard_forward(m):
+            if _conv_or_linear_op(m) is not None and _standard_forward(m):
                 self.module_site(path, m)
-            elif transposed_op(m) is not None:  # listed, so that reports and convert's warning name it
-                self._report(Site(path or ROOT, transposed_op(m), "module", False, TRANSPOSED_OWN_FORWARD, path))
         for path, m in modules:
             if not isinstance(m, ModuleSite):
                 self.own_code(path, m)
@@ -154,7 +149,7 @@ class Converter:
 
     # ------------------------------------------------------------------ rule 1
     def module_site(self, path: str, m: nn.Module) -> None:
-        op = site_op(m) or transposed_op(m)
+        op = _conv_or_linear_op(m)
         reason = self._skip_reason(path, m)
         if not reason and isinstance(m.weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialised yet: run one forward before convert()"
@@ -188,7 +183,7 @@ class Converter:
     def _has_calls_to_rewrite(self, m: nn.Module, code: OwnCode) -> bool:
         """Whether rewriting would change the module's code: a conv/linear call, or an opaque function given a
         converted module site's weight (what `rewrite` changes)."""
-        return any(n.op == "call_function" and (n.target in SITE_FUNCTIONS or (
+        return any(n.op == "call_function" and (n.target in CALL_OPS or (
             _is_opaque_function(n.target) and self._routes(m, n))) for g in code.graphs.values() for n in g.nodes)
 
     def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function],
@@ -221,7 +216,7 @@ class Converter:
         self._make_routed(m, routes, new)
 
     def untraceable(self, path: str, m: nn.Module, reason: str) -> None:
-        op = site_op(m)
+        op = _conv_or_linear_op(m)
         if op is None:  # its conv/linear children are module sites; its own code is kept as it is
             if any(p.dim() >= 2 for p in m.parameters(recurse=False)) or any(
                     site_op(c) is not None for c in m.modules() if c is not m):
@@ -233,25 +228,22 @@ class Converter:
         skip = self._skip_reason(path, m)
         self._report(Site(path, op, "routed", not skip, skip, path))
         if not skip:
-            site = self._new_function_site(op, m.weight.shape[0], path, m, "routed")
+            site = self._new_function_site(op, out_channels_of(m), path, m, "routed")
             self._make_routed(m, {"weight": f"int8_{op}"}, {f"int8_{op}": site}, derived_op=op)
 
     def rewrite(self, path: str, m: nn.Module, code: OwnCode) -> None:
         graphs = code.graphs
         m.__dict__.update(code.constants)  # the graphs read them from the module (a weight may be made from one)
-        calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in SITE_FUNCTIONS]
-        single = site_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
+        calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in CALL_OPS]
+        single = _conv_or_linear_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
         new: dict[tuple, tuple[str, Int8Function, str]] = {}  # call -> (attribute, site, name), shared by all graphs
         changed = False
         for graph in graphs.values():
             derived: set[fx.Node] = set()
             occurrences: dict[tuple, int] = {}
             for node in list(graph.nodes):
-                if node.op == "call_function" and node.target in SITE_FUNCTIONS:
+                if node.op == "call_function" and node.target in CALL_OPS:
                     changed |= self._rewrite_call(path, m, graph, node, new, single, derived, occurrences)
-                elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
-                    self._report(Site(_join(path, node.name), TRANSPOSED_FUNCTIONS[node.target], "function", False,
-                                      TRANSPOSED, path))
                 elif node.op == "call_function" and _is_opaque_function(node.target):
                     changed |= self._route_call(m, graph, node)
             self._report_other_weight_uses(path, m, graph, derived)
@@ -279,14 +271,19 @@ class Converter:
         return None if found is None else (owner, found[1])
 
     def _rewrite_call(self, path, m, graph, node, new, single, derived, occurrences) -> bool:
-        op = SITE_FUNCTIONS[node.target]
-        args = {**({} if op == "linear" else _CONV_DEFAULTS), "bias": None, **dict(zip(_ARG_NAMES, node.args)),
-                **node.kwargs}
-        call_args = [args["input"], args["weight"], args["bias"]]
+        op = CALL_OPS[node.target]
+        transposed = node.target in TRANSPOSED_FUNCTIONS
+        args = {**({} if op == "linear" else _CONV_DEFAULTS), "bias": None,
+                **dict(zip(_TRANSPOSED_ARG_NAMES if transposed else _ARG_NAMES, node.args)), **node.kwargs}
+        call_args = [args["input"], args["weight"], args["bias"]]  # in `Int8Layer.int8_functional`'s order
         if op != "linear":
             call_args += [args["stride"], args["padding"], args["dilation"], args["groups"]]
+        if transposed:
+            call_args.append(args["output_padding"])
         derived.update(_ancestors(args["weight"]))
         used = self._module_site_of(m, args["weight"])
+        if used is not None and used[1].op != op:  # a tied weight in another kind of call: a site of its own
+            used = None
         if used is not None:  # e.g. F.linear(x, self.qkv.weight, bias): that module site computes it
             owner, site = used
             if not site.converted:
@@ -306,8 +303,12 @@ class Converter:
                 # a weight computed from the model input (CondConv's per-sample expert mix) has its channel
                 # count only at run time: 0 here, and the site sizes its state at the first call
                 weight = _static_value(m, args["weight"])
+                channels = 0 if weight is None else weight.shape[0]
+                if transposed:  # W's dim 1 per group, where the groups are known now
+                    channels = weight.shape[1] * args["groups"] if weight is not None and isinstance(
+                        args["groups"], int) else 0
                 new[key] = (_free_attr(m, f"int8_{node.name}"), self._new_function_site(
-                    op, 0 if weight is None else weight.shape[0], name, m, "function"), name)
+                    op, channels, name, m, "function"), name)
             attr = new[key][0]
             with graph.inserting_before(node):
                 new_node = graph.call_module(attr, tuple(call_args))
@@ -400,6 +401,11 @@ def _attr(module: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _conv_or_linear_op(m: nn.Module) -> str | None:
+    """The site op of a conv (transposed too) or linear module, subclasses included; None for others."""
+    return site_op(m) or transposed_op(m)
 
 
 def _free_attr(m: nn.Module, attr: str) -> str:
