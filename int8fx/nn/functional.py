@@ -197,8 +197,9 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
             if need_w:
                 acc = transposed.grad_weight(be_, _as_output(dq, spec_, dy).to(be_.operand_dtype),
                                              x_q.to(be_.operand_dtype), spec_)  # [C_in, C_out/g, window]
-                dw = (acc.float() * s_gw.view(g, 1, -1, 1).expand(g, x_shape[1] // g, -1, 1).reshape(
-                    x_shape[1], -1, 1) * s_x).reshape(w_shape).to(w_dtype).contiguous()
+                # one scale at a time, as `scale_gradients`; s_gW per output channel: [g, 1, C_out/g, 1]
+                dw = (acc.float().view(g, -1, O // g, spec_.window) * s_gw.view(g, 1, -1, 1) * s_x).reshape(
+                    w_shape).to(w_dtype).contiguous()
         else:
             layout = layouts.layout_for(spec_, tuple(x_shape), O)
             if need_x:
