@@ -69,20 +69,14 @@ def make_spec(dims: int, kernel: tuple, stride, padding, dilation, groups: int) 
 
 
 def site_op(module: nn.Module) -> str | None:
-    """"linear" / "conv1d" / "conv2d" / "conv3d" for conv/linear modules (subclasses included), else None."""
+    """"linear" / "conv1d" ... "conv3d" / "conv_transpose1d" ... "conv_transpose3d" for conv and linear
+    modules (subclasses included), else None."""
     if isinstance(module, nn.Linear):
         return "linear"
-    for t, d in CONV_TYPES.items():
-        if isinstance(module, t):
-            return f"conv{d}d"
-    return None
-
-
-def transposed_op(module: nn.Module) -> str | None:
-    """"conv_transpose1d" / "2d" / "3d" for transposed conv modules (subclasses included), else None."""
-    for t, d in TRANSPOSED_TYPES.items():
-        if isinstance(module, t):
-            return f"conv_transpose{d}d"
+    for types, kind in ((CONV_TYPES, "conv"), (TRANSPOSED_TYPES, "conv_transpose")):
+        for t, d in types.items():
+            if isinstance(module, t):
+                return f"{kind}{d}d"
     return None
 
 
@@ -93,7 +87,7 @@ def op_dims(op: str) -> int:
 def out_channels_of(module: nn.Module) -> int:
     """A conv/linear module's output channels (a transposed conv's are its weight's dim 1 times groups)."""
     w = module.weight
-    return w.shape[1] * module.groups if transposed_op(module) else w.shape[0]
+    return w.shape[1] * module.groups if isinstance(module, tuple(TRANSPOSED_TYPES)) else w.shape[0]
 
 
 class Int8Layer(Float32State):

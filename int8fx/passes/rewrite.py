@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import Int8Config
 from ..nn.modules import (SITE_TYPES, Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, out_channels_of,
-                          site_op, transposed_op)
+                          site_op)
 from ..nn.scope import call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, OwnCode, trace_own_code
@@ -118,7 +118,7 @@ class Converter:
     def run(self) -> Conversion:
         modules = list(self.root.named_modules())
         for path, m in modules:
-            if _conv_or_linear_op(m) is not None and _standard_forward(m):
+            if site_op(m) is not None and _standard_forward(m):
                 self.module_site(path, m)
         for path, m in modules:
             if not isinstance(m, ModuleSite):
@@ -149,7 +149,7 @@ class Converter:
 
     # ------------------------------------------------------------------ rule 1
     def module_site(self, path: str, m: nn.Module) -> None:
-        op = _conv_or_linear_op(m)
+        op = site_op(m)
         reason = self._skip_reason(path, m)
         if not reason and isinstance(m.weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialised yet: run one forward before convert()"
@@ -216,7 +216,7 @@ class Converter:
         self._make_routed(m, routes, new)
 
     def untraceable(self, path: str, m: nn.Module, reason: str) -> None:
-        op = _conv_or_linear_op(m)
+        op = site_op(m)
         if op is None:  # its conv/linear children are module sites; its own code is kept as it is
             if any(p.dim() >= 2 for p in m.parameters(recurse=False)) or any(
                     site_op(c) is not None for c in m.modules() if c is not m):
@@ -235,7 +235,7 @@ class Converter:
         graphs = code.graphs
         m.__dict__.update(code.constants)  # the graphs read them from the module (a weight may be made from one)
         calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in CALL_OPS]
-        single = _conv_or_linear_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
+        single = site_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
         new: dict[tuple, tuple[str, Int8Function, str]] = {}  # call -> (attribute, site, name), shared by all graphs
         changed = False
         for graph in graphs.values():
@@ -401,11 +401,6 @@ def _attr(module: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _conv_or_linear_op(m: nn.Module) -> str | None:
-    """The site op of a conv (transposed too) or linear module, subclasses included; None for others."""
-    return site_op(m) or transposed_op(m)
 
 
 def _free_attr(m: nn.Module, attr: str) -> str:
