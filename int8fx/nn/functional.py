@@ -99,7 +99,11 @@ def pipeline(backend: str, device: torch.device, spec: GemmSpec, x_shape, out_ch
     channels-last pipeline (int8fx.kernels.nhwc) except for depthwise convs, which take the reference's
     direct path. The fake implementations ask the same question, so they promise the same strides."""
     be = resolve_backend(backend, device)
-    if not spec.transposed and nhwc.applies(be, device, spec, tuple(x_shape), out_channels):
+    if spec.transposed:  # (int8fx.nn.transposed: the layouts' products; int8 operands on CPU, one GEMM per group)
+        depthwise = spec.groups == x_shape[1] == out_channels
+        int8_ok = be.operand_dtype == torch.int8 and device.type == "cpu" and not depthwise
+        return "reference", (be if be.operand_dtype == torch.float32 or int8_ok else resolve_backend("reference", device))
+    if nhwc.applies(be, device, spec, tuple(x_shape), out_channels):
         return "nhwc", be
     return "reference", (be if be.operand_dtype == torch.float32 else resolve_backend("reference", device))
 

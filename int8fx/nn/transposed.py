@@ -13,13 +13,16 @@ for dX, where the output channel o is reduced (as for a conv, `int8fx.nn.functio
 scale therefore sits on an index the integer sums keep apart, and the results are the exact gradients of
 the quantized forward (straight-through for the quantizers).
 
-These sites run the reference pipeline (fp32 GEMMs on integer values, K-chunked to stay exact) on every
-device: the channels-last int8 pipeline and the CUDA kernels have no transposed form.
+These sites run the layouts of the reference pipeline. On CPU an int8-operand backend ("torch": oneDNN's
+int8 GEMM) computes their products, in the "rows" layout (one GEMM per group, the only one whose products
+are GEMMs big enough for it); depthwise ones, and every transposed site on CUDA, take the reference
+backend (fp32 GEMMs on integer values, K-chunked to stay exact). Either way the integers are the same.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ..kernels import layouts
@@ -38,17 +41,23 @@ def weight_operand(weight: Tensor, groups: int, out_dtype) -> tuple[Tensor, Tens
     return w_q, s_w
 
 
+def _layout(backend, conv: GemmSpec, x_shape: tuple, out_channels: int) -> str:
+    """"rows" for int8 operands (the other layouts' small products and fp32 taps are no place for them), else
+    the layouts' own rule."""
+    return "rows" if backend.operand_dtype == torch.int8 else layouts.layout_for(conv, x_shape, out_channels)
+
+
 def forward(backend, x_op: Tensor, w_q: Tensor, spec: GemmSpec) -> Tensor:
     """Exact accumulators of the transposed conv [N, C_out, *out] from the quantized X [N, C_in, *in]."""
     y_shape = (x_op.shape[0], w_q.shape[1] // spec.window * spec.groups, *spec.out_size(tuple(x_op.shape[2:])))
     conv = spec.conv
-    return layouts.grad_input(backend, x_op, w_q, conv, y_shape, layouts.layout_for(conv, y_shape, w_q.shape[0]))
+    return layouts.grad_input(backend, x_op, w_q, conv, y_shape, _layout(backend, conv, y_shape, w_q.shape[0]))
 
 
 def grad_input(backend, g_op: Tensor, w_q: Tensor, spec: GemmSpec) -> Tensor:
     """Exact integer dX [N, C_in, *in] from the quantized (dY s_W) `g_op` [N, C_out, *out]."""
     conv = spec.conv
-    acc, _ = layouts.forward(backend, g_op, w_q, conv, layouts.layout_for(conv, tuple(g_op.shape), w_q.shape[0]))
+    acc, _ = layouts.forward(backend, g_op, w_q, conv, _layout(backend, conv, tuple(g_op.shape), w_q.shape[0]))
     return acc
 
 
@@ -58,6 +67,6 @@ def grad_weight(backend, dq_op: Tensor, x_op: Tensor, spec: GemmSpec) -> Tensor:
     conv = spec.conv
     c_in = x_op.shape[1]
     x_rows = x_op.movedim(1, -1).reshape(-1, c_in)  # X in dY's role: rows [M, C_in]
-    layout = layouts.layout_for(conv, tuple(dq_op.shape), c_in)
+    layout = _layout(backend, conv, tuple(dq_op.shape), c_in)
     acc = layouts.grad_weight(backend, x_rows.contiguous(), dq_op, conv, layout)  # [g, C_in/g, C_out/g x window]
     return acc.reshape(c_in, -1, spec.window)
