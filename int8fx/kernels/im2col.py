@@ -64,6 +64,13 @@ class GemmSpec:
     def has_padding(self) -> bool:
         return any(p for lohi in self.padding for p in lohi)
 
+    def tiles(self, in_size: tuple) -> bool:
+        """Whether the windows tile an input of `in_size`: kernel = stride, no padding or dilation, and sizes
+        that are whole numbers of windows (a patchify conv, a k2 s2 upsampling). No two windows overlap and
+        none is left out, so col2im adds nothing up: it is a permutation."""
+        return (not self.is_linear and self.kernel == self.stride and not self.has_padding
+                and all(d == 1 for d in self.dilation) and all(n % k == 0 for n, k in zip(in_size, self.kernel)))
+
 
 def _windows(x: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
     """Zero-pad x [N, C, *S] and return a strided view [N, C, *out, *kernel] of every window, no copy."""
@@ -123,8 +130,14 @@ def fold(dcols: Tensor, spec: GemmSpec, in_shape: tuple) -> Tensor:
     n, c = in_shape[:2]
     if _is_pointwise(spec):
         return dcols.reshape(in_shape)
-    padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(in_shape[2:], spec.padding))
     out = spec.out_size(tuple(in_shape[2:]))
+    if spec.tiles(tuple(in_shape[2:])):
+        # [N, C, *kernel, *out] -> [N, C, out0, k0, out1, k1, ...]: one copy, any dtype (nothing is summed)
+        nd = spec.dims
+        v = dcols.reshape(n, c, *spec.kernel, *out)
+        v = v.permute(0, 1, *(i for d in range(nd) for i in (2 + nd + d, 2 + d)))
+        return v.reshape(in_shape)
+    padded = tuple(sz + lo + hi for sz, (lo, hi) in zip(in_shape[2:], spec.padding))
     if spec.dims <= 2:
         as2d = lambda t: (1,) * (2 - spec.dims) + tuple(t)  # noqa: E731
         dx = F.fold(dcols.reshape(n, -1, dcols.shape[-1]) if n else dcols.new_zeros(0, c * spec.window, math.prod(out)),

@@ -105,13 +105,13 @@ def grad_input(backend, g_q: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple
     if layout == "samples":
         gq = g_q.reshape(g_q.shape[0], g, o // g, math.prod(g_q.shape[2:]))  # [N, g, O/g, L] (N may be 0)
         dcols = _gemm(backend, w_t.transpose(1, 2).unsqueeze(0), gq)  # [N, g, K, L]
-        return fold(exact_sum_dtype(dcols, bound), spec, x_shape)
+        return fold(dcols if spec.tiles(tuple(x_shape[2:])) else exact_sum_dtype(dcols, bound), spec, x_shape)
     if spec.is_linear:
         rows = g_q.reshape(1, -1, o)
     else:
         rows = g_q.movedim(1, -1).reshape(-1, g, o // g).transpose(0, 1)  # [g, M, O/g]
     dcols = backend.bmm(rows, w_t)  # [g, M, K]
-    return from_cols(exact_sum_dtype(dcols, bound), spec, x_shape)
+    return from_cols(dcols if spec.tiles(tuple(x_shape[2:])) else exact_sum_dtype(dcols, bound), spec, x_shape)
 
 
 # ----------------------------------------------------------------------------------------- dW
