@@ -411,8 +411,6 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
             row.device = _device_of(layer).type
             try:
                 row.backend = resolve_backend(layer.backend_choice, _device_of(layer)).name
-                if layer.is_transposed:  # (int8fx.nn.transposed: the reference pipeline on every backend)
-                    row.backend = "reference"
             except RuntimeError:
                 row.backend = f"{layer.backend_choice} (unavailable)"
             row.weight_shape = tuple(layer.weight.shape) if layer.owns_params else ()

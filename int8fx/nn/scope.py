@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 ROUTED_NAMES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 ORIGINAL = {name: getattr(F, name) for name in ROUTED_NAMES}
-_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+# the positional parameters of torch's functions, for binding a call's arguments by name (rewrite does too)
+CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _local = threading.local()
 _lock = threading.Lock()
 _active = 0
@@ -34,7 +35,7 @@ _active = 0
 def _router(name: str):
     original = ORIGINAL[name]
 
-    names = _TRANSPOSED_ARGS if name.startswith("conv_transpose") else _ARGS
+    names = TRANSPOSED_ARGS if name.startswith("conv_transpose") else CONV_ARGS
 
     def call(*args, **kwargs):
         tables = getattr(_local, "tables", None)

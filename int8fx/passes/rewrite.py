@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..config import Int8Config
 from ..nn.modules import (SITE_TYPES, Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, out_channels_of,
                           site_op)
-from ..nn.scope import call_routed
+from ..nn.scope import CONV_ARGS, TRANSPOSED_ARGS, call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, OwnCode, trace_own_code
 
@@ -41,8 +41,6 @@ SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.
 TRANSPOSED_FUNCTIONS = {F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
                         F.conv_transpose3d: "conv_transpose3d"}
 CALL_OPS = {**SITE_FUNCTIONS, **TRANSPOSED_FUNCTIONS}  # the calls in a module's own code that become sites
-_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TRANSPOSED_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 FUSED_FASTPATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -274,7 +272,7 @@ class Converter:
         op = CALL_OPS[node.target]
         transposed = node.target in TRANSPOSED_FUNCTIONS
         args = {**({} if op == "linear" else _CONV_DEFAULTS), "bias": None,
-                **dict(zip(_TRANSPOSED_ARG_NAMES if transposed else _ARG_NAMES, node.args)), **node.kwargs}
+                **dict(zip(TRANSPOSED_ARGS if transposed else CONV_ARGS, node.args)), **node.kwargs}
         call_args = [args["input"], args["weight"], args["bias"]]  # in `Int8Layer.int8_functional`'s order
         if op != "linear":
             call_args += [args["stride"], args["padding"], args["dilation"], args["groups"]]
