@@ -11,9 +11,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import int8fx
 from int8fx import fusing
+from int8fx.kernels import direct
 from int8fx.kernels import geometry as geo
 from int8fx.kernels import resolve_backend
 from int8fx.kernels.probe import cpu_choice, cpu_report
@@ -168,3 +170,97 @@ def test_auto_follows_the_measured_choice():
         assert (choice.backend == "torch") == (choice.speedup >= 1.1)
     report = cpu_report()
     assert choice.cpu in report and choice.reason in report
+
+
+# ----------------------------------------------------------------------------- oneDNN's direct int8 conv
+
+needs_direct = pytest.mark.skipif(not direct.exact(), reason="this CPU's oneDNN int8 conv is not exact (no VNNI/AMX)")
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = direct.conv
+    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(a[2]) or real(*a))
+    return calls
+
+
+@needs_direct
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_direct_conv_equals_reference(site, monkeypatch):
+    """Where the direct conv computes a site's forward and stride-1 dX, every bit is the reference's."""
+    monkeypatch.setattr(direct, "MODE", "always")
+    calls = _counting(monkeypatch)
+    make, shape = SITES[site]
+    assert_same(run_site(make, shape, "reference", "gvq-mcs", "stochastic"), run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
+    takes_it = {"conv1d", "conv2d", "conv2d-circular", "conv2d-reflect", "conv2d-strided-grouped", "conv3d",
+                "conv2d-dilated-asym", "conv2d-pad-past-input", "conv2d-depthwise-strided-mult2"}
+    assert bool(calls) == (site in takes_it), calls  # 1x1, depthwise, asymmetric padding, transposed: never
+
+
+@needs_direct
+@pytest.mark.parametrize("dims,groups,stride,dilation,padding", [(2, 1, 1, 1, 1), (2, 4, 2, 1, 2), (1, 2, 1, 3, 3), (3, 1, 2, 1, 1)])
+def test_direct_conv_integers_are_exact_at_the_bound(dims, groups, stride, dilation, padding):
+    """K = window x C/g at EXACT_K and every code at +-127, the worst case for fp32 and for saturating
+    16-bit pair sums: the integers equal float64 conv of the codes."""
+    from int8fx.kernels.im2col import GemmSpec
+
+    kernel = 2 if dims == 3 else 3
+    c = groups * (direct.EXACT_K // kernel**dims)
+    o = 2 * groups
+    gen = torch.Generator().manual_seed(dims)
+    x = (torch.randint(0, 2, (2, c) + (7,) * dims, generator=gen) * 254 - 127).to(torch.int8)
+    x[0] = 127
+    w = (torch.randint(0, 2, (o, c // groups) + (kernel,) * dims, generator=gen) * 254 - 127).to(torch.int8)
+    w[0] = 127
+    spec = GemmSpec(dims, (kernel,) * dims, (stride,) * dims, ((padding, padding),) * dims, (dilation,) * dims, groups)
+    xq_cl = x.movedim(1, -1).contiguous()
+    w_gemm = w.movedim(1, -1).reshape(groups, o // groups, -1).transpose(1, 2)  # [g, K/g, O/g], (kernel, channel)
+    got = direct.conv(xq_cl, w_gemm, spec)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    want = conv(x.double(), w.double(), None, stride, padding, dilation, groups).movedim(1, -1)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), want)
+    assert float(want.abs().max()) == 127 * 127 * (c // groups) * kernel**dims  # the bound was reached
+
+
+def test_direct_conv_only_where_exact(monkeypatch):
+    """Never past EXACT_K (fp32 would round the sums), with asymmetric padding, on the reference backend, or
+    where `exact()` failed (a CPU whose int8 conv saturates)."""
+    monkeypatch.setattr(direct, "MODE", "always")
+    calls = _counting(monkeypatch)
+    long_k = lambda: nn.Conv2d(64, 64, 3, padding=1)  # K = 9 x 64 = 576 > EXACT_K, for dX's conv too
+    assert_same(run_site(long_k, (2, 64, 5, 5), "reference", "per-tensor", "nearest"),
+                run_site(long_k, (2, 64, 5, 5), "torch", "per-tensor", "nearest"))
+    make, shape = SITES["conv2d"]
+    run_site(make, shape, "reference", "per-tensor", "nearest")
+    assert calls == []
+    monkeypatch.setattr(direct, "exact", lambda: False)
+    run_site(make, shape, "torch", "per-tensor", "nearest")
+    assert calls == []
+
+
+@needs_direct
+@pytest.mark.parametrize("direct_faster", [True, False])
+def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monkeypatch):
+    """The first DECIDE_AT - 1 calls of a geometry take the GEMM; the DECIDE_AT-th times both and keeps the
+    faster for every later call; the numbers are the same whichever runs."""
+    monkeypatch.setattr(direct, "_decided", {})
+    monkeypatch.setattr(direct, "_seen", {})
+    timed = []
+
+    def fake_best_of(fn, reps=2):
+        out = fn()
+        is_direct = fn.__code__ is not None and "direct" in fn.__code__.co_names
+        timed.append(is_direct)
+        return (1.0 if is_direct == direct_faster else 2.0), out
+
+    monkeypatch.setattr(direct, "_best_of", fake_best_of)
+    calls = _counting(monkeypatch)
+    make, shape = SITES["conv2d"]
+    ref = run_site(make, shape, "reference", "per-tensor", "nearest")
+    runs = [run_site(make, shape, "torch", "per-tensor", "nearest") for _ in range(3)]  # 2 steps each: forward, dX
+    for r in runs:
+        assert_same(ref, r)
+    assert sorted(timed) == [False, False, True, True]  # forward's and dX's geometry, each timed once
+    assert len(direct.decisions()) == 2 and all(v == direct_faster for v in direct.decisions().values())
+    # third call of each geometry decided; later calls of the direct-faster geometries run it
+    assert (len(calls) > 2) == direct_faster

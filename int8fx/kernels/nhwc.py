@@ -12,6 +12,11 @@ the gradient that comes back is the [M, O] matrix both gradient quantizers read)
 by the same epilogue pass, with dX following dY's layout. The reduction index K is ordered (kernel position, channel) within each
 group, so im2col copies contiguous channel runs; the small weight is reordered to match, and dW back.
 
+On a CPU whose oneDNN int8 conv is exact (int8fx.kernels.direct), a conv's forward and a stride-1 conv's
+dX (itself a conv of dY) take oneDNN's direct int8 conv instead of im2col + GEMM where that measured
+faster for the geometry: the im2col of a 3x3 conv on a large map with few channels is a copy nine times
+the activation, which the direct conv never makes.
+
 Exactness: the GEMMs are exact (int8fx.kernels.torch_backend), col2im adds int32 sums whose bound
 127^2 x O/g x window stays below 2^31 (int64 beyond), and every float is made from an exact integer the way
 the reference makes it (one rounding to fp32, then the scales), so the results equal the reference's bit for
@@ -39,6 +44,7 @@ from ..quant.fused import (
     scale_accumulators,
     scale_accumulators_bias,
 )
+from . import direct
 from .im2col import GemmSpec
 
 QMAX = 127
@@ -135,6 +141,28 @@ def _gather_windows(xq: Tensor, kernel: tuple, stride: tuple, padding: tuple, di
     return v.permute(perm).reshape(groups, n * math.prod(out), math.prod(kernel) * (c // groups))
 
 
+def _conv(backend, xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
+    """(acc [M, O], output size): the exact integer conv of int8 xq_cl [N, *S, C] with the int8 weight as
+    the GEMM's operand w [g, K/g, O/g] (K in (kernel position, channel) order). im2col and one GEMM per
+    group, or oneDNN's direct int8 conv where this geometry measured faster (int8fx.kernels.direct); the
+    same integers either way (the direct conv's held in fp32)."""
+    n, *sizes, c = xq_cl.shape
+    g = spec.groups
+    o = g * w.shape[2]
+
+    def gemm() -> Tensor:
+        cols, _ = _im2col(xq_cl, spec)  # [g, M, K/g]
+        acc = _per_group(backend, cols, w)  # [g, M, O/g]
+        return acc[0] if g == 1 else acc.transpose(0, 1).reshape(-1, o)
+
+    out = spec.out_size(tuple(sizes))
+    pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
+    if (pointwise and g == 1) or not direct.usable(backend, xq_cl, spec, c):  # (no im2col to save there)
+        return gemm(), out
+    return direct.choose((tuple(xq_cl.shape), o, spec), lambda: direct.conv(xq_cl, w, spec).view(-1, o),
+                         gemm), out
+
+
 def _per_group(backend, a: Tensor, b: Tensor) -> Tensor:
     """Exact a [g, P, Q] @ b [g, Q, R] -> [g, P, R] integers, one GEMM per group."""
     return torch.stack([backend.bmm(a[i:i + 1], b[i:i + 1])[0] for i in range(a.shape[0])]) if a.shape[0] > 1 \
@@ -168,10 +196,7 @@ def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmS
     else:
         s_x, xq_cl = quantize_activation(x, act_clip, "channels_last")  # [N, *S, C]
         x_q = xq_cl.movedim(-1, 1)
-        cols, out = _im2col(xq_cl, spec)
-        wg = w_q.view(g, o // g, -1).transpose(1, 2)  # [g, K/g, O/g]
-        acc = _per_group(backend, cols, wg)  # [g, M, O/g]
-        acc = acc[0] if g == 1 else acc.transpose(0, 1).reshape(-1, o)
+        acc, out = _conv(backend, xq_cl, w_q.view(g, o // g, -1).transpose(1, 2), spec)  # [M, O]
         out_shape = (x.shape[0], *out, o)
     # the output is a tensor of its own (not a view: autograd lets a view of a Function's output be modified in
     # place by nothing, and ReLU(inplace=True) follows convs), [N, O, *S] in torch's layout for the operands
@@ -238,10 +263,8 @@ def grad_input(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple)
     if transposed is not None:
         n, c, *sizes = x_shape
         dyq = gq.view(n, *spec.out_size(tuple(sizes)), o)
-        cols, _ = _im2col(dyq, transposed)  # [g, M_x, window * O/g]
-        wt = _flipped_weight(w_q, spec, c)  # [g, window * O/g, C/g]
-        dx = _per_group(backend, cols, wt)  # [g, M_x, C/g]
-        return (dx[0] if g == 1 else dx.transpose(0, 1).reshape(-1, c)).view(n, *sizes, c)
+        dx, _ = _conv(backend, dyq, _flipped_weight(w_q, spec, c), transposed)  # [M_x, C]
+        return dx.view(n, *sizes, c)
     dcols = _per_group(backend, _group_columns(gq, g), w_q.view(g, o // g, -1))  # [g, M, K/g]
     if spec.is_linear:
         return dcols[0].reshape(x_shape)
@@ -280,7 +303,8 @@ def _transposed_conv(spec: GemmSpec, x_shape: tuple, out_channels: int) -> GemmS
 
 def _flipped_weight(w_q: Tensor, spec: GemmSpec, in_channels: int) -> Tensor:
     """[g, window * O/g, C/g]: the int8 weight [O, K] ((kernel position, channel) order) flipped in space,
-    with input and output channels swapped: the transposed conv's GEMM operand."""
+    with input and output channels swapped: the transposed conv's GEMM operand. (Its copy keeps runs of
+    C/g contiguous; one that moved C/g outermost made resnet18's 512x512 sites' backward 1.6x slower.)"""
     o, g, nd = w_q.shape[0], spec.groups, spec.dims
     w = w_q.view(g, o // g, *spec.kernel, in_channels // g).flip(tuple(range(2, 2 + nd)))
     return w.movedim(1, 1 + nd).reshape(g, -1, in_channels // g)  # [g, *kernel, O/g, C/g]: rows (kernel, o)

@@ -1,0 +1,124 @@
+"""oneDNN's direct int8 convolution as an exact integer conv: the "torch" backend's alternative to im2col +
+GEMM on the CPU, taken per conv geometry where it measures faster.
+
+Why: a conv with a window (3x3, a 7x7 stem) on a large feature map with few channels spends most of its
+time in the int8 im2col, a copy `window` times the activation's size, not in its GEMM. oneDNN's int8 conv
+(`torch.ops.onednn.qconv_pointwise`) reads the activation in place. Measured on an Intel Xeon with AMX, one
+thread, im2col + GEMM against it: smallcnn's 16->16 3x3 at 28x28 (batch 128) 3.1 -> 1.1 ms, resnet18's
+7x7 stem 1.6 -> 0.65 ms. It loses where the weight is large and the map small (its per-call weight
+reorder: 256->256 3x3 at 4x4, 0.45 -> 2.9 ms) and on 1x1 convs, whose GEMM needs no im2col, so the choice
+is measured per geometry (`choose`), once, at a geometry's DECIDE_AT-th call, like the fused passes'
+exact-shape variants (int8fx.fusing): a training loop repeats its shapes, a one-off forward does not.
+
+Exactness. oneDNN's int8 conv takes unsigned activations: the int8 codes plus 128 (a flip of the sign
+bit) with zero point 128. With unit scales and an fp32 output, oneDNN turns the int32 sum over the unsigned
+codes into fp32 and then removes the zero point's share (128 x the weights' sum), so both must be exact in
+fp32: |sum| <= 255 x 127 x K < 2^24, i.e. a reduction K = window x in-channels/group of at most EXACT_K =
+518. (Measured on an Intel Xeon with AMX: exact for K <= 518 on codes near +-127 in every trial; thousands
+of outputs off by one from K = 540, whose sums stay below 2^24 but whose unsigned sums do not.) Within
+that, the result is the integer tensor the GEMM path makes, held in fp32, and the epilogues turn it into
+the same bits (`float(acc)` is that fp32). CPUs without int8 dot-product instructions compute u8 x s8
+products in saturating 16-bit pair sums (`vpmaddubsw`), which would not be exact either: `exact()` runs
+the worst cases once per process and the direct conv is used only where they came out right.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from .im2col import GemmSpec
+
+QMAX = 127
+EXACT_K = (2**24 - 1) // (255 * QMAX)  # 518: the longest reduction whose unsigned sums fp32 holds exactly
+DECIDE_AT = 3  # a geometry's call at which both paths are timed (earlier calls take the GEMM)
+MARGIN = 1.1  # the direct conv must be this much faster to be picked
+MAX_DECISIONS = 256  # geometries remembered per process; beyond, new ones keep the GEMM
+MODE = "measure"  # "measure" (per geometry), "always" (wherever it is exact: tests), "never"
+
+_decided: dict = {}  # key -> True (direct) / False (GEMM)
+_seen: dict = {}  # key -> calls so far, until decided
+
+
+def usable(backend, t: Tensor, spec: GemmSpec, in_channels: int) -> bool:
+    """Whether the direct conv computes this product exactly here: the "torch" backend on a CPU whose
+    oneDNN int8 conv passed `exact()`, a non-transposed conv with symmetric zero padding (oneDNN's
+    padding is symmetric) and K <= EXACT_K."""
+    return (MODE != "never" and getattr(backend, "name", None) == "torch" and t.device.type == "cpu"
+            and not spec.is_linear and not spec.transposed and all(lo == hi for lo, hi in spec.padding)
+            and spec.window * (in_channels // spec.groups) <= EXACT_K and exact())
+
+
+def conv(xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> Tensor:
+    """The exact integer conv of int8 xq_cl [N, *S, C] (contiguous) with the int8 weight as the GEMM path's
+    operand w [g, K/g, O/g] (K in (kernel position, channel) order): fp32 [N, *S', O] (contiguous) holding
+    the integer sums."""
+    n, *sizes, c = xq_cl.shape
+    g, nd = spec.groups, spec.dims
+    o = g * w.shape[2]
+    weight = w.reshape(g, *spec.kernel, c // g, o // g).permute(0, nd + 2, nd + 1, *range(1, nd + 1)).reshape(
+        o, c // g, *spec.kernel)  # [O, C/g, *k], torch's layout
+    ones, zeros = torch.ones(o), torch.zeros(o, dtype=torch.int64)
+    stride, padding = list(spec.stride), [lo for lo, _ in spec.padding]
+    dilation, shape = list(spec.dilation), [n, c, *sizes]
+    packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 128, stride, padding, dilation, spec.groups, shape)
+    xu = torch.bitwise_xor(xq_cl.view(torch.uint8), 128).movedim(-1, 1)  # codes + 128, [N, C, *S] channels-last
+    y = torch.ops.onednn.qconv_pointwise(xu, 1.0, 128, packed, ones, zeros, None, stride, padding, dilation,
+                                         spec.groups, 1.0, 0, torch.float32, "none", [], "")
+    return y.movedim(1, -1).contiguous()  # oneDNN writes channels-last: a view, no copy
+
+
+def choose(key: tuple, direct, gemm):
+    """The result of `direct()` or `gemm()` (the same integers), whichever this geometry measured faster."""
+    pick = True if MODE == "always" else _decided.get(key)
+    if pick is None:
+        calls = _seen[key] = _seen.get(key, 0) + 1
+        if calls < DECIDE_AT or len(_decided) >= MAX_DECISIONS:
+            return gemm()
+        del _seen[key]
+        (t_direct, out), (t_gemm, _) = _best_of(direct), _best_of(gemm)
+        _decided[key] = t_direct * MARGIN < t_gemm
+        return out
+    return direct() if pick else gemm()
+
+
+def decisions() -> dict:
+    """{key: True where the direct conv was measured faster}: what `inspect` and the tests read."""
+    return dict(_decided)
+
+
+def _best_of(fn, reps: int = 2):
+    best, out = math.inf, None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+@functools.lru_cache(maxsize=1)
+def exact() -> bool:
+    """Whether this CPU's oneDNN int8 conv returns exact sums in the worst cases the direct path admits,
+    a 1x1 and a 3x3 geometry (different kernels) at K near EXACT_K: codes at +-127 whose unsigned sums are
+    odd and just below 2^24 (one rounding in fp32 would show), and 255 x 127 pairs (a saturating 16-bit
+    pair sum would show)."""
+    if not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        return False
+    try:
+        for k in (1, 3):
+            c = EXACT_K // (k * k)
+            spec = GemmSpec(2, (k, k), (1, 1), ((k // 2, k // 2),) * 2, (1, 1), 1)
+            x = torch.full((2, 3, 3, c), QMAX, dtype=torch.int8)
+            x[1] = -QMAX
+            w = torch.full((1, c * k * k, 2), QMAX, dtype=torch.int8)
+            w[0, 0, 0], w[0, :, 1] = QMAX - 1, -QMAX  # an odd unsigned sum; and its negation
+            want = torch.nn.functional.conv2d(x.movedim(-1, 1).double(), w[0].t().reshape(2, k, k, c).movedim(-1, 1).double(),
+                                              None, 1, k // 2).movedim(1, -1)
+            if not torch.equal(conv(x, w, spec).double(), want):
+                return False
+    except (RuntimeError, NotImplementedError):  # a build without oneDNN's quantized convs
+        return False
+    return True
