@@ -30,6 +30,7 @@ import time
 import torch
 from torch import Tensor
 
+from .. import fusing
 from .im2col import GemmSpec
 
 QMAX = 127
@@ -46,10 +47,12 @@ _seen: dict = {}  # key -> calls so far, until decided
 def usable(backend, t: Tensor, spec: GemmSpec, in_channels: int) -> bool:
     """Whether the direct conv computes this product exactly here: the "torch" backend on a CPU whose
     oneDNN int8 conv passed `exact()`, a non-transposed conv with symmetric zero padding (oneDNN's
-    padding is symmetric) and K <= EXACT_K."""
+    padding is symmetric) and K <= EXACT_K; not under a torch.func transform or a dispatch mode (a FLOP
+    counter, a profiler's recorder), which see the GEMM path's ops as everywhere else."""
     return (MODE != "never" and getattr(backend, "name", None) == "torch" and t.device.type == "cpu"
             and not spec.is_linear and not spec.transposed and all(lo == hi for lo, hi in spec.padding)
-            and spec.window * (in_channels // spec.groups) <= EXACT_K and exact())
+            and spec.window * (in_channels // spec.groups) <= EXACT_K and exact()
+            and not fusing._functorch_wrapped((t,)) and not fusing._mode_active())
 
 
 def conv(xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> Tensor:
