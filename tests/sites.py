@@ -12,6 +12,8 @@ SITES = {
     "conv2d": (lambda: nn.Conv2d(16, 32, 3, padding=1), (4, 16, 12, 12)),
     "conv2d-strided-grouped": (lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=4), (4, 16, 13, 12)),
     "conv2d-1x1-no-bias": (lambda: nn.Conv2d(16, 32, 1, bias=False), (4, 16, 8, 8)),
+    # a late layer's shape: fewer im2col rows than output channels
+    "conv2d-small-map-grouped": (lambda: nn.Conv2d(8, 48, 3, padding=1, groups=2), (2, 8, 3, 3)),
     "conv2d-depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8, padding=1), (2, 8, 9, 6)),
     "conv2d-depthwise-strided-mult2": (lambda: nn.Conv2d(8, 16, 5, stride=2, groups=8, padding=2), (2, 8, 11, 10)),
     "conv2d-dilated-asym": (lambda: nn.Conv2d(6, 8, (3, 5), padding=(2, 1), dilation=(2, 1), groups=2), (2, 6, 9, 8)),

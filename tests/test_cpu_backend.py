@@ -193,7 +193,7 @@ def test_direct_conv_equals_reference(site, monkeypatch):
     make, shape = SITES[site]
     assert_same(run_site(make, shape, "reference", "gvq-mcs", "stochastic"), run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
     takes_it = {"conv1d", "conv2d", "conv2d-circular", "conv2d-reflect", "conv2d-strided-grouped", "conv3d",
-                "conv2d-dilated-asym", "conv2d-pad-past-input", "conv2d-depthwise-strided-mult2"}
+                "conv2d-dilated-asym", "conv2d-pad-past-input", "conv2d-depthwise-strided-mult2", "conv2d-small-map-grouped"}
     assert bool(calls) == (site in takes_it), calls  # 1x1, depthwise, asymmetric padding, transposed: never
 
 
@@ -264,3 +264,34 @@ def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monk
     assert len(direct.decisions()) == 2 and all(v == direct_faster for v in direct.decisions().values())
     # third call of each geometry decided; later calls of the direct-faster geometries run it
     assert (len(calls) > 2) == direct_faster
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("cin,cout,k,stride,groups,size,batch", [
+    (8, 48, 3, 1, 2, 3, 2),  # fewer im2col rows than output channels (a late layer)
+    (16, 16, 3, 1, 1, 12, 4),  # a large map with few channels: the direct conv's forward and dX
+    (6, 12, 3, 2, 3, 7, 2),  # strided, grouped
+    (4, 40, 3, 1, 1, 2, 1),  # both at once
+])
+def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, size, batch, monkeypatch):
+    """The CPU pipeline's integers against float64 autograd of torch's conv (exact at these magnitudes),
+    not against another run of the same pipeline: codes whose absmax is 127 per tensor (x, dY) and per
+    output channel (W) make every scale 1, so the outputs are the integer sums themselves."""
+    from test_property import int_tensor
+
+    monkeypatch.setattr(direct, "MODE", mode)
+    gen = torch.Generator().manual_seed(cin + cout)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=1, groups=groups, bias=False)
+    x, w = int_tensor((batch, cin, size, size), gen), int_tensor(tuple(conv.weight.shape), gen, absmax_rows=1)
+    with torch.no_grad():
+        conv.weight.copy_(w.float())
+    layer = int8fx.convert(conv, int8fx.Int8Config(grad_quant="per-tensor", rounding="nearest", backend="torch"))
+    xf = x.float().requires_grad_()
+    y = layer(xf)
+    dy = int_tensor(tuple(y.shape), gen)
+    y.backward(dy.float())
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    yd = F.conv2d(xd, wd, None, stride, 1, 1, groups)
+    yd.backward(dy.double())
+    assert torch.equal(y.detach().double(), yd.detach())
+    assert torch.equal(xf.grad.double(), xd.grad) and torch.equal(layer.weight.grad.double(), wd.grad)
