@@ -78,10 +78,14 @@ def choose(key: tuple, direct, gemm):
     """The result of `direct()` or `gemm()` (the same integers), whichever this geometry measured faster."""
     pick = True if MODE == "always" else _decided.get(key)
     if pick is None:
-        calls = _seen[key] = _seen.get(key, 0) + 1
-        if calls < DECIDE_AT or len(_decided) >= MAX_DECISIONS:
+        if len(_decided) >= MAX_DECISIONS:
             return gemm()
-        del _seen[key]
+        if len(_seen) > 4096:  # (a detector's stream of input sizes: forget the counts, keep memory bounded)
+            _seen.clear()
+        calls = _seen[key] = _seen.get(key, 0) + 1
+        if calls < DECIDE_AT:
+            return gemm()
+        _seen.pop(key, None)  # (pop: two threads may decide the same geometry at once)
         (t_direct, out), (t_gemm, _) = _best_of(direct), _best_of(gemm)
         _decided[key] = t_direct * MARGIN < t_gemm
         return out
