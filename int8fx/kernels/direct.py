@@ -126,6 +126,6 @@ def exact() -> bool:
                                               None, 1, k // 2).movedim(1, -1)
             if not torch.equal(conv(x, w, spec).double(), want):
                 return False
-    except (RuntimeError, NotImplementedError):  # a build without oneDNN's quantized convs
+    except Exception:  # a build without oneDNN's quantized convs, or a torch whose ops take other arguments
         return False
     return True
