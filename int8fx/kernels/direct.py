@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from .. import fusing
+from ..quant.core import QMAX
 from .im2col import GemmSpec
 
-QMAX = 127
 EXACT_K = (2**24 - 1) // (255 * QMAX)  # 518: the longest reduction whose unsigned sums fp32 holds exactly
 DECIDE_AT = 3  # a geometry's call at which both paths are timed (earlier calls take the GEMM)
 MARGIN = 1.1  # the direct conv must be this much faster to be picked
@@ -93,7 +93,7 @@ def choose(key: tuple, direct, gemm):
 
 
 def decisions() -> dict:
-    """{key: True where the direct conv was measured faster}: what `inspect` and the tests read."""
+    """{geometry key: True where the direct conv was measured faster} (for tests and tools)."""
     return dict(_decided)
 
 
@@ -122,8 +122,8 @@ def exact() -> bool:
             x[1] = -QMAX
             w = torch.full((1, c * k * k, 2), QMAX, dtype=torch.int8)
             w[0, 0, 0], w[0, :, 1] = QMAX - 1, -QMAX  # an odd unsigned sum; and its negation
-            want = torch.nn.functional.conv2d(x.movedim(-1, 1).double(), w[0].t().reshape(2, k, k, c).movedim(-1, 1).double(),
-                                              None, 1, k // 2).movedim(1, -1)
+            weight = w[0].t().reshape(2, k, k, c).movedim(-1, 1).double()  # [O, C, k, k]
+            want = torch.nn.functional.conv2d(x.movedim(-1, 1).double(), weight, None, 1, k // 2).movedim(1, -1)
             if not torch.equal(conv(x, w, spec).double(), want):
                 return False
     except Exception:  # a build without oneDNN's quantized convs, or a torch whose ops take other arguments
