@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import int8fx
+from int8fx.kernels import direct
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -122,6 +124,23 @@ def reference(case, x, w, dy):
           suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
 def test_int8_op_equals_naive_int64(case):
+    _check_against_naive(case)
+
+
+@pytest.mark.skipif(not direct.exact(), reason="this CPU's oneDNN int8 conv is not exact (no VNNI/AMX)")
+@settings(max_examples=40, deadline=None, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_int8_op_equals_naive_int64_with_the_direct_conv(case):
+    """The same, with oneDNN's direct int8 conv taken wherever it is exact (int8fx.kernels.direct)."""
+    previous, direct.MODE = direct.MODE, "always"
+    try:
+        _check_against_naive(case)
+    finally:
+        direct.MODE = previous
+
+
+def _check_against_naive(case):
     gen = torch.Generator().manual_seed(case["seed"])
     dims = case["dims"]
     mod = CONV[dims](case["cin"], case["cout"], case["kernel"], stride=case["stride"], padding=case["padding"],
