@@ -192,13 +192,14 @@ def test_direct_conv_equals_reference(site, monkeypatch):
     calls = _counting(monkeypatch)
     make, shape = SITES[site]
     assert_same(run_site(make, shape, "reference", "gvq-mcs", "stochastic"), run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
-    takes_it = {"conv1d", "conv2d", "conv2d-circular", "conv2d-reflect", "conv2d-strided-grouped", "conv3d",
-                "conv2d-dilated-asym", "conv2d-pad-past-input", "conv2d-depthwise-strided-mult2", "conv2d-small-map-grouped"}
-    assert bool(calls) == (site in takes_it), calls  # 1x1, depthwise, asymmetric padding, transposed: never
+    takes_it = {"conv1d", "conv2d", "conv2d-circular", "conv2d-reflect", "conv2d-strided-grouped",
+                "conv2d-dilated-asym", "conv2d-depthwise-strided-mult2", "conv2d-small-map-grouped"}
+    # never: 1x1, depthwise, transposed, padding other than at most "same" (conv3d's k=2 dim has padding 1)
+    assert bool(calls) == (site in takes_it), calls
 
 
 @needs_direct
-@pytest.mark.parametrize("dims,groups,stride,dilation,padding", [(2, 1, 1, 1, 1), (2, 4, 2, 1, 2), (1, 2, 1, 3, 3), (3, 1, 2, 1, 1)])
+@pytest.mark.parametrize("dims,groups,stride,dilation,padding", [(2, 1, 1, 1, 1), (2, 4, 2, 1, 1), (1, 2, 1, 3, 3), (3, 1, 2, 1, 0)])
 def test_direct_conv_integers_are_exact_at_the_bound(dims, groups, stride, dilation, padding):
     """K = window x C/g at EXACT_K and every code at +-127, the worst case for fp32 and for saturating
     16-bit pair sums: the integers equal float64 conv of the codes."""
@@ -213,6 +214,7 @@ def test_direct_conv_integers_are_exact_at_the_bound(dims, groups, stride, dilat
     w = (torch.randint(0, 2, (o, c // groups) + (kernel,) * dims, generator=gen) * 254 - 127).to(torch.int8)
     w[0] = 127
     spec = GemmSpec(dims, (kernel,) * dims, (stride,) * dims, ((padding, padding),) * dims, (dilation,) * dims, groups)
+    assert direct._ordinary(spec, x.shape[2:])  # a geometry the direct path takes
     xq_cl = x.movedim(1, -1).contiguous()
     w_gemm = w.movedim(1, -1).reshape(groups, o // groups, -1).transpose(1, 2)  # [g, K/g, O/g], (kernel, channel)
     got = direct.conv(xq_cl, w_gemm, spec)
@@ -236,6 +238,29 @@ def test_direct_conv_only_where_exact(monkeypatch):
     monkeypatch.setattr(direct, "exact", lambda: False)
     run_site(make, shape, "torch", "per-tensor", "nearest")
     assert calls == []
+
+
+@needs_direct
+def test_direct_conv_not_where_onednn_is_wrong(monkeypatch):
+    """An output one position wide (oneDNN's sums were wrong for some such geometries) keeps the GEMM, and
+    a geometry whose direct sums disagree with the GEMM's when it is timed keeps the GEMM, with a warning."""
+    monkeypatch.setattr(direct, "MODE", "always")
+    calls = _counting(monkeypatch)
+    one_wide = lambda: nn.Conv2d(2, 3, 3, stride=(1, 3))
+    assert_same(run_site(one_wide, (3, 2, 9, 4), "reference", "per-tensor", "nearest"),
+                run_site(one_wide, (3, 2, 9, 4), "torch", "per-tensor", "nearest"))
+    assert calls == []
+    monkeypatch.setattr(direct, "MODE", "measure")
+    monkeypatch.setattr(direct, "_decided", {})
+    monkeypatch.setattr(direct, "_seen", {})
+    real = direct.conv
+    monkeypatch.setattr(direct, "conv", lambda *a: real(*a) + 1)  # wrong sums
+    make, shape = SITES["conv2d"]
+    with pytest.warns(UserWarning, match="keeps the GEMM"):
+        runs = [run_site(make, shape, "torch", "per-tensor", "nearest") for _ in range(3)]
+    assert direct.decisions() and not any(direct.decisions().values())
+    for r in runs[1:]:
+        assert_same(runs[0], r)
 
 
 @needs_direct
@@ -272,6 +297,8 @@ def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monk
     (16, 16, 3, 1, 1, 12, 4),  # a large map with few channels: the direct conv's forward and dX
     (6, 12, 3, 2, 3, 7, 2),  # strided, grouped
     (4, 40, 3, 1, 1, 2, 1),  # both at once
+    (1, 16, 3, 1, 1, 9, 3),  # one input channel (a grayscale stem): the im2col's per-position copies
+    (2, 8, 3, 2, 1, 7, 2),  # two, strided
 ])
 def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, size, batch, monkeypatch):
     """The CPU pipeline's integers against float64 autograd of torch's conv (exact at these magnitudes),

@@ -116,10 +116,18 @@ def _im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
     pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
     if pointwise and spec.groups == 1:
         return xq.reshape(1, -1, c), tuple(sizes)
+    out = spec.out_size(tuple(sizes))
+    if spec.groups == 1 and c < 3:
+        # one or two channels (a grayscale stem): one copy per kernel position, 5.5x faster than either gather
+        # (128x28x28x1, 3x3: 0.33 ms against 1.84 ms for ATen's strided copy; the compiled one is slower still)
+        padded = _pad(xq, spec)
+        windows = [_window(padded, offs, spec.kernel, spec.stride, spec.dilation, out)
+                   for offs in itertools.product(*(range(k) for k in spec.kernel))]
+        return torch.stack(windows, dim=-2).view(1, -1, spec.window * c), out
     # compiled for its shapes where runs of channels are long enough: 1.5-4x faster than ATen's strided copy
     # (one thread, C/g 3 to 256), but 6x slower with one channel per group
     gather = _gather_windows if c // spec.groups >= 3 else _gather_windows.eager
-    return gather(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups), spec.out_size(tuple(sizes))
+    return gather(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups), out
 
 
 @fused(dynamic=False)
