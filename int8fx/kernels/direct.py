@@ -19,7 +19,9 @@ of outputs off by one from K = 540, whose sums stay below 2^24 but whose unsigne
 that, the result is the integer tensor the GEMM path makes, held in fp32, and the epilogues turn it into
 the same bits (`float(acc)` is that fp32). CPUs without int8 dot-product instructions compute u8 x s8
 products in saturating 16-bit pair sums (`vpmaddubsw`), which would not be exact either: `exact()` runs
-the worst cases once per process and the direct conv is used only where they came out right.
+the worst cases once per process and the direct conv is used only where they came out right. It is also
+used only on ordinary CNN geometries (`_ordinary`), outside which oneDNN's sums were sometimes wrong, and
+the timing in `choose` compares both paths' sums once per geometry.
 """
 from __future__ import annotations
 
