@@ -92,8 +92,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         if torch.compiler.is_compiling() or not COMPILE:
             return fn(*args)
         size = _largest(args)
-        if (not compiles(size) or name in _FAILED
-                or _functorch_wrapped(args) or _mode_active()):
+        if not compiles(size) or name in _FAILED or not seen_by_everything(args):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
         # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
@@ -247,13 +246,13 @@ def _compile_settings():
         yield
 
 
-def _mode_active() -> bool:
-    """A TorchDispatchMode or TorchFunctionMode is on (a profiler, a FLOP counter, inspect's recorder): the
-    compiled function would not see it, so the call runs eagerly, where it does."""
+def seen_by_everything(args) -> bool:
+    """Whether a call on `args` may take a path that torch's ops do not see one by one (a compiled pass,
+    oneDNN's direct conv): not when a torch.func transform wraps one of the tensors, and not under a
+    TorchDispatchMode or TorchFunctionMode (a profiler, a FLOP counter, inspect's recorder), which would
+    otherwise miss the ops; there the eager ops run, where they do see them."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled()
-
-
-def _functorch_wrapped(args) -> bool:
-    return any(isinstance(a, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    return not any(isinstance(a, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)

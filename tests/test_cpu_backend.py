@@ -272,13 +272,13 @@ def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monk
     monkeypatch.setattr(direct, "_seen", {})
     timed = []
 
-    def fake_best_of(fn, reps=2):
+    def fake_best_of(fn, reps=2, warmup=False):
         out = fn()
         is_direct = fn.__code__ is not None and "direct" in fn.__code__.co_names
         timed.append(is_direct)
         return (1.0 if is_direct == direct_faster else 2.0), out
 
-    monkeypatch.setattr(direct, "_best_of", fake_best_of)
+    monkeypatch.setattr(direct, "best_of", fake_best_of)
     calls = _counting(monkeypatch)
     make, shape = SITES["conv2d"]
     ref = run_site(make, shape, "reference", "per-tensor", "nearest")

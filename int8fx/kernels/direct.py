@@ -26,8 +26,6 @@ the timing in `choose` compares both paths' sums once per geometry.
 from __future__ import annotations
 
 import functools
-import math
-import time
 import warnings
 
 import torch
@@ -36,6 +34,7 @@ from torch import Tensor
 from .. import fusing
 from ..quant.core import QMAX
 from .im2col import GemmSpec
+from .probe import best_of
 
 EXACT_K = (2**24 - 1) // (255 * QMAX)  # 518: the longest reduction whose unsigned sums fp32 holds exactly
 DECIDE_AT = 3  # a geometry's call at which both paths are timed (earlier calls take the GEMM)
@@ -55,7 +54,7 @@ def usable(backend, t: Tensor, spec: GemmSpec, in_channels: int) -> bool:
     return (MODE != "never" and getattr(backend, "name", None) == "torch" and t.device.type == "cpu"
             and not spec.is_linear and not spec.transposed and spec.window * (in_channels // spec.groups) <= EXACT_K
             and _ordinary(spec, tuple(t.shape[1:-1])) and exact()
-            and not fusing._functorch_wrapped((t,)) and not fusing._mode_active())
+            and fusing.seen_by_everything((t,)))
 
 
 def _ordinary(spec: GemmSpec, sizes: tuple) -> bool:
@@ -102,7 +101,7 @@ def choose(key: tuple, direct, gemm):
         if calls < DECIDE_AT:
             return gemm()
         _seen.pop(key, None)  # (pop: two threads may decide the same geometry at once)
-        (t_direct, out_direct), (t_gemm, out) = _best_of(direct), _best_of(gemm)
+        (t_direct, out_direct), (t_gemm, out) = best_of(direct, reps=2), best_of(gemm, reps=2)
         # the two must agree on these operands too: a geometry where oneDNN's sums are wrong keeps the GEMM
         agree = torch.equal(out_direct, out.to(out_direct.dtype))
         if not agree:
@@ -116,15 +115,6 @@ def choose(key: tuple, direct, gemm):
 def decisions() -> dict:
     """{geometry key: True where the direct conv was measured faster} (for tests and tools)."""
     return dict(_decided)
-
-
-def _best_of(fn, reps: int = 2):
-    best, out = math.inf, None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 @functools.lru_cache(maxsize=1)

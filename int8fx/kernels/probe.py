@@ -51,14 +51,17 @@ def cpu_model_and_flags() -> tuple[str, tuple]:
     return model, flags
 
 
-def _best_of(fn, reps: int = 3) -> float:
-    fn()
-    best = math.inf
+def best_of(fn, reps: int = 3, warmup: bool = False) -> tuple[float, object]:
+    """(the fastest of `reps` timed calls of fn in seconds, the last call's result); one untimed call first
+    when `warmup`. The minimum: on a shared machine the noise only ever adds time."""
+    if warmup:
+        fn()
+    best, out = math.inf, None
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        out = fn()
         best = min(best, time.perf_counter() - t)
-    return best
+    return best, out
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,8 +78,8 @@ def cpu_choice() -> CpuChoice:
             a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
             b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen)
             af, bf = a.float().unsqueeze(0), b.float().unsqueeze(0)
-            t_int8 = _best_of(lambda: int_mm_exact(a, b))
-            t_ref = _best_of(lambda: exact_int_bmm(af, bf))
+            t_int8 = best_of(lambda: int_mm_exact(a, b), warmup=True)[0]
+            t_ref = best_of(lambda: exact_int_bmm(af, bf), warmup=True)[0]
             timings[f"{m}x{k}x{n}"] = {"int_mm_s": t_int8, "reference_s": t_ref}
             ratios.append(t_ref / t_int8)
     except RuntimeError as e:  # a build without CPU _int_mm

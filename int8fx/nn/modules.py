@@ -39,8 +39,9 @@ SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES) + tuple(TRANSPOSED_TYPES)
 # state every Int8Layer adds beyond the original parameters; loading tolerates its absence
 QUANT_BUFFERS = ("step", "act_clip", "act_clip_ema", "deviation")
 QUANT_STATE_KEY = re.compile(r"(^|\.)(grad_quantizer\.[^.]+|step|act_clip|act_clip_ema|deviation|calls)$")
-_FUNCTIONS = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+# the torch function a site stands for, by its spatial dims (0: a linear); the rewrite's list of calls too
+FUNCTIONS_BY_DIMS = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TRANSPOSED_BY_DIMS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 INT8_ATTRS = ("dims", "is_transposed", "config", "site_name", "index", "source", "backend_choice",
                "tracks_deviation", "rounding_stream", "owns_params")
 
@@ -395,9 +396,9 @@ def float_call(dims: int, transposed: bool, input: Tensor, weight: Tensor, bias:
     from .scope import ORIGINAL
 
     if transposed:
-        f = ORIGINAL[_TRANSPOSED_FUNCTIONS[dims].__name__]
+        f = ORIGINAL[TRANSPOSED_BY_DIMS[dims].__name__]
         return f(input, weight, bias, stride, padding, output_padding, groups, dilation)
-    f = ORIGINAL[_FUNCTIONS[dims].__name__]
+    f = ORIGINAL[FUNCTIONS_BY_DIMS[dims].__name__]
     return f(input, weight, bias) if dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
 
 

@@ -28,18 +28,16 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Int8Config
-from ..nn.modules import (SITE_TYPES, Int8Function, Int8Layer, ModuleSite, int8_clashes, op_dims, out_channels_of,
-                          site_op)
+from ..nn.modules import (FUNCTIONS_BY_DIMS, SITE_TYPES, TRANSPOSED_BY_DIMS, Int8Function, Int8Layer, ModuleSite,
+                          int8_clashes, op_dims, out_channels_of, site_op)
 from ..nn.scope import CONV_ARGS, TRANSPOSED_ARGS, call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
 from .trace import OpaqueModule, OwnCode, trace_own_code
 
-SITE_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
-TRANSPOSED_FUNCTIONS = {F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
-                        F.conv_transpose3d: "conv_transpose3d"}
+SITE_FUNCTIONS = {f: f.__name__ for f in FUNCTIONS_BY_DIMS.values()}  # {F.linear: "linear", F.conv1d: ...}
+TRANSPOSED_FUNCTIONS = {f: f.__name__ for f in TRANSPOSED_BY_DIMS.values()}
 CALL_OPS = {**SITE_FUNCTIONS, **TRANSPOSED_FUNCTIONS}  # the calls in a module's own code that become sites
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 FUSED_FASTPATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
