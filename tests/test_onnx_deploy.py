@@ -548,3 +548,33 @@ def test_every_conv_site_of_a_zoo_model_runs_in_int8(name):
     sites = [s.name for s in sites_of(qm) if s.converted]
     assert sorted(ran) == sorted(sites)
     assert {s: ops for s, ops in ran.items() if not ops or not all(op in INT8_KERNELS for op in ops)} == {}
+
+
+@pytest.mark.parametrize("form", ["faithful", "deploy"])
+@pytest.mark.parametrize("make, shape, kernel", [
+    # a conv whose output the model returns runs in float on its INT8 weights (`quantized.float_graph_outputs`)
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 12, 12), "Conv"),
+    (lambda: nn.Linear(16, 4), (2, 16), "QGemm"),
+])
+def test_a_converted_bare_module_is_its_own_site_in_the_file(form, make, shape, kernel, tmp_path):
+    """`int8fx.convert(nn.Conv2d(...))` makes the model itself the site: its export is that site alone, equal
+    to qm.eval() (faithful) or run in onnxruntime's integer kernel (deploy)."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(make())
+    for _ in range(2):
+        qm(torch.randn(shape)).square().sum().backward()
+    qm.eval()
+    x = torch.randn(shape)
+    path = str(tmp_path / f"bare_{form}.onnx")
+    meta = int8fx.export_onnx(qm, x, path, form=form)
+    (site,) = meta["layers"]
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    if form == "faithful":
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    else:
+        assert int8_sites(meta, runtime_ops(path)) == {site: [kernel]}
+        assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()

@@ -160,6 +160,8 @@ def export_copy(qmodel: nn.Module, make: Callable[[Int8Layer], nn.Module | None]
             if s is not None:
                 standins[m.site_name] = s
     swap_layers(em, standins)
+    if isinstance(em, Int8Layer):  # a converted bare module (nn.Conv2d itself): the model is its one site
+        em = standins.get(em.site_name) or NotCalibrated(em.site_name)
     return em.eval()
 
 
