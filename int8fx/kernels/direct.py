@@ -20,8 +20,9 @@ that, the result is the integer tensor the GEMM path makes, held in fp32, and th
 the same bits (`float(acc)` is that fp32). CPUs without int8 dot-product instructions compute u8 x s8
 products in saturating 16-bit pair sums (`vpmaddubsw`), which would not be exact either: `exact()` runs
 the worst cases once per process and the direct conv is used only where they came out right. It is also
-used only on ordinary CNN geometries (`_ordinary`), outside which oneDNN's sums were sometimes wrong, and
-the timing in `choose` compares both paths' sums once per geometry.
+used only on plain CNN geometries (`_ordinary`: one group, no dilation), outside which oneDNN's sums were
+sometimes wrong and a dilated conv corrupted the heap, and the timing in `choose` compares both paths' sums
+once per geometry.
 """
 from __future__ import annotations
 
@@ -58,16 +59,23 @@ def usable(backend, t: Tensor, spec: GemmSpec, in_channels: int) -> bool:
 
 
 def _ordinary(spec: GemmSpec, sizes: tuple) -> bool:
-    """Symmetric zero padding of at most "same" (d (k - 1) / 2 per side), an input at least one dilated
-    window wide and no output one position wide, in every spatial dim: the geometries of CNN layers, where
-    oneDNN's int8 conv was exact. Outside them it sometimes was not (torch 2.14, an Intel Xeon with AMX): a 9x4
-    input, 3x3 kernel, stride (1, 3) (one output column; 23 such failures in a grid of 1,100 2-d
-    geometries); 2x2 windows with padding 2 (windows wholly in the padding); a 1-wide input under a dilated
-    window. With these rules, 3,000 random geometries (1-d to 3-d, groups, strides and dilations to 3,
-    sizes from 1) and grids of 5,100 more were all exact. Those it leaves out are small maps, where the
-    direct conv is not the faster path anyway, and `choose` compares both paths' sums once per geometry."""
-    return all(lo == hi and lo <= d * (k - 1) // 2 and n >= d * (k - 1) + 1 and m > 1
-               for n, m, k, d, (lo, hi) in zip(sizes, spec.out_size(sizes), spec.kernel, spec.dilation, spec.padding))
+    """One group, no dilation, symmetric zero padding of at most "same" ((k - 1) / 2 per side), an input at
+    least one window wide and no output one position wide, in every spatial dim: the geometries of plain CNN
+    layers, where oneDNN's int8 conv was exact. Outside them it was not always (torch 2.14, an Intel Xeon
+    with AMX):
+      - grouped convs: wrong sums for 17 to 31 channels per group with more than 8 output channels per group
+        at some map sizes (2 x 8 groups of 24 channels, 3x3, 28x28: 131,712 of 150,528 outputs wrong; at
+        14x14 or 22x22 none), found on timm's visformer_tiny;
+      - dilated convs: heap corruption ("corrupted size vs. prev_size", the process aborts) for a 3x3 conv
+        of dilation 2 on a 9x45 input, 50 -> 47 channels;
+      - a 9x4 input, 3x3 kernel, stride (1, 3) (one output column); windows wholly in the padding.
+    Within these rules 77,000 random 2-d geometries (1 to 3 images, sizes 4 to 60, 1 to 72 channels, kernels
+    1 to 7, strides 1 and 2) were exact, with glibc's heap checks on (MALLOC_CHECK_=3). The direct conv pays
+    on plain convs of large maps (stems, early 3x3 layers), which these rules keep, and `choose` compares
+    both paths' sums once per geometry besides."""
+    return spec.groups == 1 and all(
+        d == 1 and lo == hi and lo <= (k - 1) // 2 and n >= k and m > 1
+        for n, m, k, d, (lo, hi) in zip(sizes, spec.out_size(sizes), spec.kernel, spec.dilation, spec.padding))
 
 
 def conv(xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> Tensor:
