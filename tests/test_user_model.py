@@ -458,6 +458,43 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     assert not any(k.startswith("_int8fx") for k in int8fx.to_float(qm).__dict__)
 
 
+class _HeadReader(nn.Module):
+    """Code that reads plain values of its submodules: a head's temperature, a nested block's flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 36, 5))
+        self.head.temperature, self.head[1].scaled = 1.0, False
+
+    def forward(self, x):
+        y = self.head(F.conv2d(x, self.w))
+        y = y * 3.0 if self.head[1].scaled else y
+        return y / self.head.temperature
+
+
+def test_plain_values_read_from_submodules_are_guarded_too():
+    """The graph froze `self.head.temperature` as it froze `self.tau`: a temperature changed after convert
+    was silently ignored. Now such a change is refused as for the module's own values, the submodule's
+    training flag and torch's own reads of it (hooks) are not values of the code, and a change back runs."""
+    torch.manual_seed(0)
+    m, x = _HeadReader(), torch.randn(2, 3, 8, 8)
+    qm = int8fx.convert(m)
+    y = qm(x)
+    assert F.cosine_similarity(y.flatten(), m(x).flatten(), 0) > 0.99
+    qm.eval()
+    qm.head.register_forward_hook(lambda *a: None)
+    qm(x)  # train/eval switches and hooks on the submodules change nothing the graph froze
+    qm.train()
+    for change, message in ((lambda: setattr(qm.head, "temperature", 2.0), r"self.head.temperature = 1.0, and it is now 2.0"),
+                            (lambda: setattr(qm.head[1], "scaled", True), r"self.head.1.scaled = False, and it is now True")):
+        change()
+        with pytest.raises(RuntimeError, match=message):
+            qm(x)
+        qm.head.temperature, qm.head[1].scaled = 1.0, False
+    assert torch.equal(qm(x), y)  # back to the values it was traced with: it runs, as before
+
+
 class _Gated(nn.Module):
     """Optional arguments, as attention layers take a mask or a shared position bias."""
 

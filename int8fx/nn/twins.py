@@ -144,7 +144,7 @@ class Rewritten(_AddsChildren, nn.Module):
         flag) as constants: one changed since would be ignored, so it is refused instead."""
         own = self.__dict__
         for name, value in own.get("_int8fx_traced_with", {}).items():
-            now = own.get(name, value)
+            now = own.get(name, value) if "." not in name else _child_value(self, name, value)
             if now is not value and now != value:
                 raise RuntimeError(
                     f"int8fx: {type(self).__name__}.forward was converted with self.{name} = {value!r}, and it is "
@@ -201,6 +201,18 @@ class Routed(_AddsChildren, nn.Module):
         base = type(self)._int8fx_base.extra_repr(self)
         routes = ", ".join(f"{p}->{s}" for p, s in self._int8fx_routes.items()) or "none"
         return f"{base + ', ' if base else ''}int8: routed calls ({routes})"
+
+
+def _child_value(module: nn.Module, dotted: str, traced):
+    """The current value of a plain attribute of a submodule ("head.temperature"); `traced` where the
+    submodule or its attribute is gone (a conversion replaced it)."""
+    path, name = dotted.rsplit(".", 1)
+    child = module
+    for part in path.split("."):
+        child = child._modules.get(part) if isinstance(child, nn.Module) else None
+        if child is None:
+            return traced
+    return child.__dict__.get(name, traced)
 
 
 def traced_call(module: nn.Module, args: tuple, kwargs: dict | None = None):

@@ -13,10 +13,13 @@ twin can refuse to run with changed ones; code no graph would reproduce (random 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
+import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +134,8 @@ def _trace(module: nn.Module, training: bool, none: tuple[str, ...], params: lis
     shadow = object.__new__(_reading_class(type(module), reads))
     shadow.__dict__.update(module.__dict__)
     shadow.training = training
-    graph = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
+    with _reading_children(module, reads):
+        graph = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
     _keep_argument_names(graph, params)
     made = _constants(graph, shadow, module)
     assigned = {k for k, v in shadow.__dict__.items() if k not in made and k != "training"
@@ -227,21 +231,52 @@ class _Undone:
         self.changed = _restore_containers(self.module, self.containers)
 
 
-def _reading_class(cls: type, reads: dict) -> type:
+def _reading_class(cls: type, reads: dict, prefix: str = "") -> type:
     """`cls`, with every plain value the code reads from the instance's own attributes recorded in `reads`
-    (what a graph freezes). `cls` itself when a subclass could have side effects (`__init_subclass__`, a
-    metaclass): then nothing is recorded."""
+    (what a graph freezes) as `prefix + name`. `cls` itself when a subclass could have side effects
+    (`__init_subclass__`, a metaclass): then nothing is recorded. With a prefix (a child module of the traced
+    one) only reads made by code outside torch count: torch.fx and nn.Module read flags of the modules they
+    call (hook flags, `training`), which the graph does not freeze."""
     if type(cls) is not type or any("__init_subclass__" in c.__dict__ for c in cls.__mro__[:-1]):
         return cls
 
     def __getattribute__(self, name):
         value = cls.__getattribute__(self, name)
-        if isinstance(value, _PLAIN) and name in object.__getattribute__(self, "__dict__"):
-            reads.setdefault(name, value)
+        if isinstance(value, _PLAIN) and name in object.__getattribute__(self, "__dict__") and (
+                not prefix or (name != "training" and not _called_from_torch())):
+            reads.setdefault(prefix + name, value)
         return value
 
     return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__})
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _called_from_torch() -> bool:
+    return sys._getframe(2).f_code.co_filename.startswith(_TORCH_DIR)
+
+
+@contextlib.contextmanager
+def _reading_children(module: nn.Module, reads: dict):
+    """While tracing `module`'s code: its submodules record the plain values that code reads from them
+    (`self.head.temperature`), as "head.temperature", since the graph freezes those too. Each submodule gets
+    a recording subclass of its own class for the duration, and its class back afterwards."""
+    swapped = []
+    try:
+        for path, child in module.named_modules(remove_duplicate=True):
+            cls = type(child)
+            if not path or cls.__getattribute__ is not nn.Module.__getattribute__:
+                continue  # the traced module itself, or a class with its own attribute access: left alone
+            reading = _reading_class(cls, reads, path + ".")
+            if reading is not cls:
+                object.__setattr__(child, "__class__", reading)
+                swapped.append((child, cls))
+        yield
+    finally:
+        for child, cls in swapped:
+            object.__setattr__(child, "__class__", cls)
 
 
 def _constants(graph: fx.Graph, shadow: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
