@@ -271,7 +271,10 @@ def _reading_children(module: nn.Module, reads: dict):
                 continue  # the traced module itself, or a class with its own attribute access: left alone
             reading = _reading_class(cls, reads, path + ".")
             if reading is not cls:
-                object.__setattr__(child, "__class__", reading)
+                try:
+                    object.__setattr__(child, "__class__", reading)
+                except TypeError:  # (an object layout Python will not swap: its reads go unrecorded)
+                    continue
                 swapped.append((child, cls))
         yield
     finally:
