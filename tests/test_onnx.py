@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 import numpy as np
 import onnx
@@ -660,3 +661,31 @@ def test_read_names_a_file_that_is_not_onnx(tmp_path):
         read_onnx_metadata(tmp_path / "junk.onnx")
     with pytest.raises(OnnxMetadataError, match="no such file"):
         read_onnx_metadata(tmp_path / "missing.onnx")
+
+
+def test_a_site_without_a_running_clip_is_named_by_a_warning(tmp_path):
+    """qmodel.eval() quantizes the input of a site that never committed a running clip at each batch's
+    absmax; a file can only hold a static scale, so a faithful export says which sites differ that way, and
+    a trained model exports without the warning, equal to qmodel.eval() on an input of another range."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2, stride=2)))
+    for _ in range(2):
+        qm(torch.randn(4, 3, 10, 10)).square().mean().backward()  # backward without a step: nothing committed
+    qm.eval()
+    with pytest.warns(UserWarning, match=r"2 site\(s\) \('0', '2'\) have no running activation clip"):
+        export_onnx(qm, torch.randn(1, 3, 10, 10), tmp_path / "untrained.onnx")
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.0)
+    for _ in range(2):
+        qm(torch.randn(4, 3, 10, 10)).square().mean().backward()
+        opt.step()
+    qm.eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*running activation clip")
+        export_onnx(qm, torch.randn(1, 3, 10, 10), tmp_path / "trained.onnx")
+    x = 3 * torch.randn(2, 3, 10, 10)  # another range than the export's example input
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = _session(str(tmp_path / "trained.onnx"), sess_options=opts).run(None, {"input": x.numpy()})[0]
+    ref = qm(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()

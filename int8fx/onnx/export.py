@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterable
 
 import torch
@@ -71,6 +72,8 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     cal = calibrate(qmodel, batches)
     find_input_dependent(qmodel, args, cal)
     statics = static_sites(sites, cal, calibration)
+    if form == "faithful" and calibration == "eval":
+        _warn_batch_scaled(statics)
     dynamic = {name for name, rec in cal.items() if rec.weight_varies}
     cpu_args = to_device(args, "cpu")
     build_args = dict(exporter=exporter, opset=opset, input_names=input_names, output_names=output_names,
@@ -115,6 +118,22 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     metadata.validate(json.loads(metadata.dumps(meta)), model, "the exported model")
     write_atomically(serialize(model), path)
     return json.loads(metadata.dumps(meta))
+
+
+def _warn_batch_scaled(statics: dict) -> None:
+    """`qmodel.eval()` quantizes the input of a site without a running clip (never trained and committed, or
+    `Int8Config(eval_act_clip="batch")`) at each batch's own absmax; a file's scale is static (the
+    calibration batches' absmax), so the faithful file equals `qmodel.eval()` there only on inputs whose
+    absmax is the calibrated one. Said once per export, naming the sites."""
+    names = [n for n, st in statics.items() if st.clip_source == "calibration"]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"int8fx.export_onnx: {len(names)} site(s) ({shown}) have no running activation clip (a model "
+                      "not trained, or trained without committing its state, or eval_act_clip='batch'): "
+                      "qmodel.eval() quantizes their input with each batch's absmax, the file with the absmax of "
+                      "the calibration batches, so the two agree only on inputs of that range. Train (optimizer "
+                      "step or int8fx.commit) before exporting, or pass calibration_data covering the inputs.",
+                      stacklevel=3)
 
 
 def _version() -> str:
