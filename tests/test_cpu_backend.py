@@ -19,8 +19,47 @@ from int8fx.kernels import direct
 from int8fx.kernels import geometry as geo
 from int8fx.kernels import resolve_backend
 from int8fx.kernels.probe import cpu_choice, cpu_report
-from int8fx.kernels.torch_backend import TorchBackend, int_mm_exact
+from int8fx.kernels.torch_backend import TorchBackend, cpu_int_mm_wrong, int_mm_exact
 from sites import SITES, assert_same, run_site
+
+# backend "torch" is refused on a CPU whose torch._int_mm is not exact (the next tests say why)
+pytestmark = pytest.mark.skipif(bool(cpu_int_mm_wrong()), reason=f"torch._int_mm not exact here: {cpu_int_mm_wrong()}")
+
+_NO_VNNI = """
+import torch
+from int8fx.kernels import resolve_backend
+from int8fx.kernels.probe import cpu_choice
+from int8fx.kernels.torch_backend import cpu_int_mm_wrong
+a, b = torch.full((64, 1024), 127, dtype=torch.int8), torch.full((1024, 64), 127, dtype=torch.int8)
+print("EXACT" if torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()) else "INEXACT")
+print("WRONG:" + cpu_int_mm_wrong())
+print("AUTO:" + cpu_choice().backend)
+try:
+    resolve_backend("torch", torch.device("cpu"))
+    print("TORCH:allowed")
+except RuntimeError as e:
+    print("TORCH:refused " + str(e))
+"""
+
+
+def test_a_cpu_without_int8_dot_products_never_runs_the_inexact_int_mm():
+    """oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA, read at process start: what a CPU without VNNI/AMX runs)
+    saturates 16-bit pair sums: torch._int_mm got every sum of codes 127 wrong, and "auto" still took it
+    when it timed faster (1.2x). Now the check finds it, "auto" takes the reference, and an explicit
+    backend="torch" is refused with an error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _NO_VNNI], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines()[1:])
+    if out.stdout.startswith("EXACT"):
+        pytest.skip("torch._int_mm stays exact on this CPU even with oneDNN capped to AVX2: nothing to show")
+    assert "sums of a" in lines["WRONG"] and "saturates" in lines["WRONG"]
+    assert lines["AUTO"] == "reference"
+    assert lines["TORCH"].startswith("refused int8fx: backend='torch' is not exact on this CPU")
 
 # ----------------------------------------------------------------------------- the GEMM itself
 

@@ -55,4 +55,11 @@ def resolve_backend(choice: str, device: torch.device):
         raise RuntimeError(f"backend {choice!r} is not available here; available: {', '.join(_BACKENDS)}") from None
     if choice == "cupy" and device.type != "cuda":
         return _BACKENDS["reference"]
+    if choice == "torch" and device.type == "cpu":
+        from .torch_backend import cpu_int_mm_wrong
+
+        wrong = cpu_int_mm_wrong()
+        if wrong:
+            raise RuntimeError(f"int8fx: backend='torch' is not exact on this CPU ({wrong}); use backend='auto', "
+                               "which takes the exact reference GEMM here, or 'reference'")
     return backend

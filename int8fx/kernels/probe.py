@@ -2,8 +2,10 @@
 
 CPUs differ by an order of magnitude here. With int8 dot-product instructions (AVX512-VNNI, AVX-VNNI,
 AMX-INT8) oneDNN's `torch._int_mm` runs 3-10x an fp32 GEMM; without them (e.g. an AMD EPYC of the Zen 2/3
-generations) it ran at 3-6 GOP/s, far below the reference's fp32 GEMMs on K-chunks. Both are exact and
-give the same numbers, so the choice is only about speed, and it is made by measuring rather than by
+generations) it ran at 3-6 GOP/s, far below the reference's fp32 GEMMs on K-chunks, and oneDNN's int8
+kernels for such CPUs saturate 16-bit pair sums: `torch._int_mm` is first checked against int64 products
+(`torch_backend.cpu_int_mm_wrong`) and never taken where it is not exact. Where both are exact they give the
+same numbers, so the choice is only about speed, and it is made by measuring rather than by
 reading flags (flags say what the CPU has, not what oneDNN in this build does with it): a few conv-shaped
 GEMMs, each timed on both, the geometric mean of the ratios decides. `cpu_report()` says what was chosen
 and why, with the CPU model and its ISA flags; `inspect` and `int8fx bench` print it.
@@ -68,9 +70,12 @@ def best_of(fn, reps: int = 3, warmup: bool = False) -> tuple[float, object]:
 def cpu_choice() -> CpuChoice:
     """The measured choice for CPU tensors (cached for the process)."""
     from .reference import exact_int_bmm
-    from .torch_backend import int_mm_exact
+    from .torch_backend import cpu_int_mm_wrong, int_mm_exact
 
     model, flags = cpu_model_and_flags()
+    wrong = cpu_int_mm_wrong()
+    if wrong:  # never faster than exact: the reference computes the same integers on any CPU
+        return CpuChoice("reference", f"torch._int_mm is not exact on this CPU: {wrong} -> reference", model, flags, 0.0)
     gen = torch.Generator().manual_seed(0)
     timings, ratios = {}, []
     try:
@@ -82,8 +87,8 @@ def cpu_choice() -> CpuChoice:
             t_ref = best_of(lambda: exact_int_bmm(af, bf), warmup=True)[0]
             timings[f"{m}x{k}x{n}"] = {"int_mm_s": t_int8, "reference_s": t_ref}
             ratios.append(t_ref / t_int8)
-    except RuntimeError as e:  # a build without CPU _int_mm
-        return CpuChoice("reference", f"torch._int_mm is not available on this CPU build ({e})", model, flags, 0.0)
+    except RuntimeError as e:  # (a failure the exactness check did not meet)
+        return CpuChoice("reference", f"torch._int_mm failed on this CPU ({e})", model, flags, 0.0)
     speedup = math.exp(sum(map(math.log, ratios)) / len(ratios))
     pick = "torch" if speedup >= MARGIN else "reference"
     why = (f"torch._int_mm (oneDNN int8) measured {speedup:.1f}x the fp32 reference GEMM on conv-shaped products"

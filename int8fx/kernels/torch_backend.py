@@ -15,12 +15,44 @@ runs on CUDA: cuBLASLt's int8 GEMM ran 0.9 POP/s at 8192^3 there, 2.2x the CuPy 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import Tensor
 
 from . import geometry as geo
+
+
+# products whose sums expose a CPU int8 GEMM that is not exact: shapes that take oneDNN's different kernels
+# (a tall, a short and an odd-sized product), each on codes at +-127 and on random codes
+EXACTNESS_SHAPES = ((256, 576, 64), (17, 64, 32), (3, 131, 5))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int_mm_wrong() -> str:
+    """"" where `torch._int_mm` computes exact int32 sums on this CPU, else what was wrong (checked once per
+    process against int64 products). Why: on a CPU without int8 dot-product instructions (no AVX512-VNNI,
+    AVX-VNNI or AMX: x86 CPUs before Cascade Lake and AMD Zen 4) oneDNN multiplies unsigned x signed int8
+    pairs into 16-bit sums that saturate (`vpmaddubsw`). Measured on an Intel Xeon with oneDNN capped to AVX2
+    (ONEDNN_MAX_CPU_ISA=AVX2): all 4,096 sums of a 64x1024x64 product of codes 127 wrong, random codes off
+    by up to 155,816; codes below 4 came out right, so only full-range codes show it."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for m, k, n in EXACTNESS_SHAPES:
+            full = torch.full((m, k), 127, dtype=torch.int8), torch.full((k, n), 127, dtype=torch.int8)
+            mixed = -full[0], full[1]
+            rand = (torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen),
+                    torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen))
+            for a, b in (full, mixed, rand):
+                want = a.long() @ b.long()
+                wrong = int((torch._int_mm(a, b).long() != want).sum())
+                if wrong:
+                    return (f"{wrong} of {want.numel()} sums of a {m}x{k}x{n} int8 product wrong (oneDNN without int8 "
+                            "dot products saturates 16-bit pair sums)")
+    except RuntimeError as e:  # a build without CPU _int_mm
+        return f"torch._int_mm is not available on this CPU build ({e})"
+    return ""
 
 
 def int_mm_exact(a: Tensor, b: Tensor) -> Tensor:
