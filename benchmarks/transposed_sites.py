@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import int8fx
-from int8fx.kernels.probe import cpu_report
+from int8fx.kernels import cpu_report
 
 LAYERS = {  # name: (module, input shape)
     "mask head 256->256 k2 s2 @14x14, batch 8": (lambda: nn.ConvTranspose2d(256, 256, 2, stride=2), (8, 256, 14, 14)),

@@ -76,7 +76,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, policies=("gvq-m
 def header(batch: int, size: int, reps: int) -> str:
     """Date, CPU model and ISA flags, what backend "auto" measured and chose, torch, threads, sizes."""
     from .fusing import compile_status
-    from .kernels.probe import cpu_report
+    from .kernels import cpu_report
 
     compiled, failed = compile_status()
     fusing = "compiled" if compiled and not failed else ("eager (INT8FX_COMPILE=0)" if not compiled

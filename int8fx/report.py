@@ -451,7 +451,7 @@ def inspect(qmodel: nn.Module, example_inputs=None, name: str = "") -> Report:
 
 def _backend_note(rows: list[LayerRow]) -> str:
     """One line on what backend "auto" runs on this CPU and why, when a CPU site asks for "auto"."""
-    from .kernels.probe import cpu_report
+    from .kernels import cpu_report
 
     if not any(r.backend_choice == "auto" and r.device == "cpu" for r in rows):
         return ""

@@ -18,7 +18,8 @@ from int8fx import fusing
 from int8fx.kernels import direct
 from int8fx.kernels import geometry as geo
 from int8fx.kernels import resolve_backend
-from int8fx.kernels.probe import cpu_choice, cpu_report
+from int8fx.kernels import cpu_report
+from int8fx.kernels.probe import cpu_choice
 from int8fx.kernels.torch_backend import TorchBackend, cpu_int_mm_wrong, int_mm_exact
 from sites import SITES, assert_same, run_site
 

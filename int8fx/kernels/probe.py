@@ -7,7 +7,7 @@ kernels for such CPUs saturate 16-bit pair sums: `torch._int_mm` is first checke
 (`torch_backend.cpu_int_mm_wrong`) and never taken where it is not exact. Where both are exact they give the
 same numbers, so the choice is only about speed, and it is made by measuring rather than by
 reading flags (flags say what the CPU has, not what oneDNN in this build does with it): a few conv-shaped
-GEMMs, each timed on both, the geometric mean of the ratios decides. `cpu_report()` says what was chosen
+GEMMs, each timed on both, the geometric mean of the ratios decides. `int8fx.kernels.cpu_report()` says what was chosen
 and why, with the CPU model and its ISA flags; `inspect` and `int8fx bench` print it.
 """
 from __future__ import annotations
@@ -94,12 +94,3 @@ def cpu_choice() -> CpuChoice:
     why = (f"torch._int_mm (oneDNN int8) measured {speedup:.1f}x the fp32 reference GEMM on conv-shaped products"
            + (" -> torch" if pick == "torch" else f" (< {MARGIN}x) -> reference"))
     return CpuChoice(pick, why, model, flags, speedup, timings)
-
-
-def cpu_report() -> str:
-    from . import direct
-
-    c = cpu_choice()
-    conv = (f"; oneDNN's direct int8 conv exact here (K <= {direct.EXACT_K}): taken per conv geometry where measured "
-            "faster than im2col + GEMM" if c.backend == "torch" and direct.exact() else "")
-    return f"{c.cpu} [{', '.join(c.flags) or 'no int8 dot-product flags'}]: {c.reason}{conv}"
