@@ -212,30 +212,40 @@ def test_auto_follows_the_measured_choice():
     assert choice.cpu in report and choice.reason in report
 
 
-# ----------------------------------------------------------------------------- oneDNN's direct int8 conv
+# ----------------------------------------------------------------------------- oneDNN's direct conv (int8 form; fp32: test_direct_fp32.py)
 
 needs_direct = pytest.mark.skipif(not direct.exact(), reason="this CPU's oneDNN int8 conv is not exact (no VNNI/AMX)")
 
 
 def _counting(monkeypatch) -> list:
+    """Calls of the direct paths from here on, as ("conv", form) and ("dW", "fp32")."""
+    direct.exact("int8"), direct.exact("fp32")  # (their one-time probes call the direct paths too)
     calls = []
-    real = direct.conv
-    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(a[2]) or real(*a))
+    real_conv, real_dw = direct.conv, direct.grad_weight
+    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(("conv", a[3])) or real_conv(*a))
+    monkeypatch.setattr(direct, "grad_weight", lambda *a: calls.append(("dW", "fp32")) or real_dw(*a))
     return calls
+
+
+TAKES_DIRECT_CONV = {"conv2d", "conv2d-circular", "conv2d-reflect"}
+# never: grouped, dilated, depthwise, transposed, padding other than at most "same" (conv3d's k=2 dim has
+# padding 1); and for the forward not 1x1 convs, whose GEMM needs no im2col. dW takes the 1x1 convs too.
+TAKES_DIRECT_DW = TAKES_DIRECT_CONV | {"conv2d-1x1-no-bias", "conv1d-1x1-single-channel"}
 
 
 @needs_direct
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_direct_conv_equals_reference(site, monkeypatch):
-    """Where the direct conv computes a site's forward and stride-1 dX, every bit is the reference's."""
+    """Where the direct conv computes a site's forward and stride-1 dX, and the fp32 weight gradient its dW,
+    every bit is the reference GEMM's."""
+    make, shape = SITES[site]
+    monkeypatch.setattr(direct, "MODE", "never")
+    ref = run_site(make, shape, "reference", "gvq-mcs", "stochastic")
     monkeypatch.setattr(direct, "MODE", "always")
     calls = _counting(monkeypatch)
-    make, shape = SITES[site]
-    assert_same(run_site(make, shape, "reference", "gvq-mcs", "stochastic"), run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
-    takes_it = {"conv2d", "conv2d-circular", "conv2d-reflect"}
-    # never: 1x1, grouped, dilated, depthwise, transposed, padding other than at most "same" (conv3d's k=2 dim
-    # has padding 1)
-    assert bool(calls) == (site in takes_it), calls
+    assert_same(ref, run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
+    assert {kind for kind, _ in calls} == ({"conv"} if site in TAKES_DIRECT_CONV else set()) | ({"dW"} if site in TAKES_DIRECT_DW else set())
+    assert all(form == ("int8" if kind == "conv" else "fp32") for kind, form in calls), calls
 
 
 @needs_direct
@@ -265,18 +275,23 @@ def test_direct_conv_integers_are_exact_at_the_bound(dims, stride, padding):
 
 
 def test_direct_conv_only_where_exact(monkeypatch):
-    """Never past EXACT_K (fp32 would round the sums), with asymmetric padding, on the reference backend, or
-    where `exact()` failed (a CPU whose int8 conv saturates)."""
+    """Never past EXACT_K (fp32 would round the unsigned sums), never the int8 form on the reference backend,
+    nothing where `exact()` failed (a CPU whose int8 conv saturates)."""
     monkeypatch.setattr(direct, "MODE", "always")
     calls = _counting(monkeypatch)
     long_k = lambda: nn.Conv2d(64, 64, 3, padding=1)  # K = 9 x 64 = 576 > EXACT_K, for dX's conv too
+    monkeypatch.setattr(direct, "weight_grad_usable", lambda *a: False)
     assert_same(run_site(long_k, (2, 64, 5, 5), "reference", "per-tensor", "nearest"),
                 run_site(long_k, (2, 64, 5, 5), "torch", "per-tensor", "nearest"))
+    assert ("conv", "int8") not in calls  # (the reference's fp32 form takes K <= 1040)
     make, shape = SITES["conv2d"]
+    calls.clear()
     run_site(make, shape, "reference", "per-tensor", "nearest")
-    assert calls == []
-    monkeypatch.setattr(direct, "exact", lambda: False)
+    assert calls and all(form == "fp32" for _, form in calls)
+    calls.clear()
+    monkeypatch.setattr(direct, "exact", lambda form="int8": False)
     run_site(make, shape, "torch", "per-tensor", "nearest")
+    run_site(make, shape, "reference", "per-tensor", "nearest")
     assert calls == []
 
 
@@ -293,8 +308,9 @@ def test_direct_conv_not_where_onednn_is_wrong(monkeypatch):
     monkeypatch.setattr(direct, "MODE", "measure")
     monkeypatch.setattr(direct, "_decided", {})
     monkeypatch.setattr(direct, "_seen", {})
-    real = direct.conv
-    monkeypatch.setattr(direct, "conv", lambda *a: real(*a) + 1)  # wrong sums
+    real_conv, real_dw = direct.conv, direct.grad_weight
+    monkeypatch.setattr(direct, "conv", lambda *a: real_conv(*a) + 1)  # wrong sums
+    monkeypatch.setattr(direct, "grad_weight", lambda *a: real_dw(*a) + 1)
     make, shape = SITES["conv2d"]
     with pytest.warns(UserWarning, match="keeps the GEMM"):
         runs = [run_site(make, shape, "torch", "per-tensor", "nearest") for _ in range(3)]
@@ -342,10 +358,10 @@ def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monk
     runs = [run_site(make, shape, "torch", "per-tensor", "nearest") for _ in range(3)]  # 2 steps each: forward, dX
     for r in runs:
         assert_same(ref, r)
-    assert sorted(timed) == [False, False, True, True]  # forward's and dX's geometry, each timed once
-    assert len(direct.decisions()) == 2 and all(v == direct_faster for v in direct.decisions().values())
+    assert sorted(timed) == [False] * 3 + [True] * 3  # forward's, dX's and dW's geometry, each timed once
+    assert len(direct.decisions()) == 3 and all(v == direct_faster for v in direct.decisions().values())
     # third call of each geometry decided; later calls of the direct-faster geometries run it
-    assert (len(calls) > 2) == direct_faster
+    assert (len(calls) > 3) == direct_faster  # (3: the timings)
 
 
 @pytest.mark.parametrize("mode", ["always", "never"])

@@ -34,16 +34,20 @@ FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @st.composite
-def conv_cases(draw):
+def conv_cases(draw, plain: bool = False):
+    """Convolutions of every kind; `plain`: the geometries the direct conv takes (int8fx.kernels.direct.
+    _ordinary: one group, no dilation, padding within "same"), mostly."""
     dims = draw(st.integers(1, 3))
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    groups = 1 if plain else draw(st.sampled_from([1, 1, 2, 3]))
     cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
     kmax = {1: 5, 2: 4, 3: 3}[dims]
     kernel = tuple(draw(st.integers(1, kmax)) for _ in range(dims))
-    dilation = tuple(draw(st.integers(1, 3)) for _ in range(dims))
-    pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    dilation = (1,) * dims if plain else tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    pad_kind = draw(st.sampled_from(["tuple", "valid"] if plain else ["int", "tuple", "same", "valid"]))
     stride = (1,) * dims if pad_kind == "same" else tuple(draw(st.integers(1, 3)) for _ in range(dims))
-    if pad_kind == "int":
+    if plain and pad_kind == "tuple":
+        pads = padding = tuple(draw(st.integers(0, (k - 1) // 2)) for k in kernel)
+    elif pad_kind == "int":
         padding = draw(st.integers(0, 2))
         pads = (padding,) * dims
     elif pad_kind == "tuple":
@@ -56,8 +60,9 @@ def conv_cases(draw):
     else:
         lohi = tuple((p, p) for p in pads)
     smax = {1: 11, 2: 8, 3: 6}[dims]
-    size = tuple(draw(st.integers(max(1, d * (k - 1) + 1 - lo - hi), max(1, d * (k - 1) + 1 - lo - hi) + smax))
-                 for d, k, (lo, hi) in zip(dilation, kernel, lohi))
+    low = [k + st_ if plain else max(1, d * (k - 1) + 1 - lo - hi)  # plain: at least two outputs per dim
+           for d, k, st_, (lo, hi) in zip(dilation, kernel, stride, lohi)]
+    size = tuple(draw(st.integers(lo_, lo_ + smax)) for lo_ in low)
     mode = "zeros"
     if pad_kind in ("int", "tuple") and any(pads):
         mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
@@ -140,7 +145,20 @@ def test_int8_op_equals_naive_int64_with_the_direct_conv(case):
         direct.MODE = previous
 
 
-def _check_against_naive(case):
+@settings(max_examples=30, deadline=None, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(plain=True))
+def test_reference_op_equals_naive_int64_with_the_direct_fp32_conv(case):
+    """The same on the reference backend with oneDNN's fp32 conv and weight gradient taken wherever they are
+    exact (int8fx.kernels.direct, form "fp32": what a CPU without int8 dot products runs)."""
+    previous, direct.MODE = direct.MODE, "always"
+    try:
+        _check_against_naive(case, backend="reference")
+    finally:
+        direct.MODE = previous
+
+
+def _check_against_naive(case, backend="auto"):
     gen = torch.Generator().manual_seed(case["seed"])
     dims = case["dims"]
     mod = CONV[dims](case["cin"], case["cout"], case["kernel"], stride=case["stride"], padding=case["padding"],
@@ -149,7 +167,7 @@ def _check_against_naive(case):
     w = int_tensor(tuple(mod.weight.shape), gen, absmax_rows=1)
     with torch.no_grad():
         mod.weight.copy_(w.float())
-    layer = int8fx.convert(mod, int8fx.Int8Config(grad_quant="per-tensor"), inplace=True)
+    layer = int8fx.convert(mod, int8fx.Int8Config(grad_quant="per-tensor", backend=backend), inplace=True)
     xf = x.float().requires_grad_()
     y = layer(xf)
     dy = int_tensor(tuple(y.shape), gen)

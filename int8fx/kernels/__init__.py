@@ -66,11 +66,14 @@ def resolve_backend(choice: str, device: torch.device):
 
 
 def cpu_report() -> str:
-    """What `backend="auto"` runs on this CPU and why, with the CPU model and its ISA flags, and whether the
-    direct int8 conv is in use (`int8fx inspect` and `int8fx bench` print it)."""
+    """What `backend="auto"` runs on this CPU and why, with the CPU model and its ISA flags, and which form of
+    the direct conv is in use (`int8fx inspect` and `int8fx bench` print it)."""
     from . import direct  # (here, not in probe: direct times its choices with probe.best_of)
 
     c = cpu_choice()
-    conv = (f"; oneDNN's direct int8 conv exact here (K <= {direct.EXACT_K}): taken per conv geometry where measured "
-            "faster than im2col + GEMM" if c.backend == "torch" and direct.exact() else "")
+    form = direct.FORMS.get(c.backend)
+    conv = (f"; oneDNN's direct {form} conv (K <= {direct.exact_k(form)})"
+            + (" and fp32 weight gradient (by chunks of images)" if direct.exact("fp32") else "")
+            + " exact here: taken per conv geometry where measured faster than im2col + GEMM"
+            if form and direct.exact(form) else "")
     return f"{c.cpu} [{', '.join(c.flags) or 'no int8 dot-product flags'}]: {c.reason}{conv}"

@@ -12,10 +12,11 @@ the gradient that comes back is the [M, O] matrix both gradient quantizers read)
 by the same epilogue pass, with dX following dY's layout. The reduction index K is ordered (kernel position, channel) within each
 group, so im2col copies contiguous channel runs; the small weight is reordered to match, and dW back.
 
-On a CPU whose oneDNN int8 conv is exact (int8fx.kernels.direct), a conv's forward and a stride-1 conv's
-dX (itself a conv of dY) take oneDNN's direct int8 conv instead of im2col + GEMM where that measured
-faster for the geometry: the im2col of a 3x3 conv on a large map with few channels is a copy nine times
-the activation, which the direct conv never makes.
+A conv's forward and a stride-1 conv's dX (itself a conv of dY) take oneDNN's direct conv instead of
+im2col + GEMM where that measured faster for the geometry (int8fx.kernels.direct: its int8 conv with the
+"torch" backend, its fp32 conv on the integer-valued operands with the reference), and dW its fp32 weight
+gradient by chunks of images: the im2col of a 3x3 conv on a large map with few channels is a copy nine
+times the activation, which the direct conv never makes.
 
 Exactness: the GEMMs are exact (int8fx.kernels.torch_backend), col2im adds int32 sums whose bound
 127^2 x O/g x window stays below 2^31 (int64 beyond), and every float is made from an exact integer the way
@@ -152,7 +153,7 @@ def _gather_windows(xq: Tensor, kernel: tuple, stride: tuple, padding: tuple, di
 def _conv(backend, xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
     """(acc [M, O], output size): the exact integer conv of int8 xq_cl [N, *S, C] with the int8 weight as
     the GEMM's operand w [g, K/g, O/g] (K in (kernel position, channel) order). im2col and one GEMM per
-    group, or oneDNN's direct int8 conv where this geometry measured faster (int8fx.kernels.direct); the
+    group, or oneDNN's direct conv where this geometry measured faster (int8fx.kernels.direct); the
     same integers either way (the direct conv's held in fp32)."""
     n, *sizes, c = xq_cl.shape
     g = spec.groups
@@ -165,9 +166,10 @@ def _conv(backend, xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> tuple[Tensor, tu
 
     out = spec.out_size(tuple(sizes))
     pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
-    if (pointwise and g == 1) or not direct.usable(backend, xq_cl, spec, c):  # (no im2col to save there)
+    form = None if pointwise and g == 1 else direct.usable(backend, xq_cl, spec, c)  # (1x1: no im2col to save)
+    if form is None:
         return gemm(), out
-    return direct.choose((tuple(xq_cl.shape), o, spec), lambda: direct.conv(xq_cl, w, spec).view(-1, o),
+    return direct.choose((form, tuple(xq_cl.shape), o, spec), lambda: direct.conv(xq_cl, w, spec, form).view(-1, o),
                          gemm), out
 
 
@@ -320,22 +322,29 @@ def _flipped_weight(w_q: Tensor, spec: GemmSpec, in_channels: int) -> Tensor:
 
 def grad_weight(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Tensor:
     """Exact integer dW in the weight's own layout, from the quantized dY [M, O] (int8) and the saved int8
-    activation (channels-last for a conv)."""
+    activation (channels-last for a conv): im2col and one GEMM per group, or oneDNN's fp32 weight gradient
+    by chunks of images where this geometry measured faster (int8fx.kernels.direct.grad_weight)."""
     o, g = dq.shape[1], spec.groups
     if is_depthwise(spec, tuple(x_q.shape), o):
         xq_cl = x_q.movedim(1, -1)
         dy = dq.view(xq_cl.shape[0], *spec.out_size(tuple(xq_cl.shape[1:-1])), o)
         acc = _dw_grad_weight(dy, _pad(xq_cl, spec), spec.kernel, spec.stride, spec.dilation)  # [C, *k]
         return acc.view(w_shape)
-    if spec.is_linear:
-        cols = x_q.reshape(1, -1, x_q.shape[-1])
-    else:
-        cols, _ = _im2col(x_q.movedim(1, -1), spec)  # [g, M, K/g]
-    # [g, O/g, M]; with one group the transposed view itself: oneDNN reads it as a column-major operand, which
-    # saves the int8 transpose (smallcnn's 100352 x 16 dY: 1.8 ms for transpose and GEMM together, not 3.7)
-    dqt = dq.t().reshape(g, o // g, -1).contiguous() if g > 1 else dq.t().unsqueeze(0)
-    acc = _per_group(backend, dqt, cols)  # [g, O/g, K/g]
-    return _weight_from_rows(acc.reshape(o, -1), spec, w_shape)
+
+    def gemm() -> Tensor:
+        if spec.is_linear:
+            cols = x_q.reshape(1, -1, x_q.shape[-1])
+        else:
+            cols, _ = _im2col(x_q.movedim(1, -1), spec)  # [g, M, K/g]
+        # [g, O/g, M]; with one group the transposed view itself: oneDNN reads it as a column-major operand, which
+        # saves the int8 transpose (smallcnn's 100352 x 16 dY: 1.8 ms for transpose and GEMM together, not 3.7)
+        dqt = dq.t().reshape(g, o // g, -1).contiguous() if g > 1 else dq.t().unsqueeze(0)
+        acc = _per_group(backend, dqt, cols)  # [g, O/g, K/g]
+        return _weight_from_rows(acc.reshape(o, -1), spec, w_shape)
+
+    if not direct.weight_grad_usable(backend, x_q, spec):
+        return gemm()
+    return direct.choose(("dW", backend.name, tuple(x_q.shape), o, spec), lambda: direct.grad_weight(dq, x_q, spec, w_shape), gemm)
 
 
 # ------------------------------------------------------------------------------------------------ depthwise

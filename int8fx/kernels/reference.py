@@ -16,7 +16,9 @@ Why not fp64 GEMMs throughout: half the speed of fp32. Which exact path is faste
 where oneDNN has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX) `torch._int_mm` runs 3-10x
 these fp32 GEMMs (the "torch" backend, int8fx.kernels.torch_backend, with the channels-last pipeline of
 int8fx.kernels.nhwc); without them it ran at 3-6 GOP/s, far below this path. `backend="auto"` measures
-both once per process and takes the faster (int8fx.kernels.probe). This path is what every device runs.
+both once per process and takes the faster (int8fx.kernels.probe). This path is what every device runs;
+on the CPU a plain conv may instead take oneDNN's fp32 conv on the same integer-valued operands, exact for
+the same reason (int8fx.kernels.direct, form "fp32").
 """
 from __future__ import annotations
 
