@@ -140,3 +140,25 @@ def test_a_cpu_without_int8_dot_products_takes_the_exact_fp32_form():
     lines = dict(line.split(":", 1) for line in out.stdout.split())
     assert lines["FP32"] == "True"
     assert set(lines["CALLS"].split(",")) == {"fp32", "dW"}  # never "int8"
+
+
+def test_a_direct_conv_that_fails_leaves_its_geometry_to_the_gemm(monkeypatch):
+    """oneDNN refusing a geometry when it is timed (never seen; a build could) costs a warning, not the
+    training step: the geometry keeps the GEMM, and every step's numbers are the GEMM's."""
+    monkeypatch.setattr(direct, "MODE", "never")
+    make, shape = SITES["conv2d"]
+    want = run_site(make, shape, "reference", "per-tensor", "nearest")
+    monkeypatch.setattr(direct, "MODE", "measure")
+    monkeypatch.setattr(direct, "_decided", {})
+    monkeypatch.setattr(direct, "_seen", {})
+
+    def refuse(*a):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(direct, "conv", refuse)
+    monkeypatch.setattr(direct, "grad_weight", refuse)
+    with pytest.warns(UserWarning, match="direct conv failed .* keeps the GEMM"):
+        runs = [run_site(make, shape, "reference", "per-tensor", "nearest") for _ in range(2)]  # 4 calls each
+    assert len(direct.decisions()) == 3 and not any(direct.decisions().values())
+    for r in runs:
+        assert_same(want, r)

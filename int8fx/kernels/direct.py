@@ -178,11 +178,18 @@ def choose(key: tuple, direct, gemm):
         if calls < DECIDE_AT:
             return gemm()
         _seen.pop(key, None)  # (pop: two threads may decide the same geometry at once)
-        (t_direct, out_direct), (t_gemm, out) = best_of(direct, reps=2), best_of(gemm, reps=2)
+        t_gemm, out = best_of(gemm, reps=2)
+        try:
+            t_direct, out_direct = best_of(direct, reps=2)
+        except RuntimeError as e:  # (a geometry this oneDNN build refuses: never seen, but training must go on)
+            warnings.warn(f"int8fx: oneDNN's direct conv failed for the geometry {key} ({e}); that geometry keeps "
+                          "the GEMM (same numbers as always)")
+            _decided[key] = False
+            return out
         # the two must agree on these operands too: a geometry where oneDNN's sums are wrong keeps the GEMM
         agree = torch.equal(out_direct, out.to(out_direct.dtype))
         if not agree:
-            warnings.warn(f"int8fx: oneDNN's int8 conv gave other sums than the exact GEMM for the geometry {key}; "
+            warnings.warn(f"int8fx: oneDNN's direct conv gave other sums than the exact GEMM for the geometry {key}; "
                           "that geometry keeps the GEMM (same numbers as always)")
         _decided[key] = agree and t_direct * MARGIN < t_gemm
         return out
