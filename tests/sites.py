@@ -71,3 +71,28 @@ def assert_same(a, b, close=(), sums=()):
                 torch.testing.assert_close(u, v.to(u.device), rtol=0, atol=1e-5 * float(v.abs().max()), msg=name)
             else:
                 assert torch.equal(u, v.to(u.device)), f"{name} differs: max |diff| {(u - v.to(u.device)).abs().max().item()}"
+
+
+# the sites oneDNN's direct paths take (int8fx.kernels.direct): plain convs only; never grouped, dilated,
+# depthwise, transposed, or padded beyond "same" (conv3d's k=2 dim has padding 1); the forward not on 1x1
+# convs, whose GEMM needs no im2col, dW on those too
+TAKES_DIRECT_CONV = {"conv2d", "conv2d-circular", "conv2d-reflect"}
+TAKES_DIRECT_DW = TAKES_DIRECT_CONV | {"conv2d-1x1-no-bias", "conv1d-1x1-single-channel"}
+
+
+def direct_kinds(site: str) -> set:
+    """{"conv", "dW"}: the direct paths a site takes where they are forced on."""
+    return ({"conv"} if site in TAKES_DIRECT_CONV else set()) | ({"dW"} if site in TAKES_DIRECT_DW else set())
+
+
+def count_direct_calls(monkeypatch) -> list:
+    """Calls of the direct paths from here on, as ("conv", form) and ("dW", "fp32")."""
+    from int8fx.kernels import direct
+
+    direct.exact("int8"), direct.exact("fp32")  # (their one-time probes call the direct paths too)
+    calls = []
+    real_conv, real_dw = direct.conv, direct.grad_weight
+    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(("conv", a[3])) or real_conv(*a))
+    monkeypatch.setattr(direct, "grad_weight", lambda *a: calls.append(("dW", "fp32")) or real_dw(*a))
+    return calls
+

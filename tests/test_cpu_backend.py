@@ -21,7 +21,7 @@ from int8fx.kernels import resolve_backend
 from int8fx.kernels import cpu_report
 from int8fx.kernels.probe import cpu_choice
 from int8fx.kernels.torch_backend import TorchBackend, cpu_int_mm_wrong, int_mm_exact
-from sites import SITES, assert_same, run_site
+from sites import SITES, assert_same, count_direct_calls, direct_kinds, run_site
 
 # backend "torch" is refused on a CPU whose torch._int_mm is not exact (the next tests say why)
 pytestmark = pytest.mark.skipif(bool(cpu_int_mm_wrong()), reason=f"torch._int_mm not exact here: {cpu_int_mm_wrong()}")
@@ -217,22 +217,6 @@ def test_auto_follows_the_measured_choice():
 needs_direct = pytest.mark.skipif(not direct.exact(), reason="this CPU's oneDNN int8 conv is not exact (no VNNI/AMX)")
 
 
-def _counting(monkeypatch) -> list:
-    """Calls of the direct paths from here on, as ("conv", form) and ("dW", "fp32")."""
-    direct.exact("int8"), direct.exact("fp32")  # (their one-time probes call the direct paths too)
-    calls = []
-    real_conv, real_dw = direct.conv, direct.grad_weight
-    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(("conv", a[3])) or real_conv(*a))
-    monkeypatch.setattr(direct, "grad_weight", lambda *a: calls.append(("dW", "fp32")) or real_dw(*a))
-    return calls
-
-
-TAKES_DIRECT_CONV = {"conv2d", "conv2d-circular", "conv2d-reflect"}
-# never: grouped, dilated, depthwise, transposed, padding other than at most "same" (conv3d's k=2 dim has
-# padding 1); and for the forward not 1x1 convs, whose GEMM needs no im2col. dW takes the 1x1 convs too.
-TAKES_DIRECT_DW = TAKES_DIRECT_CONV | {"conv2d-1x1-no-bias", "conv1d-1x1-single-channel"}
-
-
 @needs_direct
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_direct_conv_equals_reference(site, monkeypatch):
@@ -242,9 +226,9 @@ def test_direct_conv_equals_reference(site, monkeypatch):
     monkeypatch.setattr(direct, "MODE", "never")
     ref = run_site(make, shape, "reference", "gvq-mcs", "stochastic")
     monkeypatch.setattr(direct, "MODE", "always")
-    calls = _counting(monkeypatch)
+    calls = count_direct_calls(monkeypatch)
     assert_same(ref, run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
-    assert {kind for kind, _ in calls} == ({"conv"} if site in TAKES_DIRECT_CONV else set()) | ({"dW"} if site in TAKES_DIRECT_DW else set())
+    assert {kind for kind, _ in calls} == direct_kinds(site)
     assert all(form == ("int8" if kind == "conv" else "fp32") for kind, form in calls), calls
 
 
@@ -278,7 +262,7 @@ def test_direct_conv_only_where_exact(monkeypatch):
     """Never past EXACT_K (fp32 would round the unsigned sums), never the int8 form on the reference backend,
     nothing where `exact()` failed (a CPU whose int8 conv saturates)."""
     monkeypatch.setattr(direct, "MODE", "always")
-    calls = _counting(monkeypatch)
+    calls = count_direct_calls(monkeypatch)
     long_k = lambda: nn.Conv2d(64, 64, 3, padding=1)  # K = 9 x 64 = 576 > EXACT_K, for dX's conv too
     monkeypatch.setattr(direct, "weight_grad_usable", lambda *a: False)
     assert_same(run_site(long_k, (2, 64, 5, 5), "reference", "per-tensor", "nearest"),
@@ -300,7 +284,7 @@ def test_direct_conv_not_where_onednn_is_wrong(monkeypatch):
     """An output one position wide (oneDNN's sums were wrong for some such geometries) keeps the GEMM, and
     a geometry whose direct sums disagree with the GEMM's when it is timed keeps the GEMM, with a warning."""
     monkeypatch.setattr(direct, "MODE", "always")
-    calls = _counting(monkeypatch)
+    calls = count_direct_calls(monkeypatch)
     one_wide = lambda: nn.Conv2d(2, 3, 3, stride=(1, 3))
     assert_same(run_site(one_wide, (3, 2, 9, 4), "reference", "per-tensor", "nearest"),
                 run_site(one_wide, (3, 2, 9, 4), "torch", "per-tensor", "nearest"))
@@ -330,7 +314,7 @@ def test_direct_conv_never_runs_grouped_or_dilated_convs(make, shape, monkeypatc
     """Forced on ("always"), the direct conv still leaves grouped and dilated convs to the GEMM, whose
     integers are the reference's."""
     monkeypatch.setattr(direct, "MODE", "always")
-    calls = _counting(monkeypatch)
+    calls = count_direct_calls(monkeypatch)
     assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
                 run_site(make, shape, "torch", "per-tensor", "nearest"))
     assert calls == []
@@ -352,7 +336,7 @@ def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monk
         return (1.0 if is_direct == direct_faster else 2.0), out
 
     monkeypatch.setattr(direct, "best_of", fake_best_of)
-    calls = _counting(monkeypatch)
+    calls = count_direct_calls(monkeypatch)
     make, shape = SITES["conv2d"]
     ref = run_site(make, shape, "reference", "per-tensor", "nearest")
     runs = [run_site(make, shape, "torch", "per-tensor", "nearest") for _ in range(3)]  # 2 steps each: forward, dX

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from int8fx.kernels import direct
 from int8fx.kernels.im2col import GemmSpec
-from sites import SITES, assert_same, run_site
+from sites import SITES, assert_same, count_direct_calls, direct_kinds, run_site
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 
@@ -26,19 +26,6 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 def test_the_fp32_form_passes_its_worst_cases_here():
     """oneDNN's fp32 conv is exact wherever torch has oneDNN: its one-time probe (`direct.exact`) passes."""
     assert direct.exact("fp32")
-
-TAKES_DIRECT_CONV = {"conv2d", "conv2d-circular", "conv2d-reflect"}
-TAKES_DIRECT_DW = TAKES_DIRECT_CONV | {"conv2d-1x1-no-bias", "conv1d-1x1-single-channel"}
-
-
-def _counting(monkeypatch) -> list:
-    direct.exact("fp32")  # (its one-time probe calls the direct paths too)
-    calls = []
-    real_conv, real_dw = direct.conv, direct.grad_weight
-    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(("conv", a[3])) or real_conv(*a))
-    monkeypatch.setattr(direct, "grad_weight", lambda *a: calls.append(("dW", "fp32")) or real_dw(*a))
-    return calls
-
 
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_reference_backend_direct_paths_equal_its_gemm(site, monkeypatch):
@@ -48,9 +35,9 @@ def test_reference_backend_direct_paths_equal_its_gemm(site, monkeypatch):
     monkeypatch.setattr(direct, "MODE", "never")
     gemm = run_site(make, shape, "reference", "gvq-mcs", "stochastic")
     monkeypatch.setattr(direct, "MODE", "always")
-    calls = _counting(monkeypatch)
+    calls = count_direct_calls(monkeypatch)
     assert_same(gemm, run_site(make, shape, "reference", "gvq-mcs", "stochastic"))
-    assert {kind for kind, _ in calls} == ({"conv"} if site in TAKES_DIRECT_CONV else set()) | ({"dW"} if site in TAKES_DIRECT_DW else set())
+    assert {kind for kind, _ in calls} == direct_kinds(site)
     assert all(form == "fp32" for _, form in calls), calls
 
 
