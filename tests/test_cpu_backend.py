@@ -21,7 +21,7 @@ from int8fx.kernels import resolve_backend
 from int8fx.kernels import cpu_report
 from int8fx.kernels.probe import cpu_choice
 from int8fx.kernels.torch_backend import TorchBackend, cpu_int_mm_wrong, int_mm_exact
-from sites import SITES, assert_same, count_direct_calls, direct_kinds, run_site
+from sites import SITES, assert_same, count_direct_calls, run_site
 
 # backend "torch" is refused on a CPU whose torch._int_mm is not exact (the next tests say why)
 pytestmark = pytest.mark.skipif(bool(cpu_int_mm_wrong()), reason=f"torch._int_mm not exact here: {cpu_int_mm_wrong()}")
@@ -215,21 +215,6 @@ def test_auto_follows_the_measured_choice():
 # ----------------------------------------------------------------------------- oneDNN's direct conv (int8 form; fp32: test_direct_fp32.py)
 
 needs_direct = pytest.mark.skipif(not direct.exact(), reason="this CPU's oneDNN int8 conv is not exact (no VNNI/AMX)")
-
-
-@needs_direct
-@pytest.mark.parametrize("site", sorted(SITES))
-def test_direct_conv_equals_reference(site, monkeypatch):
-    """Where the direct conv computes a site's forward and stride-1 dX, and the fp32 weight gradient its dW,
-    every bit is the reference GEMM's."""
-    make, shape = SITES[site]
-    monkeypatch.setattr(direct, "MODE", "never")
-    ref = run_site(make, shape, "reference", "gvq-mcs", "stochastic")
-    monkeypatch.setattr(direct, "MODE", "always")
-    calls = count_direct_calls(monkeypatch)
-    assert_same(ref, run_site(make, shape, "torch", "gvq-mcs", "stochastic"))
-    assert {kind for kind, _ in calls} == direct_kinds(site)
-    assert all(form == ("int8" if kind == "conv" else "fp32") for kind, form in calls), calls
 
 
 @needs_direct

@@ -1,6 +1,7 @@
 """oneDNN's fp32 convolution as an exact integer conv (int8fx.kernels.direct, form "fp32"): what the
 reference backend runs on a CPU without int8 dot products, and dW on either CPU backend. It runs on every
-CPU, so these tests do too (tests/test_cpu_backend.py covers the int8 form, where torch._int_mm is exact).
+CPU, so these tests do too; the site test covers the int8 form as well where it is exact
+(tests/test_cpu_backend.py has the int8 form's other tests).
 
 Every product of two codes is at most 127^2, so a sum of at most 1040 of them is exact in fp32 in any order:
 the forward is taken within K <= 1040, dW by chunks of the batch of at most 1040 output positions. The
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from int8fx.kernels import direct
 from int8fx.kernels.im2col import GemmSpec
+from int8fx.kernels.torch_backend import cpu_int_mm_wrong
 from sites import SITES, assert_same, count_direct_calls, direct_kinds, run_site
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -27,18 +29,24 @@ def test_the_fp32_form_passes_its_worst_cases_here():
     """oneDNN's fp32 conv is exact wherever torch has oneDNN: its one-time probe (`direct.exact`) passes."""
     assert direct.exact("fp32")
 
+_INT8_FORM = pytest.mark.skipif(not direct.exact("int8") or bool(cpu_int_mm_wrong()),
+                                reason="this CPU's oneDNN int8 kernels are not exact (no VNNI/AMX)")
+
+
+@pytest.mark.parametrize("backend,form", [("reference", "fp32"), pytest.param("torch", "int8", marks=_INT8_FORM)])
 @pytest.mark.parametrize("site", sorted(SITES))
-def test_reference_backend_direct_paths_equal_its_gemm(site, monkeypatch):
-    """Forced on ("always"), the reference backend's direct forward, stride-1 dX and dW give the bits of its
-    im2col + GEMM ("never"), on exactly the plain conv sites."""
+def test_direct_paths_equal_the_reference_gemm(site, backend, form, monkeypatch):
+    """Forced on ("always"), a backend's direct forward and stride-1 dX (the reference's fp32 form, the
+    "torch" backend's int8 form) and the fp32 dW give the bits of the reference's im2col + GEMM ("never"),
+    on exactly the plain conv sites."""
     make, shape = SITES[site]
     monkeypatch.setattr(direct, "MODE", "never")
     gemm = run_site(make, shape, "reference", "gvq-mcs", "stochastic")
     monkeypatch.setattr(direct, "MODE", "always")
     calls = count_direct_calls(monkeypatch)
-    assert_same(gemm, run_site(make, shape, "reference", "gvq-mcs", "stochastic"))
+    assert_same(gemm, run_site(make, shape, backend, "gvq-mcs", "stochastic"))
     assert {kind for kind, _ in calls} == direct_kinds(site)
-    assert all(form == "fp32" for _, form in calls), calls
+    assert all(f == (form if kind == "conv" else "fp32") for kind, f in calls), calls
 
 
 def _codes(shape, gen) -> torch.Tensor:
