@@ -10,9 +10,10 @@ activation in place. Two forms, one per CPU backend:
     It loses where the weight is large and the map small (its per-call weight reorder: 256->256 3x3 at 4x4,
     0.45 -> 2.9 ms) and on 1x1 convs, whose GEMM needs no im2col.
   - "fp32" (the "reference" backend, on CPUs without them): oneDNN's fp32 conv on the integer-valued
-    operands, and for dW its fp32 weight gradient over chunks of the batch (`grad_weight`). With oneDNN
-    capped to AVX2 (a CPU without int8 dot products), one thread, smallcnn's 16->16 3x3 at 28x28: forward
-    ~30 -> 4 ms, dW ~45 -> 8 ms (im2col, the fp32 copy of the columns, and the GEMM against one conv).
+    operands; and for dW, on either backend, torch's fp32 weight gradient over chunks of the batch
+    (`grad_weight`). With oneDNN capped to AVX2 (a CPU without int8 dot products), one thread, smallcnn's
+    16->16 3x3 at 28x28: forward ~30 -> 4 ms, dW ~45 -> 8 ms (im2col, the fp32 copy of the columns and the
+    GEMM, against one conv call or 128 weight-gradient calls).
 So the choice is measured per geometry (`choose`), once, at a geometry's DECIDE_AT-th call, like the fused
 passes' exact-shape variants (int8fx.fusing): a training loop repeats its shapes, a one-off forward does not.
 
@@ -72,9 +73,11 @@ def _form(backend, t: Tensor, form: str | None = None) -> str | None:
     """`form` (default: the backend's own) if this backend's CPU sites may take it here and it passed
     `exact()`, else None; None on other devices, under a torch.func transform or a dispatch mode (a FLOP
     counter, a profiler's recorder), which see the GEMM path's ops as everywhere else."""
-    own = FORMS.get(getattr(backend, "name", None))
-    form = form if own is not None and form is not None else own
-    return form if (form is not None and MODE != "never" and t.device.type == "cpu" and exact(form)
+    name = getattr(backend, "name", None)
+    if name not in FORMS:
+        return None
+    form = form or FORMS[name]
+    return form if (MODE != "never" and t.device.type == "cpu" and exact(form)
                     and fusing.seen_by_everything((t,))) else None
 
 
@@ -148,9 +151,10 @@ def conv(xq_cl: Tensor, w: Tensor, spec: GemmSpec, form: str = "int8") -> Tensor
 
 def grad_weight(dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Tensor:
     """The exact integer dW [O, C/g, *k] of the quantized dY rows dq [M, O] (int8) and the saved int8
-    activation x_q [N, C, *S]: oneDNN's fp32 weight gradient on chunks of images whose output positions
-    number at most EXACT_K_FP32 (so each chunk's sums are exact in fp32), the chunks added in fp64; fp32
-    where one chunk holds the batch."""
+    activation x_q [N, C, *S]: torch's fp32 weight gradient (oneDNN's, or for small chunks its im2col +
+    GEMM: no transform-based algorithm in a backward) on chunks of images whose output positions number at
+    most EXACT_K_FP32 (so each chunk's sums are exact in fp32), the chunks added in fp64; fp32 where one
+    chunk holds the batch."""
     n, c, *sizes = x_q.shape
     out = spec.out_size(tuple(sizes))
     per = EXACT_K_FP32 // math.prod(out)
