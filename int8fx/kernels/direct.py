@@ -158,14 +158,14 @@ def grad_weight(dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Tensor:
     n, c, *sizes = x_q.shape
     out = spec.out_size(tuple(sizes))
     per = EXACT_K_FP32 // math.prod(out)
-    x = x_q.float()  # (keeps x_q's channels-last strides)
-    dy = dq.view(n, *out, dq.shape[1]).float().movedim(-1, 1)
-    weight = x.new_empty(tuple(w_shape))  # (only its shape is read)
+    dy = dq.view(n, *out, dq.shape[1]).movedim(-1, 1)
+    weight = torch.empty(tuple(w_shape), device=x_q.device)  # (only its shape is read)
     stride, padding, dilation = list(spec.stride), [lo for lo, _ in spec.padding], list(spec.dilation)
     acc = None
-    for i in range(0, n, per):
-        part = torch.ops.aten.convolution_backward(dy[i:i + per], x[i:i + per], weight, None, stride, padding, dilation,
-                                                   False, [0] * spec.dims, spec.groups, [False, True, False])[1]
+    for i in range(0, n, per):  # (each chunk converted to fp32 on its own: no fp32 copy of the whole batch)
+        part = torch.ops.aten.convolution_backward(dy[i:i + per].float(), x_q[i:i + per].float(), weight, None, stride,
+                                                   padding, dilation, False, [0] * spec.dims, spec.groups,
+                                                   [False, True, False])[1]
         acc = part if n <= per else part.double() if acc is None else acc.add_(part)
     return acc
 
