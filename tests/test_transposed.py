@@ -5,6 +5,7 @@ import copy
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -252,8 +253,8 @@ def test_faithful_onnx_carries_the_transposed_sites_qdq_and_equals_eval_mode(tmp
     """The faithful file: Clip -> QuantizeLinear -> DequantizeLinear -> ConvTranspose, W's int8 codes behind a
     DequantizeLinear on axis 1 (its output channels); onnxruntime without graph optimizations equals
     qm.eval() to float summation error. (Its optimized ConvTranspose sums differently, ~1e-5 relative, which
-    can flip a rounding in a quantizer after it.) The deploy form and grouped transposed convs are refused
-    with errors that say what to do, and no file."""
+    can flip a rounding in a quantizer after it.) Grouped transposed convs are refused with an error that
+    says what to do, and no file."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     if exporter == "dynamo":
@@ -283,9 +284,60 @@ def test_faithful_onnx_carries_the_transposed_sites_qdq_and_equals_eval_mode(tmp
     ref = qm(x).detach()
     assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
 
-    with pytest.raises(OnnxExportError, match=r"transposed convolution site\(s\) 2 have no deploy form"):
-        int8fx.export_onnx(qm, x, tmp_path / "d.onnx", form="deploy", exporter=exporter)
     grouped = int8fx.convert(nn.Sequential(nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2))).eval()
     with pytest.raises(OnnxExportError, match=r"grouped INT8 transposed .* 0 .*exclude"):
         int8fx.export_onnx(grouped, torch.randn(1, 4, 3, 3), tmp_path / "g.onnx", exporter=exporter)
-    assert not (tmp_path / "d.onnx").exists() and not (tmp_path / "g.onnx").exists()
+    assert not (tmp_path / "g.onnx").exists()
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_deploy_onnx_quantizes_the_transposed_sites_at_int8fxs_scales(tmp_path, exporter):
+    """The deploy form of a decoder (a transposed conv followed by BatchNorm, one with a bias and one whose
+    output the model returns): each transposed site's ConvTranspose reads its input through a QuantizeLinear
+    at the site's own scale and its weight as int8 initializers on axis 1 (its output channels) that are
+    int8fx's codes (up to the sign of a folded BatchNorm's factor). onnxruntime has no integer
+    ConvTranspose kernel, so it runs it in float on those dequantized weights, as it does for its own
+    quantizer's files (TensorRT takes Q/DQ deconvolutions in INT8); the output stays within the deploy
+    form's roundings of qm.eval()."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1, bias=False),
+                                      nn.BatchNorm2d(8), nn.ReLU(), nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)))
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        qm(torch.randn(8, 3, 16, 16, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    qm.eval()
+    x = torch.randn(8, 3, 16, 16, generator=gen)
+    path = tmp_path / "d.onnx"
+    int8fx.export_onnx(qm, x[:1], path, form="deploy", exporter=exporter, calibration_data=[x])
+    meta = int8fx.read_onnx_metadata(path)
+    assert meta["deploy"]["sites_without_onnxruntime_int8_kernel"] == ["3", "6"]
+    model = onnx.load(path)
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for site, layer in (("3", qm[3]), ("6", qm[6])):
+        assert meta["layers"][site]["op"] == "conv_transpose2d" and meta["layers"][site]["exported"]
+        call = meta["layers"][site]["onnx"][0] if "onnx" in meta["layers"][site] else None
+        compute = nodes[f"{site}/compute"]
+        assert compute.op_type == "ConvTranspose"
+        wdq, xq = nodes[f"{site}/w_dequantize"], nodes[f"{site}/x_quantize"]
+        assert [a.i for a in wdq.attribute if a.name == "axis"] == [1]
+        codes = inits[wdq.input[0]]
+        w = layer.weight.detach()
+        ours = torch.round(w / (w.abs().amax(dim=(0, 2, 3), keepdim=True) / 127)).numpy()  # per output channel
+        assert codes.dtype == np.int8 and (np.abs(codes) == np.abs(ours)).all(), site
+        assert float(inits[xq.input[1]]) == pytest.approx(float(layer.act_clip_ema) / 127, rel=1e-6), call
+    opts = ort.SessionOptions()
+    out = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    ref = qm(x).detach()
+    err = (torch.from_numpy(out) - ref).abs()
+    assert float(err.max()) < 0.05 * float(ref.abs().max()) and float(err.mean()) < 0.01 * float(ref.abs().mean())

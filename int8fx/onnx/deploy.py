@@ -27,6 +27,11 @@ Built in three steps:
    an int32 bias the quantizer computed at another input scale than the site's is re-quantized at s_x * s_w
    (`quantized.exact_biases`). Steps 3 and the float fix-ups below live in int8fx.onnx.quantized.
 
+A transposed conv site is QDQ -> ConvTranspose with its int8 weights on axis 1 (its output channels) and
+a BatchNorm after it folded in (`int8_ops`): onnxruntime has no integer ConvTranspose kernel and runs it in
+float on the dequantized weights, as for its own quantizer's files (TensorRT takes Q/DQ deconvolutions in
+INT8); the metadata lists such sites (`sites_without_onnxruntime_int8_kernel`).
+
 What stays float, as in int8fx: what the model returns (`quantized.float_graph_outputs`: the quantizer would
 round the logits too), and every sigmoid gate x * sigmoid(g), SiLU and squeeze-excite (`_sigmoid_gates`),
 which reads float values (`quantized.float_ops_read_floats`) and INT8 logits over at most +-8
@@ -61,6 +66,7 @@ from .graphs import (
     out_major,
     rename,
     rescaled_channels,
+    site_codes,
     weight_source,
 )
 from .standins import FloatSite, export_with_standins
@@ -111,7 +117,9 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "float_graph_outputs": float_outputs,
                         "rewritten_for_int8_kernels": rewritten,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
-                        "biases_requantized_at_input_scale": requantized}}
+                        "biases_requantized_at_input_scale": requantized,
+                        "sites_without_onnxruntime_int8_kernel": sorted({site for name, site in site_of.items()
+                                                                         if view.nodes[name].op_type == "ConvTranspose"})}}
     return model, used, calls_meta, extra
 
 
@@ -142,7 +150,7 @@ def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int
             w = view.const(src)
             if w is not None and w.dtype == np.float32 and w.ndim >= 2:
                 candidates.append((n, float_codes(out_major(w, transposed))))
-    found = assign_sites(candidates, {s: st.w_int8.numpy() for s, st in statics.items()}, calls, up_to_sign=True)
+    found = assign_sites(candidates, site_codes(statics), calls, up_to_sign=True)
     count: dict[str, int] = defaultdict(int)
     site_of = {}
     for node, site in found:
@@ -272,7 +280,7 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
             problems.append("its weight is not an int8 initializer")
         rescaled: list[int] = []
         if codes is not None and codes.dtype == np.int8:
-            rescaled = rescaled_channels(out_major(codes, transposed), st.w_int8.numpy())
+            rescaled = rescaled_channels(out_major(codes, transposed), out_major(st.w_int8.numpy(), st.layer.is_transposed))
         if codes is not None and codes.dtype == np.int8 and rescaled is None:
             problems.append("its int8 weights differ from int8fx's")
         bias = view.const(bdq.input[0]) if bdq is not None else None

@@ -143,15 +143,10 @@ def _version() -> str:
 
 
 def _check_transposed_sites(sites, form: str) -> None:
-    """INT8 transposed convs export in the faithful form (QDQ -> ConvTranspose, one group): onnxruntime has no
-    integer kernel for them that the deploy form could target, and a grouped one's per-output-channel scales
-    lie on no single axis of its weight, which DequantizeLinear needs."""
+    """INT8 transposed convs export as QDQ -> ConvTranspose with one group: a grouped one's per-output-channel
+    scales lie on no single axis of its weight, which DequantizeLinear needs."""
     transposed = [s for s in sites if s.converted and s.op.startswith("conv_transpose")]
     grouped = [s.name for s in transposed if getattr(s.layer, "groups", 1) != 1]
-    if form == "deploy" and transposed:
-        raise OnnxExportError(f"INT8 transposed convolution site(s) {', '.join(s.name for s in transposed)} have no "
-                              "deploy form: export form='faithful', or convert with Int8Config(exclude=[...]) naming "
-                              "them to deploy them in FP32")
     if grouped:
         raise OnnxExportError(f"grouped INT8 transposed convolution site(s) {', '.join(grouped)} have no ONNX form: "
                               "convert with Int8Config(exclude=[...]) naming them to export them in FP32")

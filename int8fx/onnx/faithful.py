@@ -14,11 +14,12 @@ import torch.nn as nn
 from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .graphs import (
-    SITE_OPS,
+    COMPUTE_OPS,
     GraphView,
     assign_sites,
     out_major,
     rename,
+    site_codes,
     weight_source,
 )
 from .standins import FaithfulSite, export_with_standins
@@ -39,7 +40,7 @@ def annotate(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> di
     view = GraphView(model)
     candidates, patterns = [], {}
     for n in model.graph.node:
-        if n.op_type not in SITE_OPS or len(n.input) < 2:
+        if n.op_type not in COMPUTE_OPS or len(n.input) < 2:
             continue
         w_src, transposed = weight_source(view, n)
         wdq = view.made_by(w_src, "DequantizeLinear")
@@ -55,7 +56,7 @@ def annotate(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> di
         add = users[0] if n.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add" else None
         patterns[id(n)] = {"x_clip": clip, "x_quantize": xq, "x_dequantize": xdq, "w_dequantize": wdq,
                            "w_transpose": tr, "compute": n, "bias_add": add}
-    found = assign_sites(candidates, {s: st.w_int8.numpy() for s, st in statics.items()}, calls, up_to_sign=False)
+    found = assign_sites(candidates, site_codes(statics), calls, up_to_sign=False)
     per_site: dict[str, list[dict]] = {s: [] for s in statics}
     named: dict[int, str] = {}  # a Q/DQ pair two sites share (same input, same scale) keeps its first name
 

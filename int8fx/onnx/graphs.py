@@ -15,8 +15,7 @@ from collections import defaultdict
 
 import numpy as np
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
-SITE_OPS = COMPUTE_OPS + ("ConvTranspose",)  # a faithful site's compute node (no deploy form is transposed)
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # a site's compute node, in either form
 
 
 class GraphView:
@@ -59,9 +58,10 @@ class GraphView:
 
 
 def weight_source(view: GraphView, node):
-    """(the tensor holding a compute node's weight, whether it is stored [in, out]) following a Transpose."""
+    """(the tensor holding a compute node's weight, whether it is stored [in, out, ...]: a MatMul's, a Gemm's
+    without transB, a ConvTranspose's) following a Transpose."""
     w = node.input[1]
-    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not view.attr(node, "transB", 0))
+    transposed = node.op_type in ("MatMul", "ConvTranspose") or (node.op_type == "Gemm" and not view.attr(node, "transB", 0))
     tr = view.made_by(w, "Transpose")
     if tr is not None and list(view.attr(tr, "perm", [])) == [1, 0]:
         return tr.input[0], not transposed
@@ -69,8 +69,13 @@ def weight_source(view: GraphView, node):
 
 
 def out_major(array: np.ndarray, transposed: bool) -> np.ndarray:
-    """A weight as [out channels, ...]."""
-    return array.T if transposed else array
+    """A weight as [out channels, ...] (`transposed`: stored [in, out, ...])."""
+    return np.swapaxes(array, 0, 1) if transposed else array
+
+
+def site_codes(statics) -> dict[str, np.ndarray]:
+    """{site: its INT8 weight codes as [out channels, ...]}: a transposed conv's W is stored [in, out, *k]."""
+    return {s: out_major(st.w_int8.numpy(), st.layer.is_transposed) for s, st in statics.items()}
 
 
 def float_codes(w: np.ndarray) -> np.ndarray:

@@ -7,6 +7,10 @@ has an INT8 LeakyRelu (QLinearLeakyRelu, one table lookup per element), and Leak
 the same function.
 
 Before quantization (the FP32 graph, whose float outputs calibrate the scales; only exact rewrites):
+  * a BatchNormalization right after a Conv or ConvTranspose (its only reader) folded into its weight and
+    bias: torch's TorchScript exporter folds it into a Conv but leaves it after a ConvTranspose, where the
+    quantizer would round the BatchNorm's own scale and shift to int8 (3% of the output of a small decoder)
+    and the ConvTranspose's output once more;
   * Relu -> LeakyRelu(alpha=0);
   * ReduceMean over the spatial axes of a 4-d tensor, keeping them (how torch.export writes adaptive
     average pooling to 1x1) -> GlobalAveragePool, which onnxruntime runs as QLinearGlobalAveragePool.
@@ -27,6 +31,7 @@ def before_quantization(model) -> dict[str, int]:
     """Rewrite the FP32 graph in place; returns how many nodes of each kind."""
     import onnx
 
+    folded = _fold_batch_norms(model)
     ranks = _ranks(onnx.shape_inference.infer_shapes(model))
     view = GraphView(model)
 
@@ -37,7 +42,54 @@ def before_quantization(model) -> dict[str, int]:
             return helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name)
         return None
 
-    return _replace(model, replace)
+    done = _replace(model, replace)
+    return {**done, "BatchNormalization": folded} if folded else done
+
+
+def _fold_batch_norms(model) -> int:
+    """Fold each BatchNormalization whose input a Conv or one-group ConvTranspose writes for it alone, with
+    constant weights and statistics, into that node: W * gamma / sigma per output channel (axis 0 of a Conv's
+    W, axis 1 of a ConvTranspose's), bias (b - mean) * gamma / sigma + beta, in new initializers (a weight
+    two nodes share stays as it is for the other). Returns how many."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    view = GraphView(model)
+    folded, drop = 0, set()
+    for i, bn in enumerate(model.graph.node):
+        conv = view.producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" and len(bn.output) == 1 else None
+        if (conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(view.consumers[bn.input[0]]) != 1
+                or (conv.op_type == "ConvTranspose" and view.attr(conv, "group", 1) != 1)):
+            continue
+        w = view.const(conv.input[1])
+        stats = [view.const(t) for t in bn.input[1:5]]
+        if w is None or any(v is None for v in stats):
+            continue
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        b = view.const(conv.input[2]) if has_bias else np.zeros(stats[0].shape, np.float32)
+        if b is None:
+            continue
+        gamma, beta, mean, var = (v.astype(np.float64) for v in stats)
+        factor = gamma / np.sqrt(var + view.attr(bn, "epsilon", 1e-5))
+        shape = [1, -1] if conv.op_type == "ConvTranspose" else [-1, 1]
+        w2 = w.astype(np.float64) * factor.reshape(shape + [1] * (w.ndim - 2))
+        b2 = (b.astype(np.float64) - mean) * factor + beta
+        base = f"{conv.name or conv.output[0]}/batch_norm_folded"
+        model.graph.initializer.extend([numpy_helper.from_array(w2.astype(np.float32), f"{base}_weight"),
+                                        numpy_helper.from_array(b2.astype(np.float32), f"{base}_bias")])
+        conv.input[1] = f"{base}_weight"
+        if has_bias:
+            conv.input[2] = f"{base}_bias"
+        else:
+            conv.input.append(f"{base}_bias")
+        conv.output[0] = bn.output[0]
+        drop.add(i)
+        folded += 1
+    if drop:
+        nodes = [n for i, n in enumerate(model.graph.node) if i not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return folded
 
 
 # onnxruntime's QLinearGlobalAveragePool needs s_x / (s_y * H * W) below this

@@ -35,12 +35,25 @@ def _emulate(x: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_int8: Tensor, w
              w_zero_point: Tensor, bias: Optional[Tensor], kind: str, strides: list[int], pads: list[int],
              dilations: list[int], groups: int, output_padding: list[int]) -> Tensor:
     xq = torch.clamp(torch.round(x / x_scale), -127, 127) * x_scale  # as int8fx: symmetric, never -128
-    if kind == "conv_transpose":  # (one group: the output channels are W's axis 1)
-        nd = w_int8.dim() - 2
-        w = w_int8.float() * w_scale.view(1, -1, *([1] * nd))
-        return _CONV_TRANSPOSE[nd - 1](xq, w, bias, strides, list(pads[:nd]), output_padding, groups, dilations)
-    w = w_int8.float() * w_scale.view(-1, *([1] * (w_int8.dim() - 1)))
+    w = dequantize_weight(w_int8, w_scale, kind == "conv_transpose")
+    if kind == "conv_transpose":
+        return conv_transpose_nd(xq, w, bias, strides, pads, dilations, groups, output_padding)
     return F.linear(xq, w, bias) if kind != "conv" else conv_nd(xq, w, bias, strides, pads, dilations, groups)
+
+
+def dequantize_weight(w_int8: Tensor, w_scale: Tensor, transposed: bool) -> Tensor:
+    """W_int8 * s_w per output channel: W's axis 0, or axis 1 for a transposed conv's W [C_in, C_out, *k]
+    (one group)."""
+    shape = [1] * w_int8.dim()
+    shape[1 if transposed else 0] = -1
+    return w_int8.float() * w_scale.view(shape)
+
+
+def conv_transpose_nd(x: Tensor, w: Tensor, bias: Tensor | None, strides: list[int], pads: list[int],
+                      dilations: list[int], groups: int, output_padding: list[int]) -> Tensor:
+    """F.conv_transpose1d/2d/3d with ONNX's pads (begins + ends; a transposed site's are equal)."""
+    nd = w.dim() - 2
+    return _CONV_TRANSPOSE[nd - 1](x, w, bias, strides, list(pads[:nd]), output_padding, groups, dilations)
 
 
 def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, strides: list[int], pads: list[int], dilations: list[int],

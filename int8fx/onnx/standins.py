@@ -28,7 +28,7 @@ from torch import Tensor
 from ..nn.modules import Int8Layer, ModuleSite, float_call
 from ..nn.scope import no_fused_fastpath
 from .calibrate import StaticSite
-from .qdq_op import conv_nd, qdq_gemm
+from .qdq_op import conv_nd, conv_transpose_nd, dequantize_weight, qdq_gemm
 from .torch_export import clean, export_graph
 
 
@@ -102,14 +102,16 @@ class FloatSite(_StaticGeometry):
 
     def __init__(self, layer: Int8Layer, site: StaticSite) -> None:
         super().__init__(layer, site)
-        shape = [-1] + [1] * (site.w_int8.dim() - 1)
-        self.register_buffer("dequantized_weight", site.w_int8.float() * site.w_scale.view(shape))
+        self.register_buffer("dequantized_weight", dequantize_weight(site.w_int8, site.w_scale, self.transposed))
         self.register_buffer("float_bias", None if site.bias is None else site.bias.clone())
 
     def compute(self, x, args, kwargs):
         x = x if x.dtype == torch.float32 else x.float()
         if not self.dims:
             return F.linear(x, self.dequantized_weight, self.float_bias)
+        if self.transposed:
+            return conv_transpose_nd(x, self.dequantized_weight, self.float_bias, self.strides, self.pads,
+                                     self.dilations, self.groups, self.output_padding)
         return conv_nd(x, self.dequantized_weight, self.float_bias, self.strides, self.pads, self.dilations,
                        self.groups)
 
