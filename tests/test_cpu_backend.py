@@ -212,7 +212,7 @@ def test_auto_follows_the_measured_choice():
     assert choice.cpu in report and choice.reason in report
 
 
-# ----------------------------------------------------------------------------- oneDNN's direct conv (int8 form; fp32: test_direct_fp32.py)
+# ------------------------------------------------- oneDNN's direct conv (int8 form; fp32: test_direct_fp32.py)
 
 needs_direct = pytest.mark.skipif(not direct.exact(), reason="this CPU's oneDNN int8 conv is not exact (no VNNI/AMX)")
 

@@ -142,7 +142,8 @@ def conv(xq_cl: Tensor, w: Tensor, spec: GemmSpec, form: str = "int8") -> Tensor
         return y.movedim(1, -1).contiguous()  # channels-last for 2-d and 3-d maps: a view, no copy
     o = weight.shape[0]
     ones, zeros = torch.ones(o), torch.zeros(o, dtype=torch.int64)
-    packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 128, stride, padding, dilation, spec.groups, [n, c, *sizes])
+    packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 128, stride, padding, dilation, spec.groups,
+                                            [n, c, *sizes])
     xu = torch.bitwise_xor(xq_cl.view(torch.uint8), 128).movedim(-1, 1)  # codes + 128, [N, C, *S] channels-last
     y = torch.ops.onednn.qconv_pointwise(xu, 1.0, 128, packed, ones, zeros, None, stride, padding, dilation,
                                          spec.groups, 1.0, 0, torch.float32, "none", [], "")

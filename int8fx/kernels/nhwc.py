@@ -344,7 +344,8 @@ def grad_weight(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Te
 
     if not direct.weight_grad_usable(backend, x_q, spec):
         return gemm()
-    return direct.choose(("dW", backend.name, tuple(x_q.shape), o, spec), lambda: direct.grad_weight(dq, x_q, spec, w_shape), gemm)
+    return direct.choose(("dW", backend.name, tuple(x_q.shape), o, spec),
+                         lambda: direct.grad_weight(dq, x_q, spec, w_shape), gemm)
 
 
 # ------------------------------------------------------------------------------------------------ depthwise

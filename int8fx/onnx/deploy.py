@@ -118,8 +118,8 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "rewritten_for_int8_kernels": rewritten,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
                         "biases_requantized_at_input_scale": requantized,
-                        "sites_without_onnxruntime_int8_kernel": sorted({site for name, site in site_of.items()
-                                                                         if view.nodes[name].op_type == "ConvTranspose"})}}
+                        "sites_without_onnxruntime_int8_kernel": sorted(
+                            {site for name, site in site_of.items() if view.nodes[name].op_type == "ConvTranspose"})}}
     return model, used, calls_meta, extra
 
 
@@ -280,7 +280,7 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
             problems.append("its weight is not an int8 initializer")
         rescaled: list[int] = []
         if codes is not None and codes.dtype == np.int8:
-            rescaled = rescaled_channels(out_major(codes, transposed), out_major(st.w_int8.numpy(), st.layer.is_transposed))
+            rescaled = rescaled_channels(out_major(codes, transposed), site_codes({site: st})[site])
         if codes is not None and codes.dtype == np.int8 and rescaled is None:
             problems.append("its int8 weights differ from int8fx's")
         bias = view.const(bdq.input[0]) if bdq is not None else None

@@ -61,7 +61,8 @@ def weight_source(view: GraphView, node):
     """(the tensor holding a compute node's weight, whether it is stored [in, out, ...]: a MatMul's, a Gemm's
     without transB, a ConvTranspose's) following a Transpose."""
     w = node.input[1]
-    transposed = node.op_type in ("MatMul", "ConvTranspose") or (node.op_type == "Gemm" and not view.attr(node, "transB", 0))
+    transposed = (node.op_type in ("MatMul", "ConvTranspose")
+                  or (node.op_type == "Gemm" and not view.attr(node, "transB", 0)))
     tr = view.made_by(w, "Transpose")
     if tr is not None and list(view.attr(tr, "perm", [])) == [1, 0]:
         return tr.input[0], not transposed
