@@ -63,6 +63,7 @@ from .graphs import (
     GraphView,
     assign_sites,
     float_codes,
+    out_codes,
     out_major,
     rename,
     rescaled_channels,
@@ -280,7 +281,7 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
             problems.append("its weight is not an int8 initializer")
         rescaled: list[int] = []
         if codes is not None and codes.dtype == np.int8:
-            rescaled = rescaled_channels(out_major(codes, transposed), site_codes({site: st})[site])
+            rescaled = rescaled_channels(out_major(codes, transposed), out_codes(st))
         if codes is not None and codes.dtype == np.int8 and rescaled is None:
             problems.append("its int8 weights differ from int8fx's")
         bias = view.const(bdq.input[0]) if bdq is not None else None

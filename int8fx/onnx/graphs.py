@@ -74,9 +74,14 @@ def out_major(array: np.ndarray, transposed: bool) -> np.ndarray:
     return np.swapaxes(array, 0, 1) if transposed else array
 
 
+def out_codes(site) -> np.ndarray:
+    """A site's INT8 weight codes as [out channels, ...]: a transposed conv's W is stored [in, out, *k]."""
+    return out_major(site.w_int8.numpy(), site.layer.is_transposed)
+
+
 def site_codes(statics) -> dict[str, np.ndarray]:
-    """{site: its INT8 weight codes as [out channels, ...]}: a transposed conv's W is stored [in, out, *k]."""
-    return {s: out_major(st.w_int8.numpy(), st.layer.is_transposed) for s, st in statics.items()}
+    """{site: `out_codes`} for every static site."""
+    return {s: out_codes(st) for s, st in statics.items()}
 
 
 def float_codes(w: np.ndarray) -> np.ndarray:

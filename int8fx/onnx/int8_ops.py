@@ -86,9 +86,7 @@ def _fold_batch_norms(model) -> int:
         drop.add(i)
         folded += 1
     if drop:
-        nodes = [n for i, n in enumerate(model.graph.node) if i not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        _set_nodes(model, [n for i, n in enumerate(model.graph.node) if i not in drop])
     return folded
 
 
@@ -147,9 +145,14 @@ def _replace(model, replace) -> dict[str, int]:
         if new is not None:
             done[n.op_type] = done.get(n.op_type, 0) + 1
         nodes.append(new or n)
+    _set_nodes(model, nodes)
+    return done
+
+
+def _set_nodes(model, nodes: list) -> None:
+    """Make `nodes` the graph's node list (in that order)."""
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    return done
 
 
 def _relu6_below(view: GraphView, node) -> bool:
