@@ -228,7 +228,9 @@ class Report:
                          f"kept as it is (its conv/linear modules are still converted; conv/linear calls its own "
                          f"code makes on its weights stay FP32) ({len(self.opaque)}):\n", style="bold")
             for o in self.opaque:
-                own = f" (its own weights: {', '.join(o.weights)})" if o.weights else ""
+                own = (f" (its own weights: {', '.join(o.weights)}"
+                       f"{'' if o.may_call else '; its code names no conv/linear function'})"
+                       if o.weights else "")
                 lines.append(f"  {o.name} ({o.type}){own}: {o.reason}\n")
             parts.append(lines)
         if self.backend_note:

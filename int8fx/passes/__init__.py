@@ -65,7 +65,7 @@ def _warn_unintended_fp32(record: Conversion) -> None:
     kept = [f"{s.name}: {s.reason}" for s in record.sites
             if not s.converted and EXCLUDED not in s.reason and FILTERED not in s.reason]
     unseen = [f"{o.name} ({o.type}) uses its own {', '.join(o.weights)} in code int8fx cannot rewrite ({o.reason})"
-              for o in record.opaque if o.weights]
+              for o in record.opaque if o.weights and o.may_call]
     said = [f"{len(items)} {what} ({'; '.join(items[:4])}{'; ...' if len(items) > 4 else ''})"
             for items, what in ((kept, "conv/linear site(s) stay in full precision"),
                                 (unseen, "module(s) may make F.conv*d / F.linear calls int8fx cannot see, which stay "

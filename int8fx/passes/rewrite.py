@@ -34,6 +34,7 @@ from ..nn.modules import (FUNCTIONS_BY_DIMS, SITE_TYPES, TRANSPOSED_BY_DIMS, Int
                           int8_clashes, op_dims, out_channels_of, site_op)
 from ..nn.scope import CONV_ARGS, TRANSPOSED_ARGS, call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
+from .code_scan import may_call_site_ops
 from .trace import OpaqueModule, OwnCode, trace_own_code
 
 SITE_FUNCTIONS = {f: f.__name__ for f in FUNCTIONS_BY_DIMS.values()}  # {F.linear: "linear", F.conv1d: ...}
@@ -218,7 +219,8 @@ class Converter:
                     site_op(c) is not None for c in m.modules() if c is not m):
                 # listed because its code could make conv/linear calls that int8fx did not see
                 weights = tuple(n for n, w in m.named_parameters(recurse=False) if 2 <= w.dim() <= 5)
-                self.opaque.append(OpaqueModule(path or "(root)", type(m).__name__, reason, weights))
+                self.opaque.append(OpaqueModule(path or "(root)", type(m).__name__, reason, weights,
+                                                may_call_site_ops(m) if weights else True))
             return
         # a conv/linear subclass whose forward fx cannot trace (timm's Conv2dSame): route its weight
         skip = self._skip_reason(path, m)

@@ -32,12 +32,14 @@ from ..nn.twins import variant_key
 @dataclass
 class OpaqueModule:
     """A module whose own code torch.fx could not trace, with the tracer's reason; `weights` are its own
-    parameters of 2 to 5 dims, whose F.conv*d / F.linear calls (if its code makes any) int8fx cannot see."""
+    parameters of 2 to 5 dims, whose F.conv*d / F.linear calls (if its code makes any) int8fx cannot see;
+    `may_call` whether its code might make such calls at all (int8fx.passes.code_scan)."""
 
     name: str
     type: str
     reason: str
     weights: tuple = ()
+    may_call: bool = True
 
 
 class OwnCodeTracer(fx.Tracer):

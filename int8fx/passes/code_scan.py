@@ -1,0 +1,123 @@
+"""`may_call_site_ops(module)`: whether a module's own code, which torch.fx could not trace, might call a
+conv or linear function on weights of its own.
+
+Why: such calls stay in FP32 unseen, so convert warns about untraceable modules with parameters of 2-5
+dims. But most of those parameters are no conv/linear weights: a vision transformer's root cannot be
+traced (its code branches on input sizes) and owns a class token [1, 1, D] and position embeddings
+[1, N, D], and every ViT-like model got a warning its code gave no reason for. Reading the code settles it
+in the common case without running anything: the bytecode of `forward`, of the methods and module-level
+functions it names (followed a few calls deep) and of the functions nested in them. The answer errs on the
+side of "may": any name that looks like a conv or linear (`F.conv2d`, `self._conv_forward`, `linear`, a
+`self.conv` child), a string that does (`getattr(F, "conv2d")`), a callable that cannot be read (a C
+function not named so, a callable object) or code deeper than the scan goes all count as "may".
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import types
+
+import torch
+import torch.nn as nn
+
+SITE_NAME = re.compile(r"conv|linear", re.IGNORECASE)
+MAX_DEPTH = 6  # calls followed from forward; code beyond them counts as "may call"
+MAX_FUNCTIONS = 300  # functions read in all; beyond them, "may call"
+
+
+class _Budget(Exception):
+    """The scan reached code it will not read: the answer is "may call"."""
+
+
+def may_call_site_ops(module: nn.Module) -> bool:
+    """Whether the code `type(module).forward` runs might call F.conv*d / F.linear (module docstring)."""
+    seen: set = set()
+    try:
+        return _reads_site(type(module).forward, module, seen, MAX_DEPTH)
+    except _Budget:
+        return True
+
+
+def _reads_site(fn, module: nn.Module, seen: set, depth: int) -> bool:
+    try:
+        fn = inspect.unwrap(fn)
+    except ValueError:  # a cycle of __wrapped__
+        return True
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a C function, a partial, a callable object: judged by what it is called
+        return _opaque_callable_may_call(fn, module, seen, depth)
+    if code in seen:
+        return False
+    if depth < 0 or len(seen) >= MAX_FUNCTIONS:
+        raise _Budget
+    seen.add(code)
+    scope = getattr(fn, "__globals__", {})
+    own = _own_attributes(module)
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _filled(c)]
+    for c in _nested_codes(code):
+        if any(SITE_NAME.search(n) and n not in own for n in c.co_names + c.co_freevars) or any(
+                isinstance(k, str) and k.isidentifier() and SITE_NAME.search(k) and k not in own for k in c.co_consts):
+            return True
+        for name in c.co_names:
+            for callee in _callees(name, module, scope):
+                if _reads_site(callee, module, seen, depth - 1):
+                    return True
+    return any(callable(v) and not isinstance(v, (type, nn.Module)) and _reads_site(v, module, seen, depth - 1)
+               for v in cells)
+
+
+def _opaque_callable_may_call(fn, module: nn.Module, seen: set, depth: int) -> bool:
+    if isinstance(fn, functools.partial):
+        return _reads_site(fn.func, module, seen, depth)
+    if isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)) or not hasattr(type(fn), "__call__"):
+        return bool(SITE_NAME.search(getattr(fn, "__name__", "") or ""))
+    call = getattr(type(fn), "__call__", None)
+    if isinstance(call, types.FunctionType):  # a Python callable object: its __call__
+        return _reads_site(call, module, seen, depth)
+    return bool(SITE_NAME.search(getattr(fn, "__name__", "") or type(fn).__name__))
+
+
+def _callees(name: str, module: nn.Module, scope: dict):
+    """What `name` in the module's code may call: a method of its class (any class of its MRO that is not
+    torch's own), a plain callable stored on the instance (not a child module: those are converted), a
+    module-level function of the code's own module. Modules, classes and tensors are not followed."""
+    for klass in type(module).__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        attr = klass.__dict__.get(name)
+        if isinstance(attr, (staticmethod, classmethod)):
+            attr = attr.__func__
+        elif isinstance(attr, property):
+            attr = attr.fget
+        if isinstance(attr, types.FunctionType):
+            yield attr
+    value = module.__dict__.get(name)
+    if callable(value) and not isinstance(value, (type, nn.Module, torch.Tensor)):
+        yield value
+    value = scope.get(name)
+    if callable(value) and not isinstance(value, (type, types.ModuleType, nn.Module, torch.Tensor)):
+        yield value
+
+
+def _own_attributes(module: nn.Module) -> set:
+    """Names of the module's children, parameters, buffers and plain values: `self.conv_proj(x)` names a
+    child (converted as a module site) and `self.use_conv` a flag, not a function."""
+    plain = {k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return set(module._modules) | set(module._parameters) | set(module._buffers) | plain
+
+
+def _nested_codes(code: types.CodeType):
+    """`code` and the code objects of the functions, lambdas and comprehensions defined in it."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _nested_codes(const)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
