@@ -212,7 +212,8 @@ def _passthrough_mismatches(case: Case) -> list[str]:
         bad = [n for n in grads_a if n not in grads_b or not torch.equal(grads_a[n], grads_b[n])]
         if bad or set(grads_b) - set(grads_a):
             mismatches.append(f"{phase}: gradients of {len(bad)} parameters, e.g. {bad[:2]}")
-    states = [n for n, v in original.state_dict().items() if not torch.equal(v, int8fx.float_state_dict(converted)[n])]
+    after = int8fx.float_state_dict(converted)
+    states = [n for n, v in original.state_dict().items() if not torch.equal(v, after[n])]
     if states:
         mismatches.append(f"state after the steps differs: {states[:3]}")
     return mismatches

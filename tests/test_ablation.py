@@ -176,7 +176,8 @@ def test_fp32_ends_keep_first_and_last_layer_in_fp32():
     assert all(q.get_submodule(n).config.rounding == "nearest" for n in int8)
     assert isinstance(q.bn1, torch.nn.Identity)
     fp, _ = T.build_models(T.RunSpec(None, seed=0), recipe)  # same start: FP32 has the same layers
-    assert all(torch.equal(v, int8fx.float_state_dict(q)[k]) for k, v in fp.state_dict().items())
+    kept = int8fx.float_state_dict(q)
+    assert all(torch.equal(v, kept[k]) for k, v in fp.state_dict().items())
 
 
 def test_statistics():

@@ -418,8 +418,15 @@ def int8_clashes(module: nn.Module) -> list[str]:
 
 def float_state_dict(qmodel: nn.Module) -> dict:
     """The converted model's state_dict without int8fx's quantizer state: loads strictly into the FP32 model."""
-    prefixes = tuple(f"{n}." if n else "" for n, m in qmodel.named_modules() if isinstance(m, Int8Layer))
+    layers = {f"{n}." if n else "" for n, m in qmodel.named_modules() if isinstance(m, Int8Layer)}
     site_children = {f"{n}." for n, m in qmodel.named_modules() if isinstance(m, Int8Function)}
-    return {k: v for k, v in qmodel.state_dict().items()
-            if not any(k.startswith(p) for p in site_children)
-            and not any(k.startswith(p) and QUANT_STATE_KEY.search(k[len(p):]) for p in prefixes)}
+
+    def int8fx_own(key: str) -> bool:
+        # the key's module prefixes ("", "a.", "a.b.", ...): a look-up each, not a scan of every site (a
+        # model of thousands of keys and hundreds of sites)
+        for p in ("", *(key[:i + 1] for i, c in enumerate(key) if c == ".")):
+            if p in site_children or (p in layers and QUANT_STATE_KEY.search(key[len(p):])):
+                return True
+        return False
+
+    return {k: v for k, v in qmodel.state_dict().items() if not int8fx_own(k)}
