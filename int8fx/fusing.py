@@ -79,7 +79,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     restarts: dict = {}  # signature -> fresh copies it got after hitting the recompile limit
     seen: dict = {}  # exact-shape key -> calls so far, until its variant is compiled (STATIC_AFTER)
     own_code_free = True  # fn's own code object (and its dynamo cache) is still unused by any variant
-    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
+    name = _name(fn)
 
     def compiles(size: int) -> bool:
         """Whether a call whose largest tensor has `size` elements takes the compiled path (sizes alone)."""
@@ -160,6 +160,16 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     call.compiles = lambda *args: compiles(_largest(args))
     call.variants = compiled  # signature key -> compiled function (None: eager), for tests and tools
     return call
+
+
+def _name(fn) -> str:
+    """A fused function's name in warnings and in `_FAILED`. A partial's names what it binds: each policy's
+    `operands` is a partial of one function, and one policy's failure to compile must not send the others'
+    calls to the eager path."""
+    if isinstance(fn, functools.partial):
+        bound = ", ".join(getattr(a, "__name__", None) or repr(a)[:40] for a in fn.args)
+        return f"{_name(fn.func)}[{bound}]"
+    return getattr(fn, "__name__", None) or repr(fn)
 
 
 def _largest(args) -> int:

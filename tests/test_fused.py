@@ -349,3 +349,43 @@ def test_eager_passes_block_runs_eagerly_and_restores_the_setting():
     assert fusing.COMPILE
     _equal(f(x), x * 0.5)
     assert len(f.variants) == 1
+
+
+def test_every_policy_compiles_its_operands_for_a_batch_of_one(monkeypatch):
+    """A batch-1 grouped conv's per-tensor gradient quantizer failed to compile ("sort with non-constant
+    keys": `absmax` ordered symbolic strides), and the failure, recorded under the shared name "_operands",
+    sent every policy's operands in the process to the eager path (4-8x slower). Now each compiles, and a
+    failure would be recorded per policy."""
+    import sys
+    from pathlib import Path
+
+    import torch.nn as nn
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sites import run_site
+
+    monkeypatch.setattr(fusing, "_FAILED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "int8fx: ... runs eagerly" would raise here
+        for policy in ("per-tensor", "gvq-mcs"):
+            run_site(lambda: nn.Conv2d(192, 192, 3, padding=1, groups=8), (1, 192, 28, 28), "torch", policy,
+                     "nearest")
+    assert fusing.compile_status()[1] == {}
+
+
+def test_one_partials_compile_failure_leaves_the_others_compiled(monkeypatch):
+    """Policies' fused calls are partials of one function: their failures are told apart by what they bind."""
+    monkeypatch.setattr(fusing, "_FAILED", {})
+
+    def body(kind, x):
+        if kind == "breaks":
+            torch._dynamo.graph_break()  # fullgraph compilation refuses it
+        return (x * 2).round()
+
+    broken, fine = fusing.fused(functools.partial(body, "breaks")), fusing.fused(functools.partial(body, "fine"))
+    x = torch.randn(1 << 15)
+    with pytest.warns(UserWarning, match=r"body\['breaks'\] runs eagerly"):
+        assert torch.equal(broken(x), (x * 2).round())
+    assert torch.equal(fine(x), (x * 2).round())
+    assert list(fusing.compile_status()[1]) == ["body['breaks']"]
+    assert [v is not None for v in fine.variants.values()] == [True]

@@ -34,8 +34,10 @@ def absmax(x: Tensor, dim: int | tuple | None = None) -> Tensor:
 
 def _dense_flat(x: Tensor) -> Tensor:
     """x as a flat view when its elements fill its storage in some order (e.g. a channels-last activation);
-    aminmax would otherwise copy a non-contiguous tensor to contiguous before it reduces (order-free)."""
-    if x.is_contiguous():
+    aminmax would otherwise copy a non-contiguous tensor to contiguous before it reduces (order-free). Not
+    while compiling: a compiled reduction reads any layout in place, and dynamo cannot sort symbolic strides
+    (it raised "sort with non-constant keys" for a batch-1 gradient, and the policy ran eagerly)."""
+    if x.is_contiguous() or torch.compiler.is_compiling():
         return x
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
     v = x.permute(order)
