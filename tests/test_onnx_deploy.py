@@ -523,7 +523,8 @@ def test_relu6_becomes_leaky_relu_only_where_quantization_makes_them_equal(scale
 # models where onnxruntime once left conv sites in float, or the deploy export failed (what each tests:
 # `Branchy`'s docstring); a few steps from random init, random images
 UNSEEN_STRUCTURES = ["timm:resnet26d", "timm:cspresnet50", "timm:ghostnet_100", "timm:nf_resnet26",
-                     "torchvision:shufflenet_v2_x0_5", "torchvision:convnext_tiny"]
+                     "torchvision:shufflenet_v2_x0_5", "torchvision:convnext_tiny",
+                     "timm:resnet50_gn"]  # its GroupNorms made onnxruntime's quantizer fail (FLOAT_NORMS)
 
 
 @pytest.mark.slow
@@ -578,3 +579,20 @@ def test_a_converted_bare_module_is_its_own_site_in_the_file(form, make, shape, 
     else:
         assert int8_sites(meta, runtime_ops(path)) == {site: [kernel]}
         assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_group_norm_stays_float_in_the_deploy_graph(tmp_path):
+    """An exported GroupNorm (Reshape, InstanceNormalization, Reshape, Mul, Add) is left out of onnxruntime's
+    quantization (`deploy.FLOAT_NORMS`): no integer kernel would run it, and quantizing it made the quantizer
+    fail on timm's resnet50_gn. The conv site before it still runs in INT8."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))  # noqa: E731
+    qm = _briefly_trained(make, (4, 3, 16, 16), steps=2, momentum=0.0)
+    path = str(tmp_path / "gn.onnx")
+    meta = int8fx.export_onnx(qm, torch.randn(4, 3, 16, 16), path, form="deploy")
+    graph = onnx.load(path).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    norms = [n for n in graph.node if n.op_type == "InstanceNormalization"]
+    # its scale and shift stay float initializers (quantized, they came through DequantizeLinear)
+    assert norms and all(producer.get(i) != "DequantizeLinear" for n in norms for i in n.input[1:])
+    assert int8_sites(meta, runtime_ops(path))["0"] == ["QLinearConv"]  # the conv before it (the last is the output)

@@ -100,7 +100,8 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     feeds = _feeds(fp32, batches)
     float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
-    model = _quantize(ortq, fp32, feeds, float_compute + gates, overrides)
+    norms = [n.name for n in fp32.graph.node if n.op_type in FLOAT_NORMS]
+    model = _quantize(ortq, fp32, feeds, float_compute + gates + norms, overrides)
     float_outputs = quantized.float_graph_outputs(model)
     quantized.float_ops_read_floats(model, set(gates))
     quantized.shapes_read_floats(model)
@@ -122,6 +123,12 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "sites_without_onnxruntime_int8_kernel": sorted(
                             {site for name, site in site_of.items() if view.nodes[name].op_type == "ConvTranspose"})}}
     return model, used, calls_meta, extra
+
+
+# normalizations left in float: onnxruntime has no integer kernel for them, and quantizing an exported GroupNorm
+# (InstanceNormalization between two Reshapes) made its quantizer fail ("Quantization parameter shared mode is
+# not supported for weight yet", timm's resnet50_gn)
+FLOAT_NORMS = ("InstanceNormalization", "GroupNormalization")
 
 
 def _feeds(model, batches: list[tuple]) -> list[dict]:
