@@ -60,7 +60,8 @@ def _module(forward, w_shape=(3, 3), base=nn.Module, **attrs):
     return m
 
 
-@pytest.mark.parametrize("case", ["direct", "helper two calls deep", "string", "partial", "callable object",
+@pytest.mark.parametrize("case", ["direct", "helper two calls deep", "string", "format string", "partial",
+                                  "callable object",
                                   "base-class method", "closure", "instance attribute", "conv method"])
 def test_every_way_to_a_conv_or_linear_call_counts(case):
     class Obj:
@@ -85,6 +86,9 @@ def test_every_way_to_a_conv_or_linear_call_counts(case):
     elif case == "string":
         def forward(self, x):
             return getattr(F, "linear")(x, self.w)
+    elif case == "format string":
+        def forward(self, x):
+            return getattr(F, "conv%dd" % 1)(x, self.w)
     elif case == "partial":
         attrs["op"] = functools.partial(F.linear)
 

@@ -32,50 +32,61 @@ class _Budget(Exception):
 
 def may_call_site_ops(module: nn.Module) -> bool:
     """Whether the code `type(module).forward` runs might call F.conv*d / F.linear (module docstring)."""
-    seen: set = set()
+    scan = _Scan(module)
     try:
-        return _reads_site(type(module).forward, module, seen, MAX_DEPTH)
+        return scan.reads_site(type(module).forward, MAX_DEPTH)
     except _Budget:
         return True
 
 
-def _reads_site(fn, module: nn.Module, seen: set, depth: int) -> bool:
-    try:
-        fn = inspect.unwrap(fn)
-    except ValueError:  # a cycle of __wrapped__
-        return True
-    code = getattr(fn, "__code__", None)
-    if code is None:  # a C function, a partial, a callable object: judged by what it is called
-        return _opaque_callable_may_call(fn, module, seen, depth)
-    if code in seen:
-        return False
-    if depth < 0 or len(seen) >= MAX_FUNCTIONS:
-        raise _Budget
-    seen.add(code)
-    scope = getattr(fn, "__globals__", {})
-    own = _own_attributes(module)
-    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _filled(c)]
-    for c in _nested_codes(code):
-        if any(SITE_NAME.search(n) and n not in own for n in c.co_names + c.co_freevars) or any(
-                isinstance(k, str) and k.isidentifier() and SITE_NAME.search(k) and k not in own for k in c.co_consts):
+class _Scan:
+    """One module's scan: the code objects read so far, and the names of its own attributes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.seen = module, set()
+        # children, parameters, buffers and plain values: `self.conv_proj(x)` names a child (converted as a
+        # module site) and `self.use_conv` a flag, not a function
+        plain = {k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
+        self.own = set(module._modules) | set(module._parameters) | set(module._buffers) | plain
+
+    def names_site(self, code: types.CodeType) -> bool:
+        """A name (attribute, global, free variable) or a string without spaces (`getattr(F, "conv%dd" % n)`;
+        docstrings and messages have spaces) that looks like a conv or linear and is no attribute of its own."""
+        strings = (k for k in code.co_consts if isinstance(k, str) and not any(ch.isspace() for ch in k))
+        return any(SITE_NAME.search(n) and n not in self.own for n in (*code.co_names, *code.co_freevars, *strings))
+
+    def reads_site(self, fn, depth: int) -> bool:
+        try:
+            fn = inspect.unwrap(fn)
+        except ValueError:  # a cycle of __wrapped__
             return True
-        for name in c.co_names:
-            for callee in _callees(name, module, scope):
-                if _reads_site(callee, module, seen, depth - 1):
-                    return True
-    return any(callable(v) and not isinstance(v, (type, nn.Module)) and _reads_site(v, module, seen, depth - 1)
-               for v in cells)
+        code = getattr(fn, "__code__", None)
+        if code is None:  # a C function, a partial, a callable object: judged by what it is called
+            return self.opaque_callable_may_call(fn, depth)
+        if code in self.seen:
+            return False
+        if depth < 0 or len(self.seen) >= MAX_FUNCTIONS:
+            raise _Budget
+        self.seen.add(code)
+        scope = getattr(fn, "__globals__", {})
+        for c in _nested_codes(code):
+            if self.names_site(c):
+                return True
+            callees = (f for name in c.co_names for f in _callees(name, self.module, scope))
+            if any(self.reads_site(f, depth - 1) for f in callees):
+                return True
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _filled(c)]
+        return any(callable(v) and not isinstance(v, (type, nn.Module)) and self.reads_site(v, depth - 1)
+                   for v in cells)
 
-
-def _opaque_callable_may_call(fn, module: nn.Module, seen: set, depth: int) -> bool:
-    if isinstance(fn, functools.partial):
-        return _reads_site(fn.func, module, seen, depth)
-    if isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)) or not hasattr(type(fn), "__call__"):
-        return bool(SITE_NAME.search(getattr(fn, "__name__", "") or ""))
-    call = getattr(type(fn), "__call__", None)
-    if isinstance(call, types.FunctionType):  # a Python callable object: its __call__
-        return _reads_site(call, module, seen, depth)
-    return bool(SITE_NAME.search(getattr(fn, "__name__", "") or type(fn).__name__))
+    def opaque_callable_may_call(self, fn, depth: int) -> bool:
+        if isinstance(fn, functools.partial):
+            return self.reads_site(fn.func, depth)
+        call = getattr(type(fn), "__call__", None)
+        builtin = isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType))
+        if not builtin and isinstance(call, types.FunctionType):  # a Python callable object: its __call__
+            return self.reads_site(call, depth)
+        return bool(SITE_NAME.search(getattr(fn, "__name__", "") or type(fn).__name__))
 
 
 def _callees(name: str, module: nn.Module, scope: dict):
@@ -98,13 +109,6 @@ def _callees(name: str, module: nn.Module, scope: dict):
     value = scope.get(name)
     if callable(value) and not isinstance(value, (type, types.ModuleType, nn.Module, torch.Tensor)):
         yield value
-
-
-def _own_attributes(module: nn.Module) -> set:
-    """Names of the module's children, parameters, buffers and plain values: `self.conv_proj(x)` names a
-    child (converted as a module site) and `self.use_conv` a flag, not a function."""
-    plain = {k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
-    return set(module._modules) | set(module._parameters) | set(module._buffers) | plain
 
 
 def _nested_codes(code: types.CodeType):
