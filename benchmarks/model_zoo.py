@@ -14,6 +14,7 @@ Detection models give no differentiable eval output, so their cosine is taken on
 Usage:
     python benchmarks/model_zoo.py                       # everything (an hour or more on 2 cores)
     python benchmarks/model_zoo.py resnet18 timm:tf_mixnet_s
+    python benchmarks/model_zoo.py timm:nfnet_l0 timm:resnet50_gn  # any timm model, listed or not (--size)
     python benchmarks/model_zoo.py --family timm --json zoo.json
 Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`.
 """
@@ -116,10 +117,11 @@ def torchvision_cases() -> list[Case]:
     return cases
 
 
-def timm_cases() -> list[Case]:
+def timm_case(name: str, size: int | None = None) -> Case:
+    """Any timm model by name (random init, 10 classes), at `size` (default: TIMM_SIZE's, else 64)."""
     import timm
 
-    def build(name: str) -> nn.Module:
+    def build() -> nn.Module:
         """With dropout and drop-path where the model takes them (densenet, dpn, ghostnet, ... have no drop-path)."""
         for drop in (TIMM_KWARGS, {"drop_rate": TIMM_KWARGS["drop_rate"]}):
             try:
@@ -129,7 +131,13 @@ def timm_cases() -> list[Case]:
                     raise
         raise AssertionError("unreachable")
 
-    return [Case(f"timm:{n}", "timm", lambda n=n: build(n), _image(2, TIMM_SIZE.get(n, 64))) for n in TIMM]
+    return Case(f"timm:{name}", "timm", build, _image(2, size or TIMM_SIZE.get(name, 64)))
+
+
+def timm_cases() -> list[Case]:
+    import timm  # noqa: F401  (without timm, no timm cases)
+
+    return [timm_case(n) for n in TIMM]
 
 
 def all_cases() -> list[Case]:
@@ -341,9 +349,17 @@ def main(argv=None) -> int:
     ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "timm"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    ap.add_argument("--size", type=int, help="input size of timm models outside the list (default 64)")
     args = ap.parse_args(argv)
     cases = [c for c in all_cases() if (not args.models or c.name in args.models)
              and (args.family is None or c.family == args.family)]
+    # timm models beyond the list (models no sweep has met): built by name, at --size
+    listed = {c.name for c in cases}
+    for name in args.models:
+        if name not in listed and name.startswith("timm:"):
+            cases.append(timm_case(name[len("timm:"):], args.size))
+        elif name not in listed:
+            ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as timm:NAME")
     if args.models:  # in the order given
         cases.sort(key=lambda c: args.models.index(c.name))
     print(f"{'model':32s} {'family':14s} {'exact':>5s} {'int8':>9s} {'cos mean/min':>13s} {'s':>6s}  notes", flush=True)
