@@ -354,10 +354,11 @@ def main(argv=None) -> int:
     cases = [c for c in all_cases() if (not args.models or c.name in args.models)
              and (args.family is None or c.family == args.family)]
     # timm models beyond the list (models no sweep has met): built by name, at --size
-    listed = {c.name for c in cases}
+    listed = {c.name for c in all_cases()}
     for name in args.models:
         if name not in listed and name.startswith("timm:"):
-            cases.append(timm_case(name[len("timm:"):], args.size))
+            if args.family in (None, "timm"):
+                cases.append(timm_case(name[len("timm:"):], args.size))
         elif name not in listed:
             ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as timm:NAME")
     if args.models:  # in the order given
