@@ -1,8 +1,7 @@
 """One transposed conv site, forward + backward: FP32 against int8fx, measured in the same run (CPU).
 
-Transposed convs run the layouts of the reference pipeline with the backend's GEMM (int8fx/nn/transposed.py:
-oneDNN's int8 GEMM where "auto" picks "torch", one per group; no channels-last int8 form, no fused
-epilogues), so this says what that costs next to the FP32 layer, per layer shape:
+On CPU transposed convs run the channels-last pipeline of conv sites with roles exchanged
+(int8fx/nn/transposed.py), so this says what that costs next to the FP32 layer, per layer shape:
     python benchmarks/transposed_sites.py                 # one thread, median of 15 interleaved steps
     python benchmarks/transposed_sites.py --threads 2 --reps 25
 Prints a table: FP32 ms, INT8 ms, INT8 / FP32.
@@ -24,6 +23,11 @@ LAYERS = {  # name: (module, input shape)
     "decoder 64->32 k3 s2 op1 @16x16, batch 16": (
         lambda: nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), (16, 64, 16, 16)),
     "1d 64->32 k4 s2 @256, batch 16": (lambda: nn.ConvTranspose1d(64, 32, 4, stride=2, padding=1), (16, 64, 256)),
+    "64->32 k2 s2 @16x16, batch 16": (lambda: nn.ConvTranspose2d(64, 32, 2, stride=2), (16, 64, 16, 16)),
+    "128->64 k4 s2 p1 @8x8, batch 16": (lambda: nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), (16, 128, 8, 8)),
+    "32->16 k3 s1 p1 @32x32, batch 16": (lambda: nn.ConvTranspose2d(32, 16, 3, padding=1), (16, 32, 32, 32)),
+    "depthwise 32 k4 s2 p1 @16x16, batch 16": (lambda: nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1, groups=32),
+                                               (16, 32, 16, 16)),
 }
 
 

@@ -109,12 +109,12 @@ def test_epilogues_compiled_equal_eager():
     fused.scale_accumulators(acc, s_x, s_w, y.permute(0, 2, 3, 1).reshape(4096, 64))
     _equal(y.permute(0, 2, 3, 1).reshape(4096, 64), outs[0])
     w_acc = torch.randint(-2**24, 2**24, (256, 3, 3, 128), dtype=torch.int32, generator=_gen(3)).permute(0, 3, 1, 2)
-    s_gw = torch.rand(256, generator=_gen(4))
+    s_gw = torch.rand(256, generator=_gen(4)).view(-1, 1, 1, 1)  # (the per-output-channel scale, broadcast)
     for dtype in (torch.float32, torch.bfloat16):
         (none, dw), (none_eager, dw_eager) = _both(fused.scale_gradients, None, w_acc, s_x, s_gw, s_x, dtype, dtype, False)
         assert none is None and none_eager is None
         _equal(dw, dw_eager)
-        _equal(dw, (w_acc.float() * s_gw.view(-1, 1, 1, 1) * s_x).to(dtype).contiguous())
+        _equal(dw, (w_acc.float() * s_gw * s_x).to(dtype).contiguous())
         assert dw.is_contiguous()
 
 
@@ -128,14 +128,14 @@ def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype):
     acc = torch.randint(-2**24, 2**24, (8, 32, 24, 48), dtype=torch.int32, generator=_gen(1))
     s = torch.tensor(3.1e-5)
     w_acc = torch.randint(-2**24, 2**24, (48, 3, 3, 16), dtype=torch.int32, generator=_gen(2)).permute(0, 3, 1, 2)
-    s_gw = torch.rand(48, generator=_gen(3))
+    s_gw = torch.rand(48, generator=_gen(3)).view(-1, 1, 1, 1)
     for to_nchw in (True, False):
         (dx, dw), eager = _both(fused.scale_gradients, acc, w_acc, s, s_gw, s, dtype, torch.float32, to_nchw)
         _equal((dx, dw), eager)
         want = (acc.float() * s).to(dtype)
         _equal(dx, want.permute(0, 3, 1, 2).contiguous() if to_nchw else want)
         assert dx.is_contiguous()
-        _equal(dw, (w_acc.float() * s_gw.view(-1, 1, 1, 1) * s).contiguous())
+        _equal(dw, (w_acc.float() * s_gw * s).contiguous())
         (dx_only, none), _ = _both(fused.scale_gradients, acc, None, s, s_gw, s, dtype, torch.float32, to_nchw)
         assert none is None
         _equal(dx_only, dx)
@@ -182,7 +182,7 @@ def test_the_largest_argument_decides_compiling():
     dx_acc = torch.randint(-2**20, 2**20, (16, 2, 2, 64), dtype=torch.int32, generator=_gen())
     dw_acc = torch.randint(-2**20, 2**20, (512, 3, 3, 64), dtype=torch.int32, generator=_gen(1)).permute(0, 3, 1, 2)
     assert dx_acc.numel() < fusing.SMALL and dw_acc.numel() >= fusing.STATIC
-    s_gx, s_gw, s_x = torch.tensor(0.5), torch.rand(512, generator=_gen(2)), torch.tensor(0.01)
+    s_gx, s_gw, s_x = torch.tensor(0.5), torch.rand(512, generator=_gen(2)).view(-1, 1, 1, 1), torch.tensor(0.01)
     before = len(fused.scale_gradients.variants)
     got, eager = _both(fused.scale_gradients, dx_acc, dw_acc, s_gx, s_gw, s_x, torch.float32, torch.float32, False)
     assert len(fused.scale_gradients.variants) == before + 1

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 import int8fx
 from fashion_data import needs_data
 from int8fx.kernels import resolve_backend
+from int8fx.nn import functional
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
+from sites import SITES, assert_same, run_site
 
 CASES = {  # (module, input shape)
     "2d-strided-output-padding-grouped": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1,
@@ -93,6 +95,36 @@ def test_gradients_are_the_exact_integer_products(case):
         ratio = got.double()[nz] / exact[nz]
         assert nz.sum() > exact.numel() // 2 and torch.equal(got.double()[~nz], exact[~nz])
         assert float((ratio / ratio[0] - 1).abs().max()) < 2**-22  # one scale, applied once in fp32
+
+
+TRANSPOSED_SITES = {**{f"site:{k}": v for k, v in SITES.items() if k.startswith("conv-transpose")}, **CASES,
+                    "2d-k4-s2-wide": (lambda: nn.ConvTranspose2d(24, 16, 4, stride=2, padding=1), (3, 24, 6, 5)),
+                    "2d-k3-s1-channels-last": (lambda: nn.ConvTranspose2d(8, 12, 3, padding=1), (2, 8, 7, 6))}
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("grad_quant,rounding", [("per-tensor", "nearest"), ("gvq-mcs", "stochastic")])
+@pytest.mark.parametrize("case", sorted(TRANSPOSED_SITES))
+def test_channels_last_pipeline_equals_the_reference_pipeline(case, grad_quant, rounding, backend, monkeypatch):
+    """On CPU a transposed site runs the channels-last pipeline (the conv's nhwc products with roles
+    exchanged, int8fx.nn.transposed); its y, dX, dW and db over two steps equal, bit for bit, what the
+    reference pipeline's layouts compute for the same site."""
+    make, shape = TRANSPOSED_SITES[case]
+    channels_last = case.endswith("channels-last")
+    ran = []
+    pipeline = functional.pipeline
+
+    def spy(*args):
+        kind, be = pipeline(*args)
+        ran.append(kind)
+        return kind, be
+
+    monkeypatch.setattr(functional, "pipeline", spy)
+    fast = run_site(make, shape, backend, grad_quant, rounding, channels_last=channels_last)
+    assert set(ran) == {"nhwc"}
+    monkeypatch.setattr(functional, "pipeline",
+                        lambda backend, device, *rest: ("reference", resolve_backend("reference", device)))
+    assert_same(run_site(make, shape, backend, grad_quant, rounding, channels_last=channels_last), fast)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -191,38 +191,52 @@ def _group_columns(t: Tensor, g: int) -> Tensor:
 def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec, act_clip: Tensor | None):
     """(y, x_q, s_x, w_q [O, K], s_w): y channels-last for convs; x_q the int8 activation (channels-last for
     convs) kept for backward; w_q in this pipeline's K order. `act_clip` as in quantized_forward."""
-    o, g = weight.shape[0], spec.groups
+    o = weight.shape[0]
     w_q, s_w = _quantized_weight_rows(weight.detach(), spec)  # [O, K] int8
     if spec.is_linear:
         s_x, x_q = quantize_activation(x, act_clip, "rows")
         acc = backend.bmm(x_q.reshape(1, -1, x.shape[-1]), w_q.t().unsqueeze(0))[0]  # [M, O]
-        out_shape = (*x.shape[:-1], o)
-    elif is_depthwise(spec, x.shape, o):
-        s_x, xq_cl, xf_cl = quantize_activation(x, act_clip, "channels_last_pair")  # int8 (kept), fp32 (operand)
-        x_q = xq_cl.movedim(-1, 1)
-        acc = _dw_conv(xf_cl.movedim(-1, 1), w_q.view(o, 1, *spec.kernel).float(), spec)  # channels-last
-        out_shape = (acc.shape[0], *acc.shape[2:], o)
-        acc = acc.movedim(1, -1).reshape(-1, o)
-    else:
-        s_x, xq_cl = quantize_activation(x, act_clip, "channels_last")  # [N, *S, C]
-        x_q = xq_cl.movedim(-1, 1)
-        acc, out = _conv(backend, xq_cl, w_q.view(g, o // g, -1).transpose(1, 2), spec)  # [M, O]
-        out_shape = (x.shape[0], *out, o)
-    # the output is a tensor of its own (not a view: autograd lets a view of a Function's output be modified in
-    # place by nothing, and ReLU(inplace=True) follows convs), [N, O, *S] in torch's layout for the operands
+        return write_output(acc.view(*x.shape[:-1], o), s_x, s_w, bias, x, weight, spec), x_q, s_x, w_q, s_w
+    depthwise = is_depthwise(spec, x.shape, o)
+    # a depthwise conv runs in fp32 on the integer values: the quantizer writes them too, in the same pass
+    s_x, xq_cl, *xf_cl = quantize_activation(x, act_clip, "channels_last_pair" if depthwise else "channels_last")
+    acc = conv_accumulators(backend, xq_cl, w_q, spec, *xf_cl)  # [N, *out, O]
+    return write_output(acc, s_x, s_w, bias, x, weight, spec), xq_cl.movedim(-1, 1), s_x, w_q, s_w
+
+
+def conv_accumulators(backend, xq_cl: Tensor, w_q: Tensor, spec: GemmSpec, xf_cl: Tensor | None = None) -> Tensor:
+    """The exact integer conv [N, *out, O] of the int8 channels-last xq_cl [N, *S, C] with the int8 weight
+    w_q [O, K] (K in (kernel position, channel) order): integers (int32/int64), or for a depthwise conv
+    integer values in fp32 (`_dw_conv`, on `xf_cl`: xq_cl's values in fp32 where the caller has them)."""
+    n, *sizes, c = xq_cl.shape
+    o, g = w_q.shape[0], spec.groups
+    if is_depthwise(spec, (n, c, *sizes), o):
+        xf = xq_cl.float() if xf_cl is None else xf_cl
+        return _dw_conv(xf.movedim(-1, 1), w_q.view(o, 1, *spec.kernel).float(), spec).movedim(1, -1)
+    acc, out = _conv(backend, xq_cl, w_q.view(g, o // g, -1).transpose(1, 2), spec)  # [M, O]
+    return acc.view(n, *out, o)
+
+
+def write_output(acc: Tensor, s_x: Tensor, s_w: Tensor, bias: Tensor | None, x: Tensor, weight: Tensor,
+                 spec: GemmSpec) -> Tensor:
+    """y = float(acc) s_X s_W[o] (+ bias) from the accumulators [N, *out, O] (channels last; a linear's
+    [..., O]), in one pass: a tensor of its own (not a view: autograd lets a view of a Function's output be
+    modified in place by nothing, and ReLU(inplace=True) follows convs), for a conv [N, O, *out] stored
+    channels-last or contiguous by torch's rule (`output_channels_last`)."""
     if spec.is_linear:
-        y = x.new_empty(out_shape, dtype=torch.float32)
-        rows = y.view(-1, o)
+        y = x.new_empty(acc.shape, dtype=torch.float32)
+        rows = y
     else:
-        y_shape = (out_shape[0], o, *out_shape[1:-1])
+        n, *out, o = acc.shape
+        y_shape = (n, o, *out)
         y = (empty_channels_last(y_shape, torch.float32, x.device) if output_channels_last(x, weight)
              else x.new_empty(y_shape, dtype=torch.float32))
-        rows, acc = y.movedim(1, -1), acc.view(out_shape)  # the epilogue writes either layout in one pass
+        rows = y.movedim(1, -1)  # the epilogue writes either layout in one pass
     if bias is None:
         scale_accumulators(acc, s_x, s_w, rows)
     else:
         scale_accumulators_bias(acc, s_x, s_w, bias, rows)
-    return y, x_q, s_x, w_q, s_w
+    return y
 
 
 def stored_channels_last(t: Tensor) -> bool:

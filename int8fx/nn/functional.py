@@ -99,10 +99,8 @@ def pipeline(backend: str, device: torch.device, spec: GemmSpec, x_shape, out_ch
     channels-last pipeline (int8fx.kernels.nhwc) except for depthwise convs, which take the reference's
     direct path. The fake implementations ask the same question, so they promise the same strides."""
     be = resolve_backend(backend, device)
-    if spec.transposed:  # (int8fx.nn.transposed: the layouts' products; int8 operands on CPU, one GEMM per group)
-        depthwise = spec.groups == x_shape[1] == out_channels
-        int8_ok = be.operand_dtype == torch.int8 and device.type == "cpu" and not depthwise
-        return "reference", (be if be.operand_dtype == torch.float32 or int8_ok else resolve_backend("reference", device))
+    if spec.transposed and device.type != "cpu":  # (int8fx.nn.transposed: the layouts' fp32 products on CUDA)
+        return "reference", (be if be.operand_dtype == torch.float32 else resolve_backend("reference", device))
     if nhwc.applies(be, device, spec, tuple(x_shape), out_channels):
         return "nhwc", be
     return "reference", (be if be.operand_dtype == torch.float32 else resolve_backend("reference", device))
@@ -116,7 +114,8 @@ def gemm_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Te
     clip = act_clip if static_clip else None
     with _no_autocast(x.device):
         if kind == "nhwc":  # y and x_q channels-last for convs, as `_forward_fake` promises
-            y, x_q, s_x, w_q, s_w = nhwc.forward(be, x, weight, bias, spec_, clip)
+            forward = transposed.forward_channels_last if spec_.transposed else nhwc.forward
+            y, x_q, s_x, w_q, s_w = forward(be, x, weight, bias, spec_, clip)
             return y.to(out_dtype), x_q, s_x, w_q, s_w
         y, x_q, s_x, w_q, s_w = quantized_forward(x, weight, spec_, be, clip)
         if bias is not None:
@@ -185,14 +184,18 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
             deviation = torch.where(torch.isfinite(d), d, deviation)
         dx, dw, db = dy.new_empty(0, dtype=x_dtype), dy.new_empty(0, dtype=w_dtype), dy.new_empty(0)
         if kind == "nhwc":
-            dx_acc = nhwc.grad_input(be_, gq, w_q, spec_, tuple(x_shape)) if need_x else None
-            dw_acc = nhwc.grad_weight(be_, dq, x_q, spec_, w_shape) if need_w else None
+            products = transposed.CHANNELS_LAST if spec_.transposed else (nhwc.grad_input, nhwc.grad_weight)
+            dx_acc = products[0](be_, gq, w_q, spec_, tuple(x_shape)) if need_x else None
+            dw_acc = products[1](be_, dq, x_q, spec_, w_shape) if need_w else None
+            s_gw_ = s_gw.view(-1, *([1] * (len(w_shape) - 1)))  # dW's output channels: its dim 0, a transposed conv's dim 1
+            if need_w and spec_.transposed:
+                dw_acc, s_gw_ = transposed.per_output_channel(dw_acc, s_gw, g)
             to_nchw = not spec_.is_linear and not nhwc.stored_channels_last(dy)  # dX in dY's layout, as torch's
-            dx_, dw_ = scale_gradients(dx_acc, dw_acc, s_gx, s_gw, s_x, x_dtype, w_dtype, to_nchw)
+            dx_, dw_ = scale_gradients(dx_acc, dw_acc, s_gx, s_gw_, s_x, x_dtype, w_dtype, to_nchw)
             if need_x:
                 dx = dx_ if spec_.is_linear or to_nchw else _from_storage(dx_, spec_)
             if need_w:
-                dw = dw_
+                dw = dw_.view(w_shape)
         elif spec_.transposed:
             if need_x:
                 dx_int = transposed.grad_input(be_, _as_output(gq, spec_, dy).to(be_.operand_dtype),
@@ -201,9 +204,8 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
             if need_w:
                 acc = transposed.grad_weight(be_, _as_output(dq, spec_, dy).to(be_.operand_dtype),
                                              x_q.to(be_.operand_dtype), spec_)  # [C_in, C_out/g, window]
-                # one scale at a time, as `scale_gradients`; s_gW per output channel: [g, 1, C_out/g, 1]
-                dw = (acc.float().view(g, -1, O // g, spec_.window) * s_gw.view(g, 1, -1, 1) * s_x).reshape(
-                    w_shape).to(w_dtype).contiguous()
+                acc, s_gw_ = transposed.per_output_channel(acc, s_gw, g)
+                dw = (acc.float() * s_gw_ * s_x).reshape(w_shape).to(w_dtype).contiguous()  # as `scale_gradients`
         else:
             layout = layouts.layout_for(spec_, tuple(x_shape), O)
             if need_x:

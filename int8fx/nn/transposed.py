@@ -13,10 +13,14 @@ for dX, where the output channel o is reduced (as for a conv, `int8fx.nn.functio
 scale therefore sits on an index the integer sums keep apart, and the results are the exact gradients of
 the quantized forward (straight-through for the quantizers).
 
-These sites run the layouts of the reference pipeline. On CPU an int8-operand backend ("torch": oneDNN's
-int8 GEMM) computes their products, in the "rows" layout (one GEMM per group, the only one whose products
-are GEMMs big enough for it); depthwise ones, and every transposed site on CUDA, take the reference
-backend (fp32 GEMMs on integer values, K-chunked to stay exact). Either way the integers are the same.
+On CPU these sites run the channels-last pipeline of conv sites (int8fx.kernels.nhwc), its products with
+the same roles exchanged (`*_channels_last` below): the forward is nhwc's dX product of the int8 X, dX its
+conv of the int8 dY (oneDNN's direct conv where measured faster, depthwise ones in exact fp32), dW its
+weight gradient with X and dY swapped, so a decoder's upsampling costs about what its convs cost (measured
+on one CPU: a 64->32 k2 s2 site 1.7x FP32 where the layouts' products took 2.9x; a k3 s1 one 1.3x, not
+7x). On CUDA they run the layouts of the reference pipeline with the reference backend (fp32 GEMMs on
+integer values, K-chunked to stay exact). The integers are the same either way
+(tests/test_transposed.py compares the two pipelines bit for bit).
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import layouts
+from ..kernels import layouts, nhwc
 from ..kernels.im2col import GemmSpec
 from ..quant.core import quantize_per_channel
+from ..quant.fused import quantize_activation
 
 
 def weight_operand(weight: Tensor, groups: int, out_dtype) -> tuple[Tensor, Tensor]:
@@ -41,23 +46,17 @@ def weight_operand(weight: Tensor, groups: int, out_dtype) -> tuple[Tensor, Tens
     return w_q, s_w
 
 
-def _layout(backend, conv: GemmSpec, x_shape: tuple, out_channels: int) -> str:
-    """"rows" for int8 operands (the other layouts' small products and fp32 taps are no place for them), else
-    the layouts' own rule."""
-    return "rows" if backend.operand_dtype == torch.int8 else layouts.layout_for(conv, x_shape, out_channels)
-
-
 def forward(backend, x_op: Tensor, w_q: Tensor, spec: GemmSpec) -> Tensor:
     """Exact accumulators of the transposed conv [N, C_out, *out] from the quantized X [N, C_in, *in]."""
     y_shape = (x_op.shape[0], w_q.shape[1] // spec.window * spec.groups, *spec.out_size(tuple(x_op.shape[2:])))
     conv = spec.conv
-    return layouts.grad_input(backend, x_op, w_q, conv, y_shape, _layout(backend, conv, y_shape, w_q.shape[0]))
+    return layouts.grad_input(backend, x_op, w_q, conv, y_shape, layouts.layout_for(conv, y_shape, w_q.shape[0]))
 
 
 def grad_input(backend, g_op: Tensor, w_q: Tensor, spec: GemmSpec) -> Tensor:
     """Exact integer dX [N, C_in, *in] from the quantized (dY s_W) `g_op` [N, C_out, *out]."""
     conv = spec.conv
-    acc, _ = layouts.forward(backend, g_op, w_q, conv, _layout(backend, conv, tuple(g_op.shape), w_q.shape[0]))
+    acc, _ = layouts.forward(backend, g_op, w_q, conv, layouts.layout_for(conv, tuple(g_op.shape), w_q.shape[0]))
     return acc
 
 
@@ -67,6 +66,53 @@ def grad_weight(backend, dq_op: Tensor, x_op: Tensor, spec: GemmSpec) -> Tensor:
     conv = spec.conv
     c_in = x_op.shape[1]
     x_rows = x_op.movedim(1, -1).reshape(-1, c_in)  # X in dY's role: rows [M, C_in]
-    layout = _layout(backend, conv, tuple(dq_op.shape), c_in)
+    layout = layouts.layout_for(conv, tuple(dq_op.shape), c_in)
     acc = layouts.grad_weight(backend, x_rows.contiguous(), dq_op, conv, layout)  # [g, C_in/g, C_out/g x window]
     return acc.reshape(c_in, -1, spec.window)
+
+
+# ------------------------------------------------------------------------------------ channels-last pipeline
+def channels_last_weight(weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(int8 [C_in, window x C_out/g] in the channels-last pipeline's (kernel position, channel) order,
+    s_w [C_out]): W quantized per output channel (`weight_operand`), then reordered as int8."""
+    w_q, s_w = weight_operand(weight, groups, torch.int8)
+    c_in, og = weight.shape[:2]
+    return w_q.view(c_in, og, -1).transpose(1, 2).reshape(c_in, -1), s_w
+
+
+def forward_channels_last(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec,
+                          act_clip: Tensor | None):
+    """`int8fx.kernels.nhwc.forward` for a transposed conv: (y, x_q, s_x, w_q, s_w), y the conv's dX product
+    of the int8 channels-last X, written by the same epilogue."""
+    c_in, og = weight.shape[:2]
+    w_q, s_w = channels_last_weight(weight.detach(), spec.groups)
+    s_x, xq_cl = quantize_activation(x, act_clip, "channels_last")  # [N, *S_in, C_in]
+    y_shape = (x.shape[0], og * spec.groups, *spec.out_size(tuple(x.shape[2:])))
+    acc = nhwc.grad_input(backend, xq_cl.view(-1, c_in), w_q, spec.conv, y_shape)  # [N, *S_out, C_out]
+    return nhwc.write_output(acc, s_x, s_w, bias, x, weight, spec), xq_cl.movedim(-1, 1), s_x, w_q, s_w
+
+
+def grad_input_channels_last(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple) -> Tensor:
+    """Exact integer dX [N, *S_in, C_in] (channels last) from the quantized (dY s_W) rows `gq` [M, C_out]:
+    the conv's forward product applied to dY."""
+    n, c_in, *sizes = x_shape
+    dyq = gq.view(n, *spec.out_size(tuple(sizes)), gq.shape[1])
+    return nhwc.conv_accumulators(backend, dyq, w_q, spec.conv)
+
+
+def grad_weight_channels_last(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Tensor:
+    """Exact integer dW [C_in, C_out/g, *k] from dY quantized per channel `dq` [M, C_out] and the saved int8
+    X (channels-last [N, C_in, *S_in]): the conv's dW product with X in dY's role and dY in X's."""
+    n, c_in, *sizes = x_q.shape
+    dy_cl = dq.view(n, *spec.out_size(tuple(sizes)), dq.shape[1]).movedim(-1, 1)  # [N, C_out, *S_out], X's role
+    return nhwc.grad_weight(backend, x_q.movedim(1, -1).reshape(-1, c_in), dy_cl, spec.conv, w_shape)
+
+
+def per_output_channel(dw: Tensor, s_gw: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(dW as [g, C_in/g, C_out/g, window], s_gW as [g, 1, C_out/g, 1]): the weight gradient's output-channel
+    scale placed on W's dim 1 within each group, for the epilogue to multiply (a view where dW allows)."""
+    c_in, og = dw.shape[:2]
+    return dw.reshape(groups, c_in // groups, og, -1), s_gw.view(groups, 1, og, 1)
+
+
+CHANNELS_LAST = (grad_input_channels_last, grad_weight_channels_last)  # (dX, dW) products, as nhwc's

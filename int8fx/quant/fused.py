@@ -119,15 +119,16 @@ def scale_gradients(dx_acc: Tensor | None, dw_acc: Tensor | None, s_gx: Tensor, 
     - dX = float(dx_acc) * s_gx in x_dtype, from the channels-last pipeline's [N, *S, C] (or a linear's):
       stored as dx_acc is, or [N, C, *S] contiguous when `to_nchw` (a model kept in torch's default layout
       gets dX in it without a transposing copy; see `gradient_rows` for why);
-    - dW = float(dw_acc) * s_gw[o] * s_x in w_dtype (this order: each product alone stays representable
-      where s_gw * s_x would underflow), written contiguous whatever dw_acc's strides (the conv weight's
-      layout from the GEMM's (kernel, channel) order)."""
+    - dW = float(dw_acc) * s_gw * s_x in w_dtype, s_gw the per-output-channel scales shaped to broadcast
+      against dw_acc (this order: each product alone stays representable where s_gw * s_x would underflow),
+      written contiguous whatever dw_acc's strides (the conv weight's layout from the GEMM's (kernel,
+      channel) order)."""
     dx = dw = None
     if dx_acc is not None:
         dx = (dx_acc.float() * s_gx).to(x_dtype)
         dx = dx.movedim(-1, 1).contiguous() if to_nchw else dx
     if dw_acc is not None:
-        dw = (dw_acc.float() * s_gw.view(-1, *([1] * (dw_acc.dim() - 1))) * s_x).to(w_dtype).contiguous()
+        dw = (dw_acc.float() * s_gw * s_x).to(w_dtype).contiguous()
     return dx, dw
 
 
