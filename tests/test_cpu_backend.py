@@ -334,15 +334,17 @@ def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monk
 
 
 @pytest.mark.parametrize("mode", ["always", "never"])
-@pytest.mark.parametrize("cin,cout,k,stride,groups,size,batch", [
-    (8, 48, 3, 1, 2, 3, 2),  # fewer im2col rows than output channels (a late layer)
-    (16, 16, 3, 1, 1, 12, 4),  # a large map with few channels: the direct conv's forward and dX
-    (6, 12, 3, 2, 3, 7, 2),  # strided, grouped
-    (4, 40, 3, 1, 1, 2, 1),  # both at once
-    (1, 16, 3, 1, 1, 9, 3),  # one input channel (a grayscale stem): the im2col's per-position copies
-    (2, 8, 3, 2, 1, 7, 2),  # two, strided
+@pytest.mark.parametrize("cin,cout,k,stride,groups,size,batch,pad", [
+    (8, 48, 3, 1, 2, 3, 2, 1),  # fewer im2col rows than output channels (a late layer)
+    (16, 16, 3, 1, 1, 12, 4, 1),  # a large map with few channels: the direct conv's forward and dX
+    (6, 12, 3, 2, 3, 7, 2, 1),  # strided, grouped
+    (4, 40, 3, 1, 1, 2, 1, 1),  # both at once
+    (1, 16, 3, 1, 1, 9, 3, 1),  # one input channel (a grayscale stem): the im2col's per-position copies
+    (2, 8, 3, 2, 1, 7, 2, 1),  # two, strided
+    (4, 8, 2, 2, 2, 6, 2, 0),  # windows that tile the input (a patchify conv): dX's col2im is a permutation
+    (3, 8, 4, 4, 1, 8, 2, 0),  # the same, 4x4
 ])
-def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, size, batch, monkeypatch):
+def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, size, batch, pad, monkeypatch):
     """The CPU pipeline's integers against float64 autograd of torch's conv (exact at these magnitudes),
     not against another run of the same pipeline: codes whose absmax is 127 per tensor (x, dY) and per
     output channel (W) make every scale 1, so the outputs are the integer sums themselves."""
@@ -350,7 +352,7 @@ def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, si
 
     monkeypatch.setattr(direct, "MODE", mode)
     gen = torch.Generator().manual_seed(cin + cout)
-    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=1, groups=groups, bias=False)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, groups=groups, bias=False)
     x, w = int_tensor((batch, cin, size, size), gen), int_tensor(tuple(conv.weight.shape), gen, absmax_rows=1)
     with torch.no_grad():
         conv.weight.copy_(w.float())
@@ -360,7 +362,7 @@ def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, si
     dy = int_tensor(tuple(y.shape), gen)
     y.backward(dy.float())
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    yd = F.conv2d(xd, wd, None, stride, 1, 1, groups)
+    yd = F.conv2d(xd, wd, None, stride, pad, 1, groups)
     yd.backward(dy.double())
     assert torch.equal(y.detach().double(), yd.detach())
     assert torch.equal(xf.grad.double(), xd.grad) and torch.equal(layer.weight.grad.double(), wd.grad)

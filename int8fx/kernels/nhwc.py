@@ -297,6 +297,11 @@ def grad_input(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple)
     if pointwise and g == 1:
         return dcols[0].view(n, *sizes, c)
     out = spec.out_size(tuple(sizes))
+    nd = spec.dims
+    if spec.tiles(tuple(sizes)):  # windows that tile X (a k2 s2 upsampling's forward): col2im is a permutation
+        v = dcols.view(g, n, *out, *spec.kernel, c // g)  # -> [N, out0, k0, out1, k1, ..., g, C/g]
+        v = v.permute(1, *(i for d in range(nd) for i in (2 + d, 2 + nd + d)), 0, 2 + 2 * nd)
+        return v.reshape(n, *sizes, c)
     bound = QMAX**2 * (o // g) * spec.window
     if dcols.is_floating_point():  # the reference GEMM's exact sums: fp32 while every sum stays below 2^24
         dtype = torch.float32 if bound < 2**24 and dcols.dtype == torch.float32 else torch.float64
@@ -306,7 +311,6 @@ def grad_input(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple)
     dx = torch.zeros((n, *padded, c), dtype=dtype, device=gq.device)
     slabs = dcols.view(g, n, *out, *spec.kernel, c // g)
     groups_view = dx.view(n, *padded, g, c // g).movedim(-2, 0)  # [g, N, *padded, C/g]
-    nd = spec.dims
     for offs in itertools.product(*(range(k) for k in spec.kernel)):
         sl = tuple(slice(f * d, f * d + s * (m - 1) + 1, s) for f, d, s, m in zip(offs, spec.dilation, spec.stride, out))
         groups_view[(slice(None), slice(None)) + sl] += slabs[(slice(None),) * (2 + nd) + offs]
