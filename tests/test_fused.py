@@ -166,6 +166,25 @@ def test_gradient_quantizers_compiled_equal_eager(stochastic):
         assert (pair[1][exact.abs() > 128].abs() == 127).all()
 
 
+def test_computed_once_is_the_value_it_is_given():
+    """`fusing.computed_once` (a per-column threshold stored once instead of recomputed per element) gives
+    back exactly its input, compiled and eager, NaN, infinities and signed zeros included; a count against
+    it is the count against the plain threshold."""
+    t = torch.tensor([0.5, float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-38, 3.0])
+    rows = torch.randn(300, 8, generator=_gen()) * 2
+
+    def count(rows, t):
+        sigma = (t * t).sqrt()  # an expression, as the policies' thresholds are
+        return (rows.abs() > fusing.computed_once(sigma)).sum(0, dtype=torch.int32), fusing.computed_once(t)
+
+    compiled = torch.compile(count, dynamic=True, fullgraph=True)
+    for got in (count(rows, t), compiled(rows, t)):
+        _equal(got[0], (rows.abs() > (t * t).sqrt()).sum(0, dtype=torch.int32))
+        torch.testing.assert_close(got[1], t, rtol=0, atol=0, equal_nan=True)
+        num = ~t.isnan()  # (a NaN's sign bit means nothing)
+        assert torch.equal(torch.signbit(got[1])[num], torch.signbit(t)[num])
+
+
 def test_weight_rows_compiled_equal_eager_and_core():
     w = torch.randn(64, 3, 3, 32, generator=_gen()).permute(0, 3, 1, 2)  # a reordered conv weight view
     (q, s), (q_eager, s_eager) = _both(fused.quantize_weight_rows, w)
