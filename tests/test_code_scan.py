@@ -4,6 +4,7 @@ weights of its own, which convert then warns about. Every way code can reach F.c
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import int8fx
-from int8fx.passes.code_scan import may_call_site_ops
+from int8fx.passes.code_scan import function_may_call, may_call_site_ops
 
 
 def _project(x, w):
@@ -144,3 +145,25 @@ def test_a_vit_like_root_is_not_warned_about_and_a_branchy_conv_still_is():
 
     with pytest.warns(UserWarning, match=r"may make F.conv\*d / F.linear calls .* uses its own w in code"):
         int8fx.convert(_module(forward))
+
+
+def _upsample(z, w):
+    return _deeper(z, w)
+
+
+def _deeper(z, w):
+    return F.conv_transpose2d(z, w, stride=2)
+
+
+def _plain(z, w):
+    return F.conv2d(z, w) + torch.relu(z).mean()
+
+
+def test_a_function_scan_finds_the_op_it_is_asked_about_calls_deep():
+    """`function_may_call` (for functions torch.fx does not enter): the op's name two calls deep is found;
+    a function that names other ops only is told apart."""
+    transposed = re.compile("conv_transpose2d")
+    assert function_may_call(_upsample, transposed)
+    assert not function_may_call(_plain, transposed)
+    assert function_may_call(_plain, re.compile("conv2d"))
+

@@ -202,7 +202,7 @@ class _OwnCall(nn.Module):
     def forward(self, x):
         h = F.relu(self.enc(x))
         return (F.conv_transpose2d(h, self.w, stride=2) + F.conv_transpose2d(h, self.enc.weight, stride=2)
-                + _tied_decode(h, self.enc.weight))  # (a routed call on the conv's weight: not the conv's site)
+                + _tied_decode(h, self.enc.weight))  # (a routed call on the conv's weight: a site of its own)
 
 
 class _OwnForward(nn.ConvTranspose2d):
@@ -233,7 +233,7 @@ def test_transposed_calls_in_own_code_own_forwards_and_untraceable_subclasses_ar
     assert sorted(rows) == sorted([
         ("0.enc", "conv2d", True, "module"), ("0.conv_transpose2d", "conv_transpose2d", True, "function"),
         ("0.conv_transpose2d_1", "conv_transpose2d", True, "function"), ("1", "conv_transpose2d", True, "routed"),
-        ("3", "conv_transpose2d", True, "routed")])
+        ("3", "conv_transpose2d", True, "routed"), ("0._tied_decode.conv_transpose2d", "conv_transpose2d", True, "routed")])
     exact = int8fx.convert(copy.deepcopy(model), int8fx.Int8Config(quantize=False))
     assert torch.equal(exact(x), model(x))
     y, y_fp = qm(x), model(x)
@@ -242,6 +242,56 @@ def test_transposed_calls_in_own_code_own_forwards_and_untraceable_subclasses_ar
     y.square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in qm.parameters())
     assert all(int(m.calls) == 1 for m in qm.modules() if isinstance(m, int8fx.nn.modules.Int8Layer))
+
+
+@torch.fx.wrap
+def _tied_decode_by_name(z, w):  # the same call, through a name the code does not spell
+    return getattr(F, "_".join(["conv", "transpose2d"]))(z, w, stride=2)
+
+
+class _WrappedTiedAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x):
+        return _tied_decode(torch.relu(self.enc(x)), self.enc.weight)
+
+
+class _WrappedTiedAEByName(_WrappedTiedAE):
+    def forward(self, x):
+        return _tied_decode_by_name(torch.relu(self.enc(x)), self.enc.weight)
+
+
+def test_a_tied_transposed_call_inside_a_wrapped_function_is_a_site_of_its_own():
+    """A conv's weight handed to a `torch.fx.wrap`-ped function (`_tied_decode`, above) that calls
+    F.conv_transpose2d with it: the
+    function's code names the op, so convert gives those calls a site of their own (it ran in FP32 and no
+    report said so). Where the code does not spell the op, the call runs in FP32 and says so once."""
+    torch.manual_seed(0)
+    model = _WrappedTiedAE()
+    x = torch.randn(2, 3, 9, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left in FP32
+        qm = int8fx.convert(copy.deepcopy(model))
+        y = qm(x)
+    rows = sorted((r.name, r.op, r.converted, r.source) for r in int8fx.inspect(qm).layers)
+    assert rows == [("_tied_decode.conv_transpose2d", "conv_transpose2d", True, "routed"),
+                    ("enc", "conv2d", True, "module")]
+    sites = {m.site_name: m for m in qm.modules() if isinstance(m, int8fx.nn.modules.Int8Layer)}
+    y_fp = model(x)
+    assert y.shape == y_fp.shape and F.cosine_similarity(y.flatten(), y_fp.flatten(), 0) > 0.99
+    y.square().sum().backward()
+    model(x).square().sum().backward()
+    assert F.cosine_similarity(qm.enc.weight.grad.flatten(), model.enc.weight.grad.flatten(), 0) > 0.99
+    assert [int(sites[n].calls) for n in sorted(sites)] == [1, 1]  # each site ran its own call, once
+    exact = int8fx.convert(copy.deepcopy(model), int8fx.Int8Config(quantize=False))
+    assert torch.equal(exact(x), model(x))
+
+    unnamed = int8fx.convert(_WrappedTiedAEByName())
+    assert [r.name for r in int8fx.inspect(unnamed).layers] == ["enc"]
+    with pytest.warns(UserWarning, match=r"F.conv_transpose2d call on the weight of enc .* runs in FP32"):
+        unnamed(x)
 
 
 @needs_data

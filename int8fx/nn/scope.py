@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ def _router(name: str):
             weight = bound.get("weight")
             for table in reversed(tables):
                 site = table.get(id(weight))
-                if site is not None and site.site_op != name:  # a tied weight in another kind of call: not that site
-                    site = None
+                if site is not None and site.site_op != name:  # a tied weight in another kind of call: its own site
+                    site = table.get((id(weight), name)) or _unrouted(site, name)
                 if site is None and isinstance(weight, torch.Tensor):
                     site = table.get(derived_key(name, weight.shape))
                 if site is not None:  # what the site computes with is never routed again (an export's stand-ins
@@ -62,6 +63,18 @@ def _router(name: str):
 
 
 _PATCHED = {name: _router(name) for name in ROUTED_NAMES}
+_WARNED: set = set()
+
+
+def _unrouted(site, name: str) -> None:
+    """A routed weight used in another kind of call than its site's, for which convert made no site (the
+    function's code did not name that op): it runs in FP32, which is said once per site and op."""
+    if (site.site_name, name) not in _WARNED:
+        _WARNED.add((site.site_name, name))
+        warnings.warn(f"int8fx: an F.{name} call on the weight of {site.site_name} (a {site.site_op} site) inside "
+                      "a function torch.fx does not trace runs in FP32; call it in the module's own code, or name "
+                      f"F.{name} in that function, to make it an INT8 site")
+    return None
 
 
 def derived_key(op: str, shape) -> tuple:
@@ -95,13 +108,15 @@ def routed(table: dict):
 
 def call_routed(fn, routes: dict, *args, **kwargs):
     """Call an opaque function with the weights among its arguments routed to their sites. `routes` maps an
-    argument position (int) or keyword (str) to the site of the weight passed there; the rewrite pass puts
-    this call in a graph in place of `fn(*args, **kwargs)`."""
+    argument position (int) or keyword (str) to the site of the weight passed there, and (argument, op) to
+    the site for that weight's calls of another op; the rewrite pass puts this call in a graph in place of
+    `fn(*args, **kwargs)`."""
     table = {}
     for key, site in routes.items():
-        value = kwargs.get(key) if isinstance(key, str) else (args[key] if key < len(args) else None)
+        arg, op = key if isinstance(key, tuple) else (key, None)  # (argument, op): the site for that other op
+        value = kwargs.get(arg) if isinstance(arg, str) else (args[arg] if arg < len(args) else None)
         if value is not None:
-            table[id(value)] = site
+            table[id(value) if op is None else (id(value), op)] = site
     with routed(table):
         return fn(*args, **kwargs)
 

@@ -39,21 +39,34 @@ def may_call_site_ops(module: nn.Module) -> bool:
         return True
 
 
-class _Scan:
-    """One module's scan: the code objects read so far, and the names of its own attributes."""
+def function_may_call(fn, pattern: re.Pattern) -> bool:
+    """Whether the code of a function torch.fx did not enter (a `torch.fx.wrap`-ped one), and of what it
+    calls, names something matching `pattern` (e.g. `conv_transpose`), judged as for a module's forward."""
+    scan = _Scan(None, pattern)
+    try:
+        return scan.reads_site(fn, MAX_DEPTH)
+    except _Budget:
+        return True
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.seen = module, set()
+
+class _Scan:
+    """One scan (of a module's code, or of a function's): the code objects read so far, the names of the
+    module's own attributes, and the pattern of the names it looks for."""
+
+    def __init__(self, module: nn.Module | None, pattern: re.Pattern = SITE_NAME) -> None:
+        self.module, self.pattern, self.seen = module, pattern, set()
         # children, parameters, buffers and plain values: `self.conv_proj(x)` names a child (converted as a
         # module site) and `self.use_conv` a flag, not a function
-        plain = {k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
-        self.own = set(module._modules) | set(module._parameters) | set(module._buffers) | plain
+        plain = set() if module is None else {
+            k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
+        self.own = plain if module is None else set(module._modules) | set(module._parameters) | set(
+            module._buffers) | plain
 
     def names_site(self, code: types.CodeType) -> bool:
         """A name (attribute, global, free variable) or a string without spaces (`getattr(F, "conv%dd" % n)`;
-        docstrings and messages have spaces) that looks like a conv or linear and is no attribute of its own."""
+        docstrings and messages have spaces) that matches the pattern and is no attribute of the module's own."""
         strings = (k for k in code.co_consts if isinstance(k, str) and not any(ch.isspace() for ch in k))
-        return any(SITE_NAME.search(n) and n not in self.own for n in (*code.co_names, *code.co_freevars, *strings))
+        return any(self.pattern.search(n) and n not in self.own for n in (*code.co_names, *code.co_freevars, *strings))
 
     def reads_site(self, fn, depth: int) -> bool:
         try:
@@ -86,14 +99,15 @@ class _Scan:
         builtin = isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType))
         if not builtin and isinstance(call, types.FunctionType):  # a Python callable object: its __call__
             return self.reads_site(call, depth)
-        return bool(SITE_NAME.search(getattr(fn, "__name__", "") or type(fn).__name__))
+        return bool(self.pattern.search(getattr(fn, "__name__", "") or type(fn).__name__))
 
 
-def _callees(name: str, module: nn.Module, scope: dict):
+def _callees(name: str, module: nn.Module | None, scope: dict):
     """What `name` in the module's code may call: a method of its class (any class of its MRO that is not
     torch's own), a plain callable stored on the instance (not a child module: those are converted), a
-    module-level function of the code's own module. Modules, classes and tensors are not followed."""
-    for klass in type(module).__mro__:
+    module-level function of the code's own module. Modules, classes and tensors are not followed. (For a
+    function's code, module is None: module-level functions only.)"""
+    for klass in (type(module).__mro__ if module is not None else ()):
         if klass is object or klass.__module__.startswith("torch."):
             continue
         attr = klass.__dict__.get(name)
@@ -103,7 +117,7 @@ def _callees(name: str, module: nn.Module, scope: dict):
             attr = attr.fget
         if isinstance(attr, types.FunctionType):
             yield attr
-    value = module.__dict__.get(name)
+    value = module.__dict__.get(name) if module is not None else None
     if callable(value) and not isinstance(value, (type, nn.Module, torch.Tensor)):
         yield value
     value = scope.get(name)

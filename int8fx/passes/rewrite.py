@@ -22,6 +22,7 @@ the reason it was not; uses of a conv/linear weight outside a conv/linear call a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +35,7 @@ from ..nn.modules import (FUNCTIONS_BY_DIMS, SITE_TYPES, TRANSPOSED_BY_DIMS, Int
                           int8_clashes, op_dims, out_channels_of, site_op)
 from ..nn.scope import CONV_ARGS, TRANSPOSED_ARGS, call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
-from .code_scan import may_call_site_ops
+from .code_scan import function_may_call, may_call_site_ops
 from .trace import OpaqueModule, OwnCode, trace_own_code
 
 SITE_FUNCTIONS = {f: f.__name__ for f in FUNCTIONS_BY_DIMS.values()}  # {F.linear: "linear", F.conv1d: ...}
@@ -243,7 +244,7 @@ class Converter:
                 if node.op == "call_function" and node.target in CALL_OPS:
                     changed |= self._rewrite_call(path, m, graph, node, new, single, derived, occurrences)
                 elif node.op == "call_function" and _is_opaque_function(node.target):
-                    changed |= self._route_call(m, graph, node)
+                    changed |= self._route_call(path, m, graph, node, new)
             self._report_other_weight_uses(path, m, graph, derived)
             graph.lint()
         if changed:
@@ -315,11 +316,26 @@ class Converter:
         graph.erase_node(node)
         return True
 
-    def _route_call(self, m, graph, node) -> bool:
-        """`fn(..., self.qkv.weight, ...)` with fn opaque to torch.fx: call it through `call_routed`."""
+    def _route_call(self, path, m, graph, node, new) -> bool:
+        """`fn(..., self.qkv.weight, ...)` with fn opaque to torch.fx: call it through `call_routed`. Where fn's
+        code may also use a conv weight in the other kind of conv (a conv's weight in a transposed conv: a tied
+        decoder), those calls get a site of their own, as in traced code (`_rewrite_call`)."""
         routes = self._routes(m, node)
         if not routes:
             return False
+        for key, owner in list(routes.items()):
+            other = OTHER_KIND.get(_attr(m, owner).site_op)
+            if other is None or not function_may_call(node.target, re.compile(other)):
+                continue
+            name = _join(path, f"{node.name}.{other}")
+            reason = self._skip_reason(name, m)
+            self._report(Site(name, other, "routed", not reason, reason, path))
+            call = ("routed", node.target, owner, other)  # the same call in each of the module's graphs
+            if not reason and call not in new:  # (channels: a transposed conv's need its groups, known when called)
+                new[call] = (_free_attr(m, f"int8_{node.name}_{other}"),
+                             self._new_function_site(other, 0, name, m, "routed"), name)
+            if not reason:
+                routes[(key, other)] = new[call][0]
         fn_attr = f"_int8fx_fn_{node.name}"  # the function itself: a graph argument cannot hold one
         m.__dict__[fn_attr] = node.target
         with graph.inserting_before(node):
@@ -364,6 +380,11 @@ def _call_key(node: fx.Node, weight, occurrences: dict) -> tuple:
     base = (node.target, weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else (node.name,)
     occurrences[base] = occurrences.get(base, 0) + 1
     return (*base, occurrences[base])
+
+
+# the other kind of conv that a conv's weight can be used in (and back): a tied decoder's transposed conv
+OTHER_KIND = {**{f"conv{d}d": f"conv_transpose{d}d" for d in (1, 2, 3)},
+              **{f"conv_transpose{d}d": f"conv{d}d" for d in (1, 2, 3)}}
 
 
 def _is_opaque_function(target) -> bool:
