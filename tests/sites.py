@@ -74,9 +74,10 @@ def assert_same(a, b, close=(), sums=()):
 
 
 # the sites oneDNN's direct paths take (int8fx.kernels.direct): plain convs only; never grouped, dilated,
-# depthwise, transposed, or padded beyond "same" (conv3d's k=2 dim has padding 1); the forward not on 1x1
-# convs, whose GEMM needs no im2col, dW on those too
-TAKES_DIRECT_CONV = {"conv2d", "conv2d-circular", "conv2d-reflect"}
+# depthwise, or padded beyond "same" (conv3d's k=2 dim has padding 1); the forward not on 1x1 convs, whose
+# GEMM needs no im2col, dW on those too. A transposed site's products are its conv's (int8fx.nn.transposed):
+# its dX is that conv's forward and its dW that conv's dW, so ungrouped ones take both
+TAKES_DIRECT_CONV = {"conv2d", "conv2d-circular", "conv2d-reflect", "conv-transpose1d", "conv-transpose3d"}
 TAKES_DIRECT_DW = TAKES_DIRECT_CONV | {"conv2d-1x1-no-bias", "conv1d-1x1-single-channel"}
 
 
