@@ -195,6 +195,20 @@ def test_weight_rows_compiled_equal_eager_and_core():
     _equal(s, s_core)
 
 
+@pytest.mark.parametrize("form", ["rows", "channels_last", "channels_last_pair"])
+def test_both_forward_operands_in_one_call_equal_the_two_quantizers(form):
+    """`quantize_operands` (the forward's activation and weight in one compiled call) gives, compiled and
+    eager, exactly what `quantize_activation` and `quantize_weight_rows` give, a static clip included."""
+    x = torch.randn(8, 24, 9, 10, generator=_gen()) * 3
+    if form == "rows":
+        x = x.reshape(-1, 90)
+    w = torch.randn(48, 24, 3, 3, generator=_gen(1)) if form != "rows" else torch.randn(48, 90, generator=_gen(1))
+    for clip in (None, torch.tensor(2.5)):
+        got, eager = _both(fused.quantize_operands, x, clip, form, w)
+        _equal(got, eager)
+        _equal(got, (*fused.quantize_activation.eager(x, clip, form), *fused.quantize_weight_rows.eager(w)))
+
+
 def test_the_largest_argument_decides_compiling():
     """A late layer's small dX beside its large dW: the call compiles, for its exact shapes (it ran as eager
     passes over the dW when the first tensor decided, 10 of a resnet18 512x512 site's 25 ms)."""

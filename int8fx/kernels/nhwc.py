@@ -40,8 +40,7 @@ from torch._prims_common import suggest_memory_format
 
 from ..fusing import fused
 from ..quant.fused import (
-    quantize_activation,
-    quantize_weight_rows,
+    quantize_operands,
     scale_accumulators,
     scale_accumulators_bias,
 )
@@ -89,17 +88,21 @@ def _weight_rows(weight: Tensor, spec: GemmSpec) -> Tensor:
     return weight if spec.is_linear else weight.movedim(1, -1)
 
 
-def _quantized_weight_rows(weight: Tensor, spec: GemmSpec) -> tuple[Tensor, Tensor]:
-    """(w_q [O, K] int8 in this pipeline's K order, s_w [O]). Quantized in the weight's own order and then
-    reordered as int8: a row's absmax does not depend on the order, and a compiled pass over the strided
-    reordering view ran 5x slower (no vectorised loads) than a contiguous pass plus a 1-byte copy."""
+def _weight_source(weight: Tensor, spec: GemmSpec):
+    """(the tensor whose rows `quantize_weight_rows` quantizes, a function putting its int8 result [O, K] in this
+    pipeline's K order). Quantized in the weight's own order and then reordered as int8: a row's absmax does
+    not depend on the order, and a compiled pass over the strided reordering view ran 5x slower (no vectorised
+    loads) than a contiguous pass plus a 1-byte copy."""
     if spec.is_linear:
-        return quantize_weight_rows(weight.contiguous())
+        return weight.contiguous(), _same
     rows = _weight_rows(weight, spec)
     if rows.is_contiguous():  # a channels-last weight is stored in this order already
-        return quantize_weight_rows(rows.reshape(weight.shape[0], -1))
-    w_q, s_w = quantize_weight_rows(weight.contiguous())
-    return _weight_rows(w_q.view(weight.shape), spec).reshape(weight.shape[0], -1), s_w
+        return rows.reshape(weight.shape[0], -1), _same
+    return weight.contiguous(), lambda w_q: _weight_rows(w_q.view(weight.shape), spec).reshape(weight.shape[0], -1)
+
+
+def _same(w_q: Tensor) -> Tensor:
+    return w_q
 
 
 def _weight_from_rows(w: Tensor, spec: GemmSpec, w_shape) -> Tensor:
@@ -192,14 +195,15 @@ def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmS
     """(y, x_q, s_x, w_q [O, K], s_w): y channels-last for convs; x_q the int8 activation (channels-last for
     convs) kept for backward; w_q in this pipeline's K order. `act_clip` as in quantized_forward."""
     o = weight.shape[0]
-    w_q, s_w = _quantized_weight_rows(weight.detach(), spec)  # [O, K] int8
+    w_src, in_k_order = _weight_source(weight.detach(), spec)
+    # a depthwise conv runs in fp32 on the integer values: the quantizer writes them too, in the same pass
+    form = "rows" if spec.is_linear else "channels_last_pair" if is_depthwise(spec, x.shape, o) else "channels_last"
+    s_x, x_q, *xf_cl, w_q, s_w = quantize_operands(x, act_clip, form, w_src)  # both operands in one call
+    w_q = in_k_order(w_q)  # [O, K] int8
     if spec.is_linear:
-        s_x, x_q = quantize_activation(x, act_clip, "rows")
         acc = backend.bmm(x_q.reshape(1, -1, x.shape[-1]), w_q.t().unsqueeze(0))[0]  # [M, O]
         return write_output(acc.view(*x.shape[:-1], o), s_x, s_w, bias, x, weight, spec), x_q, s_x, w_q, s_w
-    depthwise = is_depthwise(spec, x.shape, o)
-    # a depthwise conv runs in fp32 on the integer values: the quantizer writes them too, in the same pass
-    s_x, xq_cl, *xf_cl = quantize_activation(x, act_clip, "channels_last_pair" if depthwise else "channels_last")
+    xq_cl = x_q
     acc = conv_accumulators(backend, xq_cl, w_q, spec, *xf_cl)  # [N, *out, O]
     return write_output(acc, s_x, s_w, bias, x, weight, spec), xq_cl.movedim(-1, 1), s_x, w_q, s_w
 

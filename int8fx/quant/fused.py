@@ -140,3 +140,12 @@ def quantize_weight_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     wf = w.float().flatten(1)
     s = wf.abs().amax(dim=1) / QMAX
     return (wf / _divisor(s)[:, None]).round().clamp(-QMAX, QMAX).to(torch.int8), s
+
+
+@fused
+def quantize_operands(x: Tensor, act_clip: Tensor | None, form: str, w: Tensor) -> tuple:
+    """`quantize_activation(x, act_clip, form)` and `quantize_weight_rows(w)` in one call: (s_x, x_q[, x_f],
+    w_q, s_w). The forward's two operands are small on most sites of a small model, where each compiled
+    call's fixed cost is what matters."""
+    return (*quantize_activation.eager(x, act_clip, form), *quantize_weight_rows.eager(w))
+
