@@ -203,9 +203,8 @@ def forward(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmS
     if spec.is_linear:
         acc = backend.bmm(x_q.reshape(1, -1, x.shape[-1]), w_q.t().unsqueeze(0))[0]  # [M, O]
         return write_output(acc.view(*x.shape[:-1], o), s_x, s_w, bias, x, weight, spec), x_q, s_x, w_q, s_w
-    xq_cl = x_q
-    acc = conv_accumulators(backend, xq_cl, w_q, spec, *xf_cl)  # [N, *out, O]
-    return write_output(acc, s_x, s_w, bias, x, weight, spec), xq_cl.movedim(-1, 1), s_x, w_q, s_w
+    acc = conv_accumulators(backend, x_q, w_q, spec, *xf_cl)  # x_q channels-last [N, *S, C]; acc [N, *out, O]
+    return write_output(acc, s_x, s_w, bias, x, weight, spec), x_q.movedim(-1, 1), s_x, w_q, s_w
 
 
 def conv_accumulators(backend, xq_cl: Tensor, w_q: Tensor, spec: GemmSpec, xf_cl: Tensor | None = None) -> Tensor:
