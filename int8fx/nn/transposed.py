@@ -16,9 +16,9 @@ the quantized forward (straight-through for the quantizers).
 On CPU these sites run the channels-last pipeline of conv sites (int8fx.kernels.nhwc), its products with
 the same roles exchanged (`*_channels_last` below): the forward is nhwc's dX product of the int8 X, dX its
 conv of the int8 dY (oneDNN's direct conv where measured faster, depthwise ones in exact fp32), dW its
-weight gradient with X and dY swapped, so a decoder's upsampling costs about what its convs cost (measured
-on one CPU: a 64->32 k2 s2 site 1.7x FP32 where the layouts' products took 2.9x; a k3 s1 one 1.3x, not
-7x). On CUDA they run the layouts of the reference pipeline with the reference backend (fp32 GEMMs on
+weight gradient with X and dY swapped, so a decoder's upsampling costs about what its convs cost
+(`benchmarks/transposed_sites.py` on one CPU: 1.0-1.6x an FP32 layer, where the layouts' products took
+1.4-4.5x). On CUDA they run the layouts of the reference pipeline with the reference backend (fp32 GEMMs on
 integer values, K-chunked to stay exact). The integers are the same either way
 (tests/test_transposed.py compares the two pipelines bit for bit).
 """

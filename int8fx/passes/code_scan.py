@@ -54,13 +54,12 @@ class _Scan:
     module's own attributes, and the pattern of the names it looks for."""
 
     def __init__(self, module: nn.Module | None, pattern: re.Pattern = SITE_NAME) -> None:
-        self.module, self.pattern, self.seen = module, pattern, set()
-        # children, parameters, buffers and plain values: `self.conv_proj(x)` names a child (converted as a
-        # module site) and `self.use_conv` a flag, not a function
-        plain = set() if module is None else {
-            k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
-        self.own = plain if module is None else set(module._modules) | set(module._parameters) | set(
-            module._buffers) | plain
+        self.module, self.pattern, self.seen, self.own = module, pattern, set(), set()
+        if module is not None:
+            # children, parameters, buffers and plain values: `self.conv_proj(x)` names a child (converted as a
+            # module site) and `self.use_conv` a flag, not a function
+            plain = {k for k, v in module.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))}
+            self.own = set(module._modules) | set(module._parameters) | set(module._buffers) | plain
 
     def names_site(self, code: types.CodeType) -> bool:
         """A name (attribute, global, free variable) or a string without spaces (`getattr(F, "conv%dd" % n)`;
