@@ -32,7 +32,7 @@ from torch import Tensor
 from ..kernels import layouts, nhwc
 from ..kernels.im2col import GemmSpec
 from ..quant.core import quantize_per_channel
-from ..quant.fused import quantize_activation
+from ..quant.fused import quantize_operands
 
 
 def weight_operand(weight: Tensor, groups: int, out_dtype) -> tuple[Tensor, Tensor]:
@@ -72,22 +72,18 @@ def grad_weight(backend, dq_op: Tensor, x_op: Tensor, spec: GemmSpec) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ channels-last pipeline
-def channels_last_weight(weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """(int8 [C_in, window x C_out/g] in the channels-last pipeline's (kernel position, channel) order,
-    s_w [C_out]): W quantized per output channel (`weight_operand`), then reordered as int8."""
-    w_q, s_w = weight_operand(weight, groups, torch.int8)
-    c_in, og = weight.shape[:2]
-    return w_q.view(c_in, og, -1).transpose(1, 2).reshape(c_in, -1), s_w
-
-
 def forward_channels_last(backend, x: Tensor, weight: Tensor, bias: Tensor | None, spec: GemmSpec,
                           act_clip: Tensor | None):
     """`int8fx.kernels.nhwc.forward` for a transposed conv: (y, x_q, s_x, w_q, s_w), y the conv's dX product
-    of the int8 channels-last X, written by the same epilogue."""
+    of the int8 channels-last X, written by the same epilogue. W is quantized per output channel (its rows
+    regrouped as in `weight_operand`) in the same call as X, then its int8 codes go to the pipeline's
+    [C_in, window x C_out/g] (kernel position, channel) order."""
     c_in, og = weight.shape[:2]
-    w_q, s_w = channels_last_weight(weight.detach(), spec.groups)
-    s_x, xq_cl = quantize_activation(x, act_clip, "channels_last")  # [N, *S_in, C_in]
-    y_shape = (x.shape[0], og * spec.groups, *spec.out_size(tuple(x.shape[2:])))
+    g, window = spec.groups, spec.window
+    by_out = weight.detach().reshape(g, c_in // g, og, window).transpose(1, 2).reshape(g * og, -1)
+    s_x, xq_cl, w_by_out, s_w = quantize_operands(x, act_clip, "channels_last", by_out)  # X [N, *S_in, C_in]
+    w_q = w_by_out.view(g, og, c_in // g, window).permute(0, 2, 3, 1).reshape(c_in, window * og)
+    y_shape = (x.shape[0], og * g, *spec.out_size(tuple(x.shape[2:])))
     acc = nhwc.grad_input(backend, xq_cl.view(-1, c_in), w_q, spec.conv, y_shape)  # [N, *S_out, C_out]
     return nhwc.write_output(acc, s_x, s_w, bias, x, weight, spec), xq_cl.movedim(-1, 1), s_x, w_q, s_w
 
