@@ -330,12 +330,13 @@ class Converter:
             name = _join(path, f"{node.name}.{other}")
             reason = self._skip_reason(name, m)
             self._report(Site(name, other, "routed", not reason, reason, path))
+            if reason:
+                continue
             call = ("routed", node.target, owner, other)  # the same call in each of the module's graphs
-            if not reason and call not in new:  # (channels: a transposed conv's need its groups, known when called)
+            if call not in new:  # (channels 0: a transposed conv's need its groups, known when called)
                 new[call] = (_free_attr(m, f"int8_{node.name}_{other}"),
                              self._new_function_site(other, 0, name, m, "routed"), name)
-            if not reason:
-                routes[(key, other)] = new[call][0]
+            routes[(key, other)] = new[call][0]
         fn_attr = f"_int8fx_fn_{node.name}"  # the function itself: a graph argument cannot hold one
         m.__dict__[fn_attr] = node.target
         with graph.inserting_before(node):
