@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import precompiled
+
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the largest tensor argument, eager ops are cheaper than a call
 STATIC = 1 << 18  # from this many elements in the largest tensor argument, a pass is compiled for its exact shapes
@@ -103,7 +105,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         args = tuple(a.detach() if type(a) is not Tensor and isinstance(a, torch.nn.Parameter)
                      else _plain_alias(a) if type(a) is Tensor and a._is_view() else a for a in args)
         static = size >= STATIC
-        key = (_signature(args), _shapes(args)) if static else _signature(args)
+        key = (_signature(args), _shapes(args), _strides(args)) if static else _signature(args)
         variant = compiled.get(key, _NEW)
         if variant is _NEW and static:
             # an exact-shape variant is a compile per shape: only for shapes that repeat (a training loop's, not a
@@ -120,9 +122,13 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
             return fn(*args)
         first_call = variant is _NEW
         if first_call:
-            own = own_code_free and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
-            variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=not static, fullgraph=True)
-            own_code_free = False
+            if precompiled.AVAILABLE and _on_cpu(args):  # traced and compiled by inductor, called without dynamo
+                variant = compiled[key] = precompiled.Traced(fn, static, _compile_settings)
+            else:
+                own = own_code_free and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
+                variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=not static,
+                                                        fullgraph=True)
+                own_code_free = False
         try:
             # the hot path is a bare call: each context manager here cost microseconds, on hundreds of calls a
             # step (what a call must set is set on the first one, or on a retry below)
@@ -149,6 +155,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
                 if restarts[key] <= RESTARTS:
                     del compiled[key]  # the next call compiles a fresh copy
                     return fn(*args)
+            if recompile or isinstance(e, precompiled.OutOfVariants):
                 compiled[key] = None
                 _FAILED.setdefault(f"{name} (one signature)", why)
             else:
@@ -225,6 +232,20 @@ def _shapes(args) -> tuple:
     """The sizes of every tensor in args (nested as `_signature` reads them): the key of a static variant."""
     return tuple(tuple(a.shape) if isinstance(a, Tensor) else _shapes(a) if isinstance(a, (tuple, list))
                  else _shapes(tuple(a.values())) if isinstance(a, dict) else None for a in args)
+
+
+def _strides(args) -> tuple:
+    """The strides of every tensor in args (nested as `_signature` reads them): with `_shapes`, the key of a
+    static variant (a variant compiled for exact shapes is compiled for exact strides too)."""
+    return tuple(a.stride() if isinstance(a, Tensor) else _strides(a) if isinstance(a, (tuple, list))
+                 else _strides(tuple(a.values())) if isinstance(a, dict) else None for a in args)
+
+
+def _on_cpu(args) -> bool:
+    """Whether every tensor among the arguments is a CPU tensor."""
+    tensors = []
+    precompiled._tensors(args, tensors)
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _fresh_copy(fn):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from int8fx import fusing
+from int8fx import fusing, precompiled
 from int8fx.quant import core, fused
 
 N = fusing.SMALL * 2  # big enough to take the compiled path
@@ -294,10 +294,12 @@ def test_partials_do_not_share_one_compiled_cache():
             _equal(fusing.fused(functools.partial(scaled, k))(x), x * k)
 
 
-def test_recompile_limit_restarts_with_a_fresh_copy():
-    """A signature that keeps recompiling (here: a branch on a size, crossed back and forth under a limit of
-    one compilation) gets a fresh compiled copy instead of going eager for good; past RESTARTS it runs eagerly,
-    with one warning. Every call computes the same numbers."""
+def test_recompile_limit_restarts_with_a_fresh_copy(monkeypatch):
+    """torch.compile's path (CUDA tensors, a torch without inductor's standalone compile): a signature that
+    keeps recompiling (here: a branch on a size, crossed back and forth under a limit of one compilation)
+    gets a fresh compiled copy instead of going eager for good; past RESTARTS it runs eagerly, with one
+    warning. Every call computes the same numbers."""
+    monkeypatch.setattr(precompiled, "AVAILABLE", False)
 
     def branchy(x):
         return x * 2 if x.shape[0] > N else x * 3
@@ -315,6 +317,51 @@ def test_recompile_limit_restarts_with_a_fresh_copy():
     assert [w for w in caught if "branchy" in str(w.message) and "eagerly" in str(w.message)]
     assert "branchy (one signature)" in fusing.compile_status()[1]
     fusing._FAILED.pop("branchy (one signature)")
+
+
+@pytest.mark.skipif(not precompiled.AVAILABLE, reason="this torch has no inductor standalone compile")
+def test_a_traced_pass_keeps_to_its_shape_guards(monkeypatch):
+    """A pass compiled without dynamo checks the shape guards its trace recorded: a branch on a size gives
+    one variant per side, each call the numbers of its own side (a variant used without its guard would give
+    x * 3 for the big tensor); past VARIANTS a signature runs eagerly, with one warning."""
+
+    def branchy(x):
+        return x * 2 if x.shape[0] > N else x * 3
+
+    f = fusing.fused(branchy)
+    small, big, bigger = (torch.randn(n, generator=_gen(i)) for i, n in enumerate((N - 8, 2 * N, 2 * N + 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in (small, big, small, bigger, big):
+            _equal(f(x), branchy(x))
+    (traced,) = f.variants.values()
+    assert isinstance(traced, precompiled.Traced) and len(traced.variants) == 2
+    monkeypatch.setattr(precompiled, "VARIANTS", 2)
+    monkeypatch.setattr(fusing, "_FAILED", {})
+    g = fusing.fused(lambda x: x * 2 if x.shape[0] > 2 * N else x * 3 if x.shape[0] > 3 * N // 2 else x * 5)
+    one, two, three = (torch.randn(n, generator=_gen(i)) for i, n in enumerate((N + 8, 7 * N // 4, 3 * N)))
+    _equal(g(one), one * 5)
+    _equal(g(two), two * 3)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        _equal(g(three), three * 2)
+    _equal(g(one), one * 5)  # eager from then on, the same numbers
+    assert list(fusing.compile_status()[1]) == ["<lambda> (one signature)"]
+
+
+@pytest.mark.skipif(not precompiled.AVAILABLE, reason="this torch has no inductor standalone compile")
+def test_a_traced_pass_writes_into_its_out_argument_and_keeps_its_structure():
+    """In-place writes into an argument (the epilogues' `out`) land in the caller's tensor, and nested
+    results (a tuple holding None, a dict) come back as the eager form returns them."""
+
+    def write(x, out, d):
+        out.copy_(x * d["k"])
+        return None, (x.sum(0), {"m": x.amax()}), 3
+
+    x, out = torch.randn(64, N // 64, generator=_gen()), torch.zeros(64, N // 64)
+    got = fusing.fused(write)(x, out, {"k": torch.tensor(2.0)})
+    _equal(out, x * 2)
+    assert got[0] is None and got[2] == 3 and isinstance(got[1][1], dict)
+    _equal(got[1][1]["m"], x.amax())
 
 
 def test_views_of_differently_shaped_bases_share_one_compilation():
@@ -411,8 +458,8 @@ def test_one_partials_compile_failure_leaves_the_others_compiled(monkeypatch):
     monkeypatch.setattr(fusing, "_FAILED", {})
 
     def body(kind, x):
-        if kind == "breaks":
-            torch._dynamo.graph_break()  # fullgraph compilation refuses it
+        if kind == "breaks" and x.sum() > float("-inf"):  # a branch on a value: neither path can compile it
+            return (x * 2).round()
         return (x * 2).round()
 
     broken, fine = fusing.fused(functools.partial(body, "breaks")), fusing.fused(functools.partial(body, "fine"))
