@@ -12,6 +12,10 @@ threshold), inside code that is itself being traced or transformed, and under a 
 (which a compiled function would bypass). A function
 whose compilation fails falls back to eager alone, with one warning. Elementwise functions give the same
 bits either way; reductions that sum floats may round differently (their docstrings say so).
+
+How a pass is compiled: for CPU tensors, where torch has inductor's standalone compile, it is traced and
+compiled once per signature and called without dynamo (`int8fx.precompiled`: a call costs ~20 us less, so
+smaller tensors are worth it: SMALL_TRACED, EXACT_TRACED); elsewhere through `torch.compile`.
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ from . import precompiled
 
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the largest tensor argument, eager ops are cheaper than a call
+SMALL_TRACED = 1 << 9  # the same for a call without dynamo (int8fx.precompiled: CPU tensors, torch >= 2.8)
 STATIC = 1 << 18  # from this many elements in the largest tensor argument, a pass is compiled for its exact shapes
+EXACT_TRACED = 1 << 15  # from this many, a `dynamic=False` pass compiles its exact shapes on the traced path
 STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dynamic (a detector's many input sizes)
 STATIC_AFTER = 3  # calls with the same shapes before their exact-shape variant is compiled (training repeats them)
 RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
@@ -71,10 +77,11 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     `dynamic=False` compiles exact-shape variants only and runs eagerly otherwise. It is for gathers whose
     compiled loops are only fast for known shapes (measured: an im2col compiled for dynamic shapes ran 4-20x
     slower than ATen's copy, for exact shapes 1.2-4x faster), and for passes of two or three ops, whose eager
-    form beats a compiled call's fixed cost up to ~100k elements (measured, one thread).
+    form beats a dynamo call's fixed cost up to ~100k elements, a call without dynamo's up to ~32k
+    (measured, one thread).
     `min_elements` overrides the threshold below which a call runs eagerly (default SMALL, or STATIC with
-    `dynamic=False`): a function of dozens of ops (a policy's statistics) is worth compiling for far smaller
-    tensors."""
+    `dynamic=False`; SMALL_TRACED and EXACT_TRACED where the call goes without dynamo, `int8fx.precompiled`):
+    a function of dozens of ops (a policy's statistics) is worth compiling for far smaller tensors."""
     if fn is None:
         return functools.partial(fused, dynamic=dynamic, min_elements=min_elements)
     compiled: dict = {}
@@ -83,9 +90,15 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     own_code_free = True  # fn's own code object (and its dynamo cache) is still unused by any variant
     name = _name(fn)
 
-    def compiles(size: int) -> bool:
-        """Whether a call whose largest tensor has `size` elements takes the compiled path (sizes alone)."""
-        return size >= (min_elements if min_elements is not None else SMALL if dynamic else STATIC)
+    def compiles(largest: Tensor | None) -> bool:
+        """Whether a call whose largest tensor argument is `largest` takes the compiled path (its size and
+        device alone): a call without dynamo (CPU) is worth it for smaller tensors than a dynamo call."""
+        if largest is None:
+            return False
+        if min_elements is not None:
+            return largest.numel() >= min_elements
+        traced = precompiled.AVAILABLE and largest.device.type == "cpu"
+        return largest.numel() >= ((SMALL_TRACED if traced else SMALL) if dynamic else EXACT_TRACED if traced else STATIC)
 
     @functools.wraps(fn)
     def call(*args):
@@ -93,8 +106,8 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         # (is_compiling first: inside another fused pass being traced, reading a size would add a guard on it)
         if torch.compiler.is_compiling() or not COMPILE:
             return fn(*args)
-        size = _largest(args)
-        if not compiles(size) or name in _FAILED or not seen_by_everything(args):
+        largest = _largest(args)
+        if not compiles(largest) or name in _FAILED or not seen_by_everything(args):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
         # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
@@ -104,7 +117,8 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         # (several models, a detector's sizes) then recompiled one variant up to torch's limit.
         args = tuple(a.detach() if type(a) is not Tensor and isinstance(a, torch.nn.Parameter)
                      else _plain_alias(a) if type(a) is Tensor and a._is_view() else a for a in args)
-        static = size >= STATIC
+        size = largest.numel()
+        static = not dynamic or size >= STATIC
         key = (_signature(args), _shapes(args), _strides(args)) if static else _signature(args)
         variant = compiled.get(key, _NEW)
         if variant is _NEW and static:
@@ -192,11 +206,11 @@ def _name(fn) -> str:
     return getattr(fn, "__name__", None) or repr(fn)
 
 
-def _largest(args) -> int:
-    """Elements of the largest tensor among a call's arguments: what decides whether and how it compiles
-    (the first tensor alone missed a small dX beside a large dW: resnet18's 512x512 3x3 weight gradients,
-    2.4M elements, ran as four eager passes because dX had 32k, 10 of the site's 25 ms)."""
-    return max((a.numel() for a in args if isinstance(a, Tensor)), default=-1)
+def _largest(args) -> Tensor | None:
+    """The largest tensor among a call's arguments: its size decides whether and how it compiles (the first
+    tensor alone missed a small dX beside a large dW: resnet18's 512x512 3x3 weight gradients, 2.4M
+    elements, ran as four eager passes because dX had 32k, 10 of the site's 25 ms)."""
+    return max((a for a in args if isinstance(a, Tensor)), key=Tensor.numel, default=None)
 
 
 def _signature(a):

@@ -364,6 +364,28 @@ def test_a_traced_pass_writes_into_its_out_argument_and_keeps_its_structure():
     _equal(got[1][1]["m"], x.amax())
 
 
+@pytest.mark.skipif(not precompiled.AVAILABLE, reason="this torch has no inductor standalone compile")
+def test_calls_without_dynamo_compile_smaller_tensors(monkeypatch):
+    """A compiled call without dynamo costs ~20 us less, so on that path (CPU) the forward's operands compile
+    from SMALL_TRACED elements, and an epilogue of a few ops from EXACT_TRACED for its exact shapes (a dynamo
+    call is worth neither below SMALL and STATIC); compiled, they give the eager numbers."""
+    x, w = torch.randn(2, 16, 4, 4, generator=_gen()), torch.randn(32, 16, generator=_gen(1))
+    assert fusing.SMALL_TRACED <= x.numel() < fusing.SMALL
+    acc = torch.randint(-2**20, 2**20, (16, 8, 8, 64), dtype=torch.int32, generator=_gen(2))
+    out, out_eager = torch.empty(16, 64, 8, 8).movedim(1, -1), torch.empty(16, 64, 8, 8).movedim(1, -1)
+    s_x, s_w = torch.tensor(0.01), torch.rand(64, generator=_gen(3))
+    assert fusing.EXACT_TRACED <= acc.numel() < fusing.STATIC
+    before = len(fused.scale_accumulators.variants)
+    _equal(*_both(fused.quantize_operands, x, None, "channels_last", w))
+    fused.scale_accumulators(acc, s_x, s_w, out)
+    fused.scale_accumulators.eager(acc, s_x, s_w, out_eager)
+    _equal(out, out_eager)
+    assert len(fused.scale_accumulators.variants) == before + 1
+    monkeypatch.setattr(precompiled, "AVAILABLE", False)
+    assert not fused.quantize_operands.compiles(x, None, "channels_last", w)
+    assert not fused.scale_accumulators.compiles(acc, s_x, s_w, out)
+
+
 def test_views_of_differently_shaped_bases_share_one_compilation():
     """dynamo guards on a view argument's base (here whether its middle dim is 1): the rows of a linear's
     [B, T, C] gradient with T = 1 and T > 1 recompiled one variant each time the base changed, which a long
