@@ -40,6 +40,7 @@ STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dyna
 STATIC_AFTER = 3  # calls with the same shapes before their exact-shape variant is compiled (training repeats them)
 RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
+_UNTRACED: dict[str, str] = {}  # function name -> why it is compiled through torch.compile, not traced (CPU)
 _NEW = object()  # a signature not compiled yet
 
 
@@ -136,7 +137,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
             return fn(*args)
         first_call = variant is _NEW
         if first_call:
-            if precompiled.AVAILABLE and _on_cpu(args):  # traced and compiled by inductor, called without dynamo
+            if precompiled.AVAILABLE and name not in _UNTRACED and _on_cpu(args):  # called without dynamo
                 variant = compiled[key] = precompiled.Traced(fn, static, _compile_settings)
             else:
                 own = own_code_free and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
@@ -154,6 +155,13 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
                     return variant(*args)
             return variant(*args)
         except Exception as e:  # no C compiler, an inductor limitation, ...: the eager form computes the same
+            if isinstance(variant, precompiled.Traced) and not isinstance(e, precompiled.OutOfVariants):
+                # tracing without dynamo failed (an op make_fx cannot trace, another torch's API): this function
+                # goes through torch.compile from now on, which fails in its turn where nothing can compile it
+                _UNTRACED[name] = f"{type(e).__name__}: {str(e).strip()[:160]}"
+                logging.getLogger(__name__).info("int8fx: %s compiled through torch.compile: %s", name, _UNTRACED[name])
+                del compiled[key]
+                return call(*args)
             recompile = "Recompile" in type(e).__name__
             if recompile and torch._dynamo.config.error_on_recompile:
                 # the user's setting means their model, not int8fx's passes (which compile a new variant when a

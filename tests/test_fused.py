@@ -386,6 +386,30 @@ def test_calls_without_dynamo_compile_smaller_tensors(monkeypatch):
     assert not fused.scale_accumulators.compiles(acc, s_x, s_w, out)
 
 
+@pytest.mark.skipif(not precompiled.AVAILABLE, reason="this torch has no inductor standalone compile")
+def test_a_pass_that_cannot_be_traced_goes_through_torch_compile(monkeypatch):
+    """Where tracing without dynamo fails (here: made to), the function is compiled by torch.compile instead:
+    no warning, no eager fallback, the same numbers."""
+    monkeypatch.setattr(fusing, "_UNTRACED", {})
+
+    def refuse(*args):
+        raise NotImplementedError("an op this torch's make_fx cannot trace")
+
+    monkeypatch.setattr(precompiled, "_compile", refuse)
+
+    def twice(x):
+        return (x * 2).round()
+
+    f = fusing.fused(twice)
+    x = torch.randn(N, generator=_gen())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _equal(f(x), twice(x))
+        _equal(f(x), twice(x))
+    (variant,) = f.variants.values()
+    assert not isinstance(variant, precompiled.Traced) and "twice" in fusing._UNTRACED
+
+
 def test_views_of_differently_shaped_bases_share_one_compilation():
     """dynamo guards on a view argument's base (here whether its middle dim is 1): the rows of a linear's
     [B, T, C] gradient with T = 1 and T > 1 recompiled one variant each time the base changed, which a long
