@@ -33,7 +33,9 @@ from . import precompiled
 
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the largest tensor argument, eager ops are cheaper than a call
-SMALL_TRACED = 1 << 9  # the same for a call without dynamo (int8fx.precompiled: CPU tensors, torch >= 2.8)
+SMALL_TRACED = 1  # the same for a call without dynamo (int8fx.precompiled: CPU tensors, torch >= 2.8): any
+# size (one thread: the forward's operands 23 us against 39 eager at 32 elements, gvq-mcs's gradient operands
+# 66 us against 353 at 4 x 8; eager they cost their op count, not their size)
 STATIC = 1 << 18  # from this many elements in the largest tensor argument, a pass is compiled for its exact shapes
 EXACT_TRACED = 1 << 15  # from this many, a `dynamic=False` pass compiles its exact shapes on the traced path
 STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dynamic (a detector's many input sizes)
@@ -81,8 +83,9 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     form beats a dynamo call's fixed cost up to ~100k elements, a call without dynamo's up to ~32k
     (measured, one thread).
     `min_elements` overrides the threshold below which a call runs eagerly (default SMALL, or STATIC with
-    `dynamic=False`; SMALL_TRACED and EXACT_TRACED where the call goes without dynamo, `int8fx.precompiled`):
-    a function of dozens of ops (a policy's statistics) is worth compiling for far smaller tensors."""
+    `dynamic=False`): a function of dozens of ops (a policy's statistics) is worth a dynamo call for far
+    smaller tensors. Where the call goes without dynamo (`int8fx.precompiled`) a dynamic pass compiles from
+    SMALL_TRACED elements whatever its threshold, an exact-shape-only one from EXACT_TRACED by default."""
     if fn is None:
         return functools.partial(fused, dynamic=dynamic, min_elements=min_elements)
     compiled: dict = {}
@@ -96,10 +99,11 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         device alone): a call without dynamo (CPU) is worth it for smaller tensors than a dynamo call."""
         if largest is None:
             return False
-        if min_elements is not None:
-            return largest.numel() >= min_elements
         traced = precompiled.AVAILABLE and largest.device.type == "cpu"
-        return largest.numel() >= ((SMALL_TRACED if traced else SMALL) if dynamic else EXACT_TRACED if traced else STATIC)
+        if dynamic:
+            floor = SMALL if min_elements is None else min_elements
+            return largest.numel() >= (min(floor, SMALL_TRACED) if traced else floor)
+        return largest.numel() >= (min_elements if min_elements is not None else EXACT_TRACED if traced else STATIC)
 
     @functools.wraps(fn)
     def call(*args):
