@@ -24,8 +24,19 @@ import torch
 from torch import Tensor
 
 VARIANTS = 8  # traced variants one signature gets (new shape relations); then eager, as dynamo's limit
-AVAILABLE = hasattr(getattr(torch, "_inductor", None), "standalone_compile") and \
-    hasattr(torch.compiler, "_is_compiling_flag")
+
+
+def _available() -> bool:
+    """Whether this torch has what the path needs: inductor's standalone compile (torch >= 2.8) and the flag
+    behind `torch.compiler.is_compiling()`."""
+    try:
+        import torch._inductor  # noqa: F401  (not imported by `import torch` on every version)
+    except Exception:  # a torch built without inductor
+        return False
+    return hasattr(torch._inductor, "standalone_compile") and hasattr(torch.compiler, "_is_compiling_flag")
+
+
+AVAILABLE = _available()
 
 
 class OutOfVariants(RuntimeError):
