@@ -53,15 +53,16 @@ class Traced:
     def __call__(self, *args):
         tensors = []
         _tensors(args, tensors)
-        for guard, run, template in self.variants:
-            if guard is None or _holds(guard, tensors):
-                return _rebuild(template, iter(run(*tensors)))
-        if len(self.variants) >= VARIANTS:
-            raise OutOfVariants(f"{VARIANTS} traced variants, none of whose shape guards hold")
-        with self.settings():
-            variant = _compile(self.fn, args, tensors, self.static)
-        self.variants.append(variant)
-        guard, run, template = variant
+        for variant in self.variants:
+            if variant[0] is None or _holds(variant[0], tensors):
+                break
+        else:
+            if len(self.variants) >= VARIANTS:
+                raise OutOfVariants(f"{VARIANTS} traced variants, none of whose shape guards hold")
+            with self.settings():
+                variant = _compile(self.fn, args, tensors, self.static)
+            self.variants.append(variant)
+        _, run, template = variant
         return _rebuild(template, iter(run(*tensors)))
 
 
@@ -118,14 +119,17 @@ def _guard_code(expression: str | None):
 
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
-    return compile(_ACCESS.sub(access, expression), "<int8fx guard>", "eval"), SYMPY_INTERP
+    code = _ACCESS.sub(access, expression)
+    return compile(code, "<int8fx guard>", "eval"), SYMPY_INTERP, "L[" in code  # (L: any other tensor access)
 
 
 def _holds(guard, tensors: list[Tensor]) -> bool:
-    code, names = guard
-    return eval(code, names, {"S": [t.shape for t in tensors], "T": [t.stride() for t in tensors],
-                              "O": [t.storage_offset() for t in tensors],
-                              "L": {f"t{i}": t for i, t in enumerate(tensors)}})
+    code, names, by_name = guard
+    local = {"S": [t.shape for t in tensors], "T": [t.stride() for t in tensors],
+             "O": [t.storage_offset() for t in tensors]}
+    if by_name:
+        local["L"] = {f"t{i}": t for i, t in enumerate(tensors)}
+    return eval(code, names, local)
 
 
 # ------------------------------------------------------------------------------------------- arguments
