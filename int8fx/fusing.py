@@ -33,9 +33,11 @@ from . import precompiled
 
 COMPILE = os.environ.get("INT8FX_COMPILE", "1") != "0"
 SMALL = 1 << 14  # below this many elements in the largest tensor argument, eager ops are cheaper than a call
-SMALL_TRACED = 1  # the same for a call without dynamo (int8fx.precompiled: CPU tensors, torch >= 2.8): any
-# size (one thread: the forward's operands 23 us against 39 eager at 32 elements, gvq-mcs's gradient operands
-# 66 us against 353 at 4 x 8; eager they cost their op count, not their size)
+SMALL_TRACED = 1 << 12  # the same for a call without dynamo (int8fx.precompiled: CPU tensors, torch >= 2.8).
+# Compiled wins at any size there (one thread: the forward's operands 23 us against 39 eager at 32 elements,
+# gvq-mcs's gradient operands 66 us against 353 at 4 x 8), but below this a call saves at most ~0.3 ms, which
+# takes thousands of calls to pay back a signature's compile (1-2 s): tiny tensors of short runs (tests, a
+# one-off forward) stay eager. A squeeze-excite conv's [16, C, 1, 1] from C = 256 compiles.
 STATIC = 1 << 18  # from this many elements in the largest tensor argument, a pass is compiled for its exact shapes
 EXACT_TRACED = 1 << 15  # from this many, a `dynamic=False` pass compiles its exact shapes on the traced path
 STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dynamic (a detector's many input sizes)

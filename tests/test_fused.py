@@ -367,10 +367,10 @@ def test_a_traced_pass_writes_into_its_out_argument_and_keeps_its_structure():
 @pytest.mark.skipif(not precompiled.AVAILABLE, reason="this torch has no inductor standalone compile")
 def test_calls_without_dynamo_compile_smaller_tensors(monkeypatch):
     """A compiled call without dynamo costs ~20 us less, so on that path (CPU) a pass compiles from
-    SMALL_TRACED elements (32 here) whatever its own threshold, and an epilogue of a few ops from
+    SMALL_TRACED elements (4096 here) whatever its own threshold, and an epilogue of a few ops from
     EXACT_TRACED for its exact shapes (a dynamo call is worth neither below SMALL, a function's own
     threshold and STATIC); compiled, they give the eager numbers."""
-    x, w = torch.randn(2, 4, 2, 2, generator=_gen()), torch.randn(8, 4, generator=_gen(1))
+    x, w = torch.randn(2, 8, 16, 16, generator=_gen()), torch.randn(16, 8, generator=_gen(1))
     assert fusing.SMALL_TRACED <= x.numel() < fusing.SMALL
     acc = torch.randint(-2**20, 2**20, (16, 8, 8, 64), dtype=torch.int32, generator=_gen(2))
     out, out_eager = torch.empty(16, 64, 8, 8).movedim(1, -1), torch.empty(16, 64, 8, 8).movedim(1, -1)
@@ -382,7 +382,7 @@ def test_calls_without_dynamo_compile_smaller_tensors(monkeypatch):
     fused.scale_accumulators.eager(acc, s_x, s_w, out_eager)
     _equal(out, out_eager)
     assert len(fused.scale_accumulators.variants) == before + 1
-    statistics = fusing.fused(lambda g: g.abs().amax(0), min_elements=1024)  # worth a dynamo call from 1024
+    statistics = fusing.fused(lambda g: g.abs().amax(0), min_elements=8192)  # worth a dynamo call from 8192
     assert statistics.compiles(x)
     monkeypatch.setattr(precompiled, "AVAILABLE", False)
     assert not statistics.compiles(x)
