@@ -256,17 +256,21 @@ def _plain_alias(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+def _per_tensor(args, of) -> tuple:
+    """`of(t)` for every tensor t in args, nested as `_signature` reads them (None elsewhere)."""
+    return tuple(of(a) if isinstance(a, Tensor) else _per_tensor(a, of) if isinstance(a, (tuple, list))
+                 else _per_tensor(tuple(a.values()), of) if isinstance(a, dict) else None for a in args)
+
+
 def _shapes(args) -> tuple:
-    """The sizes of every tensor in args (nested as `_signature` reads them): the key of a static variant."""
-    return tuple(tuple(a.shape) if isinstance(a, Tensor) else _shapes(a) if isinstance(a, (tuple, list))
-                 else _shapes(tuple(a.values())) if isinstance(a, dict) else None for a in args)
+    """The sizes of every tensor in args: the key of a static variant."""
+    return _per_tensor(args, lambda t: tuple(t.shape))
 
 
 def _strides(args) -> tuple:
-    """The strides of every tensor in args (nested as `_signature` reads them): with `_shapes`, the key of a
-    static variant (a variant compiled for exact shapes is compiled for exact strides too)."""
-    return tuple(a.stride() if isinstance(a, Tensor) else _strides(a) if isinstance(a, (tuple, list))
-                 else _strides(tuple(a.values())) if isinstance(a, dict) else None for a in args)
+    """The strides of every tensor in args: with `_shapes`, the key of a static variant (a variant compiled
+    for exact shapes is compiled for exact strides too)."""
+    return _per_tensor(args, Tensor.stride)
 
 
 def _on_cpu(args) -> bool:
