@@ -28,6 +28,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import precompiled
 
@@ -118,15 +119,12 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
             return fn(*args)
         # a Parameter's sizes are static to torch.compile (force_parameter_static_shapes): a bias would make
         # every channel count a recompile. The passes run inside int8fx's ops, where no autograd is recorded.
-        # (a plain tensor is checked by its type: Parameter's own isinstance check is slow)
         # A view is passed as a plain alias of its storage: dynamo guards on a view's base (its sizes, which of
         # them are 1, their relations to the strides), which `_signature` does not see, and a long process
         # (several models, a detector's sizes) then recompiled one variant up to torch's limit.
-        args = tuple(a.detach() if type(a) is not Tensor and isinstance(a, torch.nn.Parameter)
-                     else _plain_alias(a) if type(a) is Tensor and a._is_view() else a for a in args)
-        size = largest.numel()
-        static = not dynamic or size >= STATIC
-        key = (_signature(args), _shapes(args), _strides(args)) if static else _signature(args)
+        args = tuple(map(_plain, args))
+        static = not dynamic or largest.numel() >= STATIC
+        key = _exact_key(args) if static else _signature(args)
         variant = compiled.get(key, _NEW)
         if variant is _NEW and static:
             # an exact-shape variant is a compile per shape: only for shapes that repeat (a training loop's, not a
@@ -249,6 +247,14 @@ _AT_MOST_1 = (1).__ge__
 _VALUES = frozenset((bool, int, float, str, torch.dtype))
 
 
+def _plain(a):
+    """An argument as a pass takes it: a Parameter detached, a view as `_plain_alias` (see `fused`), anything
+    else as it is (checked in this order for speed: Parameter's own isinstance check is slow)."""
+    if type(a) is Tensor:
+        return _plain_alias(a) if a._is_view() else a
+    return a.detach() if isinstance(a, Tensor) and isinstance(a, torch.nn.Parameter) else a
+
+
 def _plain_alias(t: Tensor) -> Tensor:
     """`t` as a tensor that is not a view: the same storage, offset, sizes and strides (so writes into an
     `out` argument land where they would have), without autograd history (the passes run inside int8fx's
@@ -256,21 +262,20 @@ def _plain_alias(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
-def _per_tensor(args, of) -> tuple:
-    """`of(t)` for every tensor t in args, nested as `_signature` reads them (None elsewhere)."""
-    return tuple(of(a) if isinstance(a, Tensor) else _per_tensor(a, of) if isinstance(a, (tuple, list))
-                 else _per_tensor(tuple(a.values()), of) if isinstance(a, dict) else None for a in args)
-
-
-def _shapes(args) -> tuple:
-    """The sizes of every tensor in args: the key of a static variant."""
-    return _per_tensor(args, lambda t: tuple(t.shape))
-
-
-def _strides(args) -> tuple:
-    """The strides of every tensor in args: with `_shapes`, the key of a static variant (a variant compiled
-    for exact shapes is compiled for exact strides too)."""
-    return _per_tensor(args, Tensor.stride)
+def _exact_key(a):
+    """The key of an exact-shape variant: what `_signature` reads, with every tensor's sizes and strides in
+    place of their pattern (a variant compiled for exact shapes is compiled for exact strides too). One walk
+    over the arguments: it runs on every call of a pass compiled for exact shapes."""
+    kind = type(a)
+    if kind is Tensor or isinstance(a, Tensor):
+        return a.dtype, a.device.type, a.shape, a.stride(), a.requires_grad, a._is_view()
+    if a is None or kind in _VALUES:
+        return a
+    if kind is tuple or kind is list or isinstance(a, (tuple, list)):
+        return kind, tuple(map(_exact_key, a))
+    if isinstance(a, dict):
+        return dict, tuple((k, _exact_key(v)) for k, v in a.items())
+    return a if isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
 
 
 def _on_cpu(args) -> bool:
@@ -327,8 +332,7 @@ def seen_by_everything(args) -> bool:
     oneDNN's direct conv): not when a torch.func transform wraps one of the tensors, and not under a
     TorchDispatchMode or TorchFunctionMode (a profiler, a FLOP counter, inspect's recorder), which would
     otherwise miss the ops; there the eager ops run, where they do see them."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
-    return not any(isinstance(a, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not any(isinstance(a, Tensor) and wrapped(a) for a in args)

@@ -15,6 +15,8 @@ SITES = {
     # a late layer's shape: fewer im2col rows than output channels
     "conv2d-small-map-grouped": (lambda: nn.Conv2d(8, 48, 3, padding=1, groups=2), (2, 8, 3, 3)),
     "conv2d-depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8, padding=1), (2, 8, 9, 6)),
+    "conv2d-depthwise-same-even": (lambda: nn.Conv2d(6, 6, 4, groups=6, padding="same"), (2, 6, 7, 8)),  # pads 1 | 2
+    "conv2d-depthwise-strided-wide-pad": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=2, groups=4), (2, 4, 9, 8)),
     "conv2d-depthwise-strided-mult2": (lambda: nn.Conv2d(8, 16, 5, stride=2, groups=8, padding=2), (2, 8, 11, 10)),
     "conv2d-dilated-asym": (lambda: nn.Conv2d(6, 8, (3, 5), padding=(2, 1), dilation=(2, 1), groups=2), (2, 6, 9, 8)),
     "conv2d-same-even-kernel": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 7)),

@@ -97,6 +97,18 @@ def test_long_k_accumulates_in_int64():
     assert out.dtype == torch.int64 and torch.equal(out[0], torch.full((2, 3), 127 * 127 * K, dtype=torch.int64))
 
 
+def test_depthwise_weight_gradient_sums_in_int64_where_int32_could_overflow():
+    """A depthwise dW sums 127^2 x (batch x positions) at most: int32 up to 2^31 (16 images at 32x32 and far
+    beyond), int64 past it, both exact (here every product is 127^2, so the sums are known)."""
+    from int8fx.kernels.nhwc import _dw_grad_weight
+
+    for side, dtype in ((64, torch.int32), (366, torch.int64)):  # 127^2 x 366^2 > 2^31 - 1
+        dy = torch.full((1, side, side, 2), 127, dtype=torch.int8)
+        x = torch.full((1, side, side, 2), -127, dtype=torch.int8)
+        dw = _dw_grad_weight(dy, x, (1, 1), (1, 1), (1, 1))
+        assert dw.dtype == dtype and torch.equal(dw.long(), torch.full((2, 1, 1), -127 * 127 * side * side))
+
+
 # ----------------------------------------------------------------------------- whole sites, both backends
 
 @pytest.mark.parametrize("site", sorted(SITES))
