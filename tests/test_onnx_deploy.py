@@ -10,6 +10,8 @@ by two float ops) and a squeeze-excite gate; global pooling and a linear head. S
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -342,6 +344,119 @@ def test_a_conv_whose_output_shape_is_read_runs_in_int8(exporter, tmp_path):
     with torch.no_grad():
         ref = qm(calib[0]).numpy()
     assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+class DetectorPattern(nn.Module):
+    """What a detector does with a feature map: a conv head reads it, a float op without an INT8 kernel
+    reads it too (torchvision's RoiAlign; Tanh here), and Shape nodes read its size (the anchor
+    generator's). One output, so that the training loss reads every path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        h = F.interpolate(self.head(f), size=(f.shape[-2] * 2, f.shape[-1] * 2), mode="nearest")
+        return h + torch.tanh(f).mean(1, keepdim=True).repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_feature_map_read_by_a_conv_a_float_op_and_shapes_runs_in_int8(exporter, tmp_path):
+    """torchvision's fasterrcnn failed to export ("input is not quantized"): a tensor read by an INT8 conv
+    and by float readers (RoiAlign, Shape) got a Clip between its DequantizeLinear and the conv. Now the
+    float readers take the op's output, which is quantized once for all readers: both convs run in
+    QLinearConv and the file computes what qmodel.eval() computes, up to int8 rounding."""
+    import onnxruntime as ort
+
+    qm = _briefly_trained(DetectorPattern, (4, 3, 16, 16), momentum=0.0)
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    path = str(tmp_path / "det.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "head": ["QLinearConv"]}
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    with torch.no_grad():
+        ref = qm(calib[0]).numpy()
+    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+class BoxHead(nn.Module):
+    """A detector's last steps: a conv head's output decoded into boxes by float arithmetic (scaled by a ratio
+    from the input size, clamped, rounded), which reaches no INT8 site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        deltas = self.head(F.relu(self.stem(x))).flatten(2).transpose(1, 2)  # [N, positions, 4]
+        ratio = 320.0 / x.shape[-1]
+        return (deltas.exp().clamp(max=50.0) * ratio + deltas * 7.0).round()
+
+
+def test_arithmetic_after_the_last_sites_stays_float(tmp_path):
+    """Box decoding after a detector's last INT8 sites is float in qmodel.eval(), and stays float in the deploy
+    file: no QuantizeLinear reads what those ops make (quantized, a box coordinate up to 320 rounded to 2.5
+    pixels, and onnxruntime 1.32 crashed on fasterrcnn's box rescaling run as QLinearMul on no detections),
+    while both convs still run in QLinearConv."""
+    import onnxruntime as ort
+
+    qm = _briefly_trained(BoxHead, (4, 3, 16, 16), momentum=0.0)
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    path = str(tmp_path / "boxes.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
+    assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "head": ["QLinearConv"]}
+    model = onnx.load(path)
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    arithmetic = [n for n in model.graph.node if n.op_type in ("Exp", "Mul", "Add", "Clip", "Min", "Round")]
+    assert arithmetic and meta["deploy"]["float_beyond_int8_sites"] >= len(arithmetic)
+    for n in arithmetic:  # float in, float out
+        assert all(made_by.get(i) != "DequantizeLinear" for i in n.input), n.name
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized & {o for n in arithmetic for o in n.output}
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    with torch.no_grad():
+        ref = qm(calib[0]).numpy()
+    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_a_graph_onnxruntime_cannot_run_is_not_written(tmp_path, monkeypatch):
+    """The deploy export runs its graph once in a child process before writing it: an error there, or a crash
+    of the runtime itself (a segfault, here simulated in the child), fails the export with no file."""
+    from int8fx.onnx import check
+
+    qm = _briefly_trained(BoxHead, (4, 3, 16, 16), momentum=0.0)
+    x = torch.randn(4, 3, 16, 16)
+    for code, message in (("raise RuntimeError('no kernel for this node')", "no kernel for this node"),
+                          ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed (SIGSEGV)")):
+        monkeypatch.setattr(check, "_RUN_ONCE", check._RUN_ONCE + "\n" + code + "\n")
+        path = tmp_path / "bad.onnx"
+        with pytest.raises(int8fx.onnx.OnnxExportError, match=re.escape(message)):
+            int8fx.export_onnx(qm, x, str(path), form="deploy")
+        assert not path.exists() and not list(tmp_path.iterdir())
+        monkeypatch.undo()
+
+
+@pytest.mark.slow
+def test_torchvision_detector_exports_and_runs_without_detections(tmp_path):
+    """fasterrcnn_mobilenet_v3_large_320_fpn: every site call in an INT8 kernel, and the file runs on an image
+    without detections (the case that crashed onnxruntime when the box arithmetic was quantized)."""
+    import onnxruntime as ort
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
+                                                                               num_classes=5).eval()
+    model.roi_heads.score_thresh = 1.01  # no detections
+    qm = int8fx.convert(model).eval()
+    image = [torch.rand(3, 320, 320)]
+    path = str(tmp_path / "frcnn.onnx")
+    meta = int8fx.export_onnx(qm, (image,), path, form="deploy")
+    calls = [op for ops in int8_sites(meta, runtime_ops(path)).values() for op in ops]
+    assert len(calls) >= 70 and set(calls) <= set(INT8_KERNELS), sorted(set(calls))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # (default threads: the crash needed 2+)
+    boxes, labels, scores = session.run(None, {session.get_inputs()[0].name: image[0].numpy()})
+    assert boxes.shape == (0, 4) and labels.shape == (0,) and scores.shape == (0,)
 
 
 class TwoViews(nn.Module):

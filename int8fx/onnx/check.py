@@ -2,13 +2,21 @@
 
 `full_check`: the ONNX checker with shape inference. Each form checks its own per-site Q/DQ structure
 where it finds it (`faithful.annotate`, `deploy._annotate`): a site call without it fails the export.
+`runs_in_onnxruntime`: one run of the deploy graph in a child process, which a runtime crash cannot take
+down with the export.
 `runtime_ops`: the op types onnxruntime runs after its graph optimizations, and for each INT8 site the
 op its compute node became (QLinearConv, QGemm, ...): how tests and the benchmark show that the
 convolutions of a deploy file run in INT8.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import warnings
 
 from .errors import OnnxExportError
 
@@ -22,6 +30,50 @@ def full_check(model) -> None:
         raise OnnxExportError(f"the exported graph fails onnx.checker: {e}") from e
 
 
+_RUN_ONCE = """
+import os
+import sys
+import numpy as np
+import onnxruntime as ort
+so = ort.SessionOptions()
+if (os.cpu_count() or 1) < 2:
+    so.intra_op_num_threads = 2  # (onnxruntime's own default elsewhere: the crash below needed two threads)
+so.log_severity_level = 3
+session = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+feed = np.load(sys.argv[2])
+session.run(None, {name: feed[name] for name in feed.files})
+"""
+RUN_TIMEOUT = 900  # seconds the run-once check waits for onnxruntime before it gives up (with a warning)
+
+
+def runs_in_onnxruntime(model, feed: dict) -> None:
+    """Run the graph once on `feed` with onnxruntime's full optimizations, in a child process, or raise
+    `OnnxExportError`: a file that crashes the runtime is worse than no file. Why a child process: the
+    crash this guards against is a segfault inside onnxruntime's kernels (1.32: QLinearMul on an empty
+    tensor, a detector's image without detections, with two threads or more), which would take the
+    exporting process with it."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="int8fx-run-") as d:
+        path, inputs = os.path.join(d, "model.onnx"), os.path.join(d, "feed.npz")
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+        np.savez(inputs, **feed)
+        try:
+            done = subprocess.run([sys.executable, "-c", _RUN_ONCE, path, inputs], capture_output=True, text=True,
+                                  timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            warnings.warn(f"int8fx.export_onnx: onnxruntime did not finish one run of the graph in {RUN_TIMEOUT} s; "
+                          "the file is written unchecked by a run", stacklevel=4)
+            return
+    if done.returncode < 0:
+        raise OnnxExportError(f"onnxruntime crashed ({signal.Signals(-done.returncode).name}) running the exported "
+                              "graph once on the first calibration batch; no file is written")
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise OnnxExportError(f"onnxruntime cannot run the exported graph on the first calibration batch: {last}")
+
+
 INT8_KERNELS = ("QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                 "DynamicQuantizeMatMul")
 
@@ -30,9 +82,6 @@ def runtime_ops(model_or_path, *, threads: int = 1, level: str = "all") -> dict[
     """{node name: op type} of the graph onnxruntime runs (CPU) after its optimizations at `level`
     ("basic", "extended", "all"). Fused nodes keep the name of the node they replace, so an INT8 site's
     "<site>/compute" node shows the kernel it runs in (QLinearConv, QGemm, ...) or stays "Conv"."""
-    import os
-    import tempfile
-
     import onnx
     import onnxruntime as ort
 

@@ -35,7 +35,8 @@ INT8); the metadata lists such sites (`sites_without_onnxruntime_int8_kernel`).
 What stays float, as in int8fx: what the model returns (`quantized.float_graph_outputs`: the quantizer would
 round the logits too), and every sigmoid gate x * sigmoid(g), SiLU and squeeze-excite (`_sigmoid_gates`),
 which reads float values (`quantized.float_ops_read_floats`) and INT8 logits over at most +-8
-(`quantized.cap_sigmoid_inputs`).
+(`quantized.cap_sigmoid_inputs`), and every op through which no activation reaches an INT8 site
+(`_beyond_sites`: a detector's box arithmetic and post-processing).
 
 Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
 (where they feed an Add or a SiLU: an INT8 conv writes int8), biases are rounded to int32, and
@@ -55,7 +56,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from . import int8_ops, quantized
+from . import check, int8_ops, quantized
 from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .graphs import (
@@ -101,7 +102,9 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
     norms = [n.name for n in fp32.graph.node if n.op_type in FLOAT_NORMS]
-    model = _quantize(ortq, fp32, feeds, float_compute + gates + norms, overrides)
+    beyond = _beyond_sites(GraphView(fp32), set(site_of))
+    kept_float = float_compute + gates + norms + beyond
+    model = _quantize(ortq, fp32, feeds, kept_float, overrides)
     float_outputs = quantized.float_graph_outputs(model)
     quantized.float_ops_read_floats(model, set(gates))
     quantized.shapes_read_floats(model)
@@ -109,13 +112,14 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     rewritten.update(int8_ops.after_quantization(model))
     nudged = quantized.dedicate_quantizers(model, site_of, statics)
     requantized = quantized.exact_biases(model, float_biases)
-    fanned = quantized.fan_out(model, site_of)
+    fanned = quantized.fan_out(model, site_of, frozenset(kept_float))
     calls_meta = _annotate(model, site_of, statics)
     clean(model)
+    check.runs_in_onnxruntime(model, feeds[0])
     extra = {"producer": {"onnxruntime": onnxruntime.__version__},
              "deploy": {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, int8 symmetric, per-channel)",
                         "float_compute_nodes": float_compute, "float_sigmoid_gates": len(gates) // 2,
-                        "sigmoid_inputs_capped": capped,
+                        "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
                         "rewritten_for_int8_kernels": rewritten,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
@@ -213,6 +217,29 @@ def _sigmoid_gates(view: GraphView) -> list[str]:
                 names += [sig.name, n.name]
                 break
     return names
+
+
+# ops whose inputs after the first are positions, sizes or indices, not activations: a detector's RoiAlign
+# reads a feature map (input 0) at box coordinates (input 1), which are no INT8 site's activations
+_DATA_INPUT_FIRST = {"RoiAlign", "Resize", "Upsample", "Reshape", "Expand", "Tile", "Slice", "Pad", "Gather",
+                     "GatherElements", "GatherND", "TopK", "ScatterND", "ScatterElements"}
+
+
+def _beyond_sites(view: GraphView, sites: set[str]) -> list[str]:
+    """The nodes through which no activation reaches an INT8 site: a detector's box decoding and
+    post-processing, a segmentation head's final upsampling, whatever runs after the last sites. int8fx
+    computes them in float (`qmodel.eval()` does), so the deploy graph does too: quantized, a box
+    coordinate up to 320 rounds to 2.5 pixels, and onnxruntime 1.32 crashed (a segfault) running
+    fasterrcnn's box rescaling as QLinearMul on an image without detections (an empty tensor)."""
+    feeding: set[str] = set()
+    stack = [view.nodes[name].input[0] for name in sites]
+    while stack:
+        node = view.producer.get(stack.pop())
+        if node is None or node.name in feeding:
+            continue
+        feeding.add(node.name)
+        stack.extend(i for i in (node.input[:1] if node.op_type in _DATA_INPUT_FIRST else node.input) if i)
+    return [n.name for n in view.graph.node if n.name not in feeding and n.name not in sites]
 
 
 def _preserves_scale(view: GraphView, node) -> bool:

@@ -23,7 +23,7 @@ _FUSED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "Av
           "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where"}
 
 
-def fan_out(model, site_of: dict[str, str]) -> int:
+def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()) -> int:
     """Make every activation QuantizeLinear feed one DequantizeLinear, and every activation
     DequantizeLinear one consumer: onnxruntime duplicates a DequantizeLinear per consumer, and converts a
     QuantizeLinear to its u8 kernels only when a single DequantizeLinear follows it; an INT8 op must also
@@ -33,8 +33,11 @@ def fan_out(model, site_of: dict[str, str]) -> int:
       * an INT8 op whose output several QuantizeLinears read (a projection conv read by the next block and
         by a residual Add): quantize once (at the reading site's scale, else the largest of theirs),
             out -> Q0 -> DQ0 -> Clip(-127 s0, 127 s0) -> {Q1 -> DQ1 -> conv, Q2 -> DQ2 -> Add};
+        a float op among the readers (a detector's RoiAlign on an FPN level) reads the Clip too: the
+        int8 values the op writes, as every reader of an INT8 op does here;
       * a DequantizeLinear read by several float ops (the Sigmoid and Mul of SiLU): DQ -> Clip -> {...}.
     Returns how many fan-outs."""
+    _float_readers_beside_int8_readers(model, float_nodes)
     view = GraphView(model)
     after: dict[int, list] = {}  # new nodes to place right after a node (topological order)
     for tensor, users in list(view.consumers.items()):
@@ -42,7 +45,7 @@ def fan_out(model, site_of: dict[str, str]) -> int:
         if producer is None or len(users) < 2:
             continue
         qs = [u for u in users if u.op_type == "QuantizeLinear"]
-        if len(qs) == len(users) and _is_int8_op(view, producer):
+        if qs and _is_int8_op(view, producer):
             scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
             at_site = [sc for q, sc in zip(qs, scales) if site_behind(view, q, site_of)]
             s0 = at_site[0] if at_site else max(scales)
@@ -56,6 +59,25 @@ def fan_out(model, site_of: dict[str, str]) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return len(after)
+
+
+def _float_readers_beside_int8_readers(model, float_nodes: frozenset) -> None:
+    """Where a DequantizeLinear of an INT8 op's output feeds an INT8 op and float ops (an FPN level read by
+    the RPN head's conv and by RoiAlign), the float ops read the op's output itself, which `fan_out` then
+    quantizes once for all its readers: a Clip between the DequantizeLinear and the conv would stop the
+    conv's fusion."""
+    view = GraphView(model)
+    for tensor, users in list(view.consumers.items()):
+        dq = view.producer.get(tensor)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(users) < 2:
+            continue
+        q = view.made_by(dq.input[0], "QuantizeLinear")
+        source = view.producer.get(q.input[0]) if q is not None else None
+        floats = [u for u in users if u.op_type not in _FUSED or u.name in float_nodes]
+        if source is None or not _is_int8_op(view, source) or not floats or len(floats) == len(users):
+            continue
+        for u in floats:
+            u.input[:] = [q.input[0] if name == tensor else name for name in u.input]
 
 
 def float_graph_outputs(model) -> list[str]:
