@@ -220,8 +220,8 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
                 dw = (acc.float() * s_gw.view(g, -1, 1) * s_x).reshape(w_shape).to(w_dtype).contiguous()
         if need_b:  # eagerly, so that every path (compiled or not, torch.func or not) sums in one order
             db = rows.sum(0)
-        finite = torch.isfinite(s_gx)  # a non-finite dY poisons both scales (GradQuantizer.operands)
-        new = {"step": named["step"] + finite.long(), "deviation": deviation,
+        # a non-finite dY poisons both scales (GradQuantizer.operands): such a step is not counted
+        new = {"step": named["step"] + torch.isfinite(s_gx), "deviation": deviation,
                **{f"grad_quantizer.{k}": v for k, v in q_new.items()}}
         new_state = [new.get(n, named[n]) for n in state_names]
     return dx, dw, db, new_state

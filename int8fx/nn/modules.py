@@ -38,6 +38,7 @@ TRANSPOSED_TYPES = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspo
 SITE_TYPES = (nn.Linear,) + tuple(CONV_TYPES) + tuple(TRANSPOSED_TYPES)
 # state every Int8Layer adds beyond the original parameters; loading tolerates its absence
 QUANT_BUFFERS = ("step", "act_clip", "act_clip_ema", "deviation")
+FORWARD_STATE = ("act_clip", "act_clip_ema")  # the state the forward updates (the op's backward returns the rest)
 QUANT_STATE_KEY = re.compile(r"(^|\.)(grad_quantizer\.[^.]+|step|act_clip|act_clip_ema|deviation|calls)$")
 # the torch function a site stands for, by its spatial dims (0: a linear); the rewrite's list of calls too
 FUNCTIONS_BY_DIMS = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -228,12 +229,13 @@ class Int8Layer(Float32State):
             raise ValueError(f"{self.site_name}: padded input size {padded} is smaller than the dilated kernel "
                              f"{tuple(d * (k - 1) + 1 for k, d in zip(spec.kernel, spec.dilation))} "
                              f"(input {tuple(input.shape)})")
-        names = [n for n in self.state_tensors() if n not in ("act_clip", "act_clip_ema")]
         channels = out_channels(weight.shape, spec)
         if self._sized_for(channels):
             committed = self.state_tensors()
+            names = [n for n in committed if n not in FORWARD_STATE]
             state, pending = [committed[n] for n in names], self.pending_tensors(names)
         else:  # stateless: fresh state in, results discarded
+            names = [n for n in self.state_tensors() if n not in FORWARD_STATE]
             fresh = make_grad_quantizer(self.config.grad_quant, channels, self.config).to(input.device)
             scratch = {**{n: t.clone() for n, t in self.state_tensors().items() if not n.startswith("grad_quantizer.")},
                        **{f"grad_quantizer.{k}": v for k, v in fresh.state().items()}}
