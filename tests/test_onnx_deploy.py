@@ -317,6 +317,22 @@ def test_convs_after_a_split_a_pool_or_an_alias_run_in_int8(exporter, tmp_path):
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+def _deployed_as_qmodel_computes(make, shape, tmp_path, exporter: str = "auto"):
+    """(metadata, path) of `make`'s model briefly trained and exported in the deploy form, after checking that
+    onnxruntime's output matches qmodel.eval()'s up to int8 rounding (5% of the output's absmax)."""
+    import onnxruntime as ort
+
+    qm = _briefly_trained(make, shape, momentum=0.0)
+    calib = [torch.randn(shape) for _ in range(3)]
+    path = str(tmp_path / "model.onnx")
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
+    with torch.no_grad():
+        ref = qm(calib[0]).numpy()
+    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+    return meta, path
+
+
 class SegHead(nn.Module):
     """A segmentation head: the last conv's output upsampled to a size read from that output (torchvision's
     FCN and DeepLabV3 heads export a Shape node reading their classifier conv)."""
@@ -333,17 +349,8 @@ class SegHead(nn.Module):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_a_conv_whose_output_shape_is_read_runs_in_int8(exporter, tmp_path):
-    import onnxruntime as ort
-
-    qm = _briefly_trained(SegHead, (4, 3, 32, 32), momentum=0.0)
-    calib = [torch.randn(4, 3, 32, 32) for _ in range(3)]
-    path = str(tmp_path / "seg.onnx")
-    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    meta, path = _deployed_as_qmodel_computes(SegHead, (4, 3, 32, 32), tmp_path, exporter)
     assert int8_sites(meta, runtime_ops(path)) == {"conv": ["QLinearConv"], "classifier": ["QLinearConv"]}
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
-    with torch.no_grad():
-        ref = qm(calib[0]).numpy()
-    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 class DetectorPattern(nn.Module):
@@ -367,17 +374,8 @@ def test_a_feature_map_read_by_a_conv_a_float_op_and_shapes_runs_in_int8(exporte
     and by float readers (RoiAlign, Shape) got a Clip between its DequantizeLinear and the conv. Now the
     float readers take the op's output, which is quantized once for all readers: both convs run in
     QLinearConv and the file computes what qmodel.eval() computes, up to int8 rounding."""
-    import onnxruntime as ort
-
-    qm = _briefly_trained(DetectorPattern, (4, 3, 16, 16), momentum=0.0)
-    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
-    path = str(tmp_path / "det.onnx")
-    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    meta, path = _deployed_as_qmodel_computes(DetectorPattern, (4, 3, 16, 16), tmp_path, exporter)
     assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "head": ["QLinearConv"]}
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
-    with torch.no_grad():
-        ref = qm(calib[0]).numpy()
-    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 class BoxHead(nn.Module):
@@ -398,13 +396,8 @@ def test_arithmetic_after_the_last_sites_stays_float(tmp_path):
     """Box decoding after a detector's last INT8 sites is float in qmodel.eval(), and stays float in the deploy
     file: no QuantizeLinear reads what those ops make (quantized, a box coordinate up to 320 rounded to 2.5
     pixels, and onnxruntime 1.32 crashed on fasterrcnn's box rescaling run as QLinearMul on no detections),
-    while both convs still run in QLinearConv."""
-    import onnxruntime as ort
-
-    qm = _briefly_trained(BoxHead, (4, 3, 16, 16), momentum=0.0)
-    calib = [torch.randn(4, 3, 16, 16) for _ in range(3)]
-    path = str(tmp_path / "boxes.onnx")
-    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
+    while both convs still run in QLinearConv and the file computes what qmodel.eval() computes."""
+    meta, path = _deployed_as_qmodel_computes(BoxHead, (4, 3, 16, 16), tmp_path)
     assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "head": ["QLinearConv"]}
     model = onnx.load(path)
     made_by = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -414,10 +407,6 @@ def test_arithmetic_after_the_last_sites_stays_float(tmp_path):
         assert all(made_by.get(i) != "DequantizeLinear" for i in n.input), n.name
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert not quantized & {o for n in arithmetic for o in n.output}
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
-    with torch.no_grad():
-        ref = qm(calib[0]).numpy()
-    assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 def test_a_graph_onnxruntime_cannot_run_is_not_written(tmp_path, monkeypatch):
