@@ -287,7 +287,8 @@ def empty_channels_last(shape, dtype, device) -> Tensor:
 # ------------------------------------------------------------------------------------------------ backward
 def grad_input(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple) -> Tensor:
     """Exact integer dX (int32 or int64; for depthwise convs fp32 holding exact integers) from the quantized
-    dY s_W [M, O] (int8): [N, *S, C] for a conv (channels-last storage), x_shape for linear.
+    dY s_W [M, O] (int8; for a depthwise conv int8 or the same integers in fp32, which the gradient
+    quantizer writes for it): [N, *S, C] for a conv (channels-last storage), x_shape for linear.
 
     A stride-1 conv's dX is itself a stride-1 conv of dY with the flipped weight (a full correlation), so
     it is computed as one: an int8 im2col of dY and one GEMM, with no col2im. Other strides take
@@ -295,7 +296,7 @@ def grad_input(backend, gq: Tensor, w_q: Tensor, spec: GemmSpec, x_shape: tuple)
     o, g = w_q.shape[0], spec.groups
     if is_depthwise(spec, x_shape, o):
         n, c, *sizes = x_shape
-        dy = gq.float().view(n, *spec.out_size(tuple(sizes)), o).movedim(-1, 1)  # channels-last
+        dy = gq.float().view(n, *spec.out_size(tuple(sizes)), o).movedim(-1, 1)  # channels-last (fp32: no copy)
         dx = _dw_conv_transpose(dy, w_q.view(o, 1, *spec.kernel).float(), spec, tuple(sizes))
         # exact integers in fp32 (each a sum of at most `window` products), stored channels-last like every dX
         # here: a gradient in another layout than its activation sends BatchNorm's and ReLU's backward to slow

@@ -176,9 +176,12 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         # the dX operand is dY s_W[o] (module docstring), as rows [M, O] like dY
         q_state = {n[len("grad_quantizer."):]: t for n, t in named.items() if n.startswith("grad_quantizer.")}
         need_dq = need_w or track_deviation
+        # a depthwise conv's dX is an fp32 conv of the integer codes (int8fx.kernels.nhwc): quantized to fp32
+        fp32_dx = kind == "nhwc" and not spec_.transposed and nhwc.is_depthwise(spec_, tuple(x_shape), O)
         clip_w, clip_x, q_new, s_gx, s_gw, gq, dq = grad_quantizer_class(policy).operands(
             rows, s_w, q_state, PolicyParams.from_floats(params), stochastic, calls,
-            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq)  # a fill, not a host copy
+            torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq,  # a fill, not a host copy
+            torch.float32 if fp32_dx else torch.int8)
         deviation = named["deviation"]
         if track_deviation:
             d = cosine_distance(rows, dequantize(dq, s_gw))
