@@ -392,8 +392,9 @@ class _DirectGemm(torch.autograd.Function):
 
 class _EagerGemm(torch.autograd.Function):
     """`_DirectGemm` in the form whose forward takes `ctx`: what plain eager mode runs. torch binds the
-    arguments of a Function with `setup_context` through `inspect.signature` on every call (~30 us a site,
-    1.7 ms of mobilenet_v2's step); this form skips that. Same forward, same context, same backward."""
+    arguments of a Function with `setup_context` through `inspect.signature` on every call (2% of
+    mobilenet_v2's step at batch 2, 32x32, sampled by py-spy); this form skips that. Same forward, same
+    context, same backward."""
 
     @staticmethod
     def forward(ctx, *inputs):
