@@ -225,26 +225,43 @@ def _largest(args) -> Tensor | None:
     return max((a for a in args if isinstance(a, Tensor)), key=Tensor.numel, default=None)
 
 
-def _signature(a):
-    """What torch.compile specialises on, as a hashable key: a tensor's dtype, rank, which dims have size 1
-    (sizes 0 and 1 are always specialised), its stride order, whether it requires grad and whether it is a
-    view; the value of a Python scalar; the same for the items of a tuple, list or dict. (Written for speed:
-    it runs on every call, hundreds of times a training step.)"""
-    if isinstance(a, Tensor):
-        order = () if a.is_contiguous() else tuple(sorted(range(a.dim()), key=a.stride().__getitem__))
-        # dynamo also guards on requires_grad and, for a view, on its base's sizes and strides
-        return a.dtype, a.device.type, tuple(map(_AT_MOST_1, a.shape)), order, a.requires_grad, a._is_view()
-    if a is None or type(a) in _VALUES:
-        return a
-    if isinstance(a, (tuple, list)):
-        return type(a), tuple(map(_signature, a))
-    if isinstance(a, dict):
-        return dict, tuple((k, _signature(v)) for k, v in a.items())
-    return a if isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
+def _walker(of_tensor):
+    """A key function over a call's arguments: `of_tensor(t)` for a tensor, the value of a Python scalar, the
+    same for the items of a tuple, list or dict. (Written for speed: it runs on every call, hundreds of times
+    a training step.)"""
+
+    def walk(a):
+        if isinstance(a, Tensor):
+            return of_tensor(a)
+        if a is None or type(a) in _VALUES:
+            return a
+        if isinstance(a, (tuple, list)):
+            return type(a), tuple(map(walk, a))
+        if isinstance(a, dict):
+            return dict, tuple((k, walk(v)) for k, v in a.items())
+        return a if isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
+
+    return walk
+
+
+def _tensor_signature(t: Tensor) -> tuple:
+    """What torch.compile specialises on for a tensor: its dtype, rank, which dims have size 1 (sizes 0 and 1
+    are always specialised), its stride order, whether it requires grad and whether it is a view (dynamo
+    also guards on requires_grad and, for a view, on its base's sizes and strides)."""
+    order = () if t.is_contiguous() else tuple(sorted(range(t.dim()), key=t.stride().__getitem__))
+    return t.dtype, t.device.type, tuple(map(_AT_MOST_1, t.shape)), order, t.requires_grad, t._is_view()
+
+
+def _tensor_exact(t: Tensor) -> tuple:
+    """A tensor in an exact-shape variant's key: `_tensor_signature` with its sizes and strides in place of
+    their pattern (a variant compiled for exact shapes is compiled for exact strides too)."""
+    return t.dtype, t.device.type, t.shape, t.stride(), t.requires_grad, t._is_view()
 
 
 _AT_MOST_1 = (1).__ge__
 _VALUES = frozenset((bool, int, float, str, torch.dtype))
+_signature = _walker(_tensor_signature)  # a dynamic variant's key
+_exact_key = _walker(_tensor_exact)  # an exact-shape variant's key
 
 
 def _plain(a):
@@ -260,22 +277,6 @@ def _plain_alias(t: Tensor) -> Tensor:
     `out` argument land where they would have), without autograd history (the passes run inside int8fx's
     ops, on tensors autograd does not record)."""
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-
-def _exact_key(a):
-    """The key of an exact-shape variant: what `_signature` reads, with every tensor's sizes and strides in
-    place of their pattern (a variant compiled for exact shapes is compiled for exact strides too). One walk
-    over the arguments: it runs on every call of a pass compiled for exact shapes."""
-    kind = type(a)
-    if kind is Tensor or isinstance(a, Tensor):
-        return a.dtype, a.device.type, a.shape, a.stride(), a.requires_grad, a._is_view()
-    if a is None or kind in _VALUES:
-        return a
-    if kind is tuple or kind is list or isinstance(a, (tuple, list)):
-        return kind, tuple(map(_exact_key, a))
-    if isinstance(a, dict):
-        return dict, tuple((k, _exact_key(v)) for k, v in a.items())
-    return a if isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
 
 
 def _on_cpu(args) -> bool:
