@@ -166,7 +166,8 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
                 logging.getLogger(__name__).info("int8fx: %s compiled through torch.compile: %s", name, _UNTRACED[name])
                 del compiled[key]
                 return call(*args)
-            recompile = "Recompile" in type(e).__name__
+            # the recompile limit: FailOnRecompileLimitHit (torch 2.11, 2.14), CacheLimitExceeded (torch 2.5)
+            recompile = any(k in type(e).__name__ for k in ("Recompile", "CacheLimit"))
             if recompile and torch._dynamo.config.error_on_recompile:
                 # the user's setting means their model, not int8fx's passes (which compile a new variant when a
                 # new shape relation shows up): this call's recompilation happens without it

@@ -219,6 +219,21 @@ def test_the_weight_gradient_does_not_depend_on_whether_the_input_needs_one():
     assert torch.equal(a[0].weight.grad, b[0].weight.grad)
 
 
+def test_the_ops_signatures_are_ones_the_oldest_supported_torch_infers_a_schema_from():
+    """torch 2.5 infers a custom op's schema from `typing.List[...]` annotations only: a `list[Tensor]` one
+    made `import int8fx` itself fail there (found running the suite on torch 2.5.1; this torch accepts both,
+    so the spelling is what is checked)."""
+    import inspect
+
+    from int8fx.nn.functional import gemm_backward_op, gemm_op
+    from int8fx.onnx.qdq_op import qdq_gemm
+
+    for op in (gemm_op, gemm_backward_op, qdq_gemm):
+        signature = inspect.signature(op._init_fn)
+        spelled = [str(p.annotation) for p in signature.parameters.values()] + [str(signature.return_annotation)]
+        assert not [a for a in spelled if "list[" in a], (op, spelled)
+
+
 def test_exactness_holds_under_reduced_precision_fp32_matmuls():
     """The reference GEMM reads no global precision setting: TF32/bf16-reduced fp32 matmuls hold the INT8
     operands and the fp32 sums exactly, so the result is the same."""

@@ -27,7 +27,7 @@ to call).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -249,10 +249,12 @@ def _from_storage(t: Tensor, spec: GemmSpec) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- torch.library
+# (The op signatures spell lists `typing.List[...]`: torch 2.5 infers a schema from those only, and refused
+# `list[Tensor]` when the package was imported.)
 @torch.library.custom_op("int8fx::gemm", mutates_args=())
-def gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Tensor, state: list[Tensor],
-            pending: list[Tensor], calls: Tensor, spec: list[int], static_clip: bool, backend: str,
-            out_dtype: torch.dtype, policy: str, state_names: str, params: list[float], stochastic: bool,
+def gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_clip: Tensor, state: List[Tensor],
+            pending: List[Tensor], calls: Tensor, spec: List[int], static_clip: bool, backend: str,
+            out_dtype: torch.dtype, policy: str, state_names: str, params: List[float], stochastic: bool,
             key_base: int, track_deviation: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One INT8 conv/linear site, forward: (y, x_q, s_x, w_q, s_w). The arguments after `out_dtype` are
     the site's backward configuration and state, taken here so that the autograd formula has them."""
@@ -277,11 +279,11 @@ def _(x, weight, bias, act_clip, state, pending, calls, spec, static_clip, backe
 
 
 @torch.library.custom_op("int8fx::gemm_backward", mutates_args=())
-def gemm_backward_op(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor, state: list[Tensor],
-                     calls: Tensor, spec: list[int], x_shape: list[int], w_shape: list[int], policy: str,
-                     state_names: str, params: list[float], stochastic: bool, key_base: int,
-                     needs: list[bool], track_deviation: bool, backend: str, x_dtype: torch.dtype,
-                     w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def gemm_backward_op(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor, state: List[Tensor],
+                     calls: Tensor, spec: List[int], x_shape: List[int], w_shape: List[int], policy: str,
+                     state_names: str, params: List[float], stochastic: bool, key_base: int,
+                     needs: List[bool], track_deviation: bool, backend: str, x_dtype: torch.dtype,
+                     w_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     """One INT8 conv/linear site, backward: (dx, dw, db, new state); see `gemm_backward`."""
     dx, dw, db, new_state = gemm_backward(dy, x_q, s_x, w_q, s_w, state, calls, spec, x_shape, w_shape, policy,
                                           state_names, params, stochastic, key_base, needs, track_deviation, backend,

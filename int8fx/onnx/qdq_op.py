@@ -21,7 +21,7 @@ used by this kind only).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,10 @@ KINDS = ("conv", "gemm", "matmul", "conv_transpose")
 _CONV_TRANSPOSE = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
+# (lists as `typing.List[...]`: the schema torch 2.5 infers for `qdq_gemm` from this signature knows no `list[...]`)
 def _emulate(x: Tensor, x_scale: Tensor, x_zero_point: Tensor, w_int8: Tensor, w_scale: Tensor,
-             w_zero_point: Tensor, bias: Optional[Tensor], kind: str, strides: list[int], pads: list[int],
-             dilations: list[int], groups: int, output_padding: list[int]) -> Tensor:
+             w_zero_point: Tensor, bias: Optional[Tensor], kind: str, strides: List[int], pads: List[int],
+             dilations: List[int], groups: int, output_padding: List[int]) -> Tensor:
     xq = torch.clamp(torch.round(x / x_scale), -127, 127) * x_scale  # as int8fx: symmetric, never -128
     w = dequantize_weight(w_int8, w_scale, kind == "conv_transpose")
     if kind == "conv_transpose":
