@@ -151,9 +151,8 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
         try:
             # the hot path is a bare call: each context manager here cost microseconds, on hundreds of calls a
             # step (what a call must set is set on the first one, or on a retry below)
-            if first_call:
-                with _compile_settings():
-                    return variant(*args)
+            if first_call or _FLUSHES_DENORMALS:
+                return _keeping_denormals(variant, args, first_call)
             if torch.autograd._profiler_enabled():
                 with torch.profiler.record_function(f"int8fx.{name}"):
                     return variant(*args)
@@ -194,6 +193,39 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     call.compiles = lambda *args: compiles(_largest(args))
     call.variants = compiled  # signature key -> compiled function (None: eager), for tests and tools
     return call
+
+
+_FLUSHES_DENORMALS = False  # a compiled pass turned flush-to-zero on as it loaded (seen in this process)
+
+
+def _keeping_denormals(variant, args, first_call: bool):
+    """`variant(*args)`, and the thread's denormal mode as it was before it. Why: inductor on torch 2.5
+    builds its CPU kernels with -ffast-math, and g++ then links crtfastmath.o into them, whose loading turns
+    flush-to-zero and denormals-are-zero on for the loading thread: from the first compiled pass on, every
+    float op of the process (the user's FP32 model too) would flush values below 1.2e-38 to zero, and an
+    INT8 site's tiny weight gradients became exact zeros (measured: torch 2.5.1; 2.11 and 2.14 build
+    without it). A call that compiles (the first of a signature) is checked; once a load has done it, every
+    compiled call is (a recompilation loads a new kernel), at ~3 us each, on such a torch only. A mode the
+    user chose (`torch.set_flush_denormal(True)`) is left as it is."""
+    global _FLUSHES_DENORMALS
+    keeps = _keeps_denormals()
+    if first_call:
+        with _compile_settings():
+            out = variant(*args)
+    else:
+        out = variant(*args)
+    if keeps and not _keeps_denormals():
+        _FLUSHES_DENORMALS = True
+        torch.set_flush_denormal(False)
+    return out
+
+
+def _keeps_denormals() -> bool:
+    """Whether this thread's float arithmetic keeps denormal numbers (no flush-to-zero)."""
+    return bool(torch.tensor(_TINY) * 2.0 != 0)
+
+
+_TINY = 1e-40  # a float32 denormal
 
 
 def computed_once(t: Tensor) -> Tensor:

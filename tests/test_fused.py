@@ -31,6 +31,13 @@ def quantize_nearest(x, scale):
     return (x.float() / s).round().clamp(-core.QMAX, core.QMAX).to(torch.int8)
 
 
+def _recompile_limit(n: int):
+    """torch.compile's limit of compilations per code object set to n (`recompile_limit`; torch 2.5 names it
+    `cache_size_limit`)."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{name: n})
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -288,7 +295,7 @@ def test_partials_do_not_share_one_compiled_cache():
     a, b = fusing._fresh_copy(p), fusing._fresh_copy(p)
     assert not isinstance(a, functools.partial) and a.__code__ is not b.__code__  # dynamo's cache key
     _equal(a(x), x * 2.0)
-    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+    with _recompile_limit(1), warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to eager warns
         for k in (2.0, 3.0, 5.0):
             _equal(fusing.fused(functools.partial(scaled, k))(x), x * k)
@@ -306,7 +313,7 @@ def test_recompile_limit_restarts_with_a_fresh_copy(monkeypatch):
 
     f = fusing.fused(branchy)
     small, big = torch.randn(N - 8, generator=_gen()), torch.randn(2 * N, generator=_gen(1))
-    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings(record=True) as caught:
+    with _recompile_limit(1), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(2 * fusing.RESTARTS + 1):  # each big call hits the limit, each small one compiles anew
             x = big if i % 2 else small
@@ -425,7 +432,7 @@ def test_views_of_differently_shaped_bases_share_one_compilation():
 
     f = fusing.fused(amax_scaled)
     s = torch.tensor(2.0)
-    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+    with _recompile_limit(1), warnings.catch_warnings():
         warnings.simplefilter("error")  # hitting the limit for good warns (and raises here)
         for i in range(2 * fusing.RESTARTS + 3):
             base = torch.randn(4 * N // 64, 1 if i % 2 else 4, 16, generator=_gen(i))
@@ -445,7 +452,7 @@ def test_a_fused_pass_inside_another_adds_no_size_guard():
         return inner(x) + 1
 
     f = fusing.fused(outer, min_elements=1)
-    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+    with _recompile_limit(1), warnings.catch_warnings():
         warnings.simplefilter("error")
         for i in range(2 * fusing.RESTARTS + 3):
             x = torch.randn(fusing.SMALL * 2 if i % 2 else fusing.SMALL // 2, generator=_gen(i))
@@ -519,3 +526,37 @@ def test_one_partials_compile_failure_leaves_the_others_compiled(monkeypatch):
     assert torch.equal(fine(x), (x * 2).round())
     assert list(fusing.compile_status()[1]) == ["body['breaks']"]
     assert [v is not None for v in fine.variants.values()] == [True]
+
+
+def test_compiled_passes_leave_the_denormal_mode_alone():
+    """On torch 2.5 inductor's kernels turned flush-to-zero on as they loaded (crtfastmath.o, linked for
+    -ffast-math): from the first compiled pass on every float op of the process flushed denormals, the
+    user's FP32 model's too, and an INT8 site's tiny weight gradients became zeros. On the torch running
+    this, compiling a pass must leave denormals as they were."""
+    f = fusing.fused(lambda x: x * 5 - 2)
+    x = torch.randn(1 << 13, generator=_gen())
+    _equal(f(x), x * 5 - 2)
+    assert fusing._keeps_denormals()
+
+
+@pytest.mark.skipif(not precompiled.AVAILABLE, reason="simulated inside a traced pass (dynamo would break the graph)")
+def test_a_compiled_pass_that_turns_flush_to_zero_on_leaves_the_mode_as_it_was(monkeypatch):
+    """A call whose kernel turns flush-to-zero on as it loads (what torch 2.5's do; simulated here while the
+    pass is traced, inside the call that compiles it) gets the mode put back, and from then on every compiled
+    call is watched. A mode the user chose is left alone."""
+    monkeypatch.setattr(fusing, "_FLUSHES_DENORMALS", False)
+
+    def loads_like_torch_2_5(x):
+        torch.set_flush_denormal(True)
+        return x * 3 + 1
+
+    f = fusing.fused(loads_like_torch_2_5)
+    x = torch.randn(1 << 13, generator=_gen())
+    try:
+        _equal(f(x), x * 3 + 1)
+        assert fusing._keeps_denormals() and fusing._FLUSHES_DENORMALS
+        torch.set_flush_denormal(True)  # the user's own choice
+        _equal(f(x), x * 3 + 1)
+        assert not fusing._keeps_denormals()
+    finally:
+        torch.set_flush_denormal(False)
