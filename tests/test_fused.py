@@ -560,3 +560,24 @@ def test_a_compiled_pass_that_turns_flush_to_zero_on_leaves_the_mode_as_it_was(m
         assert not fusing._keeps_denormals()
     finally:
         torch.set_flush_denormal(False)
+
+
+_RECIPROCAL_WITNESS = 8.355537414550781  # fp32: v / 127 and v * fp32(1 / 127) differ in the last bit
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_compiled_scales_are_divisions_where_inductor_would_multiply_by_a_reciprocal(device):
+    """Inductor lowers a division by a constant to a multiplication by its reciprocal on CUDA tensors on every
+    torch (`div_prim` in torch/_inductor/lowering.py exempts CPU tensors only since torch 2.11; torch 2.5 did
+    it on CPU too): `clip / 127` then differs from the eager division in the last bit for ~4% of clips. The
+    forward's operands (activation scale, weight scales) compiled must still equal their eager form; the
+    activation's and one weight row's absmax are such a clip here."""
+    x = torch.randn(16, 32, 32, 32, generator=_gen()).clamp(-4, 4)
+    x.view(-1)[1234] = _RECIPROCAL_WITNESS
+    w = torch.randn(64, 32, 3, 3, generator=_gen(1)).clamp(-4, 4)
+    w[5].view(-1)[7] = -_RECIPROCAL_WITNESS
+    x, w = x.to(device), w.to(device)
+    assert torch.tensor(_RECIPROCAL_WITNESS) / 127 != torch.tensor(_RECIPROCAL_WITNESS) * torch.tensor(1 / 127)
+    got, eager = _both(fused.quantize_operands, x, None, "channels_last", w)
+    _equal(got, eager)
+    assert torch.equal(got[0].cpu(), torch.tensor(_RECIPROCAL_WITNESS) / 127)  # the activation scale, divided
