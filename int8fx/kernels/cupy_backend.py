@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import geometry as geo
+from ..quant.core import QMAX, divide
 from .nvrtc import compile_source
 
 _FLOAT_INPUTS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -358,11 +359,11 @@ def conv_forward(x: Tensor, weight: Tensor, spec, out_dtype: torch.dtype | None 
     out_dtype = out_dtype or x.dtype
     G = spec.groups
     O = weight.shape[0]
-    s_x = absmax(x) / 127
+    s_x = divide(absmax(x), QMAX)
     x_q = quantize(x, s_x)
     cols, p = im2col(x_q, spec)
     w2 = weight.reshape(O, -1)
-    s_w = absmax(w2, axis=0) / 127
+    s_w = divide(absmax(w2, axis=0), QMAX)
     Kp = cols.shape[2]
     w_q = torch.zeros((O, Kp), dtype=torch.int8, device=x.device)  # [G, O/G, Kp] K-major
     quantize(w2, s_w, axis=0, out=w_q, out_strides=(0, Kp, 1))
@@ -399,7 +400,7 @@ def conv_backward(dy: Tensor, saved: tuple, spec) -> tuple[Tensor, Tensor]:
     Kp = w_q.shape[1]
     K = p.K
     # ---- dX: dXcol[g, m, k] = sum_o q(dY s_W)[m, o] W[o, k]
-    s_gx = absmax(dy, axis=1, premul=s_w).amax() / 127
+    s_gx = divide(absmax(dy, axis=1, premul=s_w).amax(), QMAX)
     Op = geo.pad_k(Og)
     if Op == Og and O % 16 == 0:
         gq = torch.empty((M, O), dtype=torch.int8, device=dy.device)
@@ -416,7 +417,7 @@ def conv_backward(dy: Tensor, saved: tuple, spec) -> tuple[Tensor, Tensor]:
     dcols = gemm(A_dx, wt, epilogue="int32")  # [G, M, K]
     dx = col2im(dcols, p, s_gx, _epilogue_dtype(x_dtype)).view(x_shape).to(x_dtype)
     # ---- dW: dW[o, k] = sum_m q(dY)[o, m] Xcol[m, k]
-    s_gw = absmax(dy) / 127
+    s_gw = divide(absmax(dy), QMAX)
     Mp = geo.pad_k(M)
     gqt = torch.zeros((O, Mp), dtype=torch.int8, device=dy.device)
     quantize(dy, s_gw, axis=1, out=gqt, out_strides=(P, Mp, 1))  # dy[n, o, p] -> gqt[o, n*P + p]

@@ -17,7 +17,25 @@ QMAX = 127
 
 def scale_from_clip(clip: Tensor) -> Tensor:
     """clip (any shape) -> scale = clip / 127, in fp32."""
-    return clip.float() / QMAX
+    return divide(clip.float(), QMAX)
+
+
+def divide(a: Tensor, c: int | float) -> Tensor:
+    """a / c for a Python number c: an IEEE division (the quantizer's definition, and what the CUDA kernels
+    compute with `__fdiv_rn`) on every device, eager or compiled. Why not `a / c`: on CUDA tensors ATen
+    divides by a CPU scalar as a multiplication by its reciprocal, and inductor lowers a division by a
+    constant the same way (on CUDA on every torch, on CPU before torch 2.11); that differs in the last bit
+    for ~4% of values (`clip / 127`), so scales would differ between devices and between compiled and eager
+    passes. So on CUDA the divisor is a device tensor, and while compiling it is computed from `a` (c under a
+    `where` on a's NaNs), which inductor cannot take for a constant; its value is c exactly. (CPU tensors
+    divide by a Python number exactly, eagerly; a symbolic size is no constant to inductor.)"""
+    if not isinstance(c, (int, float)):
+        return a / c
+    if torch.compiler.is_compiling():
+        return a / torch.where(a.isnan(), float(c), float(c)).to(a.dtype)
+    if a.device.type == "cpu":
+        return a / c
+    return a / torch.full((), c, dtype=a.dtype, device=a.device)
 
 
 def absmax(x: Tensor, dim: int | tuple | None = None) -> Tensor:

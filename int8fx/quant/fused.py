@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..fusing import fused
-from .core import QMAX, uniform_bits15
+from .core import QMAX, divide, uniform_bits15
 
 
 def _divisor(scale: Tensor) -> Tensor:
@@ -33,7 +33,7 @@ def quantize_activation(x: Tensor, act_clip: Tensor | None, form: str):
     clip = x.detach().float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
     if act_clip is not None:
         clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
-    s = clip / QMAX
+    s = divide(clip, QMAX)
     v = (x.float() / _divisor(s)).round().clamp(-QMAX, QMAX)
     if form == "rows":
         return s, v.to(torch.int8)
@@ -138,7 +138,7 @@ def quantize_weight_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     (absmax / 127), as `quantize_per_channel(w.flatten(1), 0)`. Pass w in its own memory order: over a
     strided view the compiled pass loses its vectorised loads (int8fx.kernels.nhwc reorders the int8)."""
     wf = w.float().flatten(1)
-    s = wf.abs().amax(dim=1) / QMAX
+    s = divide(wf.abs().amax(dim=1), QMAX)
     return (wf / _divisor(s)[:, None]).round().clamp(-QMAX, QMAX).to(torch.int8), s
 
 

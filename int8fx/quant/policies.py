@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..fusing import computed_once
-from .core import dequantize, quantize, scale_from_clip
+from .core import dequantize, divide, quantize, scale_from_clip
 from .grad import GradQuantizer, register_grad_quantizer
 
 # Bounded 1-D search over clip = r * absmax, r in [SEARCH_LO, 1]: a geometric grid first (heavy tails
@@ -102,8 +102,8 @@ def mcs_gaussian(g, lam: float) -> Tensor:
     n = g.shape[0]
     # moments by two plain sums: Tensor.std(dim=0) runs ~27x slower on CPU (3.5 ms vs 0.13 ms measured on a
     # [4096, 144] gradient). Gradients are near zero-mean, so E[g^2] - E[g]^2 loses no useful precision.
-    mean = g.sum(0) / n
-    sigma = ((g * g).sum(0) / n - mean * mean).clamp_min(0).sqrt()
+    mean = divide(g.sum(0), n)
+    sigma = (divide((g * g).sum(0), n) - mean * mean).clamp_min(0).sqrt()
     return (g.abs() > sigma).sum(0) > lam * n
 
 
@@ -118,8 +118,8 @@ class SlotMoments:
         self.weights, self.per_column = weights, per_column
 
     def sigma(self) -> Tensor:
-        mean = self.total / self.n
-        return (self.total_sq / self.n - mean * mean).clamp_min(0).sqrt()
+        mean = divide(self.total, self.n)
+        return (divide(self.total_sq, self.n) - mean * mean).clamp_min(0).sqrt()
 
     def count_above(self, threshold: Tensor) -> Tensor:
         thr = threshold if self.weights is None else threshold / self.weights  # [C] thresholds on |dY|
