@@ -205,7 +205,7 @@ def _keeping_denormals(variant, args, first_call: bool):
     float op of the process (the user's FP32 model too) would flush values below 1.2e-38 to zero, and an
     INT8 site's tiny weight gradients became exact zeros (measured: torch 2.5.1; 2.11 and 2.14 build
     without it). A call that compiles (the first of a signature) is checked; once a load has done it, every
-    compiled call is (a recompilation loads a new kernel), at ~3 us each, on such a torch only. A mode the
+    compiled call is (a recompilation loads a new kernel), on such a torch only. A mode the
     user chose (`torch.set_flush_denormal(True)`) is left as it is."""
     global _FLUSHES_DENORMALS
     keeps = _keeps_denormals()
@@ -221,11 +221,12 @@ def _keeping_denormals(variant, args, first_call: bool):
 
 
 def _keeps_denormals() -> bool:
-    """Whether this thread's float arithmetic keeps denormal numbers (no flush-to-zero)."""
-    return bool(torch.tensor(_TINY) * 2.0 != 0)
+    """Whether this thread's float arithmetic keeps denormal numbers (no flush-to-zero). Asked in Python
+    floats, which the same SSE control word governs: no tensor op, so no host read of one."""
+    return _TINY * 2.0 != 0.0
 
 
-_TINY = 1e-40  # a float32 denormal
+_TINY = 1e-310  # a float64 denormal (a name, not a literal: the bytecode compiler would fold the product)
 
 
 def computed_once(t: Tensor) -> Tensor:
