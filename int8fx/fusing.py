@@ -209,10 +209,7 @@ def _keeping_denormals(variant, args, first_call: bool):
     user chose (`torch.set_flush_denormal(True)`) is left as it is."""
     global _FLUSHES_DENORMALS
     keeps = _keeps_denormals()
-    if first_call:
-        with _compile_settings():
-            out = variant(*args)
-    else:
+    with _compile_settings() if first_call else contextlib.nullcontext():
         out = variant(*args)
     if keeps and not _keeps_denormals():
         _FLUSHES_DENORMALS = True
