@@ -17,6 +17,7 @@ from int8fx.kernels import resolve_backend
 from int8fx.nn import functional
 from int8fx.nn.functional import quantized_forward
 from int8fx.nn.modules import make_spec
+from exporters import exporters
 from sites import SITES, assert_same, run_site
 
 CASES = {  # (module, input shape)
@@ -330,7 +331,7 @@ def test_a_decoder_with_int8_transposed_convs_learns_as_fp32_does():
     assert errors[True] < 1.05 * errors[False], errors
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("exporter", exporters("torchscript", "dynamo"))
 def test_faithful_onnx_carries_the_transposed_sites_qdq_and_equals_eval_mode(tmp_path, exporter):
     """The faithful file: Clip -> QuantizeLinear -> DequantizeLinear -> ConvTranspose, W's int8 codes behind a
     DequantizeLinear on axis 1 (its output channels); onnxruntime without graph optimizations equals
@@ -372,7 +373,7 @@ def test_faithful_onnx_carries_the_transposed_sites_qdq_and_equals_eval_mode(tmp
     assert not (tmp_path / "g.onnx").exists()
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("exporter", exporters("torchscript", "dynamo"))
 def test_deploy_onnx_quantizes_the_transposed_sites_at_int8fxs_scales(tmp_path, exporter):
     """The deploy form of a decoder (a transposed conv followed by BatchNorm, one with a bias and one whose
     output the model returns): each transposed site's ConvTranspose reads its input through a QuantizeLinear

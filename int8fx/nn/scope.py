@@ -79,8 +79,9 @@ def _unrouted(site, name: str) -> None:
 
 def derived_key(op: str, shape) -> tuple:
     """The table key under which a site takes `op` calls whose weight is not the parameter itself but has
-    its shape (a weight the routed code computed from it)."""
-    return ("derived", op, tuple(shape))
+    its shape (a weight the routed code computed from it). Sizes as ints: under torch.jit.trace (the
+    TorchScript exporter) `weight.shape` holds 0-d tensors, which hash by identity and matched no key."""
+    return ("derived", op, tuple(int(s) for s in shape))
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
   * "dynamo": the torch.export-based exporter (`torch.onnx.export(..., dynamo=True)`), torch's default
     since 2.9. The INT8 site op reaches it as `int8fx::qdq_gemm` and is written by an onnxscript
-    function (`qdq_op.ONNX_TRANSLATIONS`). Needs onnxscript and opset >= 18.
+    function (`qdq_op.ONNX_TRANSLATIONS`). Needs onnxscript, opset >= 18 and torch >= 2.6 (torch 2.5's
+    takes no custom translation).
   * "torchscript": the deprecated TorchScript exporter, kept while torch ships it; `int8fx::qdq_gemm` is
     written by a registered symbolic. Any opset >= 13.
   * "auto" (default): "dynamo" where torch defaults to it (and the opset allows), else "torchscript"; when
@@ -46,6 +47,13 @@ def max_opset() -> int:
     return onnx.defs.onnx_opset_version()
 
 
+def dynamo_writes_int8_sites() -> bool:
+    """Whether this torch's torch.export-based exporter can be given the ONNX function of `int8fx::qdq_gemm`
+    (`custom_translation_table`, torch >= 2.6). torch 2.5's has no way in: it would stop at the first INT8
+    site ("no ONNX function"), so that exporter is refused up front there."""
+    return "custom_translation_table" in inspect.signature(torch.onnx.export).parameters
+
+
 def resolve_exporter(exporter: str, opset: int) -> str:
     """The exporter `exporter` means for this torch, onnxscript and opset."""
     if exporter not in EXPORTERS:
@@ -53,9 +61,13 @@ def resolve_exporter(exporter: str, opset: int) -> str:
     if exporter != "auto":
         if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
             raise ValueError(f"the torch.export-based exporter needs opset >= {DYNAMO_MIN_OPSET}, got {opset}")
+        if exporter == "dynamo" and not dynamo_writes_int8_sites():
+            raise ValueError(f"the torch.export-based exporter of torch {torch.__version__} takes no ONNX "
+                             "translation for INT8 sites (that needs torch >= 2.6); use exporter='torchscript'")
         return exporter
     dynamo_default = inspect.signature(torch.onnx.export).parameters.get("dynamo")
-    if dynamo_default is None or dynamo_default.default is not True or opset < DYNAMO_MIN_OPSET:
+    if dynamo_default is None or dynamo_default.default is not True or opset < DYNAMO_MIN_OPSET \
+            or not dynamo_writes_int8_sites():
         return "torchscript"
     try:
         import onnxscript  # noqa: F401
@@ -88,13 +100,14 @@ def _export_with(chosen, exporter, module, args, opset, input_names, output_name
 
 def clean(model) -> None:
     """Lowest IR version the opsets allow; no node/value metadata or doc strings (see module docstring);
-    no Identity nodes but those that write a graph output: constants read directly from initializers, not
+    constants as initializers, not Constant nodes; no Identity nodes but those that write a graph output: constants read directly from initializers, not
     through the Identity nodes torch's constant de-duplication leaves (runtimes and TensorRT want scales and
     zero points as initializers), and activations read where they are made (an Identity between a tensor
     and its readers hides a fan-out from the deploy form's quantizer, which then quantizes the tensor
     twice: timm's ghostnet); no unused initializers."""
     import onnx
 
+    _constants_as_initializers(model.graph)
     _bypass_identities(model.graph)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
@@ -113,6 +126,32 @@ def clean(model) -> None:
     model.graph.doc_string = ""
     model.doc_string = ""
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+
+
+def _constants_as_initializers(graph) -> None:
+    """Constant nodes become initializers. The TorchScript exporter writes axes, shapes and clip bounds as
+    Constant nodes, where the torch.export-based one writes initializers; the deploy form's rewrites read
+    such values as initializers, so on the TorchScript graph a ReduceMean over H and W stayed a float
+    ReduceMean (not an INT8 global pool) and a ReLU6's Clip kept its bounds unread."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    outputs = {o.name for o in graph.output}
+    scalars = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    for n in list(graph.node):
+        if n.op_type != "Constant" or n.domain not in ("", "ai.onnx") or len(n.attribute) != 1 \
+                or n.output[0] in outputs:
+            continue
+        a = n.attribute[0]
+        if a.name == "value":
+            tensor = helper.get_attribute_value(a)
+            tensor.name = n.output[0]
+        elif a.name in scalars:
+            tensor = numpy_helper.from_array(np.array(helper.get_attribute_value(a), scalars[a.name]), n.output[0])
+        else:  # sparse or string constants: left as they are
+            continue
+        graph.initializer.append(tensor)
+        graph.node.remove(n)
 
 
 def _bypass_identities(graph) -> None:
