@@ -182,11 +182,11 @@ def test_computed_once_is_the_value_it_is_given():
 
     def count(rows, t):
         sigma = (t * t).sqrt()  # an expression, as the policies' thresholds are
-        return (rows.abs() > fusing.computed_once(sigma)).sum(0, dtype=torch.int32), fusing.computed_once(t)
+        return (rows.abs() > fusing.computed_once(sigma)).sum(0, dtype=fusing.SUM_DTYPE), fusing.computed_once(t)
 
-    compiled = torch.compile(count, dynamic=True, fullgraph=True)
-    for got in (count(rows, t), compiled(rows, t)):
-        _equal(got[0], (rows.abs() > (t * t).sqrt()).sum(0, dtype=torch.int32))
+    compiled = torch.compile(count, dynamic=True, fullgraph=True)  # (the denormal mode kept, as fused passes do)
+    for got in (count(rows, t), fusing._keeping_denormals(compiled, (rows, t), True)):
+        _equal(got[0], (rows.abs() > (t * t).sqrt()).sum(0, dtype=fusing.SUM_DTYPE))
         torch.testing.assert_close(got[1], t, rtol=0, atol=0, equal_nan=True)
         num = ~t.isnan()  # (a NaN's sign bit means nothing)
         assert torch.equal(torch.signbit(got[1])[num], torch.signbit(t)[num])
@@ -510,6 +510,24 @@ def test_every_policy_compiles_its_operands_for_a_batch_of_one(monkeypatch):
     assert fusing.compile_status()[1] == {}
 
 
+def test_a_depthwise_site_under_gvq_mcs_compiles_every_pass(monkeypatch):
+    """The depthwise dW and gvq-mcs's counts are integer sums; on torch 2.5 and 2.8 inductor cannot compile
+    them in int32 (a C++ error), and both ran eagerly with a warning. `fusing.SUM_DTYPE` takes int64 there."""
+    import sys
+    from pathlib import Path
+
+    import torch.nn as nn
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sites import run_site
+
+    monkeypatch.setattr(fusing, "_FAILED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "int8fx: ... runs eagerly" would raise here
+        run_site(lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64), (4, 64, 16, 16), "torch", "gvq-mcs", "nearest")
+    assert fusing.compile_status()[1] == {}
+
+
 def test_one_partials_compile_failure_leaves_the_others_compiled(monkeypatch):
     """Policies' fused calls are partials of one function: their failures are told apart by what they bind."""
     monkeypatch.setattr(fusing, "_FAILED", {})
@@ -558,6 +576,27 @@ def test_a_compiled_pass_that_turns_flush_to_zero_on_leaves_the_mode_as_it_was(m
         torch.set_flush_denormal(True)  # the user's own choice
         _equal(f(x), x * 3 + 1)
         assert not fusing._keeps_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.skipif(not precompiled.AVAILABLE, reason="simulated inside a traced pass (dynamo would break the graph)")
+def test_the_call_that_turned_flush_to_zero_on_computes_with_denormals(monkeypatch):
+    """The kernel of the call that loads it already runs flushed (torch 2.5: the mode flips as the kernel
+    loads, before it runs): that first call's values are computed again with denormals kept."""
+    monkeypatch.setattr(fusing, "_FLUSHES_DENORMALS", False)
+
+    def loads_like_torch_2_5(x):
+        torch.set_flush_denormal(True)
+        return x * 0.5
+
+    f = fusing.fused(loads_like_torch_2_5)
+    x = torch.full((1 << 13,), 1e-39)  # fp32 denormals
+    try:
+        got = f(x)
+        assert fusing._keeps_denormals()
+        assert (got > 0).all()
+        _equal(got, x * 0.5)
     finally:
         torch.set_flush_denormal(False)
 

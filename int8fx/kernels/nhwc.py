@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ..fusing import fused
+from ..fusing import SUM_DTYPE, fused
 from ..quant.fused import (
     quantize_operands,
     scale_accumulators,
@@ -440,10 +440,11 @@ def _dw_grad_weight(dy: Tensor, x: Tensor, kernel: tuple, stride: tuple, dilatio
     """Integer dW [C, *k] of a depthwise conv: per kernel position, the sum over batch and positions of
     dY (int8 [N, *out, C]) times the window of x (int8, padded, channels-last) it met. Summed in int32
     where every sum fits (127^2 x N x positions < 2^31: 16 images at 32x32 and far beyond), whose loops
-    vectorise: 1.4-1.8x faster than int64 sums on mobilenet_v2's sites; int64 beyond."""
+    vectorise: 1.4-1.8x faster than int64 sums on mobilenet_v2's sites; int64 beyond (and on a torch whose
+    inductor cannot compile int32 sums: `fusing.SUM_DTYPE`)."""
     out = tuple(dy.shape[1:-1])
     dims = tuple(range(len(out) + 1))
-    acc = torch.int32 if QMAX**2 * math.prod(dy.shape[:-1]) < 2**31 else torch.int64
+    acc = SUM_DTYPE if QMAX**2 * math.prod(dy.shape[:-1]) < 2**31 else torch.int64
     parts = [(dy.to(torch.int32) * _window(x, offs, kernel, stride, dilation, out).to(torch.int32)).sum(dims, dtype=acc)
              for offs in itertools.product(*(range(k) for k in kernel))]
     return torch.stack(parts, dim=-1).view(x.shape[-1], *kernel)

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..fusing import computed_once
+from ..fusing import SUM_DTYPE, computed_once
 from .core import dequantize, divide, quantize, scale_from_clip
 from .grad import GradQuantizer, register_grad_quantizer
 
@@ -123,7 +123,7 @@ class SlotMoments:
 
     def count_above(self, threshold: Tensor) -> Tensor:
         thr = threshold if self.weights is None else threshold / self.weights  # [C] thresholds on |dY|
-        above = (self.rows.abs() > computed_once(thr)).sum(0, dtype=torch.int32)
+        above = (self.rows.abs() > computed_once(thr)).sum(0, dtype=SUM_DTYPE)
         return above if self.per_column else above.sum().reshape(1)
 
 
