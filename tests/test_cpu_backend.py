@@ -99,10 +99,11 @@ def test_long_k_accumulates_in_int64():
 
 def test_depthwise_weight_gradient_sums_in_int64_where_int32_could_overflow():
     """A depthwise dW sums 127^2 x (batch x positions) at most: int32 up to 2^31 (16 images at 32x32 and far
-    beyond), int64 past it, both exact (here every product is 127^2, so the sums are known)."""
+    beyond; int64 on a torch whose inductor cannot compile int32 sums: `fusing.SUM_DTYPE`), int64 past it, both
+    exact (here every product is 127^2, so the sums are known)."""
     from int8fx.kernels.nhwc import _dw_grad_weight
 
-    for side, dtype in ((64, torch.int32), (366, torch.int64)):  # 127^2 x 366^2 > 2^31 - 1
+    for side, dtype in ((64, fusing.SUM_DTYPE), (366, torch.int64)):  # 127^2 x 366^2 > 2^31 - 1
         dy = torch.full((1, side, side, 2), 127, dtype=torch.int8)
         x = torch.full((1, side, side, 2), -127, dtype=torch.int8)
         dw = _dw_grad_weight(dy, x, (1, 1), (1, 1), (1, 1))
