@@ -580,6 +580,19 @@ def test_a_compiled_pass_that_turns_flush_to_zero_on_leaves_the_mode_as_it_was(m
         torch.set_flush_denormal(False)
 
 
+def test_the_forward_quantizer_compiles_once_for_every_activation_size():
+    """Through torch.compile (how passes compile where the traced path is missing: torch < 2.8, CUDA), one
+    dynamic compilation serves every activation size. Dynamo 2.5 specialised `x.numel()` to its value:
+    each size recompiled, and mobilenet_v2's forward operands ran eagerly within three steps."""
+    from int8fx.quant.fused import quantize_activation
+
+    f = torch.compile(lambda x: quantize_activation.eager(x, None, "channels_last"), dynamic=True)
+    with fusing._compile_settings(), torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in ((4, 8, 6, 6), (4, 16, 3, 5), (2, 12, 7, 4)):
+            x = torch.randn(shape, generator=_gen())
+            _equal(fusing._keeping_denormals(f, (x,), False), quantize_activation.eager(x, None, "channels_last"))
+
+
 @pytest.mark.skipif(not precompiled.AVAILABLE, reason="simulated inside a traced pass (dynamo would break the graph)")
 def test_the_call_that_turned_flush_to_zero_on_computes_with_denormals(monkeypatch):
     """The kernel of the call that loads it already runs flushed (torch 2.5: the mode flips as the kernel

@@ -10,6 +10,8 @@ floor(x / s + u) with u from `uniform_bits15`, element index = row-major positio
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,9 @@ def quantize_activation(x: Tensor, act_clip: Tensor | None, form: str):
       "channels_last": x [N, C, *S] (any memory format) as int8 [N, *S, C] contiguous, the conv GEMM's
         operand (quantize and transpose in one pass);
       "channels_last_pair": that, and the same integers in fp32 (a depthwise conv run in fp32)."""
-    clip = x.detach().float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    # (`math.prod(x.shape)`, not `x.numel()`: dynamo 2.5 specialised numel() to its value, so every activation
+    # size recompiled this pass until it ran eagerly)
+    clip = x.detach().float().abs().amax() if math.prod(x.shape) > 0 else x.new_zeros((), dtype=torch.float32)
     if act_clip is not None:
         clip = torch.where(act_clip > 0, act_clip.to(clip.device, clip.dtype), clip)
     s = divide(clip, QMAX)
