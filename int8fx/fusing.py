@@ -48,8 +48,7 @@ RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compi
 # compiles them: 2.11 and 2.14 do; 2.5 and 2.8 emit `convert<int32_t,1,int64_t,2>` for such a reduction, a C++
 # error that sent gvq-mcs's gradient operands and the depthwise dW eager. Elsewhere (2.9 and 2.10 unchecked)
 # those sums are int64: exact either way.
-INT32_SUMS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 11)
-SUM_DTYPE = torch.int32 if INT32_SUMS else torch.int64
+SUM_DTYPE = torch.int32 if torch.torch_version.TorchVersion(torch.__version__) >= (2, 11) else torch.int64
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _UNTRACED: dict[str, str] = {}  # function name -> why it is compiled through torch.compile, not traced (CPU)
 _NEW = object()  # a signature not compiled yet

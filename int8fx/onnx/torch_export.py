@@ -100,9 +100,10 @@ def _export_with(chosen, exporter, module, args, opset, input_names, output_name
 
 def clean(model) -> None:
     """Lowest IR version the opsets allow; no node/value metadata or doc strings (see module docstring);
-    constants as initializers, not Constant nodes; no Identity nodes but those that write a graph output: constants read directly from initializers, not
-    through the Identity nodes torch's constant de-duplication leaves (runtimes and TensorRT want scales and
-    zero points as initializers), and activations read where they are made (an Identity between a tensor
+    constants as initializers, not Constant nodes (`_constants_as_initializers`); no Identity nodes but
+    those that write a graph output: constants read directly from initializers, not through the Identity
+    nodes torch's constant de-duplication leaves (runtimes and TensorRT want scales and zero points as
+    initializers), and activations read where they are made (an Identity between a tensor
     and its readers hides a fan-out from the deploy form's quantizer, which then quantizes the tensor
     twice: timm's ghostnet); no unused initializers."""
     import onnx
