@@ -36,6 +36,9 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
         a float op among the readers (a detector's RoiAlign on an FPN level) reads the Clip too: the
         int8 values the op writes, as every reader of an INT8 op does here;
       * a DequantizeLinear read by several float ops (the Sigmoid and Mul of SiLU): DQ -> Clip -> {...}.
+    A Shape node counts as a reader though it reads no values (a TorchScript graph flattens by a Shape and
+    a Reshape): moved to the DequantizeLinear, it still gets a duplicate of it from onnxruntime, and the
+    op before stopped running as QLinearConv (tried on a segmentation head's classifier).
     Returns how many fan-outs."""
     _float_readers_beside_int8_readers(model, float_nodes)
     view = GraphView(model)
