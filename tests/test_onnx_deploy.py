@@ -355,6 +355,31 @@ def test_a_conv_whose_output_shape_is_read_runs_in_int8(exporter, tmp_path):
     assert int8_sites(meta, runtime_ops(path)) == {"conv": ["QLinearConv"], "classifier": ["QLinearConv"]}
 
 
+class FlatTokenMixer(nn.Module):
+    """timm's efficientvim mixer: a block's input flattened to tokens, read by a 1x1 Conv1d site and by a
+    MatMul (tokens @ attention^T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.proj, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv1d(16, 8, 1, bias=False), nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2)
+        attention = self.proj(tokens).softmax(-1)
+        return self.head((tokens @ attention.transpose(-2, -1)).mean(-1))
+
+
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_a_reshaped_tensor_read_by_a_site_and_a_matmul_runs_in_int8(exporter, tmp_path):
+    """onnxruntime's quantizer gives a Reshape's output one QuantizeLinear/DequantizeLinear pair for all its
+    readers: the export failed ("its input is not quantized") where a conv site shared it with a MatMul.
+    Each INT8 reader now gets a pair of its own."""
+    meta, path = _deployed_as_qmodel_computes(FlatTokenMixer, (4, 3, 8, 8), tmp_path, exporter)
+    assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "proj": ["QLinearConv"],
+                                                   "head": ["QGemm"]}
+    assert meta["deploy"]["quantizer_pairs_added_per_int8_reader"] == 1
+
+
 class DetectorPattern(nn.Module):
     """What a detector does with a feature map: a conv head reads it, a float op without an INT8 kernel
     reads it too (torchvision's RoiAlign; Tanh here), and Shape nodes read its size (the anchor
@@ -635,7 +660,8 @@ def test_relu6_becomes_leaky_relu_only_where_quantization_makes_them_equal(scale
 # `Branchy`'s docstring); a few steps from random init, random images
 UNSEEN_STRUCTURES = ["timm:resnet26d", "timm:cspresnet50", "timm:ghostnet_100", "timm:nf_resnet26",
                      "torchvision:shufflenet_v2_x0_5", "torchvision:convnext_tiny",
-                     "timm:resnet50_gn"]  # its GroupNorms made onnxruntime's quantizer fail (FLOAT_NORMS)
+                     "timm:resnet50_gn",  # its GroupNorms made onnxruntime's quantizer fail (FLOAT_NORMS)
+                     "timm:efficientvim_m1"]  # a flattened input read by a site and a MatMul (FlatTokenMixer)
 
 
 @pytest.mark.slow

@@ -4,9 +4,9 @@ says why in its module docstring; each rewrite here says what it fixes and what 
 
 What stays float, as in int8fx: what the model returns (`float_graph_outputs`), sigmoid gates that read
 float values (`float_ops_read_floats`) and INT8 logits over at most +-8 (`cap_sigmoid_inputs`), and the
-tensors Shape nodes read (`shapes_read_floats`). What onnxruntime needs to fuse: one scale initializer and
-one reader per QuantizeLinear (`dedicate_quantizers`, `fan_out`) and int32 biases at s_x * s_w
-(`exact_biases`).
+tensors Shape nodes read (`shapes_read_floats`). What onnxruntime needs to fuse: a QuantizeLinear/
+DequantizeLinear pair per INT8 reader (`pair_per_int8_reader`), one scale initializer and one reader per
+QuantizeLinear (`dedicate_quantizers`, `fan_out`) and int32 biases at s_x * s_w (`exact_biases`).
 """
 from __future__ import annotations
 
@@ -218,6 +218,35 @@ def _requantize_and_clip(model, tensor: str, s0, zp, users, requantize: bool = T
             if name == tensor:
                 u.input[i] = f"{base}_clipped"
     return nodes
+
+
+def pair_per_int8_reader(model, float_nodes: frozenset = frozenset()) -> int:
+    """Give each INT8 op that reads a shared DequantizeLinear a QuantizeLinear/DequantizeLinear pair of its
+    own. onnxruntime's quantizer writes one pair per reader (its dedicated-pair option) except on the output
+    of an op it quantizes as its input: a Reshape read by a conv site and a MatMul (timm's efficientvim
+    flattens a block's input for both) left the site's input behind the DequantizeLinear both read, which
+    `fan_out` would have to saturate with a Clip that stops the conv's fusion. Float readers keep the
+    original pair. Returns how many pairs were added; `dedicate_quantizers` then sets their scales."""
+    from onnx import helper
+
+    view = GraphView(model)
+    added = 0
+    for tensor, readers in list(view.consumers.items()):
+        dq, q = _requantized(view, tensor)
+        if q is None or q.input[0] in view.inits or len(readers) < 2:
+            continue
+        int8_readers = [r for r in readers if r.op_type in _FUSED and r.name not in float_nodes]
+        own_pair = int8_readers[1:] if len(int8_readers) == len(readers) else int8_readers
+        for r in own_pair:
+            base = f"{tensor}_for_{r.name}"
+            new_q = helper.make_node("QuantizeLinear", list(q.input), [f"{base}_quantized"], name=f"{base}_quantize")
+            new_dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", *dq.input[1:]], [f"{base}_dequantized"],
+                                      name=f"{base}_dequantize")
+            model.graph.node.insert(list(model.graph.node).index(dq) + 1, new_dq)
+            model.graph.node.insert(list(model.graph.node).index(dq) + 1, new_q)
+            r.input[:] = [f"{base}_dequantized" if name == tensor else name for name in r.input]
+            added += 1
+    return added
 
 
 def dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> int:
