@@ -1,4 +1,5 @@
-"""Every torchvision model (classification, video, detection, segmentation) and a broad set of timm CNNs:
+"""Every torchvision model (classification and its quantizable variants, video, detection, segmentation,
+optical flow) and a broad set of timm CNNs:
 a conversion must change the conv/linear sites and nothing else.
 
 Per model, two checks:
@@ -61,7 +62,7 @@ TIMM_KWARGS = {"drop_rate": 0.2, "drop_path_rate": 0.1}  # dropout and drop-path
 @dataclass
 class Case:
     name: str
-    family: str  # classification | video | detection | segmentation | timm
+    family: str  # classification | video | detection | segmentation | optical_flow | timm
     build: Callable[[], nn.Module]
     inputs: Callable[[bool], tuple]  # training mode -> forward arguments
 
@@ -98,6 +99,15 @@ def torchvision_cases() -> list[Case]:
         size = next((v for k, v in MIN_SIZE.items() if name.startswith(k)), 64)
         cases.append(Case(name, "classification", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),
                           _image(2, size)))
+    # the quantizable variants (QuantStub/DeQuantStub, FloatFunctional adds), as users bring them for eager-mode
+    # quantization: float models until torch.ao converts them
+    for name in sorted(torchvision.models.list_models(module=torchvision.models.quantization)):
+        base = name[len("quantized_"):]
+        kwargs = {"weights": None, "quantize": False,
+                  **({"init_weights": False} if base in ("inception_v3", "googlenet") else {})}
+        size = next((v for k, v in MIN_SIZE.items() if base.startswith(k)), 64)
+        cases.append(Case(name, "classification", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),
+                          _image(2, size)))
     for name in sorted(torchvision.models.list_models(module=torchvision.models.video)):
         frames, size = next((v for k, v in VIDEO_INPUT.items() if name.startswith(k)), (4, 32))
         cases.append(Case(name, "video", lambda n=name: torchvision.models.get_model(n, weights=None),
@@ -114,7 +124,16 @@ def torchvision_cases() -> list[Case]:
         aux = {} if name.startswith("lraspp") else {"aux_loss": True}
         cases.append(Case(name, "segmentation", lambda n=name, a=aux: torchvision.models.get_model(
             n, weights=None, weights_backbone=None, num_classes=3, **a), _image(2, 64)))
+    for name in sorted(torchvision.models.list_models(module=torchvision.models.optical_flow)):
+        cases.append(Case(name, "optical_flow", lambda n=name: torchvision.models.get_model(n, weights=None),
+                          _frame_pair(2, 128, updates=3)))
     return cases
+
+
+def _frame_pair(batch: int, size: int, updates: int) -> Callable[[bool], tuple]:
+    """RAFT's inputs: two frames (at least 128 px: its correlation pyramid halves 1/8 of the size three
+    times) and the number of flow updates, 3 of its default 12 (each repeats the same recurrent block)."""
+    return lambda train: (torch.rand(batch, 3, size, size), torch.rand(batch, 3, size, size), updates)
 
 
 def timm_case(name: str, size: int | None = None) -> Case:
@@ -346,7 +365,8 @@ def ok(row: dict) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model names (default: all)")
-    ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "timm"))
+    ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "optical_flow",
+                                         "timm"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     ap.add_argument("--size", type=int, help="input size of timm models outside the list (default 64)")

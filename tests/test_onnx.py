@@ -423,6 +423,68 @@ def test_a_routed_conv_computing_its_own_weight_is_exported_in_int8(tmp_path, ex
     assert np.abs(out - ref.numpy()).max() <= 2 * sens + 1e-5 * ref.abs().max().item()
 
 
+class ZeroStart(nn.Module):
+    """RAFT's refinement loop in small: the first update convolves a zero flow built from the input's size,
+    later updates what the model computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.flow = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        flow = torch.zeros(1, 2, x.shape[-2], x.shape[-1])
+        out = self.enc(x)
+        for _ in range(2):
+            out = out + self.flow(flow)
+            flow = flow + out[:, :2].mean(0, keepdim=True)
+        return out
+
+
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_a_site_call_on_an_input_known_at_export_time_exports(tmp_path, exporter):
+    """The torch.export-based exporter computes what it can at export time: the zero flow's Clip (faithful)
+    or the whole first call (deploy). Both forms failed on torchvision's RAFT ("lacks the pattern", "cannot
+    find the node"). The faithful file now keeps that call's QuantizeLinear on the computed input and equals
+    qmodel.eval(); the deploy file counts the call as computed at export, and agrees up to int8 rounding."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(ZeroStart())
+    x = torch.randn(4, 3, 8, 8)
+    _train_step(qm, x)
+    ref, sens = tie_flip_sensitivity(qm, x)
+    for form in ("faithful", "deploy"):
+        path = str(tmp_path / f"{form}.onnx")
+        meta = export_onnx(qm, x, path, form=form, exporter=exporter, calibration_data=[x])
+        out = _session(path).run(None, {"input": x.numpy()})[0]
+        calls = len(meta["layers"]["flow"]["onnx"])
+        if form == "faithful":
+            assert calls == 2 and np.abs(out - ref.numpy()).max() <= 2 * sens + 1e-5 * ref.abs().max().item()
+        else:
+            assert calls + meta["deploy"]["site_calls_computed_at_export"].get("flow", 0) == 2
+            assert np.abs(out - ref.numpy()).max() <= 0.05 * ref.abs().max().item()
+
+
+def test_a_site_call_whose_node_is_there_but_unmatched_fails_the_deploy_export(tmp_path, monkeypatch):
+    """What tells a call computed at export time from one the deploy graph would run in float: no conv/linear
+    node of the site's weight shape is left unmatched. Here one of the two matches is dropped."""
+    from int8fx.onnx import deploy
+
+    torch.manual_seed(0)
+    qm = int8fx.convert(ZeroStart())
+    x = torch.randn(4, 3, 8, 8)
+    _train_step(qm, x)
+    assign = deploy.assign_sites
+
+    def one_flow_call_unmatched(*args, **kwargs):
+        found = assign(*args, **kwargs)
+        last_flow = [f for f in found if f[1] == "flow"][-1]
+        return [f for f in found if f is not last_flow]
+
+    monkeypatch.setattr(deploy, "assign_sites", one_flow_call_unmatched)
+    with pytest.raises(OnnxExportError, match=r"cannot find the conv/linear node of INT8 site\(s\) 'flow' \(1 of 2"):
+        export_onnx(qm, x, str(tmp_path / "m.onnx"), form="deploy", exporter="torchscript", calibration_data=[x])
+    assert not (tmp_path / "m.onnx").exists()
+
+
 # --------------------------------------------------------------------------- failure
 class WithCummax(nn.Module):
     def __init__(self) -> None:

@@ -49,7 +49,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -92,6 +92,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                                                 opset=opset, input_names=input_names, output_names=output_names,
                                                 dynamic_batch=dynamic_batch)
     site_of = _name_site_nodes(fp32, statics, calls)
+    found = Counter(site_of.values())
     view = GraphView(fp32)
     float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
     gates = _sigmoid_gates(view)
@@ -126,6 +127,8 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "quantizer_pairs_added_per_int8_reader": paired,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
                         "biases_requantized_at_input_scale": requantized,
+                        "site_calls_computed_at_export": {site: n - found[site] for site, n in calls.items()
+                                                          if n != found[site]},
                         "sites_without_onnxruntime_int8_kernel": sorted(
                             {site for name, site in site_of.items() if view.nodes[name].op_type == "ConvTranspose"})}}
     return model, used, calls_meta, extra
@@ -164,18 +167,30 @@ def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int
             w = view.const(src)
             if w is not None and w.dtype == np.float32 and w.ndim >= 2:
                 candidates.append((n, float_codes(out_major(w, transposed))))
-    found = assign_sites(candidates, site_codes(statics), calls, up_to_sign=True)
+    codes = site_codes(statics)
+    found = assign_sites(candidates, codes, calls, up_to_sign=True)
     count: dict[str, int] = defaultdict(int)
     site_of = {}
     for node, site in found:
         count[site] += 1
         name = rename(view, node, f"{site}/compute" if count[site] == 1 else f"{site}#{count[site]}/compute")
         site_of[name] = site
-    missing = [f"'{s}' ({count[s]} of {calls[s]} calls)" for s in statics if count[s] != calls[s]]
+    # A call on an input known at export time is computed by the exporter, and its node is gone (RAFT's first
+    # flow update convolves a zero flow): nothing of it runs. A node left unmatched beside a missing call
+    # could be that call running in float, so that stays an error.
+    matched = {id(node) for node, _ in found}
+    unmatched = {_rows_by_columns(c) for n, c in candidates if id(n) not in matched}
+    missing = [f"'{s}' ({count[s]} of {calls[s]} calls)" for s in statics
+               if count[s] == 0 or (count[s] != calls[s] and _rows_by_columns(codes[s]) in unmatched)]
     if missing:
         raise OnnxExportError("cannot find the conv/linear node of INT8 site(s) " + ", ".join(missing) +
                               " in the exported FP32 graph")
     return site_of
+
+
+def _rows_by_columns(codes: np.ndarray) -> tuple[int, int]:
+    """A weight's shape as output channels x the rest, which is how sites and graph nodes are matched."""
+    return codes.shape[0], codes.size // codes.shape[0]
 
 
 def _activation_overrides(view: GraphView, site_of: dict[str, str], statics: dict[str, StaticSite]) -> dict:

@@ -48,7 +48,10 @@ def annotate(model, statics: dict[str, StaticSite], calls: dict[str, int]) -> di
         xq = view.made_by(xdq.input[0], "QuantizeLinear") if xdq is not None else None
         clip = view.made_by(xq.input[0], "Clip") if xq is not None else None
         codes = view.const(wdq.input[0]) if wdq is not None else None
-        if clip is None or codes is None or codes.dtype.name != "int8":
+        # (an input the exporter computed at export time, the Clip folded in: RAFT's first flow update reads
+        # a zero flow)
+        folded = xq is not None and xq.input[0] in view.inits
+        if (clip is None and not folded) or codes is None or codes.dtype.name != "int8":
             continue
         candidates.append((n, out_major(codes, transposed)))
         tr = view.made_by(n.input[1], "Transpose") if n.op_type == "MatMul" else None
