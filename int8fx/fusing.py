@@ -45,10 +45,10 @@ STATIC_SHAPES = 32  # exact-shape variants a function gets; then shapes are dyna
 STATIC_AFTER = 3  # calls with the same shapes before their exact-shape variant is compiled (training repeats them)
 RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compile's recompile limit
 # Integer sums along a dim in int32 (vectorised, 1.4-1.8x faster than int64 on the depthwise dW) where inductor
-# compiles them: 2.11 and 2.14 do; 2.5 and 2.8 emit `convert<int32_t,1,int64_t,2>` for such a reduction, a C++
-# error that sent gvq-mcs's gradient operands and the depthwise dW eager. Elsewhere (2.9 and 2.10 unchecked)
+# compiles them: 2.10, 2.11 and 2.14 do; 2.5 and 2.8 emit `convert<int32_t,1,int64_t,2>` for such a reduction,
+# a C++ error that sent gvq-mcs's gradient operands and the depthwise dW eager. Before 2.10 (2.9 unchecked)
 # those sums are int64: exact either way.
-SUM_DTYPE = torch.int32 if torch.torch_version.TorchVersion(torch.__version__) >= (2, 11) else torch.int64
+SUM_DTYPE = torch.int32 if torch.torch_version.TorchVersion(torch.__version__) >= (2, 10) else torch.int64
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _UNTRACED: dict[str, str] = {}  # function name -> why it is compiled through torch.compile, not traced (CPU)
 _NEW = object()  # a signature not compiled yet

@@ -1,5 +1,15 @@
+import warnings
+
 import pytest
 import torch
+
+# Tests that turn every warning into an error (to catch int8fx's "runs eagerly" fallback) must not meet the
+# warnings torch's own modules give as they are imported: the first compile imports inductor, and on torch
+# 2.10 that import warns (torch.utils.mkldnn's `torch.jit.script_method` is deprecated), which failed the
+# compile and sent the pass eager where such a test ran first. Import them once, here, with the warnings off.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torch._inductor.compile_fx  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
