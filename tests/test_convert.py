@@ -227,7 +227,10 @@ def test_unseen_weight_use_is_reported_not_dropped():
     assert "computes with fc.weight outside a conv/linear call" in rep.layers[0].reason
 
 
-def test_detection_model_converts_and_trains_a_step():
+def test_detection_model_converts_with_its_root_opaque():
+    """A detector's own forward (data-dependent control flow) stays opaque while every conv/linear under it
+    converts. Its training step is tests/test_model_zoo.py's (fasterrcnn_mobilenet_v3_large_320_fpn in the CI
+    subset: losses, finite gradients for every parameter, gradient cosine to FP32)."""
     import torchvision
 
     m = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
@@ -237,18 +240,6 @@ def test_detection_model_converts_and_trains_a_step():
     assert len(rep.layers) > 60 and all(r.converted for r in rep.layers), [(r.name, r.reason) for r in rep.skipped]
     assert rep.opaque and rep.opaque[0].name == "(root)"  # data-dependent control flow: the root stays opaque
     assert type(qm) is type(m)  # the detector keeps its own class and API
-    images = [torch.rand(3, 160, 160), torch.rand(3, 160, 160)]
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 80.0]]), "labels": torch.tensor([2])}]
-    qm.train()
-    losses = qm(images, targets)
-    loss = sum(losses.values())
-    opt = torch.optim.SGD(qm.parameters(), lr=1e-3)
-    loss.backward()
-    grads = [p.grad for p in qm.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    opt.step()
-    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_stochastic_gradient_rounding_is_unbiased_through_the_op():

@@ -15,6 +15,7 @@ import model_zoo  # noqa: E402
 SUBSET = ["resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "googlenet", "shufflenet_v2_x1_0",
           "regnet_y_400mf", "r3d_18", "mnasnet0_5", "squeezenet1_1", "mobilenet_v3_small",
           "fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large",
+          "quantized_resnet18",  # QuantStub/DeQuantStub and FloatFunctional adds (torchvision.models.quantization)
           "timm:resnetv2_50x1_bit", "timm:efficientnet_b0", "timm:resnet18", "timm:nf_resnet26", "timm:mobilevit_xxs"]
 # timm:tf_mixnet_s (187 s) and timm:efficientnet_cc_b0_4e (59 s) run with `-m slow`: with timm a dev dependency
 # they would take CI past its ~15 minutes
