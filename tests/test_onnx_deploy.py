@@ -373,11 +373,11 @@ class FlatTokenMixer(nn.Module):
 def test_a_reshaped_tensor_read_by_a_site_and_a_matmul_runs_in_int8(exporter, tmp_path):
     """onnxruntime's quantizer gives a Reshape's output one QuantizeLinear/DequantizeLinear pair for all its
     readers: the export failed ("its input is not quantized") where a conv site shared it with a MatMul.
-    Each INT8 reader now gets a pair of its own."""
+    Each site reading it now gets a pair of its own."""
     meta, path = _deployed_as_qmodel_computes(FlatTokenMixer, (4, 3, 8, 8), tmp_path, exporter)
     assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "proj": ["QLinearConv"],
                                                    "head": ["QGemm"]}
-    assert meta["deploy"]["quantizer_pairs_added_per_int8_reader"] == 1
+    assert meta["deploy"]["quantizer_pairs_added_per_site_reader"] == 1
 
 
 class DetectorPattern(nn.Module):

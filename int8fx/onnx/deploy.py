@@ -111,7 +111,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     quantized.shapes_read_floats(model)
     capped = quantized.cap_sigmoid_inputs(model, set(gates))
     rewritten.update(int8_ops.after_quantization(model))
-    paired = quantized.pair_per_int8_reader(model, frozenset(kept_float))
+    paired = quantized.pair_per_site_reader(model, site_of)
     nudged = quantized.dedicate_quantizers(model, site_of, statics)
     requantized = quantized.exact_biases(model, float_biases)
     fanned = quantized.fan_out(model, site_of, frozenset(kept_float))
@@ -124,7 +124,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
                         "rewritten_for_int8_kernels": rewritten,
-                        "quantizer_pairs_added_per_int8_reader": paired,
+                        "quantizer_pairs_added_per_site_reader": paired,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
                         "biases_requantized_at_input_scale": requantized,
                         "site_calls_computed_at_export": {site: n - found[site] for site, n in calls.items()
