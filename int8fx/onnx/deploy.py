@@ -68,6 +68,7 @@ from .graphs import (
     out_major,
     rename,
     rescaled_channels,
+    rows_by_columns,
     site_codes,
     weight_source,
 )
@@ -179,18 +180,13 @@ def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int
     # flow update convolves a zero flow): nothing of it runs. A node left unmatched beside a missing call
     # could be that call running in float, so that stays an error.
     matched = {id(node) for node, _ in found}
-    unmatched = {_rows_by_columns(c) for n, c in candidates if id(n) not in matched}
+    unmatched = {rows_by_columns(c) for n, c in candidates if id(n) not in matched}
     missing = [f"'{s}' ({count[s]} of {calls[s]} calls)" for s in statics
-               if count[s] == 0 or (count[s] != calls[s] and _rows_by_columns(codes[s]) in unmatched)]
+               if count[s] == 0 or (count[s] != calls[s] and rows_by_columns(codes[s]) in unmatched)]
     if missing:
         raise OnnxExportError("cannot find the conv/linear node of INT8 site(s) " + ", ".join(missing) +
                               " in the exported FP32 graph")
     return site_of
-
-
-def _rows_by_columns(codes: np.ndarray) -> tuple[int, int]:
-    """A weight's shape as output channels x the rest, which is how sites and graph nodes are matched."""
-    return codes.shape[0], codes.size // codes.shape[0]
 
 
 def _activation_overrides(view: GraphView, site_of: dict[str, str], statics: dict[str, StaticSite]) -> dict:

@@ -130,6 +130,11 @@ def rescaled_channels(graph_codes: np.ndarray, site_codes: np.ndarray) -> list[i
     return rescaled
 
 
+def rows_by_columns(codes: np.ndarray) -> tuple[int, int]:
+    """A weight's shape as output channels x the rest: what a site and a graph node must share to match."""
+    return codes.shape[0], codes.size // codes.shape[0]
+
+
 def assign_sites(candidates: list[tuple], site_codes: dict[str, np.ndarray], calls: dict[str, int], *,
                  up_to_sign: bool) -> list[tuple]:
     """[(node, site name)] for `candidates` = [(node, codes [O, ...])] in graph order: each node goes to the
@@ -137,10 +142,10 @@ def assign_sites(candidates: list[tuple], site_codes: dict[str, np.ndarray], cal
     left = dict(calls)
     by_shape = defaultdict(list)
     for name, codes in site_codes.items():
-        by_shape[tuple(codes.reshape(codes.shape[0], -1).shape)].append(name)
+        by_shape[rows_by_columns(codes)].append(name)
     found = []
     for node, codes in candidates:
-        for name in by_shape.get(tuple(codes.reshape(codes.shape[0], -1).shape), []):
+        for name in by_shape.get(rows_by_columns(codes), []):
             if left.get(name, 0) > 0 and codes_match(codes, site_codes[name], up_to_sign=up_to_sign):
                 left[name] -= 1
                 found.append((node, name))
