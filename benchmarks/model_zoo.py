@@ -94,16 +94,12 @@ def _detection_inputs(name: str) -> Callable[[bool], tuple]:
 
 def torchvision_cases() -> list[Case]:
     cases = []
-    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
-        kwargs = {"weights": None, **({"init_weights": False} if name in ("inception_v3", "googlenet") else {})}
-        size = next((v for k, v in MIN_SIZE.items() if name.startswith(k)), 64)
-        cases.append(Case(name, "classification", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),
-                          _image(2, size)))
-    # the quantizable variants (QuantStub/DeQuantStub, FloatFunctional adds), as users bring them for eager-mode
-    # quantization: float models until torch.ao converts them
-    for name in sorted(torchvision.models.list_models(module=torchvision.models.quantization)):
-        base = name[len("quantized_"):]
-        kwargs = {"weights": None, "quantize": False,
+    # with the quantizable variants (QuantStub/DeQuantStub, FloatFunctional adds), as users bring them for
+    # eager-mode quantization: float models until torch.ao converts them
+    quantizable = torchvision.models.list_models(module=torchvision.models.quantization)
+    for name in sorted(torchvision.models.list_models(module=torchvision.models)) + sorted(quantizable):
+        base = name.removeprefix("quantized_")
+        kwargs = {"weights": None, **({"quantize": False} if name in quantizable else {}),
                   **({"init_weights": False} if base in ("inception_v3", "googlenet") else {})}
         size = next((v for k, v in MIN_SIZE.items() if base.startswith(k)), 64)
         cases.append(Case(name, "classification", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),

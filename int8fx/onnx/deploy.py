@@ -93,7 +93,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                                                 opset=opset, input_names=input_names, output_names=output_names,
                                                 dynamic_batch=dynamic_batch)
     site_of = _name_site_nodes(fp32, statics, calls)
-    found = Counter(site_of.values())
+    calls_found = Counter(site_of.values())
     view = GraphView(fp32)
     float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
     gates = _sigmoid_gates(view)
@@ -128,8 +128,8 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "quantizer_pairs_added_per_site_reader": paired,
                         "scales_moved_one_ulp_apart": nudged, "requantized_fan_outs": fanned,
                         "biases_requantized_at_input_scale": requantized,
-                        "site_calls_computed_at_export": {site: n - found[site] for site, n in calls.items()
-                                                          if n != found[site]},
+                        "site_calls_computed_at_export": {site: n - calls_found[site] for site, n in calls.items()
+                                                          if n != calls_found[site]},
                         "sites_without_onnxruntime_int8_kernel": sorted(
                             {site for name, site in site_of.items() if view.nodes[name].op_type == "ConvTranspose"})}}
     return model, used, calls_meta, extra
