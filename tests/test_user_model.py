@@ -212,6 +212,59 @@ def test_converting_twice_is_refused():
         int8fx.convert(qm)
 
 
+class Finetuned(nn.Module):
+    """A backbone with a residual branch and a head: what users change after conversion (a new head for
+    another task, a branch fused into one conv for deployment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(F.relu(x + self.branch(x)).mean((2, 3)))
+
+
+def _train_step_and_rows(qm):
+    qm.train()
+    F.cross_entropy(qm(X), torch.tensor([1, 2])).backward()
+    torch.optim.SGD(qm.parameters(), lr=0.01).step()  # commits each site's step and running clips
+    report = int8fx.inspect(qm)
+    return report, {r.name: r for r in report.layers}
+
+
+@pytest.mark.parametrize("form", ["faithful", "deploy"])
+def test_a_head_replaced_after_convert_is_reported_and_exported_in_full_precision(tmp_path, form):
+    qm = int8fx.convert(Finetuned())
+    qm.fc = nn.Linear(8, 5)  # timm's reset_classifier does this
+    report, rows = _train_step_and_rows(qm)
+    assert not rows["fc"].converted and rows["fc"].reason.startswith("replaced after int8fx.convert by a plain Linear")
+    assert report.summary["converted"] == 2 and rows["branch.0"].converted
+    meta = int8fx.export_onnx(qm.eval(), X[:1], tmp_path / "m.onnx", form=form, calibration_data=[X])
+    assert sorted(meta["layers"]) == ["branch.0", "stem.0"]
+
+
+def test_a_module_converted_on_its_own_and_assigned_in_is_a_site_of_the_model(tmp_path):
+    qm = int8fx.convert(Finetuned())
+    qm.fc = int8fx.convert(nn.Linear(8, 5))
+    report, rows = _train_step_and_rows(qm)
+    assert report.summary["converted"] == 3 and rows["fc"].converted and rows["fc"].step == 1
+    assert qm.fc.site_name == "fc"  # named by its place here, as calibration and export key it
+    meta = int8fx.export_onnx(qm.eval(), X[:1], tmp_path / "m.onnx")
+    assert meta["layers"]["fc"]["export"] == "int8" and meta["layers"]["fc"]["onnx"]
+
+
+def test_a_branch_fused_into_a_new_conv_after_convert_drops_its_sites_and_lists_the_new_conv():
+    qm = int8fx.convert(Finetuned())
+    qm.branch = nn.Conv2d(8, 8, 3, padding=1)  # as a re-parameterisation (RepVGG, MobileOne) does
+    report, rows = _train_step_and_rows(qm)
+    assert list(rows) == ["stem.0", "fc", "branch"]  # branch.0 is gone: it computes nothing
+    assert not rows["branch"].converted and rows["branch"].reason.startswith("added after int8fx.convert")
+    assert report.summary["converted"] == 2
+
+
 def test_eval_mode_is_eval_mode_stochastic_depth_and_dropout_off():
     """torchvision's efficientnet (stochastic depth) and a dropout head: eval is deterministic and its BN
     statistics do not move; the ONNX export of eval mode has no random ops."""

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 
 import torch.nn as nn
 
 from ..config import Int8Config
-from ..nn.modules import Int8Layer
+from ..nn.modules import Int8Layer, site_op
 from ..nn.twins import is_twin, revert
 from .lower import lower
-from .rewrite import EXCLUDED, FILTERED, Conversion, FilterFn, Site, rewrite
+from .rewrite import EXCLUDED, FILTERED, ROOT, Conversion, FilterFn, Site, rewrite
 from .analysis import analysis_graphs
 from .trace import OpaqueModule, trace_own_code
 
 RECORD = "_int8fx"
+REPLACED = "replaced after int8fx.convert by a plain {}: runs in full precision"
+ADDED = "added after int8fx.convert: runs in full precision"
+AFTER_CONVERT = ("; make such changes before int8fx.convert, or convert again: "
+                 "int8fx.convert(int8fx.to_float(model))")
 
 
 def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool = False,
@@ -90,21 +95,50 @@ def to_float(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
 def conversion_of(model: nn.Module) -> Conversion | None:
     """The conversion record of `model`, or of the first submodule that has one (a converted model wrapped
     in `AveragedModel`, DDP, ...)."""
+    return _record_holder(model)[1]
+
+
+def _record_holder(model: nn.Module) -> tuple[nn.Module | None, Conversion | None]:
+    """The module that carries the conversion record (site names are paths below it), and the record."""
     for m in model.modules():
         record = m.__dict__.get(RECORD)
         if record is not None:
-            return record
-    return None
+            return m, record
+    return None, None
 
 
 def sites_of(model: nn.Module) -> list[Site]:
-    """Every site of a converted model, in conversion order, each converted one with its live `layer`."""
-    record = conversion_of(model)
+    """Every site of a converted model, in conversion order, each converted one with its live `layer`.
+
+    The list is the model as it is now, not as `convert` left it, because users change models after
+    conversion (timm's `reset_classifier`, `model.fc = nn.Linear(...)` for fine-tuning, MobileOne's
+    re-parameterisation before deployment), and a report or export that still called a replaced head INT8
+    would be wrong where it matters most. A converted site whose module was replaced by a plain one is
+    reported in full precision (`REPLACED`), one whose module is gone is left out (it computes nothing), a
+    conv/linear module added since is reported in full precision (`ADDED`), and a module converted on its
+    own (`int8fx.convert(nn.Linear(...))`) and assigned in is a site named by its place in this model.
+    """
+    holder, record = _record_holder(model)
     if record is None:
         raise ValueError("this model was not converted by int8fx.convert()")
-    layers = {m.site_name: m for m in model.modules() if isinstance(m, Int8Layer)}
-    return [Site(s.name, s.op, s.source, s.converted, s.reason, s.owner, layers.get(s.name) if s.converted else None)
-            for s in record.sites]
+    live = dict(holder.named_modules())
+    layers = {m.site_name: m for m in live.values() if isinstance(m, Int8Layer)}
+    sites = []
+    for s in record.sites:
+        layer = layers.pop(s.name, None) if s.converted else None
+        if s.converted and layer is None:
+            if s.owner not in live or any(isinstance(m, Int8Layer) for m in live[s.owner].modules()):
+                continue  # removed (it computes nothing), or replaced by a module converted on its own (below)
+            s = replace(s, converted=False, reason=REPLACED.format(type(live[s.owner]).__name__) + AFTER_CONVERT)
+        sites.append(replace(s, layer=layer))
+    known = {s.name for s in record.sites} | {s.owner for s in record.sites}
+    for path, m in live.items():
+        if isinstance(m, Int8Layer) and layers.get(m.site_name) is m:  # converted on its own, assigned in
+            m.site_name = path or ROOT  # the name calibration and export key it by
+            sites.append(Site(m.site_name, m.site_op, m.source, True, "", path, m))
+        elif not isinstance(m, Int8Layer) and site_op(m) is not None and (path or ROOT) not in known:
+            sites.append(Site(path or ROOT, site_op(m), "module", False, ADDED + AFTER_CONVERT, path))
+    return sites
 
 
 __all__ = ["Conversion", "OpaqueModule", "Site", "analysis_graphs", "conversion_of", "convert", "lower", "rewrite",
