@@ -42,6 +42,7 @@ from int8fx.passes import conversion_of, sites_of
 from int8fx.onnx import (METADATA_KEY, SCHEMA, SCHEMA_VERSION, OnnxExportError, export_onnx, read_onnx_metadata,
                          tensor_from_json)
 from int8fx.onnx.calibrate import calibrate
+from int8fx.onnx.check import tie_flip_sensitivity
 from int8fx.quant.core import quantize, quantize_per_channel, scale_from_clip
 
 from exporters import needs_dynamo_exporter, exporters
@@ -122,18 +123,6 @@ def _train_step(qm, x) -> None:
 def _session(model_or_path, **kw):
     src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else model_or_path
     return ort.InferenceSession(src, providers=["CPUExecutionProvider"], **kw)
-
-
-def tie_flip_sensitivity(qm, x, trials: int = 16):
-    """(eval output, max change of it under ~32 ulps of input noise): how far one-step flips of activations
-    on rounding ties move this model's output. 8 ulps x 8 trials proved too few: on mobilenet_v2 it
-    found no flip (sensitivity 0) while onnxruntime's own summation order flipped one activation."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        ref = qm(x)
-        worst = max((qm(x * (1 + 2.0 ** -19 * torch.randn(x.shape, generator=g))) - ref).abs().max().item()
-                    for _ in range(trials))
-    return ref, worst
 
 
 # --------------------------------------------------------------------------- validity and agreement
