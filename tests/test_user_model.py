@@ -244,6 +244,7 @@ def test_a_head_replaced_after_convert_is_reported_and_exported_in_full_precisio
     assert report.summary["converted"] == 2 and rows["branch.0"].converted
     meta = int8fx.export_onnx(qm.eval(), X[:1], tmp_path / "m.onnx", form=form, calibration_data=[X])
     assert sorted(meta["layers"]) == ["branch.0", "stem.0"]
+    assert [(s["name"], s["reason"]) for s in meta["skipped"]] == [("fc", rows["fc"].reason)]
 
 
 def test_a_module_converted_on_its_own_and_assigned_in_is_a_site_of_the_model(tmp_path):
