@@ -399,6 +399,54 @@ def test_conv_calls_of_modules_without_parameters_are_sites():
     assert qm.blur.filt.grad is None
 
 
+def test_a_linear_layer_written_as_a_product_with_its_weight_is_a_site():
+    """`x @ self.proj` (CLIP-style heads), `torch.addmm(b, x, W)` (GPT-2's Conv1D), `x.matmul(W.t())` are
+    linear layers: they ran FP32 and inspect did not list them. Products that are not a layer on the input
+    stay as they are: a weight on the left (`A @ x`), a fixed matrix in a buffer, a product of two weights
+    (a low-rank factorisation, whose F.linear call is the site)."""
+
+    class Products(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.proj = nn.Parameter(torch.randn(8, 6) / 3)
+            self.w, self.b = nn.Parameter(torch.randn(5, 6) / 3), nn.Parameter(torch.randn(5))
+            self.mix = nn.Parameter(torch.randn(4, 4) / 2)
+            self.k = nn.Parameter(torch.randn(5, 5) / 2)
+            self.u, self.v = nn.Parameter(torch.randn(5, 2) / 2), nn.Parameter(torch.randn(2, 7) / 2)
+            self.register_buffer("fixed", torch.randn(5, 3))
+
+        def forward(self, x):
+            t = self.conv(x).flatten(2).transpose(1, 2)  # [N, tokens, 8]
+            t = t[:, :4] @ self.proj  # [N, 4, 6]
+            t = (self.mix @ t).matmul(self.w.t()) + self.b  # a weight on the left, then a 3-d input
+            y = torch.addmm(self.b, t.mean(1), self.k)  # [N, 5]
+            return F.linear(torch.cat([y, y[:, :2]], 1), self.u @ self.v) @ self.fixed
+
+    torch.manual_seed(0)
+    m, x = Products(), torch.randn(2, 3, 6, 6)
+    qm = int8fx.convert(m)
+    layers = {r.name: r for r in int8fx.inspect(qm).layers}
+    assert sorted(layers) == ["addmm", "conv", "linear", "matmul", "matmul_2"], sorted(layers)
+    assert all(r.converted and r.op in ("linear", "conv2d") for r in layers.values())
+    exact = int8fx.convert(m, int8fx.Int8Config(quantize=False))
+    y0, ref = exact(x), m(x)
+    assert torch.equal(y0, ref)
+    y0.square().mean().backward()
+    ref.square().mean().backward()
+    assert all(torch.equal(p.grad, m.get_parameter(n).grad) for n, p in exact.named_parameters())
+    m.zero_grad()
+    y, ref = qm(x), m(x)
+    assert not torch.equal(y, ref) and F.cosine_similarity(y.flatten(), ref.flatten(), 0) > 0.98
+    y.square().mean().backward()
+    ref.square().mean().backward()
+    int8fx.commit(qm)
+    assert int(qm.int8_matmul.step) == int(qm.int8_addmm.step) == 1
+    for name in ("proj", "w", "k", "u"):
+        g, g_ref = qm.get_parameter(name).grad, m.get_parameter(name).grad
+        assert F.cosine_similarity(g.flatten(), g_ref.flatten(), 0) > 0.95, name
+
+
 class _Drawing(nn.Module):
     """Skips its conv at random with a draw that does not depend on the input."""
 

@@ -9,7 +9,10 @@ Three rules, one per way a model reaches a convolution or a linear layer:
      node becomes a call of a new `Int8Function` child, or of the module site whose weight it uses,
      whatever the weight is (a parameter, one computed from parameters as in weight standardisation, a
      buffer such as a fixed blur filter, an argument); an opaque (`torch.fx.wrap`-ped) function that
-     receives module-site weights is called through `call_routed`. The module becomes `Rewritten`: it
+     receives module-site weights is called through `call_routed`. A linear layer written as a product,
+     `x @ W` / `torch.mm(x, W)` / `torch.addmm(b, x, W)` with W a 2-D weight computed from parameters and
+     x from the input, is first written as the `F.linear(x, W.t(), b)` it is (the same GEMM, the same
+     bits), so it becomes a site like any other. The module becomes `Rewritten`: it
      runs that graph, one per training mode and per set of optional arguments passed as None where its
      code depends on them. Code that no graph would replay faithfully (`trace_own_code`'s `unfaithful`)
      is kept as it is, like code torch.fx cannot trace.
@@ -22,6 +25,7 @@ the reason it was not; uses of a conv/linear weight outside a conv/linear call a
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +33,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import Int8Config
 from ..nn.modules import (FUNCTIONS_BY_DIMS, SITE_TYPES, TRANSPOSED_BY_DIMS, Int8Function, Int8Layer, ModuleSite,
@@ -181,8 +186,9 @@ class Converter:
     def _has_calls_to_rewrite(self, m: nn.Module, code: OwnCode) -> bool:
         """Whether rewriting would change the module's code: a conv/linear call, or an opaque function given a
         converted module site's weight (what `rewrite` changes)."""
-        return any(n.op == "call_function" and (n.target in CALL_OPS or (
-            _is_opaque_function(n.target) and self._routes(m, n))) for g in code.graphs.values() for n in g.nodes)
+        return any((n.op == "call_function" and (n.target in CALL_OPS or (
+            _is_opaque_function(n.target) and self._routes(m, n)))) or _product_weight(m, n) is not None
+            for g in code.graphs.values() for n in g.nodes)
 
     def _make_routed(self, m: nn.Module, routes: dict[str, str], new_sites: dict[str, Int8Function],
                      derived_op: str | None = None) -> None:
@@ -233,6 +239,8 @@ class Converter:
     def rewrite(self, path: str, m: nn.Module, code: OwnCode) -> None:
         graphs = code.graphs
         m.__dict__.update(code.constants)  # the graphs read them from the module (a weight may be made from one)
+        for graph in graphs.values():
+            _products_as_linear(m, graph)
         calls = [n for n in next(iter(graphs.values())).nodes if n.op == "call_function" and n.target in CALL_OPS]
         single = site_op(m) is not None and len(calls) == 1  # a conv subclass computing its own weight
         new: dict[tuple, tuple[str, Int8Function, str]] = {}  # call -> (attribute, site, name), shared by all graphs
@@ -373,6 +381,73 @@ class Converter:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+_PRODUCTS = {operator.matmul, torch.matmul, torch.mm}
+_PRODUCT_METHODS = {"matmul", "mm", "__matmul__"}
+
+
+def _product_operands(node: fx.Node) -> tuple | None:
+    """(x, W, bias or None) of `x @ W`, `torch.matmul/mm(x, W)`, `x.matmul/mm(W)`, `torch.addmm(b, x, W)`."""
+    if node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    if len(node.args) == 2 and ((node.op == "call_function" and node.target in _PRODUCTS) or (
+            node.op == "call_method" and node.target in _PRODUCT_METHODS)):
+        return node.args[0], node.args[1], None
+    if len(node.args) == 3 and node.op == "call_function" and node.target is torch.addmm:
+        return node.args[1], node.args[2], node.args[0]
+    return None
+
+
+def _product_weight(m: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The right operand of a product (`_product_operands`) when it is computed from parameters of `m` and
+    not from the input: a linear layer's weight, transposed (a product on a buffer, a fixed transform, is
+    left alone)."""
+    operands = _product_operands(node)
+    if operands is None:
+        return None
+    w = operands[1]
+    source = _ancestors(w)
+    learned = any(n.op == "get_attr" and isinstance(_attr_or_none(m, n.target), nn.Parameter) for n in source)
+    return w if learned and not any(n.op == "placeholder" for n in source) else None
+
+
+def _products_as_linear(m: nn.Module, graph: fx.Graph) -> None:
+    """Write each `x @ W` (`_product_weight`) whose W is 2-D and whose x comes from the input as the
+    `F.linear(x, W.t(), b)` it computes, which rule 2 then makes a site. Both call the same GEMM on the
+    same operands (checked bit for bit on CPU for 2-, 3- and 4-d inputs, contiguous or not), so a
+    conversion with `quantize=False` still equals the original."""
+    weights = set().union(*(_ancestors(_call_weight(n)) for n in graph.nodes
+                            if n.op == "call_function" and n.target in CALL_OPS))
+    for node in list(graph.nodes):
+        w = _product_weight(m, node)
+        if w is None or node in weights:
+            continue  # (a product that computes a conv/linear weight, as CondConv's expert mix, is part of it)
+        x, _, b = _product_operands(node)
+        weight = _static_value(m, w)
+        if weight is None or weight.dim() != 2 or _static_value(m, x) is not None:
+            continue  # a batched weight, one computed from the input, or a product of weights
+        if b is not None:
+            bias = _static_value(m, b)
+            if bias is None or tuple(bias.shape) != (weight.shape[1],):
+                continue  # addmm's bias broadcast over rows is F.linear's only
+        with graph.inserting_before(node):
+            transposed = graph.call_method("t", (w,))
+        # the node itself becomes the call, so the site keeps the name of the user's op ("matmul", "addmm")
+        node.op, node.target = "call_function", F.linear
+        node.args, node.kwargs = (x, transposed, *(() if b is None else (b,))), {}
+
+
+def _call_weight(node: fx.Node):
+    """The weight argument of a conv/linear call node (positional or keyword)."""
+    return node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+
+
+def _attr_or_none(module: nn.Module, target: str):
+    try:
+        return _attr(module, target)
+    except AttributeError:
+        return None
+
+
 def _call_key(node: fx.Node, weight, occurrences: dict) -> tuple:
     """Which call of the module's code `node` is, the same in each of its graphs (training modes, optional
     arguments given or not), so that they share its site: the k-th call of its op on the same weight
