@@ -254,6 +254,7 @@ class Converter:
                 elif node.op == "call_function" and _is_opaque_function(node.target):
                     changed |= self._route_call(path, m, graph, node, new)
             self._report_other_weight_uses(path, m, graph, derived)
+            self._report_other_products(path, m, graph, derived)
             graph.lint()
         if changed:
             become(m, Rewritten)
@@ -379,8 +380,33 @@ class Converter:
                                   f"computes with {_join(path, node.target)} outside a conv/linear call "
                                   f"({what}); int8fx converts F.conv*d / F.linear calls only", path))
 
+    def _report_other_products(self, path, m, graph, derived) -> None:
+        """A product of the input with the module's own weights in another form than `x @ W` (`W @ x`, an
+        einsum, a bmm) is a linear layer int8fx does not convert: listed, as an unconverted site, rather
+        than left to run in FP32 unnoticed."""
+        for node in graph.nodes:
+            if node.op not in ("call_function", "call_method") or node in derived or not (
+                    node.target in _OTHER_PRODUCTS or node.target in _PRODUCTS or node.target in _PRODUCT_METHODS):
+                continue
+            operands = [a for a in node.args if isinstance(a, fx.Node)]
+            weights = [a for a in operands if not _from_input(a)]
+            learned = sorted({n.target for w in weights for n in _ancestors(w)
+                              if n.op == "get_attr" and isinstance(_attr_or_none(m, n.target), nn.Parameter)})
+            if learned and any(_from_input(a) for a in operands):
+                what = getattr(node.target, "__name__", str(node.target))
+                self._report(Site(_join(path, node.name), what, "function", False,
+                                  f"a product of the input with {', '.join(_join(path, t) for t in learned)} in "
+                                  f"another form than x @ W ({what}); int8fx converts F.conv*d / F.linear calls "
+                                  "and x @ W products", path))
+
 
 # ---------------------------------------------------------------------------------------------- helpers
+_OTHER_PRODUCTS = {torch.bmm, torch.einsum, torch.tensordot, torch.baddbmm}
+
+
+def _from_input(node: fx.Node) -> bool:
+    return any(n.op == "placeholder" for n in _ancestors(node))
+
 _PRODUCTS = {operator.matmul, torch.matmul, torch.mm}
 _PRODUCT_METHODS = {"matmul", "mm", "__matmul__"}
 
