@@ -21,7 +21,8 @@ Three rules, one per way a model reaches a convolution or a linear layer:
      forward cannot be traced (timm's `Conv2dSame`) become `Routed`: their original forward runs with
      the calls on their weights routed to INT8 sites at run time (`int8fx.nn.scope`).
 Every conv/linear module and every functional call found ends up in the `Site` list, converted or with
-the reason it was not; uses of a conv/linear weight outside a conv/linear call are listed too.
+the reason it was not; uses of a conv/linear weight outside a conv/linear call, and products of the input
+with a module's own weights in other forms than `x @ W` (`W @ x`, einsum, bmm), are listed too.
 """
 from __future__ import annotations
 
