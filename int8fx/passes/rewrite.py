@@ -390,9 +390,7 @@ class Converter:
                     node.target in _OTHER_PRODUCTS or node.target in _PRODUCTS or node.target in _PRODUCT_METHODS):
                 continue
             operands = [a for a in node.args if isinstance(a, fx.Node)]
-            weights = [a for a in operands if not _from_input(a)]
-            learned = sorted({n.target for w in weights for n in _ancestors(w)
-                              if n.op == "get_attr" and isinstance(_attr_or_none(m, n.target), nn.Parameter)})
+            learned = sorted({p for a in operands if not _from_input(a) for p in _parameters_in(m, a)})
             if learned and any(_from_input(a) for a in operands):
                 what = getattr(node.target, "__name__", str(node.target))
                 self._report(Site(_join(path, node.name), what, "function", False,
@@ -402,14 +400,19 @@ class Converter:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-_OTHER_PRODUCTS = {torch.bmm, torch.einsum, torch.tensordot, torch.baddbmm}
+_PRODUCTS = {operator.matmul, torch.matmul, torch.mm}  # (and torch.addmm, with its bias)
+_PRODUCT_METHODS = {"matmul", "mm", "__matmul__"}
+_OTHER_PRODUCTS = {torch.bmm, torch.einsum, torch.tensordot, torch.baddbmm}  # listed, not converted
 
 
 def _from_input(node: fx.Node) -> bool:
     return any(n.op == "placeholder" for n in _ancestors(node))
 
-_PRODUCTS = {operator.matmul, torch.matmul, torch.mm}
-_PRODUCT_METHODS = {"matmul", "mm", "__matmul__"}
+
+def _parameters_in(m: nn.Module, node: fx.Node) -> set[str]:
+    """The parameters of `m` (attribute paths) that `node` is computed from."""
+    return {n.target for n in _ancestors(node) if n.op == "get_attr" and isinstance(_attr_or_none(m, n.target),
+                                                                                     nn.Parameter)}
 
 
 def _product_operands(node: fx.Node) -> tuple | None:
@@ -432,9 +435,7 @@ def _product_weight(m: nn.Module, node: fx.Node) -> fx.Node | None:
     if operands is None:
         return None
     w = operands[1]
-    source = _ancestors(w)
-    learned = any(n.op == "get_attr" and isinstance(_attr_or_none(m, n.target), nn.Parameter) for n in source)
-    return w if learned and not any(n.op == "placeholder" for n in source) else None
+    return w if _parameters_in(m, w) and not _from_input(w) else None
 
 
 def _products_as_linear(m: nn.Module, graph: fx.Graph) -> None:
