@@ -451,7 +451,7 @@ def _products_as_linear(m: nn.Module, graph: fx.Graph) -> None:
             continue  # (a product that computes a conv/linear weight, as CondConv's expert mix, is part of it)
         x, _, b = _product_operands(node)
         weight = _static_value(m, w)
-        if weight is None or weight.dim() != 2 or _static_value(m, x) is not None:
+        if weight is None or weight.dim() != 2 or not _from_input(x):
             continue  # a batched weight, one computed from the input, or a product of weights
         if b is not None:
             bias = _static_value(m, b)
