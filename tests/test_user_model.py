@@ -206,12 +206,6 @@ def test_filter_fn_keeps_sites_in_fp32_with_a_reason():
         int8fx.convert(resnet(), filter_fn="layer4")
 
 
-def test_converting_twice_is_refused():
-    qm = int8fx.convert(resnet())
-    with pytest.raises(ValueError, match="already converted"):
-        int8fx.convert(qm)
-
-
 class Finetuned(nn.Module):
     """A backbone with a residual branch and a head: what users change after conversion (a new head for
     another task, a branch fused into one conv for deployment)."""
@@ -264,6 +258,34 @@ def test_a_branch_fused_into_a_new_conv_after_convert_drops_its_sites_and_lists_
     assert list(rows) == ["stem.0", "fc", "branch"]  # branch.0 is gone: it computes nothing
     assert not rows["branch"].converted and rows["branch"].reason.startswith("added after int8fx.convert")
     assert report.summary["converted"] == 2
+
+
+def test_converting_again_converts_what_changed_and_keeps_the_trained_state():
+    """The advice for a model changed after convert: `int8fx.convert(qm)` again. Every site that was there
+    keeps its clips, gradient statistics and step count bit for bit; the new head and conv become sites."""
+    qm = int8fx.convert(Finetuned())
+    _train_step_and_rows(qm)
+    qm.fc, qm.branch = nn.Linear(8, 5), nn.Conv2d(8, 8, 3, padding=1)
+    kept = {k: v.clone() for k, v in qm.state_dict().items() if k.startswith("stem.0.")}
+    assert "stem.0.act_clip" in kept and kept["stem.0.step"] == 1
+    q2 = int8fx.convert(qm)
+    assert q2 is not qm and type(q2) is Finetuned and not isinstance(qm.fc, Int8Layer)  # a copy, as convert's
+    assert all(torch.equal(v, q2.state_dict()[k]) for k, v in kept.items())
+    report, rows = _train_step_and_rows(q2)
+    assert list(rows) == ["stem.0", "branch", "fc"] and report.summary["converted"] == 3
+    assert rows["stem.0"].step == 2 and rows["fc"].step == rows["branch"].step == 1
+    params = list(qm.parameters())
+    assert int8fx.convert(qm, inplace=True) is qm  # the same parameters: optimizers go on
+    assert all(a is b for a, b in zip(qm.parameters(), params, strict=True))
+    assert isinstance(qm.fc, Int8Layer) and torch.equal(qm.stem[0].act_clip, kept["stem.0.act_clip"])
+    with pytest.raises(ValueError, match="another Int8Config"):
+        int8fx.convert(qm, int8fx.Int8Config(grad_quant="dsgc"))
+    filtered = int8fx.convert(Finetuned(), filter_fn=lambda name, mod: name != "fc")
+    with pytest.raises(ValueError, match="filter_fn"):
+        int8fx.convert(filtered)
+    assert not isinstance(int8fx.convert(filtered, filter_fn=lambda name, mod: name != "fc").fc, Int8Layer)
+    with pytest.raises(ValueError, match="holds a converted model"):
+        int8fx.convert(nn.Sequential(qm))
 
 
 def test_eval_mode_is_eval_mode_stochastic_depth_and_dropout_off():

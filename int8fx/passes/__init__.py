@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch.nn as nn
 
 from ..config import Int8Config
-from ..nn.modules import Int8Layer, site_op
+from ..nn.modules import QUANT_STATE_KEY, Int8Layer, site_op
 from ..nn.twins import is_twin, revert
 from .lower import lower
 from .rewrite import EXCLUDED, FILTERED, ROOT, Conversion, FilterFn, Site, rewrite
@@ -19,8 +19,8 @@ from .trace import OpaqueModule, trace_own_code
 RECORD = "_int8fx"
 REPLACED = "replaced after int8fx.convert by a plain {}: runs in full precision"
 ADDED = "added after int8fx.convert: runs in full precision"
-AFTER_CONVERT = ("; make such changes before int8fx.convert, or convert again: "
-                 "int8fx.convert(int8fx.to_float(model))")
+AFTER_CONVERT = ("; make such changes before int8fx.convert, or convert again: int8fx.convert(model) keeps the "
+                 "trained state of every other site")
 
 
 def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool = False,
@@ -33,6 +33,10 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
     filter_fn: `(site name, module) -> bool`, False keeps that site in FP32 (as `Int8Config.exclude` does by
         name pattern or type); for a call in a module's own code, `module` is the module making the call.
     `int8fx.inspect(result)` lists every site and reason.
+
+    A model converted before converts again as it is now, with the config it was converted with: a head
+    replaced since (`reset_classifier`) or a conv added becomes a site, and every site that was there keeps
+    its trained state (clips, gradient-quantizer statistics, step counts: `_reconvert`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
@@ -41,13 +45,40 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
         raise TypeError(f"config must be an Int8Config, got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__}")
-    if conversion_of(model) is not None or any(is_twin(m) for m in model.modules()):
-        raise ValueError("this model is already converted by int8fx (int8fx.to_float gives back the float model)")
+    holder, record = _record_holder(model)
+    if record is not None or any(is_twin(m) for m in model.modules()):
+        return _reconvert(model, holder, record, config, inplace=inplace, filter_fn=filter_fn)
     work = model if inplace else _copy(model, "convert")
     record = rewrite(work, config, filter_fn)
     lower(work, config.backend)
     setattr(work, RECORD, record)  # a plain attribute: not in state_dict, carried by deepcopy and pickle
     _warn_unintended_fp32(record)
+    return work
+
+
+def _reconvert(model: nn.Module, holder: nn.Module | None, record: Conversion | None, config: Int8Config | None,
+               *, inplace: bool, filter_fn: FilterFn | None) -> nn.Module:
+    """Convert a converted model again, as it is now. Its int8fx state is a set of buffers keyed by module
+    path (`QUANT_STATE_KEY`), and a conversion names its sites deterministically, so the state saved
+    before `to_float` loads back into the sites that are still there; a new site starts fresh. Only the
+    same config can carry it (another gradient policy has other statistics), and a `filter_fn` is not
+    recorded, so one used before must be passed again."""
+    if holder is not model:
+        raise ValueError("this model is already converted by int8fx, or holds a converted model "
+                         "(int8fx.to_float gives back the float model; convert the converted model itself to "
+                         "convert it again)")
+    if config is not None and config != record.config:
+        raise ValueError("this model was converted with another Int8Config; converting again keeps its trained "
+                         "state, which belongs to that config: convert int8fx.to_float(model) to start afresh "
+                         "with a new one")
+    if filter_fn is None and any(FILTERED in s.reason for s in record.sites):
+        raise ValueError("this model was converted with a filter_fn, which int8fx does not keep: pass it again "
+                         "to convert the model again")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if QUANT_STATE_KEY.search(k)}
+    work = to_float(model, inplace=inplace)
+    work = convert(work, record.config, inplace=True, filter_fn=filter_fn)
+    live = work.state_dict()
+    work.load_state_dict({k: v for k, v in state.items() if k in live}, strict=False)
     return work
 
 
