@@ -326,6 +326,19 @@ def test_inception_aux_output_type_follows_the_mode():
         assert type(qm.eval()(x)) is torch.Tensor
 
 
+def test_converted_modules_keep_their_forward_signature():
+    """Tools read a model's inputs from `inspect.signature(model.forward)`; so does torch.export, which on
+    torch 2.9 failed to export a model whose converted forward said `(*args, **kwargs)` to ONNX."""
+    import inspect
+
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    qm = int8fx.convert(nn.ModuleDict({"f": Functional(), "mha": mha, "conv": nn.Conv2d(3, 4, 3)}))
+    for name, base in (("f", Functional), ("mha", nn.MultiheadAttention), ("conv", nn.Conv2d)):
+        m = qm[name]
+        assert type(m) is not base and inspect.signature(m.forward) == inspect.signature(base.forward.__get__(m))
+    assert list(inspect.signature(qm["f"].forward).parameters) == ["x"]
+
+
 def test_multihead_attention_is_routed_and_its_fast_path_stays_off_while_quantizing():
     mha = nn.MultiheadAttention(16, 2, batch_first=True)
     qm = int8fx.convert(nn.Sequential(mha))

@@ -18,8 +18,10 @@ Twins pickle and deep-copy as their original class plus int8fx's state (`__reduc
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import linecache
+import types
 
 import torch.fx as fx
 import torch.nn as nn
@@ -34,11 +36,28 @@ def twin_class(base: type, role: type) -> type:
     """The class `Int8<Base>(role, base)`, made once per pair."""
     cls = _TWINS.get((base, role))
     if cls is None:
-        cls = type(f"Int8{base.__name__}", (role, base), {
-            "__module__": __name__, "__qualname__": f"Int8{base.__name__}",
-            "_int8fx_base": base, "_int8fx_role": role, "__reduce_ex__": _reduce_ex})
+        namespace = {"__module__": __name__, "__qualname__": f"Int8{base.__name__}",
+                     "_int8fx_base": base, "_int8fx_role": role, "__reduce_ex__": _reduce_ex}
+        if "forward" in role.__dict__:
+            namespace["forward"] = _forward_with_the_signature_of(role.forward, base)
+        cls = type(f"Int8{base.__name__}", (role, base), namespace)
         _TWINS[(base, role)] = cls
     return cls
+
+
+def _forward_with_the_signature_of(forward, base: type):
+    """The role's `forward(*args, **kwargs)`, copied for this twin class and showing the original forward's
+    signature. What reads it: `inspect.signature(model.forward)` (users, tools), and torch.export, which
+    names a root module's inputs by it; with `*args` torch 2.9's export writes input guards it cannot
+    resolve (NameError: name 'L' is not defined) when exporting a converted model to ONNX."""
+    own = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__,
+                             forward.__closure__)
+    own.__qualname__, own.__doc__ = f"Int8{base.__name__}.forward", getattr(base.forward, "__doc__", None)
+    try:
+        own.__signature__ = inspect.signature(base.forward)
+    except (TypeError, ValueError):  # a forward inspect cannot read (a C function): keep (*args, **kwargs)
+        pass
+    return own
 
 
 def _reduce_ex(self, protocol):
