@@ -127,6 +127,23 @@ def test_code_without_conv_or_linear_calls_is_told_apart():
     assert not may_call_site_ops(_module(forward, op=torch.matmul))  # a matmul is no site int8fx converts
 
 
+def test_resampling_modes_are_no_linear_calls():
+    """Position embeddings resized to the input (timm's qwen3_vit, naflexvit) name "bilinear" or "linear"
+    as the mode of F.interpolate / F.grid_sample; code that also looks a function up by name still counts."""
+    def interpolate(self, x):
+        return x + F.interpolate(self.w[None, None], size=x.shape[-2:], mode="bilinear")
+
+    def grid_sample(self, x):
+        grid = torch.zeros(1, *x.shape[-2:], 2)
+        return x + F.grid_sample(self.w[None, None], grid, mode="bilinear", align_corners=False)
+
+    def looked_up(self, x):
+        return getattr(F, "linear")(F.interpolate(x, scale_factor=2, mode="linear"), self.w)
+
+    assert not may_call_site_ops(_module(interpolate)) and not may_call_site_ops(_module(grid_sample))
+    assert may_call_site_ops(_module(looked_up))
+
+
 def test_a_vit_like_root_is_not_warned_about_and_a_branchy_conv_still_is():
     """convert warned "1 module(s) may make F.conv*d / F.linear calls int8fx cannot see" for every ViT-like
     model, whose root cannot be traced and owns a class token and position embeddings. Its code names no

@@ -22,6 +22,10 @@ import torch
 import torch.nn as nn
 
 SITE_NAME = re.compile(r"conv|linear", re.IGNORECASE)
+# strings that name a resampling mode where the code resamples (F.interpolate or F.grid_sample with
+# mode="bilinear": position embeddings resized to the input): they name no conv/linear function
+INTERPOLATION_MODES = {"linear", "bilinear", "trilinear"}
+RESAMPLING = {"interpolate", "upsample", "grid_sample"}
 MAX_DEPTH = 6  # calls followed from forward; code beyond them counts as "may call"
 MAX_FUNCTIONS = 300  # functions read in all; beyond them, "may call"
 
@@ -63,8 +67,13 @@ class _Scan:
 
     def names_site(self, code: types.CodeType) -> bool:
         """A name (attribute, global, free variable) or a string without spaces (`getattr(F, "conv%dd" % n)`;
-        docstrings and messages have spaces) that matches the pattern and is no attribute of the module's own."""
-        strings = (k for k in code.co_consts if isinstance(k, str) and not any(ch.isspace() for ch in k))
+        docstrings and messages have spaces) that matches the pattern and is no attribute of the module's own.
+        In code that resamples (`interpolate`, `grid_sample`) and looks up no function by name (`getattr`),
+        "linear", "bilinear", "trilinear" are resampling modes."""
+        names = set(code.co_names)
+        modes = INTERPOLATION_MODES if RESAMPLING & names and "getattr" not in names else set()
+        strings = (k for k in code.co_consts
+                   if isinstance(k, str) and not any(ch.isspace() for ch in k) and k not in modes)
         return any(self.pattern.search(n) and n not in self.own for n in (*code.co_names, *code.co_freevars, *strings))
 
     def reads_site(self, fn, depth: int) -> bool:
