@@ -190,13 +190,44 @@ def _dynamic_shapes(module, args: tuple, dynamic_batch: bool):
 
 
 def _dynamo(module, args, opset, input_names, output_names, dynamic_batch):
+    """The ModelProto, with a symbolic batch named "batch" (`Dim("batch")`). Where torch.export guards that
+    batch against a value, the file would be wrong (or refused) at that batch size, so it is an error with
+    the ways out: torch 2.9 guards some models' batch against 1 for its layout decisions on size-1
+    dimensions (later releases do not); code that branches on the batch size does it on any release."""
+    try:
+        return _dynamo_once(module, args, opset, input_names, output_names,
+                            _dynamic_shapes(module, args, dynamic_batch))
+    except _DynamoFailed as e:
+        guard = _batch_constraint(e)
+        if guard is None:
+            raise
+        raise _DynamoFailed(f"cannot export to ONNX with a dynamic batch: torch.export of torch {torch.__version__} "
+                            f"restricts the batch size ({guard}); export with exporter='torchscript' (exporter='auto' "
+                            "falls back to it), or with dynamic_batch=False for a file of the example's batch size") \
+            from e
+
+
+def _batch_constraint(e: BaseException) -> str | None:
+    """The guard torch.export put on the symbolic batch, where that made the export fail."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        found = re.search(r"Constraints violated \(batch\)!.*?satisfy the generated guard ([^\n]*?)\.?$", str(e),
+                          re.DOTALL | re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _dynamo_once(module, args, opset, input_names, output_names, dynamic_shapes):
     from torch.onnx._internal.exporter import _errors
 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
-                                        output_names=output_names, dynamic_shapes=_dynamic_shapes(module, args, dynamic_batch),
+                                        output_names=output_names, dynamic_shapes=dynamic_shapes,
                                         custom_translation_table=ONNX_TRANSLATIONS, optimize=True, report=False,
                                         verbose=False)
     except OnnxExportError:
@@ -214,14 +245,17 @@ def _dynamo(module, args, opset, input_names, output_names, dynamic_batch):
 
 @contextlib.contextmanager
 def _quiet_logs():
-    """torch.export logs its specialisation decisions as warnings on the root logger; not the user's concern."""
+    """torch.export logs its specialisation decisions as warnings on the root logger; not the user's concern.
+    Nor is the traceback torch's guard builder logs as an error when a batch guard violates the dynamic
+    batch (torch 2.9): `_dynamo` then exports again, and a failure reaches the user as an exception."""
     import logging
 
-    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
-                                               "torch.onnx")]
+    quiet = {"torch.export": logging.ERROR, "torch._export": logging.ERROR, "torch.onnx": logging.ERROR,
+             "torch.fx.experimental.symbolic_shapes": logging.ERROR, "torch._guards": logging.CRITICAL}
+    loggers = [logging.getLogger(n) for n in quiet]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    for lg, level in zip(loggers, quiet.values()):
+        lg.setLevel(level)
     try:
         yield
     finally:
