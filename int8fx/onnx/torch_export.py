@@ -247,7 +247,7 @@ def _dynamo_once(module, args, opset, input_names, output_names, dynamic_shapes)
 def _quiet_logs():
     """torch.export logs its specialisation decisions as warnings on the root logger; not the user's concern.
     Nor is the traceback torch's guard builder logs as an error when a batch guard violates the dynamic
-    batch (torch 2.9): `_dynamo` then exports again, and a failure reaches the user as an exception."""
+    batch (torch 2.9): that failure reaches the user as `_dynamo`'s exception, which names the guard."""
     import logging
 
     quiet = {"torch.export": logging.ERROR, "torch._export": logging.ERROR, "torch.onnx": logging.ERROR,
