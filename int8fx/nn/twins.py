@@ -52,6 +52,7 @@ def _forward_with_the_signature_of(forward, base: type):
     resolve (NameError: name 'L' is not defined) when exporting a converted model to ONNX."""
     own = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__,
                              forward.__closure__)
+    own.__kwdefaults__ = forward.__kwdefaults__
     own.__qualname__, own.__doc__ = f"Int8{base.__name__}.forward", getattr(base.forward, "__doc__", None)
     try:
         own.__signature__ = inspect.signature(base.forward)
