@@ -245,6 +245,89 @@ def test_deploy_output_stays_close_to_the_eval_mode_model(deployed):
         assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), np.abs(out - ref).max() / np.abs(ref).max()
 
 
+def test_deploy_numerics_computes_what_the_deploy_file_computes(deployed):
+    """Inside `int8fx.deploy_numerics` the eval-mode model rounds where the file rounds (site outputs with
+    BatchNorm folded, int32 biases, residual Adds, the pooled squeeze input): its logits equal onnxruntime's
+    to float rounding (9e-8 of their range measured), where without it they differ by 1-2%. Afterwards the
+    model computes exactly what it did before."""
+    qm, calib, path, _ = deployed
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in qm.modules())
+    for x in calib:
+        out = sess.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            plain = qm(x).numpy()
+            with int8fx.deploy_numerics(qm, path):
+                emulated = qm(x).numpy()
+            after = qm(x).numpy()
+        span = np.abs(out).max()
+        assert np.abs(emulated - out).max() <= 1e-5 * span, np.abs(emulated - out).max() / span
+        assert np.abs(plain - out).max() >= 1e-3 * span  # (the file does round where qmodel.eval() does not)
+        np.testing.assert_array_equal(after, plain)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in qm.modules()) == hooks
+
+
+def test_training_inside_deploy_numerics_goes_through_the_files_rounding(deployed):
+    """In training mode the roundings are straight-through: the loss sees them (it differs from the loss
+    without), every parameter gets a finite gradient, and SGD steps inside the block keep the model
+    training (BatchNorm on batch statistics, biases as floats)."""
+    import copy
+
+    qm, calib, path, _ = deployed
+    qm = copy.deepcopy(qm).train()
+    x, target = calib[0], torch.arange(8) % 10
+    torch.manual_seed(0)
+    plain = F.cross_entropy(qm(x), target)
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    with int8fx.deploy_numerics(qm, path):
+        for step in range(3):
+            torch.manual_seed(0)
+            loss = F.cross_entropy(qm(x), target)
+            if step == 0:
+                assert abs(loss.item() - plain.item()) > 1e-6
+            loss.backward()
+            grads = {n: p.grad for n, p in qm.named_parameters()}
+            assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+                [n for n, g in grads.items() if g is None]
+            opt.step()
+            opt.zero_grad()
+    assert torch.isfinite(loss)
+
+
+def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
+    """A faithful file, another model's file, a forward that calls only part of the model's sites, and a
+    forward that makes more residual Adds than the file holds are refused, naming the problem: the
+    emulation is never silently another model's."""
+    import copy
+
+    from int8fx.onnx import DeployNumericsError
+
+    qm, calib, path, _ = deployed
+    x = calib[0]
+    faithful = str(tmp_path / "faithful.onnx")
+    int8fx.export_onnx(qm, x, faithful)
+    with pytest.raises(ValueError, match="form='deploy'"):
+        with int8fx.deploy_numerics(qm, faithful):
+            pass
+    other = int8fx.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))).eval()
+    with pytest.raises(ValueError, match="another model"):
+        with int8fx.deploy_numerics(other, path):
+            pass
+    with pytest.raises(ValueError, match="int8fx.convert"):
+        with int8fx.deploy_numerics(nn.Conv2d(3, 8, 3), path):
+            pass
+    with pytest.raises(DeployNumericsError, match="ran without a call of their module"):
+        with torch.no_grad(), int8fx.deploy_numerics(qm, path):
+            qm.bn0(qm.stem(x))
+    extra = copy.deepcopy(qm)
+    extra.forward = lambda inp: Net.forward(extra, inp + inp.flip(0))  # one more 4-d Add, first
+    with pytest.raises(DeployNumericsError, match="4 residual Adds, not a multiple of the 3"):
+        with torch.no_grad(), int8fx.deploy_numerics(extra, path):
+            extra(x)
+
+
 def test_a_nearly_dead_channel_keeps_its_bias_in_int32(tmp_path):
     """A BatchNorm factor of ~1e-9 (timm zero-initialises a block's last BN) folds into a tiny weight whose
     int32 bias would overflow: onnxruntime's quantizer widens that channel's scale, the export accepts the

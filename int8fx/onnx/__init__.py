@@ -7,6 +7,7 @@
     torch_export.py  torch.export-based or TorchScript exporter, errors that name the node
     faithful.py      the QDQ graph equal to qmodel.eval()
     deploy.py        the graph runtimes run in INT8 (BatchNorm folded, int8/int32 initializers): how it is built
+    emulate.py       deploy_numerics(): the model computes (and trains through) what its deploy file computes
     int8_ops.py      ops without an INT8 kernel rewritten into equal ones that have one
     quantized.py     the quantizer's graph made what onnxruntime fuses and what int8fx computes
     graphs.py        reading a graph; finding each site's node by its INT8 weights
@@ -15,10 +16,11 @@
     files.py         all-or-nothing file writing with the process umask
     cli.py           `int8fx export`
 """
+from .emulate import DeployNumericsError, deploy_numerics
 from .errors import OnnxExportError
 from .export import export_onnx
 from .metadata import METADATA_KEY, SCHEMA, SCHEMA_VERSION, OnnxMetadataError, read_onnx_metadata, tensor_from_json
 from .torch_export import DEFAULT_OPSET
 
-__all__ = ["DEFAULT_OPSET", "METADATA_KEY", "OnnxExportError", "OnnxMetadataError", "SCHEMA", "SCHEMA_VERSION",
-           "export_onnx", "read_onnx_metadata", "tensor_from_json"]
+__all__ = ["DEFAULT_OPSET", "DeployNumericsError", "METADATA_KEY", "OnnxExportError", "OnnxMetadataError", "SCHEMA", "SCHEMA_VERSION",
+           "deploy_numerics", "export_onnx", "read_onnx_metadata", "tensor_from_json"]
