@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ..nn.modules import Int8Function, Int8Layer
+from ..nn.modules import Int8Function, Int8Layer, _in_backward
 from ..passes import conversion_of
 from .graphs import GraphView
 
@@ -144,7 +144,7 @@ def deploy_numerics(qmodel: nn.Module, path):
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ValueError(f"{os.fspath(path) if not hasattr(path, 'graph') else 'the ONNX model'} has INT8 sites this "
                          f"model does not ({shown}): it was exported from another model")
-    mode = _DeployRounding(roundings, layers)
+    mode = _DeployRounding(roundings, layers, qmodel)
     try:
         with mode:
             yield
@@ -159,9 +159,12 @@ class _DeployRounding(TorchFunctionMode):
     own output, with the file's folded bias), else by whatever reads it (a function, a site), all readers
     sharing one rounded copy, as all readers of a QuantizeLinear share its DequantizeLinear."""
 
-    def __init__(self, roundings: Roundings, layers: dict[str, Int8Layer]) -> None:
+    def __init__(self, roundings: Roundings, layers: dict[str, Int8Layer], root: nn.Module) -> None:
         super().__init__()
         self.r = roundings
+        # only the model's forward is emulated: not a backward pass (int8fx's own kernels), an optimizer's
+        # step (its in-place adds on weights), or other code run inside the block
+        self.forwarding = 0
         self.inside = 0          # > 0 while a site computes: its own arithmetic is not the model's
         # id(site output) -> [weakref to it, site, the output with its float bias where the file's replaced it,
         #                     the float bias, rounded copy]
@@ -169,6 +172,8 @@ class _DeployRounding(TorchFunctionMode):
         self.adds = self.pools = 0
         self.hooks = []
         self.seen: set[str] = set()
+        self.hooks.append(root.register_forward_pre_hook(self._start))
+        self.hooks.append(root.register_forward_hook(self._stop, always_call=True))
         for layer in layers.values():
             self.hooks.append(layer.register_forward_pre_hook(self._enter, with_kwargs=True))
             self.hooks.append(layer.register_forward_hook(self._leave, with_kwargs=True))
@@ -179,18 +184,30 @@ class _DeployRounding(TorchFunctionMode):
         self.hooks = []
         self.waiting.clear()
 
+    def _start(self, root, args):
+        self.forwarding += 1
+
+    def _stop(self, root, args, out):
+        self.forwarding -= 1
+        if not self.forwarding:
+            self.waiting.clear()  # (a new forward's outputs are new tensors)
+
+    def _active(self) -> bool:
+        return self.forwarding > 0 and self.inside == 0 and not _in_backward()
+
     def _enter(self, layer, args, kwargs):
         self.inside += 1
-        if self.inside == 1 and self.waiting:
+        if self.inside == 1 and self.waiting and self.forwarding and not _in_backward():
             return tree_map(self._rounded, (tuple(args), kwargs))  # a site reading another site's output
         return None
 
     def _leave(self, layer, args, kwargs, out):
         self.inside -= 1
         name = layer.site_name
-        if not self.inside:
-            self.seen.add(name)
-        if self.inside or not isinstance(out, torch.Tensor) or (name not in self.r.outputs and name not in self.r.biases):
+        if not self._active():
+            return None
+        self.seen.add(name)
+        if not isinstance(out, torch.Tensor) or (name not in self.r.outputs and name not in self.r.biases):
             return None
         self.waiting = {k: v for k, v in self.waiting.items() if v[0]() is not None}  # forget outputs now gone
         own = _float_bias(layer, args, kwargs)
@@ -219,7 +236,7 @@ class _DeployRounding(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.inside:
+        if not self._active():
             return func(*args, **kwargs)
         target = args[0] if args else None  # (what an in-place add writes to, before any rounding)
         if self.waiting and getattr(func, "__name__", "") not in _METADATA:
@@ -272,7 +289,7 @@ class _DeployRounding(TorchFunctionMode):
 
     def __exit__(self, *exc):
         counts = [("residual Adds", self.adds, len(self.r.adds)), ("average poolings", self.pools, len(self.r.pools))]
-        self.inside = 0  # (a forward that raised inside a site)
+        self.inside = self.forwarding = 0  # (a forward that raised inside a site)
         unseen = sorted((set(self.r.outputs) | set(self.r.biases)) - self.seen) if self.seen else []
         self.adds = self.pools = 0
         self.seen = set()
