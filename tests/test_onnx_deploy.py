@@ -54,6 +54,9 @@ class Net(nn.Module):
         self.fc = nn.Linear(32, 10)
 
     def forward(self, x):
+        return self.fc(self.features(x))
+
+    def features(self, x):
         x = F.max_pool2d(F.relu(self.bn0(self.stem(x))), 3, 2, 1)
         y = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(y)) + self.bn_down(self.down(x)))
@@ -61,7 +64,7 @@ class Net(nn.Module):
         x = x + p
         x = F.silu(self.mix(x + p))
         gate = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
-        return self.fc((x * gate).mean((2, 3)))
+        return (x * gate).mean((2, 3))
 
 
 FOLDED = {"stem": "bn0", "conv1": "bn1", "conv2": "bn2", "down": "bn_down", "expand": "bn_e", "dw": "bn_dw",
@@ -324,12 +327,17 @@ def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
             pass
     partial = copy.deepcopy(qm)
     partial.forward = lambda inp: partial.bn0(partial.stem(inp))  # the other sites never run
-    with pytest.raises(DeployNumericsError, match="ran without a call of their module"):
+    with pytest.raises(DeployNumericsError, match="made 0 residual Adds, the deploy file holds 3"):
         with torch.no_grad(), int8fx.deploy_numerics(partial, path):
             partial(x)
+    bypass = copy.deepcopy(qm)  # the head's weights used without calling the head (as library code would)
+    bypass.forward = lambda inp: F.linear(bypass.features(inp), bypass.fc.weight, bypass.fc.bias)
+    with pytest.raises(DeployNumericsError, match="'fc'.* ran without a call of their module"):
+        with torch.no_grad(), int8fx.deploy_numerics(bypass, path):
+            bypass(x)
     extra = copy.deepcopy(qm)
     extra.forward = lambda inp: Net.forward(extra, inp + inp.flip(0))  # one more 4-d Add, first
-    with pytest.raises(DeployNumericsError, match="4 residual Adds, not a multiple of the 3"):
+    with pytest.raises(DeployNumericsError, match="more residual Adds than the 3 the deploy file holds"):
         with torch.no_grad(), int8fx.deploy_numerics(extra, path):
             extra(x)
 

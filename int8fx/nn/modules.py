@@ -287,7 +287,7 @@ class Int8Layer(Float32State):
         """Stage a training forward's activation clip and its running average. Device-side (a non-finite
         clip keeps the old values), and not while a backward pass recomputes the forward (activation
         checkpointing): that forward was already counted."""
-        if not self.training or (not torch.compiler.is_compiling() and _in_backward()):
+        if not self.training or (not torch.compiler.is_compiling() and in_backward()):
             return
         with torch.no_grad():  # (`out=` writes: a few scalar ops a site and step, each one a dispatch)
             clip = s_x.detach() * 127
@@ -404,7 +404,7 @@ def float_call(dims: int, transposed: bool, input: Tensor, weight: Tensor, bias:
     return f(input, weight, bias) if dims == 0 else f(input, weight, bias, stride, padding, dilation, groups)
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
     """True while autograd runs a backward pass on this thread (e.g. checkpointing recomputes a forward)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1

@@ -9,7 +9,7 @@ The deploy file rounds where `qmodel.eval()` keeps floats (README, "How far depl
 Nothing else: every other rounding of the file is a site input's, which int8fx does itself. Inside
 `with deploy_numerics(qmodel, path):` the model rounds there too, at the file's scales and with the file's
 int32 biases. In eval mode it then computes the file's numbers: the predictions of four Fashion-MNIST models
-agree with onnxruntime's on 99.7-100% of 10,000 test images (RESULTS.md, "The deploy file, emulated").
+agree with onnxruntime's on 99.7-100% of 10,000 test images (RESULTS.md, "The deploy file in PyTorch").
 In training mode the roundings are straight-through (the gradient passes where a value is not saturated)
 and the biases train as floats (BatchNorm normalizes with batch statistics): fine-tuning inside teaches
 the model the file's rounding; export it again afterwards, which recalibrates.
@@ -18,8 +18,9 @@ How: site outputs are rounded by forward hooks on the sites; BatchNorm calls (th
 and average poolings are caught by a TorchFunctionMode while the model runs. A BatchNorm folds into a site
 when it reads the site's output tensor itself, as torch's exporters fold it. Adds (4-d tensors of one
 shape, outside the sites) and poolings are matched to the file's nodes in execution order, and every
-forward must make exactly as many as the file holds, else `DeployNumericsError`: a file of another model,
-or a forward that takes another path than the exported one, is never emulated silently wrong.
+forward of the model must make exactly as many as the file holds, else `DeployNumericsError`: a file of
+another model, or a forward that takes another path than the exported one, is never emulated silently
+wrong. Only the model's own forward is touched: not a backward pass or an optimizer step run in the block.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ..nn.modules import Int8Function, Int8Layer, _in_backward
+from ..nn.modules import Int8Function, Int8Layer, in_backward
 from ..passes import conversion_of
 from .graphs import GraphView
 
@@ -141,7 +142,7 @@ def deploy_numerics(qmodel: nn.Module, path):
     layers = {m.site_name: m for m in qmodel.modules() if isinstance(m, Int8Layer)}
     unknown = sorted((set(roundings.outputs) | set(roundings.biases)) - set(layers))
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ValueError(f"{os.fspath(path) if not hasattr(path, 'graph') else 'the ONNX model'} has INT8 sites this "
                          f"model does not ({shown}): it was exported from another model")
     mode = _DeployRounding(roundings, layers, qmodel)
@@ -150,6 +151,16 @@ def deploy_numerics(qmodel: nn.Module, path):
             yield
     finally:
         mode.remove()
+
+
+@dataclass
+class _Output:
+    """A site's output on its way to its readers."""
+    ref: weakref.ref                     # the tensor the site returned
+    site: str
+    unbiased: torch.Tensor | None        # the output with its float bias, where the file's bias replaced it
+    float_bias: torch.Tensor | None
+    rounded: torch.Tensor | None = None  # what every reader but a folding BatchNorm gets
 
 
 class _DeployRounding(TorchFunctionMode):
@@ -166,9 +177,7 @@ class _DeployRounding(TorchFunctionMode):
         # step (its in-place adds on weights), or other code run inside the block
         self.forwarding = 0
         self.inside = 0          # > 0 while a site computes: its own arithmetic is not the model's
-        # id(site output) -> [weakref to it, site, the output with its float bias where the file's replaced it,
-        #                     the float bias, rounded copy]
-        self.waiting: dict[int, list] = {}
+        self.waiting: dict[int, _Output] = {}  # id(a site's output) -> it, until its readers have it rounded
         self.adds = self.pools = 0
         self.hooks = []
         self.seen: set[str] = set()
@@ -185,19 +194,29 @@ class _DeployRounding(TorchFunctionMode):
         self.waiting.clear()
 
     def _start(self, root, args):
+        if not self.forwarding:
+            self.adds = self.pools = 0
         self.forwarding += 1
 
     def _stop(self, root, args, out):
+        """After each forward: it made the file's Adds and poolings, no more, no fewer (an `out` of None:
+        the forward raised, and that error is the one to see)."""
         self.forwarding -= 1
-        if not self.forwarding:
-            self.waiting.clear()  # (a new forward's outputs are new tensors)
+        if self.forwarding:
+            return
+        self.waiting.clear()  # (a new forward's outputs are new tensors)
+        for what, made, held in (("residual Adds", self.adds, len(self.r.adds)),
+                                 ("average poolings", self.pools, len(self.r.pools))):
+            if made != held and out is not None:
+                raise DeployNumericsError(f"the forward made {made} {what}, the deploy file holds {held}: the file "
+                                          "is another model's, or the forward took another path than the exported one")
 
     def _active(self) -> bool:
-        return self.forwarding > 0 and self.inside == 0 and not _in_backward()
+        return self.forwarding > 0 and self.inside == 0 and not in_backward()
 
     def _enter(self, layer, args, kwargs):
         self.inside += 1
-        if self.inside == 1 and self.waiting and self.forwarding and not _in_backward():
+        if self.inside == 1 and self.waiting and self.forwarding and not in_backward():
             return tree_map(self._rounded, (tuple(args), kwargs))  # a site reading another site's output
         return None
 
@@ -209,30 +228,29 @@ class _DeployRounding(TorchFunctionMode):
         self.seen.add(name)
         if not isinstance(out, torch.Tensor) or (name not in self.r.outputs and name not in self.r.biases):
             return None
-        self.waiting = {k: v for k, v in self.waiting.items() if v[0]() is not None}  # forget outputs now gone
+        self.waiting = {k: v for k, v in self.waiting.items() if v.ref() is not None}  # forget outputs now gone
         own = _float_bias(layer, args, kwargs)
         bias = None if layer.training else self.r.biases.get(name)  # (training: the bias trains as a float)
-        seen = out
+        read = out
         if bias is not None:  # the file's int32 bias in place of the float one (a BatchNorm that folds in
             shape = (1, -1) + (1,) * (out.dim() - 2)  # reads `out` instead, with the file's folded bias)
-            seen = out + (bias.to(out.device) - (own if own is not None else 0)).view(shape)
-        self.waiting[id(seen)] = [weakref.ref(seen), name, out if seen is not out else None, own, None]
-        return seen
+            read = out + (bias.to(out.device) - (own if own is not None else 0)).view(shape)
+        self.waiting[id(read)] = _Output(weakref.ref(read), name, out if read is not out else None, own)
+        return read
 
-    def _entry(self, t):
+    def _output(self, t):
         entry = self.waiting.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return entry if entry is not None and entry[0]() is t else None
+        return entry if entry is not None and entry.ref() is t else None
 
     def _rounded(self, t):
         """`t` as its readers see it: rounded (with the file's bias) if it is a site's output."""
-        entry = self._entry(t)
+        entry = self._output(t)
         if entry is None:
             return t
-        _, site, _, _, rounded = entry
-        if rounded is None:
-            scale = self.r.outputs.get(site)
-            rounded = entry[4] = round_like_onnx(t, scale) if scale is not None else t
-        return rounded
+        if entry.rounded is None:
+            scale = self.r.outputs.get(entry.site)
+            entry.rounded = round_like_onnx(t, scale) if scale is not None else t
+        return entry.rounded
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -241,13 +259,13 @@ class _DeployRounding(TorchFunctionMode):
         target = args[0] if args else None  # (what an in-place add writes to, before any rounding)
         if self.waiting and getattr(func, "__name__", "") not in _METADATA:
             if func is F.batch_norm and args:
-                entry = self._entry(args[0])
-                if entry is not None and entry[4] is None and entry[1] not in self.r.unfolded:
+                entry = self._output(args[0])
+                if entry is not None and entry.rounded is None and entry.site not in self.r.unfolded:
                     del self.waiting[id(args[0])]
-                    unbiased = entry[2] if entry[2] is not None else args[0]
-                    return self._folded_batch_norm(func, (unbiased, *args[1:]), kwargs, entry[1], entry[3])
+                    unbiased = entry.unbiased if entry.unbiased is not None else args[0]
+                    return self._folded_batch_norm(func, (unbiased, *args[1:]), kwargs, entry.site, entry.float_bias)
             args, kwargs = tree_map(self._rounded, (tuple(args), kwargs))
-        if func in _ADDS and _residual(args):
+        if func in _ADDS and _residual(args) and not kwargs:  # (x + y, not x + alpha * y or out=)
             out = self._add(args)
             return target.copy_(out) if func in _IN_PLACE else out
         if _is_pool(func, args, kwargs):
@@ -273,22 +291,22 @@ class _DeployRounding(TorchFunctionMode):
         return round_like_onnx(out, scale) if scale is not None else out
 
     def _add(self, args):
-        if not self.r.adds:
-            raise DeployNumericsError("the forward makes a residual Add where the deploy file holds no quantized Add")
-        s_a, s_b, s_out = self.r.adds[self.adds % len(self.r.adds)]
+        if self.adds == len(self.r.adds):
+            raise DeployNumericsError(f"the forward makes more residual Adds than the {self.adds} the deploy file holds")
+        s_a, s_b, s_out = self.r.adds[self.adds]
         self.adds += 1
         out = round_like_onnx(round_like_onnx(args[0], s_a) + round_like_onnx(args[1], s_b), s_out)
         return out
 
     def _next_pool(self):
-        if not self.r.pools:
-            raise DeployNumericsError("the forward makes an average pooling where the deploy file holds none")
-        scale = self.r.pools[self.pools % len(self.r.pools)]
+        if self.pools == len(self.r.pools):
+            raise DeployNumericsError(f"the forward makes more average poolings than the {self.pools} the deploy file "
+                                      "holds")
+        scale = self.r.pools[self.pools]
         self.pools += 1
         return scale
 
     def __exit__(self, *exc):
-        counts = [("residual Adds", self.adds, len(self.r.adds)), ("average poolings", self.pools, len(self.r.pools))]
         self.inside = self.forwarding = 0  # (a forward that raised inside a site)
         unseen = sorted((set(self.r.outputs) | set(self.r.biases)) - self.seen) if self.seen else []
         self.adds = self.pools = 0
@@ -296,14 +314,10 @@ class _DeployRounding(TorchFunctionMode):
         self.waiting.clear()
         result = super().__exit__(*exc)
         if unseen and exc[0] is None:
-            shown = ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+            shown = ", ".join(map(repr, unseen[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
             raise DeployNumericsError(f"INT8 site(s) {shown} of the deploy file ran without a call of their module "
                                       "(routed from library code such as nn.MultiheadAttention), or not at all: "
                                       "their output rounding cannot be emulated")
-        for what, made, held in counts:
-            if held and made % held and exc[0] is None:
-                raise DeployNumericsError(f"the forward made {made} {what}, not a multiple of the {held} the deploy "
-                                          "file holds: it took another path than the exported forward")
         return result
 
 
