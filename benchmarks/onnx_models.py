@@ -8,7 +8,9 @@ INT8 SGD steps on one random batch, then eval mode), with the default exporter:
             holds its models to;
   deploy    export calibrated on that batch, and count in onnxruntime's optimized graph (ORT_ENABLE_ALL, CPU)
             the sites whose every call runs in an INT8 kernel (QLinearConv, QGemm, ...); its difference from
-            `qmodel.eval()` is shown, not judged (the deploy form rounds where int8fx does not).
+            `qmodel.eval()` is shown, not judged (the deploy form rounds where int8fx does not), and so is
+            the difference of `qmodel.eval()` inside `int8fx.deploy_numerics(qmodel, file)` (which adds the
+            file's roundings) from the file, or why the emulation refused the model.
 A row fails on an export error, a faithful file outside its bound, or a site left in float that the
 metadata does not explain (transposed convs, which onnxruntime has no integer kernel for, and weights
 computed from the input are listed, not failed).
@@ -78,7 +80,13 @@ def check(case: Case, folder: str) -> dict:
         row["faithful_within_bound"] = diff / scale <= row["faithful_bound"]
         path = os.path.join(folder, "deploy.onnx")
         meta = int8fx.export_onnx(qm, x, path, form="deploy", calibration_data=[x])
-    row["deploy"] = float(np.abs(run_file(path, x) - ref).max()) / scale
+    out = run_file(path, x)
+    row["deploy"] = float(np.abs(out - ref).max()) / scale
+    try:
+        with torch.no_grad(), int8fx.deploy_numerics(qm, path):
+            row["emulated"] = float(np.abs(out - qm(x).numpy()).max()) / scale
+    except (int8fx.onnx.DeployNumericsError, ValueError) as e:
+        row["emulated"], row["emulation_refused"] = None, str(e)
     calls = int8_sites(meta, runtime_ops(path))
     in_int8 = {s for s, ops in calls.items() if ops and all(op in INT8_KERNELS for op in ops)}
     explained = {s for s, e in meta["layers"].items()  # no integer kernel; a weight computed from the input
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cases = cases_named(args.models, args.size)
-    print(f"{'model':32s} {'faithful':>9s} {'bound':>9s} {'deploy':>9s} {'int8 sites':>10s} {'s':>6s}  notes",
+    print(f"{'model':32s} {'faithful':>9s} {'bound':>9s} {'deploy':>9s} {'emulated':>9s} {'int8 sites':>10s} {'s':>6s}  notes",
           flush=True)
     rows = []
     for case in cases:
@@ -134,8 +142,10 @@ def main(argv=None) -> int:
             continue
         notes = ([] if row["faithful_within_bound"] else ["faithful outside 2x tie-flip sensitivity"]) + (
             [f"float: {', '.join(row['float_sites'][:3])}{' ...' if len(row['float_sites']) > 3 else ''}"]
-            if row["float_sites"] else [])
-        print(f"{case.name:32s} {row['faithful']:9.2e} {row['faithful_bound']:9.2e} {row['deploy']:9.2e} "
+            if row["float_sites"] else []) + (
+            [f"emulation refused: {row['emulation_refused'][:100]}"] if row.get("emulation_refused") else [])
+        emulated = f"{row['emulated']:9.2e}" if row["emulated"] is not None else f"{'-':>9s}"
+        print(f"{case.name:32s} {row['faithful']:9.2e} {row['faithful_bound']:9.2e} {row['deploy']:9.2e} {emulated} "
               f"{row['int8_sites']:>4d}/{row['sites']:<5d} {row['seconds']:6.1f}  {'; '.join(notes)}", flush=True)
     good = sum(ok(r) for r in rows)
     print(f"{good}/{len(rows)} models export in both forms, the faithful file within its bound, every site "

@@ -302,9 +302,22 @@ def test_training_inside_deploy_numerics_goes_through_the_files_rounding(deploye
     assert torch.isfinite(loss)
 
 
+class _Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.c(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)).mean((2, 3)))
+
+
 def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
-    """A faithful file, another model's file, a forward that calls only part of the model's sites, and a
-    forward that makes more residual Adds than the file holds are refused, naming the problem: the
+    """A faithful file, another model's file, a file that rounds at ops the emulation does not follow (a
+    Concat's inputs), a forward that calls only part of the model's sites, one that computes a site without
+    calling its module, and one that makes more residual Adds than the file holds are refused, naming the
+    problem: the
     emulation is never silently another model's. Code run in the block outside the model's forward (the
     backward pass, an optimizer's in-place adds on weights) is left alone: the training test steps inside."""
     import copy
@@ -324,6 +337,11 @@ def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
             pass
     with pytest.raises(ValueError, match="int8fx.convert"):
         with int8fx.deploy_numerics(nn.Conv2d(3, 8, 3), path):
+            pass
+    cat = _briefly_trained(_Concat)  # a file that rounds a Concat's inputs, which the emulation does not follow
+    int8fx.export_onnx(cat, x, tmp_path / "cat.onnx", form="deploy")
+    with pytest.raises(ValueError, match="also rounds where deploy_numerics does not follow it .inputs of Concat: 2"):
+        with int8fx.deploy_numerics(cat, tmp_path / "cat.onnx"):
             pass
     partial = copy.deepcopy(qm)
     partial.forward = lambda inp: partial.bn0(partial.stem(inp))  # the other sites never run

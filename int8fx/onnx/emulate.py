@@ -6,7 +6,9 @@ The deploy file rounds where `qmodel.eval()` keeps floats (README, "How far depl
   2. every bias of a site, to int32 on its accumulator grid s_x * s_w (BatchNorm folded in);
   3. both operands and the output of every residual Add (QLinearAdd);
   4. the input of every average pooling the file runs in INT8 (QLinearGlobalAveragePool).
-Nothing else: every other rounding of the file is a site input's, which int8fx does itself. Inside
+Every other rounding of the file must be a site input's, which int8fx does itself, or one of a value
+already on its grid: a file that also rounds elsewhere (a Concat's inputs, a layer scale's factor, the
+parameters of a norm it does not fold) is refused, naming those places (`_other_roundings`). Inside
 `with deploy_numerics(qmodel, path):` the model rounds there too, at the file's scales and with the file's
 int32 biases. In eval mode it then computes the file's numbers: the predictions of four Fashion-MNIST models
 agree with onnxruntime's on 99.7-100% of 10,000 test images (RESULTS.md, "The deploy file in PyTorch").
@@ -100,7 +102,70 @@ def read_roundings(path_or_model) -> Roundings:
                 adds.append((ins[0], ins[1], _scalar(view, outs[0].input[1])))
         elif n.op_type in _POOL_NODES:
             pools.append(_quantized_input(view, n.input[0]))
+    computes = {call["compute"] for entry in meta["layers"].values() for call in entry.get("onnx") or []}
+    others = _other_roundings(view, computes)
+    if others:
+        raise ValueError("the deploy file also rounds where deploy_numerics does not follow it (" +
+                         ", ".join(f"{what}: {n}" for what, n in sorted(others.items())) +
+                         "): it cannot compute this file's numbers")
     return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools))
+
+
+# where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
+_FOLLOWED_READERS = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Add", "Clip", "QuantizeLinear", *_POOL_NODES}
+_PASS_THROUGH = {"Relu", "LeakyRelu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                 "Clip"}
+
+
+def _readers(view: GraphView, tensor: str) -> list:
+    """The ops that read `tensor`'s values, through reshapes and other value-preserving ops (a QuantizeLinear
+    met on the way is a reader: it is checked on its own)."""
+    out = []
+    for r in view.consumers[tensor]:
+        if r.op_type in _PASS_THROUGH - {"Clip"}:
+            out += _readers(view, r.output[0])
+        else:
+            out.append(r)
+    return out
+
+
+def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
+    """{what: count} of the file's roundings that deploy_numerics does not make: a QuantizeLinear that is
+    no site's output, no Add's, and is read by other ops than sites, Adds and poolings (a Concat's inputs, a
+    Mul's), unless it re-quantizes at the scale a value already has (ReLU and MaxPool in between); and
+    int8 constants that are no site's weight or bias (a layer scale's factor)."""
+    found: dict[str, int] = {}
+
+    def origin(tensor: str):
+        """The QuantizeLinear or op a value comes from, through DequantizeLinear and value-preserving ops."""
+        node = view.producer.get(tensor)
+        while node is not None and (node.op_type in _PASS_THROUGH or node.op_type == "DequantizeLinear"):
+            if node.op_type == "DequantizeLinear":
+                return view.producer.get(node.input[0])
+            node = view.producer.get(node.input[0])
+        return node
+
+    for q in view.graph.node:
+        if q.op_type == "DequantizeLinear" and q.input[0] in view.inits:  # an int8 constant
+            readers = [r for r in view.consumers[q.output[0]] if r.name not in computes]
+            for r in readers:
+                found[f"int8 constant read by {r.op_type}"] = found.get(f"int8 constant read by {r.op_type}", 0) + 1
+            continue
+        if q.op_type != "QuantizeLinear" or q.input[0] in view.inits:
+            continue
+        made_by = view.producer.get(q.input[0])
+        if made_by is not None and (made_by.name in computes or made_by.op_type == "Add"):
+            continue
+        readers = {r.op_type for dq in view.consumers[q.output[0]] for r in _readers(view, dq.output[0])}
+        if readers <= _FOLLOWED_READERS:
+            continue
+        before = origin(q.input[0])
+        if before is not None and before.op_type == "QuantizeLinear" and \
+                _scalar(view, before.input[1]) == _scalar(view, q.input[1]):
+            continue  # (the same grid again)
+        what = f"inputs of {'/'.join(sorted(readers - _FOLLOWED_READERS))}"
+        found[what] = found.get(what, 0) + 1
+    return found
 
 
 def _scalar(view: GraphView, name: str) -> float:
