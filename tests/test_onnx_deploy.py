@@ -839,18 +839,31 @@ def test_a_converted_bare_module_is_its_own_site_in_the_file(form, make, shape, 
         assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
-def test_group_norm_stays_float_in_the_deploy_graph(tmp_path):
-    """An exported GroupNorm (Reshape, InstanceNormalization, Reshape, Mul, Add) is left out of onnxruntime's
-    quantization (`deploy.FLOAT_NORMS`): no integer kernel would run it, and quantizing it made the quantizer
-    fail on timm's resnet50_gn. The conv site before it still runs in INT8."""
+class _ChannelsLayerNorm(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of an NCHW tensor."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("norm, op_type", [
+    (lambda: nn.GroupNorm(2, 8), "InstanceNormalization"),
+    (lambda: _ChannelsLayerNorm(8), "LayerNormalization"),
+    (lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(8)), "BatchNormalization"),  # (after a ReLU: not folded)
+])
+def test_norms_stay_float_in_the_deploy_graph(norm, op_type, tmp_path):
+    """A norm that is no BatchNorm folded into its conv is left out of onnxruntime's quantization
+    (`deploy.FLOAT_NORMS`): no integer kernel would run it, and its quantizer would round the norm's scale and
+    shift to int8 with one scale per tensor (and failed on timm's resnet50_gn GroupNorms). The conv site
+    before it still runs in INT8."""
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))  # noqa: E731
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), norm(), nn.ReLU(), nn.Conv2d(8, 4, 1))  # noqa: E731
     qm = _briefly_trained(make, (4, 3, 16, 16), steps=2, momentum=0.0)
-    path = str(tmp_path / "gn.onnx")
+    path = str(tmp_path / "norm.onnx")
     meta = int8fx.export_onnx(qm, torch.randn(4, 3, 16, 16), path, form="deploy")
     graph = onnx.load(path).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
-    norms = [n for n in graph.node if n.op_type == "InstanceNormalization"]
+    norms = [n for n in graph.node if n.op_type == op_type]
     # its scale and shift stay float initializers (quantized, they came through DequantizeLinear)
     assert norms and all(producer.get(i) != "DequantizeLinear" for n in norms for i in n.input[1:])
     assert int8_sites(meta, runtime_ops(path))["0"] == ["QLinearConv"]  # the conv before it (the last is the output)

@@ -135,10 +135,12 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     return model, used, calls_meta, extra
 
 
-# normalizations left in float: onnxruntime has no integer kernel for them, and quantizing an exported GroupNorm
-# (InstanceNormalization between two Reshapes) made its quantizer fail ("Quantization parameter shared mode is
-# not supported for weight yet", timm's resnet50_gn)
-FLOAT_NORMS = ("InstanceNormalization", "GroupNormalization")
+# normalizations left in float: onnxruntime has no integer kernel for them (it runs a quantized one as
+# DequantizeLinear, the float op, QuantizeLinear: the same passes), and its quantizer rounds their scale and shift
+# to int8 with one scale per tensor (a LayerNorm's, convnext; an identity branch's BatchNorm that nothing folds,
+# repvgg), which int8fx never does; quantizing an exported GroupNorm (InstanceNormalization between two Reshapes)
+# made the quantizer fail ("Quantization parameter shared mode is not supported for weight yet", resnet50_gn)
+FLOAT_NORMS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization")
 
 
 def _feeds(model, batches: list[tuple]) -> list[dict]:
