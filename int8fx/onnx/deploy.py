@@ -61,6 +61,7 @@ from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .graphs import (
     COMPUTE_OPS,
+    SCALE_PRESERVING,
     GraphView,
     assign_sites,
     float_codes,
@@ -75,8 +76,6 @@ from .graphs import (
 from .standins import FloatSite, export_with_standins
 from .torch_export import clean
 
-# ops whose output is quantized exactly as their input (they commute with a zero-point-0 quantizer)
-_SCALE_PRESERVING = {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
 def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], args: tuple, batches: list[tuple],
@@ -258,7 +257,7 @@ def _beyond_sites(view: GraphView, sites: set[str]) -> list[str]:
 
 
 def _preserves_scale(view: GraphView, node) -> bool:
-    if node.op_type in _SCALE_PRESERVING:
+    if node.op_type in SCALE_PRESERVING:
         return True
     if node.op_type == "Clip" and len(node.input) > 1 and node.input[1]:  # ReLU6: Clip(x, 0, 6)
         low = view.const(node.input[1])

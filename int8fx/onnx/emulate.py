@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ from torch.utils._pytree import tree_map
 
 from ..nn.modules import Int8Function, Int8Layer, in_backward
 from ..passes import conversion_of
-from .graphs import GraphView
+from .graphs import SCALE_PRESERVING, GraphView
 
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
                    torch.Tensor.add_})
@@ -113,8 +114,7 @@ def read_roundings(path_or_model) -> Roundings:
 
 # where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
 _FOLLOWED_READERS = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Add", "Clip", "QuantizeLinear", *_POOL_NODES}
-_PASS_THROUGH = {"Relu", "LeakyRelu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                 "Clip"}
+_PASS_THROUGH = SCALE_PRESERVING | {"LeakyRelu", "Clip"}  # (ReLU and ReLU6 as the deploy form writes them)
 
 
 def _readers(view: GraphView, tensor: str) -> list:
@@ -134,7 +134,7 @@ def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
     no site's output, no Add's, and is read by other ops than sites, Adds and poolings (a Concat's inputs, a
     Mul's), unless it re-quantizes at the scale a value already has (ReLU and MaxPool in between); and
     int8 constants that are no site's weight or bias (a layer scale's factor)."""
-    found: dict[str, int] = {}
+    found: Counter = Counter()
 
     def origin(tensor: str):
         """The QuantizeLinear or op a value comes from, through DequantizeLinear and value-preserving ops."""
@@ -147,9 +147,8 @@ def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
 
     for q in view.graph.node:
         if q.op_type == "DequantizeLinear" and q.input[0] in view.inits:  # an int8 constant
-            readers = [r for r in view.consumers[q.output[0]] if r.name not in computes]
-            for r in readers:
-                found[f"int8 constant read by {r.op_type}"] = found.get(f"int8 constant read by {r.op_type}", 0) + 1
+            found.update(f"int8 constant read by {r.op_type}" for r in view.consumers[q.output[0]]
+                         if r.name not in computes)
             continue
         if q.op_type != "QuantizeLinear" or q.input[0] in view.inits:
             continue
@@ -163,9 +162,8 @@ def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
         if before is not None and before.op_type == "QuantizeLinear" and \
                 _scalar(view, before.input[1]) == _scalar(view, q.input[1]):
             continue  # (the same grid again)
-        what = f"inputs of {'/'.join(sorted(readers - _FOLLOWED_READERS))}"
-        found[what] = found.get(what, 0) + 1
-    return found
+        found[f"inputs of {'/'.join(sorted(readers - _FOLLOWED_READERS))}"] += 1
+    return dict(found)
 
 
 def _scalar(view: GraphView, name: str) -> float:

@@ -16,6 +16,9 @@ from collections import defaultdict
 import numpy as np
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # a site's compute node, in either form
+# ops whose output is quantized exactly as their input (they commute with a zero-point-0 quantizer)
+SCALE_PRESERVING = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                              "Identity"})
 
 
 class GraphView:
