@@ -198,16 +198,14 @@ def deploy_numerics(qmodel: nn.Module, path):
 
     Raises ValueError when `qmodel` is no converted model, the file is no deploy form, or its sites are not
     the model's; DeployNumericsError when a forward makes other Adds or poolings than the file holds."""
-    record = conversion_of(qmodel)
-    if record is None:
+    if conversion_of(qmodel) is None:
         raise ValueError("deploy_numerics() needs a model returned by int8fx.convert()")
     roundings = read_roundings(path)
     layers = {m.site_name: m for m in qmodel.modules() if isinstance(m, Int8Layer)}
     unknown = sorted((set(roundings.outputs) | set(roundings.biases)) - set(layers))
     if unknown:
-        shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ValueError(f"{os.fspath(path) if not hasattr(path, 'graph') else 'the ONNX model'} has INT8 sites this "
-                         f"model does not ({shown}): it was exported from another model")
+                         f"model does not ({_listed(unknown)}): it was exported from another model")
     mode = _DeployRounding(roundings, layers, qmodel)
     try:
         with mode:
@@ -377,11 +375,14 @@ class _DeployRounding(TorchFunctionMode):
         self.waiting.clear()
         result = super().__exit__(*exc)
         if unseen and exc[0] is None:
-            shown = ", ".join(map(repr, unseen[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
-            raise DeployNumericsError(f"INT8 site(s) {shown} of the deploy file ran without a call of their module "
+            raise DeployNumericsError(f"INT8 site(s) {_listed(unseen)} of the deploy file ran without a call of their module "
                                       "(routed from library code such as nn.MultiheadAttention), or not at all: "
                                       "their output rounding cannot be emulated")
         return result
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _float_bias(layer: Int8Layer, args: tuple, kwargs: dict):
