@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from onnx_runtime import images, predict_onnx, predict_torch, session  # noqa: E402
+from onnx_runtime import calibration_batches, images, predict_onnx, predict_torch, session  # noqa: E402
 
 import int8fx  # noqa: E402
 from int8fx.data import load_fashion_mnist  # noqa: E402
@@ -38,9 +38,7 @@ def emulate(qm, path: str, x_test, size: int) -> np.ndarray:
 
 def export_deploy(qm, path: str, size: int, n: int = 256) -> None:
     """The deploy file, calibrated as benchmarks/onnx_runtime.py does (256 training images)."""
-    x_train, _ = load_fashion_mnist("train")
-    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:n]
-    calib = list(images(x_train[idx], size).split(64))
+    calib = calibration_batches(n, size)
     int8fx.export_onnx(qm.eval(), calib[0], path, form="deploy", calibration_data=calib[1:])
 
 

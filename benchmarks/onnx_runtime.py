@@ -83,6 +83,13 @@ def train(name: str, steps: int, batch: int, size: int, lr: float, seed: int, lo
     return qm.eval()
 
 
+def calibration_batches(n: int, size: int) -> list[torch.Tensor]:
+    """`n` training images drawn with a fixed seed, in batches of 64: every file's calibration data."""
+    x_train, _ = load_fashion_mnist("train")
+    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:n]
+    return list(images(x_train[idx], size).split(64))
+
+
 def predict_torch(qm, x_test: torch.Tensor, size: int, bs: int = 250) -> np.ndarray:
     out = []
     with torch.no_grad():
@@ -180,10 +187,7 @@ def run_model(name: str, args, log) -> dict:
         ref = predict_torch(qm, x_test, args.size)
         log(f"{name}: trained in {train_s:.0f} s; qmodel.eval() on 10,000 test images in {time.time() - t:.0f} s")
         torch.save({"model": qm, "eval_predictions": ref, "train_seconds": train_s}, ckpt)
-    x_train, _ = load_fashion_mnist("train")
-    g = torch.Generator().manual_seed(1)
-    calib_idx = torch.randperm(len(x_train), generator=g)[:args.calibration_images]
-    calib = list(images(x_train[calib_idx], args.size).split(64))
+    calib = calibration_batches(args.calibration_images, args.size)
     paths = {k: os.path.join(args.out, f"{tag}.{k}.onnx") for k in ("fp32", "deploy", "ort_static")}
     t = time.time()
     meta = int8fx.export_onnx(qm, calib[0], paths["deploy"], form="deploy", calibration_data=calib[1:])
