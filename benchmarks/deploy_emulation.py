@@ -47,6 +47,7 @@ def finetune(qm, steps: int, lr: float, size: int, seed: int, rounding_from: str
     x_train, y_train = load_fashion_mnist("train")
     opt = torch.optim.SGD(qm.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-5)
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and stochastic depth draw from the global generator
     qm.train()
     with int8fx.deploy_numerics(qm, rounding_from) if rounding_from else contextlib.nullcontext():
         for step in range(steps):
