@@ -200,6 +200,9 @@ def _bad_inputs(tmp_path, user_file):
         "calibration file that is not torch": (model + ["-o", str(tmp_path / "x.onnx"), "--calibration-data",
                                                         str(tmp_path / "a_file.txt")], "not a torch.save file"),
         "unknown form": (model + ["-o", str(tmp_path / "x.onnx"), "--form", "fast"], "invalid choice: 'fast'"),
+        "unknown target": (model + ["-o", str(tmp_path / "x.onnx"), "--target", "tpu"], "invalid choice: 'tpu'"),
+        "target of the faithful form": (model + ["-o", str(tmp_path / "x.onnx"), "--form", "faithful", "--target",
+                                                 "onnxruntime"], "--target onnxruntime: tunes the deploy form"),
         "missing -o": (model, "the following arguments are required: -o/--output"),
         "unresolvable model": (["torchvision:resnet5", "-o", str(tmp_path / "x.onnx")], "did you mean"),
     }
@@ -208,7 +211,8 @@ def _bad_inputs(tmp_path, user_file):
 @pytest.mark.parametrize("case", [
     "missing directory", "output is a directory", "parent is a file", "bad input shape", "wrong channel count",
     "opset 12", "opset too new", "dynamo below opset 18", "missing calibration file",
-    "calibration file of the wrong kind", "calibration file that is not torch", "unknown form", "missing -o",
+    "calibration file of the wrong kind", "calibration file that is not torch", "unknown form", "unknown target",
+    "target of the faithful form", "missing -o",
     "unresolvable model"])
 def test_every_bad_input_is_one_line_exit_2_and_no_file(case, tmp_path, user_file, capsys):
     argv, message = _bad_inputs(tmp_path, user_file)[case]

@@ -302,6 +302,48 @@ def test_training_inside_deploy_numerics_goes_through_the_files_rounding(deploye
     assert torch.isfinite(loss)
 
 
+def test_the_onnxruntime_target_folds_relus_into_zero_points(tmp_path):
+    """target="onnxruntime": each ReLU between two quantizers of one scale becomes the first one's zero point
+    (-128), so onnxruntime runs no QLinearLeakyRelu and every site still in an INT8 kernel. Within the sites'
+    clips (calibrated on these batches) the file computes what the portable file computes, bit for bit;
+    beyond them it does not (a ReLU output saturates at twice its site's clip): deploy_numerics refuses it."""
+    qm = _trained()
+    torch.manual_seed(1)
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    paths, metas = {}, {}
+    for target in ("portable", "onnxruntime"):
+        paths[target] = str(tmp_path / f"{target}.onnx")
+        metas[target] = int8fx.export_onnx(qm, calib[0], paths[target], form="deploy", target=target,
+                                           calibration="inputs", calibration_data=calib[1:])
+    folded = metas["onnxruntime"]["deploy"]["relus_folded_into_quantizers"]
+    model = onnx.load(paths["onnxruntime"])
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    at_bottom = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and inits[n.input[2]] == -128]
+    leaky = [n for n in onnx.load(paths["portable"]).graph.node if n.op_type == "LeakyRelu"]
+    assert folded == len(at_bottom) == len(leaky) - sum(n.op_type == "LeakyRelu" for n in model.graph.node) >= 4
+    ran = int8_sites(metas["onnxruntime"], runtime_ops(paths["onnxruntime"]))
+    assert all(ops and all(op in INT8_KERNELS for op in ops) for ops in ran.values()) and len(ran) == len(
+        [s for s in sites_of(qm) if s.converted])
+    assert "QLinearLeakyRelu" in runtime_ops(paths["portable"]).values()
+    assert "QLinearLeakyRelu" not in runtime_ops(paths["onnxruntime"]).values()
+    import onnxruntime as ort
+
+    sessions = {t: ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for t, p in paths.items()}
+    for x in calib:  # (at half the calibrated range: the file's own rounding can take a maximum one step over)
+        outs = [s.run(None, {"input": 0.5 * x.numpy()})[0] for s in sessions.values()]
+        np.testing.assert_array_equal(outs[0], outs[1])
+    outs = [s.run(None, {"input": 4 * calib[0].numpy()})[0] for s in sessions.values()]
+    assert not np.array_equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="target='onnxruntime'"):
+        with int8fx.deploy_numerics(qm, paths["onnxruntime"]):
+            pass
+    with pytest.raises(ValueError, match="target must be one of"):
+        int8fx.export_onnx(qm, calib[0], str(tmp_path / "x.onnx"), form="deploy", target="tensorrt-fp16")
+    with pytest.raises(ValueError, match="the faithful form has no target"):
+        int8fx.export_onnx(qm, calib[0], str(tmp_path / "x.onnx"), target="onnxruntime")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 class _Concat(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import OnnxExportError
-from .metadata import FORMS, METADATA_KEY, SCHEMA, SCHEMA_VERSION
+from .metadata import FORMS, METADATA_KEY, SCHEMA, SCHEMA_VERSION, TARGETS
 from .torch_export import DEFAULT_OPSET, EXPORTERS, MIN_OPSET
 
 
@@ -33,6 +33,10 @@ def add_arguments(parser) -> None:
                              "INT8 kernel reads or writes, so onnxruntime/TensorRT run the convolutions in INT8 "
                              "(needs onnxruntime); 'faithful': QDQ around each INT8 site only, equal to the "
                              "eval-mode model")
+    parser.add_argument("--target", choices=TARGETS, default="portable",
+                        help="deploy form: 'portable' (default: every zero point 0, TensorRT's rule; onnxruntime "
+                             "runs it too) or 'onnxruntime' (ReLUs folded into zero points of -128, which "
+                             "onnxruntime fuses into its INT8 convs: faster there; TensorRT refuses it)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="torch's exporter: 'auto' (the torch.export-based one where torch defaults to it, "
                              "else TorchScript), 'dynamo' or 'torchscript'")
@@ -61,6 +65,8 @@ def run(args) -> int:
         check_writable(args.output)
         if not MIN_OPSET <= args.opset:
             raise BadInput(f"--opset {args.opset}: needs >= {MIN_OPSET} (per-axis DequantizeLinear)")
+        if args.target != "portable" and args.form != "deploy":
+            raise BadInput(f"--target {args.target}: tunes the deploy form, not --form {args.form}")
         batches = _calibration_batches(args.calibration_data)
         qm, example, label = load_converted(args)
         if batches:
@@ -68,9 +74,9 @@ def run(args) -> int:
         if example is None:
             raise BadInput("export needs an example input: pass --input-shape N,C,... or --calibration-data")
         _preflight(qm, example)
-        meta = export_onnx(qm, example, args.output, form=args.form, exporter=args.exporter, opset=args.opset,
-                           calibration=args.calibration, calibration_data=batches[1:] if batches else None,
-                           dynamic_batch=not args.static_batch)
+        meta = export_onnx(qm, example, args.output, form=args.form, target=args.target, exporter=args.exporter,
+                           opset=args.opset, calibration=args.calibration,
+                           calibration_data=batches[1:] if batches else None, dynamic_batch=not args.static_batch)
     except (BadInput, ModelSpecError, ValueError) as e:
         print(f"int8fx export: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -77,6 +77,11 @@ def read_roundings(path_or_model) -> Roundings:
     meta = read_onnx_metadata(model)
     if meta.get("form") != "deploy":
         raise ValueError(f"deploy_numerics() needs a file exported with form='deploy', this one is {meta.get('form')!r}")
+    target = (meta.get("deploy") or {}).get("target", "portable")
+    if target != "portable":
+        raise ValueError(f"this deploy file was exported with target={target!r}: its ReLU outputs saturate at twice "
+                         "their site's clip, which int8fx's own site quantizers cannot follow; deploy_numerics "
+                         "emulates target='portable' files")
     view = GraphView(model)
     outputs, biases, unfolded = {}, {}, set()
     for site, entry in meta["layers"].items():

@@ -28,7 +28,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
                 exporter: str = "auto", opset: int = DEFAULT_OPSET, calibration: str = "eval",
                 calibration_data: Iterable | None = None, dynamic_batch: bool = True,
                 input_names: list[str] | None = None, output_names: list[str] | None = None,
-                lr_scaler=None) -> dict:
+                lr_scaler=None, target: str = "portable") -> dict:
     """Export `qmodel` (from `int8fx.convert`) to ONNX at `path`; returns the metadata dict it stored.
 
     form: "faithful" (default: QDQ around each INT8 site, everything else float; computes what
@@ -45,6 +45,10 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         tensors int8fx has no clip for (conv outputs feeding residual adds, ...) on these batches.
     calibration_data: more batches (tensors or tuples) for calibration.
     dynamic_batch: make dimension 0 of every input and output symbolic.
+    target (deploy form): "portable" (default: symmetric int8, every zero point 0, as TensorRT requires;
+        onnxruntime runs it too) or "onnxruntime" (each ReLU folded into the quantizer before it as zero
+        point -128, which onnxruntime fuses into its INT8 convs: faster there, TensorRT refuses it, and
+        a ReLU output above its site's clip saturates at twice the clip instead of at it).
     lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
     Raises `OnnxExportError` (naming the node or site) when part of the model has no ONNX form or the
     graph lacks a site's Q/DQ pattern; ValueError for bad arguments. Nothing is written then.
@@ -54,6 +58,10 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         raise ValueError("export_onnx() needs a model returned by int8fx.convert()")
     if form not in metadata.FORMS:
         raise ValueError(f"form must be one of {metadata.FORMS}, got {form!r}")
+    if target not in metadata.TARGETS:
+        raise ValueError(f"target must be one of {metadata.TARGETS}, got {target!r}")
+    if target != "portable" and form != "deploy":
+        raise ValueError(f"target={target!r} tunes the deploy form; the {form} form has no target")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
@@ -87,7 +95,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         from . import deploy
 
         model, used, calls, extra = deploy.build(qmodel, statics, dynamic, cpu_args,
-                                                 [to_device(b, "cpu") for b in batches], **build_args)
+                                                 [to_device(b, "cpu") for b in batches], target=target, **build_args)
     root_cfg = record.config
     layers = {}
     for s in sites:

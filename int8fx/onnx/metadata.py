@@ -22,6 +22,9 @@ SCHEMA = "int8fx.onnx.quantization"
 SCHEMA_VERSION = 2
 METADATA_KEY = "int8fx.quantization"
 FORMS = ("faithful", "deploy")
+# what the deploy form is tuned for: "portable" keeps every zero point 0 (TensorRT's rule, onnxruntime runs it
+# too); "onnxruntime" folds ReLUs into zero points of -128, which onnxruntime fuses (int8_ops.relus_into_quantizers)
+TARGETS = ("portable", "onnxruntime")
 
 
 class OnnxMetadataError(ValueError):
