@@ -2,7 +2,7 @@
 
 For each model: INT8-train it (int8fx, a few hundred steps on Fashion-MNIST resized to --size px), then
   * export the deploy form (`int8fx.export_onnx(..., form="deploy")`, calibrated on 256 training images),
-    the FP32 ONNX of the same trained weights (`int8fx.to_float`, torch.export-based exporter), and
+    the same with `target="onnxruntime"` (ReLUs folded into zero points), the FP32 ONNX of the same trained weights (`int8fx.to_float`, torch.export-based exporter), and
     onnxruntime's own static quantization of that FP32 file (`quant_pre_process` + `quantize_static`, QDQ,
     uint8 activations, int8 per-channel weights: onnxruntime's recommended CPU setting), calibrated on the
     same images;
@@ -10,7 +10,7 @@ For each model: INT8-train it (int8fx, a few hundred steps on Fashion-MNIST resi
     QLinearConv / ConvInteger;
   * top-1 of each file on the 10,000 test images, and agreement of the deploy file's predictions with
     `qmodel.eval()` (int8fx's own eval-mode forward);
-  * latency at batch 1 and 16, 1 and 2 intra-op threads: all three sessions timed in interleaved rounds
+  * latency at batch 1 and 16, 1 and 2 intra-op threads: all four sessions timed in interleaved rounds
     (the median of per-round means), reported as ratios to FP32 measured in the same rounds.
 
 Trained models and their eval-mode predictions are cached in --out, so a rerun only re-exports and re-times.
@@ -188,16 +188,22 @@ def run_model(name: str, args, log) -> dict:
         log(f"{name}: trained in {train_s:.0f} s; qmodel.eval() on 10,000 test images in {time.time() - t:.0f} s")
         torch.save({"model": qm, "eval_predictions": ref, "train_seconds": train_s}, ckpt)
     calib = calibration_batches(args.calibration_images, args.size)
-    paths = {k: os.path.join(args.out, f"{tag}.{k}.onnx") for k in ("fp32", "deploy", "ort_static")}
+    paths = {k: os.path.join(args.out, f"{tag}.{k}.onnx") for k in ("fp32", "deploy", "deploy_onnxruntime", "ort_static")}
     t = time.time()
     meta = int8fx.export_onnx(qm, calib[0], paths["deploy"], form="deploy", calibration_data=calib[1:])
     log(f"{name}: deploy export in {time.time() - t:.0f} s")
+    meta_ort = int8fx.export_onnx(qm, calib[0], paths["deploy_onnxruntime"], form="deploy", target="onnxruntime",
+                                  calibration_data=calib[1:])
     export_fp32(qm, calib[0][:1], paths["fp32"])
     ort_quantize_static(paths["fp32"], paths["ort_static"], calib)
     conv_sites = [s.name for s in sites_of(qm) if s.converted and s.op.startswith("conv")]
     ran = int8_sites(meta, runtime_ops(paths["deploy"]))
     in_int8 = sum(all(op in INT8_KERNELS for op in ran.get(s) or ["missing"]) for s in conv_sites)
+    ran_ort = int8_sites(meta_ort, runtime_ops(paths["deploy_onnxruntime"]))
     row = {"model": name, "conv_sites": len(conv_sites), "deploy_int8_conv_sites": in_int8,
+           "deploy_onnxruntime_int8_conv_sites": sum(all(op in INT8_KERNELS for op in ran_ort.get(s) or ["missing"])
+                                                     for s in conv_sites),
+           "relus_folded": meta_ort["deploy"]["relus_folded_into_quantizers"],
            "deploy_conv_ops": {s: ran.get(s) for s in conv_sites},
            "ort_static_qlinearconv": conv_kernels(paths["ort_static"]),
            "fp32_file_mb": os.path.getsize(paths["fp32"]) / 2**20,
@@ -214,29 +220,35 @@ def run_model(name: str, args, log) -> dict:
             lat = latency(paths, args.size, threads, batch, args.rounds)
             row["latency"].append({"threads": threads, "batch": batch, "seconds": lat})
             log(f"{name}: {threads} thread(s), batch {batch}: FP32 {lat['fp32'] * 1e3:.2f} ms, deploy "
-                f"{lat['deploy'] / lat['fp32']:.2f}x, onnxruntime static {lat['ort_static'] / lat['fp32']:.2f}x")
+                f"{lat['deploy'] / lat['fp32']:.2f}x, deploy target onnxruntime "
+                f"{lat['deploy_onnxruntime'] / lat['fp32']:.2f}x, onnxruntime static {lat['ort_static'] / lat['fp32']:.2f}x")
     return row
 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| model | deploy: conv sites in QLinearConv/ConvInteger | quantize_static: QLinearConv "
-             "| top-1 qmodel.eval() | top-1 deploy (diff) | agreement with qmodel.eval(): deploy "
-             "| FP32 ONNX | quantize_static |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | deploy: conv sites in QLinearConv/ConvInteger (target onnxruntime) "
+             "| quantize_static: QLinearConv | top-1 qmodel.eval() | top-1 deploy (diff) "
+             "| top-1 deploy, target onnxruntime (diff) | agreement with qmodel.eval(): deploy "
+             "| deploy, target onnxruntime | FP32 ONNX | quantize_static |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t, a = r["top1"], r["agreement"]
-        lines.append(f"| {r['model']} | {r['deploy_int8_conv_sites']} / {r['conv_sites']} "
-                     f"| {r['ort_static_qlinearconv']} / {r['conv_sites']} | {t['qmodel.eval()']:.2f} "
-                     f"| {t['deploy']:.2f} ({t['deploy'] - t['qmodel.eval()']:+.2f}) | {a['deploy']:.2f}% "
-                     f"| {a['fp32']:.2f}% | {a['ort_static']:.2f}% |")
-    lines += ["", "| model | threads | batch | FP32 ms | deploy / FP32 | quantize_static / FP32 |",
-              "|---|---:|---:|---:|---:|---:|"]
+        lines.append(f"| {r['model']} | {r['deploy_int8_conv_sites']} ({r['deploy_onnxruntime_int8_conv_sites']}) "
+                     f"/ {r['conv_sites']} | {r['ort_static_qlinearconv']} / {r['conv_sites']} "
+                     f"| {t['qmodel.eval()']:.2f} | {t['deploy']:.2f} ({t['deploy'] - t['qmodel.eval()']:+.2f}) "
+                     f"| {t['deploy_onnxruntime']:.2f} ({t['deploy_onnxruntime'] - t['qmodel.eval()']:+.2f}) "
+                     f"| {a['deploy']:.2f}% | {a['deploy_onnxruntime']:.2f}% | {a['fp32']:.2f}% "
+                     f"| {a['ort_static']:.2f}% |")
+    lines += ["", "| model | threads | batch | FP32 ms | deploy / FP32 | deploy, target onnxruntime / FP32 "
+              "| quantize_static / FP32 |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for m in r["latency"]:
             s = m["seconds"]
             lines.append(f"| {r['model']} | {m['threads']} | {m['batch']} | {s['fp32'] * 1e3:.2f} "
-                         f"| {s['deploy'] / s['fp32']:.2f}x | {s['ort_static'] / s['fp32']:.2f}x |")
+                         f"| {s['deploy'] / s['fp32']:.2f}x | {s['deploy_onnxruntime'] / s['fp32']:.2f}x "
+                         f"| {s['ort_static'] / s['fp32']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -842,13 +842,14 @@ def test_every_conv_site_of_a_zoo_model_runs_in_int8(name):
         make = lambda: getattr(torchvision.models, model_name)(num_classes=10)  # noqa: E731
     qm = _briefly_trained(make, (4, 3, 64, 64), steps=2, momentum=0.0)
     calib = [torch.randn(4, 3, 64, 64) for _ in range(3)]
-    with tempfile.TemporaryDirectory() as d:
-        path = f"{d}/m.onnx"
-        meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", calibration_data=calib[1:])
-        ran = int8_sites(meta, runtime_ops(path))
     sites = [s.name for s in sites_of(qm) if s.converted]
-    assert sorted(ran) == sorted(sites)
-    assert {s: ops for s, ops in ran.items() if not ops or not all(op in INT8_KERNELS for op in ops)} == {}
+    for target in ("portable", "onnxruntime"):
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/m.onnx"
+            meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", target=target, calibration_data=calib[1:])
+            ran = int8_sites(meta, runtime_ops(path))
+        assert sorted(ran) == sorted(sites), target
+        assert {s: ops for s, ops in ran.items() if not ops or not all(op in INT8_KERNELS for op in ops)} == {}, target
 
 
 @pytest.mark.parametrize("form", ["faithful", "deploy"])
