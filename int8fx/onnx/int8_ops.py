@@ -124,7 +124,7 @@ def relus_into_quantizers(model) -> int:
     quarter of mobilenet_v2's time at batch 1). Not exact: int8fx (and the symmetric file) saturates the
     next site's input at 127 s, this file at 255 s, so a value above the site's clip passes up to twice
     it; on mobilenet_v2 (Fashion-MNIST) top-1 agreement with `qmodel.eval()` went from 99.47% to 99.39%
-    and onnxruntime's time at batch 1 from 1.07x FP32 to 0.65x (RESULTS.md, session 19). Where the second
+    and onnxruntime's time at batch 1 from 1.06x FP32 to 0.64x (RESULTS.md, session 19). Where the second
     quantizer feeds a fan-out's Clip (`quantized.fan_out`), the Clip still saturates at 127 s. TensorRT
     takes zero points of 0 only: the default file keeps them. Returns how many ReLUs were folded."""
     import numpy as np
