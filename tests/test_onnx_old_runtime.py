@@ -1,5 +1,5 @@
-"""Both ONNX forms load and run in an older onnxruntime (1.17, the last release that refuses IR version 10),
-installed from PyPI into a side directory and run in a subprocess, so the suite's own onnxruntime is
+"""Both ONNX forms (and the deploy form with target="onnxruntime") load and run in an older onnxruntime
+(1.17, the last release that refuses IR version 10), installed from PyPI into a side directory and run in a subprocess, so the suite's own onnxruntime is
 untouched. Slow: it downloads two wheels (onnxruntime 1.17 is built against NumPy 1.x, hence numpy<2).
 """
 from __future__ import annotations
@@ -28,11 +28,13 @@ def test_onnxruntime_1_17_loads_and_runs_both_forms(tmp_path):
     torch.manual_seed(1)
     calib = [torch.randn(8, 3, 32, 32) for _ in range(3)]
     x = calib[0].numpy()
-    for form in ("faithful", "deploy"):
-        int8fx.export_onnx(qm, calib[0], tmp_path / f"{form}.onnx", form=form, calibration_data=calib[1:])
-        out = ort.InferenceSession(str(tmp_path / f"{form}.onnx"), providers=["CPUExecutionProvider"]).run(
+    files = {"faithful": {"form": "faithful"}, "deploy": {"form": "deploy"},
+             "deploy_onnxruntime": {"form": "deploy", "target": "onnxruntime"}}
+    for name, kwargs in files.items():
+        int8fx.export_onnx(qm, calib[0], tmp_path / f"{name}.onnx", calibration_data=calib[1:], **kwargs)
+        out = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(
             None, {"input": x})[0]
-        np.save(tmp_path / f"{form}.npy", out)
+        np.save(tmp_path / f"{name}.npy", out)
     np.save(tmp_path / "x.npy", x)
 
     side = tmp_path / "ort117"
@@ -48,7 +50,7 @@ def test_onnxruntime_1_17_loads_and_runs_both_forms(tmp_path):
         d = {str(tmp_path)!r}
         x = np.load(os.path.join(d, "x.npy"))
         result = {{"version": ort.__version__}}
-        for form in ("faithful", "deploy"):
+        for form in {list(files)!r}:
             so = ort.SessionOptions()
             so.optimized_model_filepath = os.path.join(d, form + ".opt.onnx")
             sess = ort.InferenceSession(os.path.join(d, form + ".onnx"), so, providers=["CPUExecutionProvider"])
@@ -65,10 +67,11 @@ def test_onnxruntime_1_17_loads_and_runs_both_forms(tmp_path):
     # same graph, another release's kernels: the faithful file agrees to float rounding; the deploy file's
     # integer kernels agree up to a rare rounding-tie flip of one INT8 step
     assert result["faithful"] < 1e-5, result
-    assert result["deploy"] < 0.02, result
+    assert result["deploy"] < 0.02 and result["deploy_onnxruntime"] < 0.02, result
 
     import onnx
 
-    ops = [n.op_type for n in onnx.load(tmp_path / "deploy.opt.onnx").graph.node]
     n_sites = sum(1 for _ in int8fx.passes.sites_of(qm))
-    assert ops.count("QLinearConv") + ops.count("QGemm") + ops.count("QLinearMatMul") == n_sites, ops
+    for name in ("deploy", "deploy_onnxruntime"):
+        ops = [n.op_type for n in onnx.load(tmp_path / f"{name}.opt.onnx").graph.node]
+        assert ops.count("QLinearConv") + ops.count("QGemm") + ops.count("QLinearMatMul") == n_sites, (name, ops)
