@@ -1,6 +1,7 @@
 """Both ONNX forms (and the deploy form with target="onnxruntime") load and run in an older onnxruntime
 (1.17, the last release that refuses IR version 10), installed from PyPI into a side directory and run in a
-subprocess, so the suite's own onnxruntime is untouched. Slow: it downloads two wheels (onnxruntime 1.17 is built against NumPy 1.x, hence numpy<2).
+subprocess, so the suite's own onnxruntime is untouched. Slow: it downloads two wheels (onnxruntime 1.17 is
+built against NumPy 1.x, hence numpy<2).
 """
 from __future__ import annotations
 
