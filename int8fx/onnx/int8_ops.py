@@ -160,7 +160,9 @@ def _same_grid(view: GraphView, a, b) -> bool:
     """Two Q/DQ nodes of one scale, both with zero point 0 (int8)."""
     scales = [view.const(n.input[1]) for n in (a, b)]
     zps = [view.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None for n in (a, b)]
-    return (all(s is not None and s.size == 1 for s in scales) and float(scales[0].reshape(())) == float(scales[1].reshape(()))
+    if not all(s is not None and s.size == 1 for s in scales):
+        return False
+    return (float(scales[0].reshape(())) == float(scales[1].reshape(()))
             and all(z is not None and z.dtype.name == "int8" and not z.any() for z in zps))
 
 
