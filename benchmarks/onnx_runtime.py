@@ -8,7 +8,7 @@ For each model: INT8-train it (int8fx, a few hundred steps on Fashion-MNIST resi
     same images;
   * count, in onnxruntime's optimized graph (ORT_ENABLE_ALL, CPU), the conv sites whose node runs as
     QLinearConv / ConvInteger;
-  * top-1 of each file on the 10,000 test images, and agreement of the deploy file's predictions with
+  * top-1 of each file on the 10,000 test images (--images), and agreement of the deploy file's predictions with
     `qmodel.eval()` (int8fx's own eval-mode forward);
   * latency at batch 1 and 16, 1 and 2 intra-op threads: all four sessions timed in interleaved rounds
     (the median of per-round means), reported as ratios to FP32 measured in the same rounds.
@@ -175,9 +175,12 @@ def run_model(name: str, args, log) -> dict:
     tag = name.replace(":", "_")
     ckpt = os.path.join(args.out, f"{tag}.pt")
     x_test, y_test = load_fashion_mnist("test")
+    x_test, y_test = x_test[:args.images], y_test[:args.images]
     if os.path.exists(ckpt):
         saved = torch.load(ckpt, weights_only=False)
-        qm, ref = saved["model"], saved["eval_predictions"]
+        qm, ref = saved["model"], saved["eval_predictions"][:args.images]
+        if len(ref) < len(x_test):  # (cached by a run on fewer test images)
+            ref = predict_torch(qm, x_test, args.size)
         log(f"{name}: trained model and its eval-mode predictions from {ckpt}")
     else:
         t = time.time()
@@ -185,7 +188,7 @@ def run_model(name: str, args, log) -> dict:
         train_s = time.time() - t
         t = time.time()
         ref = predict_torch(qm, x_test, args.size)
-        log(f"{name}: trained in {train_s:.0f} s; qmodel.eval() on 10,000 test images in {time.time() - t:.0f} s")
+        log(f"{name}: trained in {train_s:.0f} s; qmodel.eval() on {len(x_test)} test images in {time.time() - t:.0f} s")
         torch.save({"model": qm, "eval_predictions": ref, "train_seconds": train_s}, ckpt)
     calib = calibration_batches(args.calibration_images, args.size)
     paths = {k: os.path.join(args.out, f"{tag}.{k}.onnx") for k in ("fp32", "deploy", "deploy_onnxruntime", "ort_static")}
@@ -261,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64, help="input resolution (Fashion-MNIST resized)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-images", type=int, default=256)
+    p.add_argument("--images", type=int, default=10000, help="test images for top-1 and agreement (first N)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per row")
