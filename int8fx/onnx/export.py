@@ -51,7 +51,8 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         a ReLU output above its site's clip saturates at twice the clip instead of at it).
     lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
     Raises `OnnxExportError` (naming the node or site) when part of the model has no ONNX form or the
-    graph lacks a site's Q/DQ pattern; ValueError for bad arguments. Nothing is written then.
+    graph lacks a site's Q/DQ pattern; ValueError for bad arguments and for a model holding NaN/inf weights or
+    statistics (a diverged training). Nothing is written then.
     """
     record = conversion_of(qmodel)
     if record is None:
@@ -73,6 +74,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     check_writable(path)
     import onnx
 
+    _check_finite(qmodel)
     sites = sites_of(qmodel)
     _check_transposed_sites(sites, form)
     args = as_args(example_inputs)
@@ -148,6 +150,18 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _check_finite(qmodel: nn.Module) -> None:
+    """A model whose training diverged holds NaN/inf weights or statistics: no scale quantizes them, and the
+    export would fail deep inside (a NaN weight never equals itself, so its site looked input-dependent)."""
+    bad = [name for name, t in qmodel.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    # (a buffer may hold -inf on purpose, an attention mask; NaN never)
+    bad += [name for name, t in qmodel.named_buffers() if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"the model holds NaN or infinite values in {len(bad)} parameter(s)/buffer(s) ({shown}): its "
+                         "training diverged, and there is nothing to quantize; lower the learning rate and retrain")
 
 
 def _check_transposed_sites(sites, form: str) -> None:
