@@ -59,7 +59,8 @@ def test_help_explains_every_option_and_the_model_forms(command, capsys):
     for words in ("torchvision:NAME", "module:function", "checkpoint", "--input-shape", "--exclude", "--grad-quant"):
         assert words in out
     if command == "export":
-        for words in ("-o OUT.onnx", "--form {faithful,deploy}", "--exporter {auto,dynamo,torchscript}", "--opset",
+        for words in ("-o OUT.onnx", "--form {faithful,deploy}", "--target {portable,onnxruntime}",
+                      "--exporter {auto,dynamo,torchscript}", "--opset",
                       "--calibration {eval,inputs,ema}", "--calibration-data", "--static-batch"):
             assert words in out
     else:
