@@ -2,14 +2,15 @@
 
 For each model: INT8-train it (int8fx, a few hundred steps on Fashion-MNIST resized to --size px), then
   * export the deploy form (`int8fx.export_onnx(..., form="deploy")`, calibrated on 256 training images),
-    the same with `target="onnxruntime"` (ReLUs folded into zero points), the FP32 ONNX of the same trained weights (`int8fx.to_float`, torch.export-based exporter), and
+    the same with `target="onnxruntime"` (ReLUs folded into zero points), the FP32 ONNX of the same
+    trained weights (`int8fx.to_float`, torch.export-based exporter), and
     onnxruntime's own static quantization of that FP32 file (`quant_pre_process` + `quantize_static`, QDQ,
     uint8 activations, int8 per-channel weights: onnxruntime's recommended CPU setting), calibrated on the
     same images;
   * count, in onnxruntime's optimized graph (ORT_ENABLE_ALL, CPU), the conv sites whose node runs as
     QLinearConv / ConvInteger;
-  * top-1 of each file on the 10,000 test images (--images), and agreement of the deploy file's predictions with
-    `qmodel.eval()` (int8fx's own eval-mode forward);
+  * top-1 of each file on the 10,000 test images (--images), and agreement of the deploy files'
+    predictions with `qmodel.eval()` (int8fx's own eval-mode forward);
   * latency at batch 1 and 16, 1 and 2 intra-op threads: all four sessions timed in interleaved rounds
     (the median of per-round means), reported as ratios to FP32 measured in the same rounds.
 
@@ -188,30 +189,32 @@ def run_model(name: str, args, log) -> dict:
         train_s = time.time() - t
         t = time.time()
         ref = predict_torch(qm, x_test, args.size)
-        log(f"{name}: trained in {train_s:.0f} s; qmodel.eval() on {len(x_test)} test images in {time.time() - t:.0f} s")
+        log(f"{name}: trained in {train_s:.0f} s; qmodel.eval() on {len(x_test)} test images in "
+            f"{time.time() - t:.0f} s")
         torch.save({"model": qm, "eval_predictions": ref, "train_seconds": train_s}, ckpt)
     calib = calibration_batches(args.calibration_images, args.size)
-    paths = {k: os.path.join(args.out, f"{tag}.{k}.onnx") for k in ("fp32", "deploy", "deploy_onnxruntime", "ort_static")}
+    paths = {k: os.path.join(args.out, f"{tag}.{k}.onnx")
+             for k in ("fp32", "deploy", "deploy_onnxruntime", "ort_static")}
     t = time.time()
-    meta = int8fx.export_onnx(qm, calib[0], paths["deploy"], form="deploy", calibration_data=calib[1:])
-    log(f"{name}: deploy export in {time.time() - t:.0f} s")
-    meta_ort = int8fx.export_onnx(qm, calib[0], paths["deploy_onnxruntime"], form="deploy", target="onnxruntime",
-                                  calibration_data=calib[1:])
+    metas, ran = {}, {}
+    for key, target in (("deploy", "portable"), ("deploy_onnxruntime", "onnxruntime")):
+        metas[key] = int8fx.export_onnx(qm, calib[0], paths[key], form="deploy", target=target,
+                                        calibration_data=calib[1:])
+        ran[key] = int8_sites(metas[key], runtime_ops(paths[key]))
+    log(f"{name}: deploy exports (both targets) in {time.time() - t:.0f} s")
     export_fp32(qm, calib[0][:1], paths["fp32"])
     ort_quantize_static(paths["fp32"], paths["ort_static"], calib)
     conv_sites = [s.name for s in sites_of(qm) if s.converted and s.op.startswith("conv")]
-    ran = int8_sites(meta, runtime_ops(paths["deploy"]))
-    in_int8 = sum(all(op in INT8_KERNELS for op in ran.get(s) or ["missing"]) for s in conv_sites)
-    ran_ort = int8_sites(meta_ort, runtime_ops(paths["deploy_onnxruntime"]))
-    row = {"model": name, "conv_sites": len(conv_sites), "deploy_int8_conv_sites": in_int8,
-           "deploy_onnxruntime_int8_conv_sites": sum(all(op in INT8_KERNELS for op in ran_ort.get(s) or ["missing"])
-                                                     for s in conv_sites),
-           "relus_folded": meta_ort["deploy"]["relus_folded_into_quantizers"],
-           "deploy_conv_ops": {s: ran.get(s) for s in conv_sites},
+    in_int8 = {key: sum(all(op in INT8_KERNELS for op in ops.get(s) or ["missing"]) for s in conv_sites)
+               for key, ops in ran.items()}
+    row = {"model": name, "conv_sites": len(conv_sites), "deploy_int8_conv_sites": in_int8["deploy"],
+           "deploy_onnxruntime_int8_conv_sites": in_int8["deploy_onnxruntime"],
+           "relus_folded": metas["deploy_onnxruntime"]["deploy"]["relus_folded_into_quantizers"],
+           "deploy_conv_ops": {s: ran["deploy"].get(s) for s in conv_sites},
            "ort_static_qlinearconv": conv_kernels(paths["ort_static"]),
            "fp32_file_mb": os.path.getsize(paths["fp32"]) / 2**20,
            "deploy_file_mb": os.path.getsize(paths["deploy"]) / 2**20,
-           "deploy_requantized_fan_outs": meta["deploy"]["requantized_fan_outs"]}
+           "deploy_requantized_fan_outs": metas["deploy"]["deploy"]["requantized_fan_outs"]}
     preds = {k: predict_onnx(session(p, 2), x_test, args.size) for k, p in paths.items()}
     y = y_test.numpy()
     row["top1"] = {"qmodel.eval()": float((ref == y).mean() * 100), **{k: float((v == y).mean() * 100)
@@ -224,7 +227,8 @@ def run_model(name: str, args, log) -> dict:
             row["latency"].append({"threads": threads, "batch": batch, "seconds": lat})
             log(f"{name}: {threads} thread(s), batch {batch}: FP32 {lat['fp32'] * 1e3:.2f} ms, deploy "
                 f"{lat['deploy'] / lat['fp32']:.2f}x, deploy target onnxruntime "
-                f"{lat['deploy_onnxruntime'] / lat['fp32']:.2f}x, onnxruntime static {lat['ort_static'] / lat['fp32']:.2f}x")
+                f"{lat['deploy_onnxruntime'] / lat['fp32']:.2f}x, onnxruntime static "
+                f"{lat['ort_static'] / lat['fp32']:.2f}x")
     return row
 
 
