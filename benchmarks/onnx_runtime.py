@@ -214,7 +214,7 @@ def run_model(name: str, args, log) -> dict:
            "ort_static_qlinearconv": conv_kernels(paths["ort_static"]),
            "fp32_file_mb": os.path.getsize(paths["fp32"]) / 2**20,
            "deploy_file_mb": os.path.getsize(paths["deploy"]) / 2**20,
-           "deploy_requantized_fan_outs": metas["deploy"]["deploy"]["requantized_fan_outs"]}
+           "deploy_fan_outs": metas["deploy"]["deploy"]["fan_outs"]}
     preds = {k: predict_onnx(session(p, 2), x_test, args.size) for k, p in paths.items()}
     y = y_test.numpy()
     row["top1"] = {"qmodel.eval()": float((ref == y).mean() * 100), **{k: float((v == y).mean() * 100)

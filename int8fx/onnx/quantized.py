@@ -23,7 +23,8 @@ _FUSED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "Av
           "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where"}
 
 
-def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()) -> int:
+def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset(), *,
+            shared: bool = False) -> tuple[int, int]:
     """Make every activation QuantizeLinear feed one DequantizeLinear, and every activation
     DequantizeLinear one consumer: onnxruntime duplicates a DequantizeLinear per consumer, and converts a
     QuantizeLinear to its u8 kernels only when a single DequantizeLinear follows it; an INT8 op must also
@@ -39,29 +40,56 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
     A Shape node counts as a reader though it reads no values (a TorchScript graph flattens by a Shape and
     a Reshape): moved to the DequantizeLinear, it still gets a duplicate of it from onnxruntime, and the
     op before stopped running as QLinearConv (tried on a segmentation head's classifier).
-    Returns how many fan-outs."""
+
+    `shared` (the onnxruntime target, whose activations are uint8: `activations_as_uint8`): the INT8 ops
+    among the readers read Q0's codes themselves, through DQ0, where each takes its input's scale from its
+    DequantizeLinear (Add, Concat, pooling; a conv at s0 exactly, as its int32 bias is at s0 x s_w), so
+        out -> Q0 -> DQ0 -> {conv, Add}        (onnxruntime gives each reader a DequantizeLinear of its own)
+    rounds once where the portable form rounds twice, and leaves no pass of its own: in the portable form
+    the Clip, the DequantizeLinear before it and a QuantizeLinear per reader run as separate passes, 1.5 of
+    ghostnet_100's 4.7 ms (its GhostModules concatenate a conv's output with the cheap conv reading it).
+    Int8 codes shared so stay int8 in onnxruntime and take every op around them out of their INT8 kernels
+    (ghostnet_100: 23 of 95 convs left in QLinearConv), hence uint8 only. Readers that need another scale
+    (a second conv site, a float op) read the Clip as before.
+    Returns (how many fan-outs, how many readers share Q0's codes)."""
     _float_readers_beside_int8_readers(model, float_nodes)
     view = GraphView(model)
     after: dict[int, list] = {}  # new nodes to place right after a node (topological order)
-    for tensor, users in list(view.consumers.items()):
-        producer = view.producer.get(tensor)
-        if producer is None or len(users) < 2:
-            continue
+    dropped: set[int] = set()
+    fanning = [(view.producer[t], t, users) for t, users in view.consumers.items()
+               if t in view.producer and len(users) > 1]
+    for producer, tensor, users in fanning:
         qs = [u for u in users if u.op_type == "QuantizeLinear"]
         if qs and _is_int8_op(view, producer):
             scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
             at_site = [sc for q, sc in zip(qs, scales) if site_behind(view, q, site_of)]
             s0 = at_site[0] if at_site else max(scales)
             zp = view.const(qs[0].input[2]).reshape(())
-            after[id(producer)] = _requantize_and_clip(model, tensor, s0, zp, users)
-        elif producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits:
+            sharing = [q for q in qs if _int8_ops_read(view, q, s0, zp, float_nodes)] if shared else []
+            after[id(producer)] = _requantize_and_clip(model, view, tensor, s0, zp, users, sharing)
+            dropped |= {id(n) for q in sharing for n in [q] + view.consumers[q.output[0]]}
+    for producer, tensor, users in fanning:  # (after the above: a DequantizeLinear it dropped has no readers)
+        if producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits and id(producer) not in dropped:
             s0, zp = view.const(producer.input[1]).reshape(()), view.const(producer.input[2]).reshape(())
-            after[id(producer)] = _requantize_and_clip(model, tensor, s0, zp, users, requantize=False)
+            after[id(producer)] = _requantize_and_clip(model, view, tensor, s0, zp, users, requantize=False)
     if after:
-        nodes = [m for n in model.graph.node for m in [n] + after.get(id(n), [])]
+        nodes = [m for n in model.graph.node if id(n) not in dropped for m in [n] + after.get(id(n), [])]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-    return len(after)
+    return len(after), len(dropped) // 2
+
+
+def _int8_ops_read(view: GraphView, q, s0, zp, float_nodes: frozenset) -> bool:
+    """Whether only INT8 ops read this QuantizeLinear (through one DequantizeLinear) and can read codes at
+    scale s0 instead: any fusable op but a compute op (its int32 bias is at its input's scale), which only
+    where that scale is s0."""
+    dqs = view.consumers[q.output[0]]
+    if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or view.const(q.input[2]).reshape(()) != zp:
+        return False
+    same_scale = np.float32(view.const(dqs[0].input[1]).reshape(())) == s0
+    readers = view.consumers[dqs[0].output[0]]
+    return bool(readers) and all(r.op_type in _FUSED and r.name not in float_nodes
+                                 and (r.op_type not in COMPUTE_OPS or same_scale) for r in readers)
 
 
 def _float_readers_beside_int8_readers(model, float_nodes: frozenset) -> None:
@@ -194,14 +222,15 @@ def _is_int8_op(view: GraphView, node) -> bool:
     return node.op_type in _FUSED and all(view.made_by(i, "DequantizeLinear") is not None for i in acts)
 
 
-def _requantize_and_clip(model, tensor: str, s0, zp, users, requantize: bool = True) -> list:
-    """[Q0, DQ0,] Clip nodes on `tensor`, rewiring `users` to the Clip's output."""
+def _requantize_and_clip(model, view: GraphView, tensor: str, s0, zp, users, sharing=(),
+                         requantize: bool = True) -> list:
+    """[Q0, DQ0,] Clip nodes on `tensor`: the readers of the QuantizeLinears in `sharing` read DQ0 (those
+    QuantizeLinears and their DequantizeLinears are for the caller to drop), the other `users` the Clip
+    (none if there are none)."""
     from onnx import helper, numpy_helper
 
     base = f"{tensor}_fanout"
     s0 = np.float32(s0)
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
-                                    numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
     nodes, source = [], tensor
     if requantize:
         model.graph.initializer.extend([numpy_helper.from_array(np.array(s0, np.float32), f"{base}_scale"),
@@ -211,13 +240,22 @@ def _requantize_and_clip(model, tensor: str, s0, zp, users, requantize: bool = T
                  helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
                                   [f"{base}_dequantized"], name=f"{base}_dequantize")]
         source = f"{base}_dequantized"
-    nodes.append(helper.make_node("Clip", [source, f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
-                                  name=f"{base}_clip"))
-    for u in users:
-        for i, name in enumerate(u.input):
-            if name == tensor:
-                u.input[i] = f"{base}_clipped"
+    for q in sharing:
+        dq = view.consumers[q.output[0]][0]
+        _rewire(view.consumers[dq.output[0]], dq.output[0], source)
+    rest = [u for u in users if all(u is not q for q in sharing)]
+    if rest:
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
+                                        numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
+        nodes.append(helper.make_node("Clip", [source, f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
+                                      name=f"{base}_clip"))
+        _rewire(rest, tensor, f"{base}_clipped")
     return nodes
+
+
+def _rewire(readers, old: str, new: str) -> None:
+    for r in readers:
+        r.input[:] = [new if name == old else name for name in r.input]
 
 
 def pair_per_site_reader(model, site_of: dict[str, str]) -> int:
@@ -251,9 +289,10 @@ def pair_per_site_reader(model, site_of: dict[str, str]) -> int:
     return added
 
 
-def dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite]) -> int:
+def dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite], distinct: bool = True) -> int:
     """One scale and zero-point initializer per activation QuantizeLinear, the site's exact scale on each
-    site input, and distinct scales among the QuantizeLinears of one tensor (module docstring, step 3).
+    site input, and (`distinct`) distinct scales among the QuantizeLinears of one tensor (module docstring,
+    step 3: for onnxruntime's own int8-to-uint8 conversion, which a uint8 file does not need).
     Returns how many scales were moved by an ulp."""
     from onnx import numpy_helper
 
@@ -271,7 +310,7 @@ def dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, Stati
         for q in ordered:
             site = site_behind(view, q, site_of)
             s = np.float32(statics[site].x_scale if site else view.const(q.input[1]).reshape(()))
-            while float(s) in taken:
+            while distinct and float(s) in taken:
                 s = np.nextafter(s, np.float32(np.inf))
                 nudged += 1
             taken.add(float(s))
@@ -332,3 +371,30 @@ def site_behind(view: GraphView, q, site_of: dict[str, str]) -> str | None:
     return None
 
 
+
+
+def activations_as_uint8(model) -> int:
+    """Store every activation QuantizeLinear/DequantizeLinear pair as uint8, its zero point moved by 128:
+    the same values on the same grid (q_u8 = q_s8 + 128), in the type of onnxruntime's x86 INT8 kernels.
+    onnxruntime converts int8 pairs itself (QDQS8ToU8Transformer), but only a QuantizeLinear with a single
+    DequantizeLinear after it, and only after it has given each reader of a shared DequantizeLinear a copy:
+    the codes `fan_out(shared=True)` shares would stay int8 and take the ops around them out of their INT8
+    kernels. Weights and biases keep their types (int8, int32). Returns how many zero points were moved."""
+    from onnx import numpy_helper
+
+    view = GraphView(model)
+    moved: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3 or not n.input[2] \
+                or (n.op_type == "DequantizeLinear" and n.input[0] in view.inits):
+            continue
+        name = n.input[2]
+        if name not in moved:
+            zp = view.const(name)
+            if zp.dtype != np.int8:
+                raise OnnxExportError(f"activation zero point '{name}' is {zp.dtype}, not int8")
+            moved[name] = f"{name}_uint8"
+            model.graph.initializer.append(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8),
+                                                                   moved[name]))
+        n.input[2] = moved[name]
+    return len(moved)
