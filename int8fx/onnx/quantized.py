@@ -50,7 +50,10 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
     ghostnet_100's 4.7 ms (its GhostModules concatenate a conv's output with the cheap conv reading it).
     Int8 codes shared so stay int8 in onnxruntime and take every op around them out of their INT8 kernels
     (ghostnet_100: 23 of 95 convs left in QLinearConv), hence uint8 only. Readers that need another scale
-    (a second conv site, a float op) read the Clip as before.
+    (a second conv site, a float op) read the Clip as before. A value that a float op writes (a MaxPool or a
+    shuffle's Reshape read by two convs, or by a conv and a residual Add) gets one pair for the INT8 readers
+    that can share it, where two or more can: with one QuantizeLinear after it, onnxruntime can drop the
+    pairs around a data-movement op and run it on codes (shufflenet_v2: 9 QuantizeLinears left, now 4).
     Returns (how many fan-outs, how many readers share Q0's codes)."""
     _float_readers_beside_int8_readers(model, float_nodes)
     view = GraphView(model)
@@ -60,13 +63,17 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
                if t in view.producer and len(users) > 1]
     for producer, tensor, users in fanning:
         qs = [u for u in users if u.op_type == "QuantizeLinear"]
-        if qs and _is_int8_op(view, producer):
+        int8_op = _is_int8_op(view, producer)
+        if qs and (int8_op or shared):
             scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
             at_site = [sc for q, sc in zip(qs, scales) if site_behind(view, q, site_of)]
             s0 = at_site[0] if at_site else max(scales)
             zp = view.const(qs[0].input[2]).reshape(())
             sharing = [q for q in qs if _int8_ops_read(view, q, s0, zp, float_nodes)] if shared else []
-            after[id(producer)] = _requantize_and_clip(model, view, tensor, s0, zp, users, sharing)
+            if not int8_op and len(sharing) < 2:
+                continue
+            after[id(producer)] = _requantize_and_clip(model, view, tensor, s0, zp, users if int8_op else sharing,
+                                                       sharing)
             dropped |= {id(n) for q in sharing for n in [q] + view.consumers[q.output[0]]}
     for producer, tensor, users in fanning:  # (after the above: a DequantizeLinear it dropped has no readers)
         if producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits and id(producer) not in dropped:
