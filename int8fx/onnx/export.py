@@ -46,9 +46,10 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     calibration_data: more batches (tensors or tuples) for calibration.
     dynamic_batch: make dimension 0 of every input and output symbolic.
     target (deploy form): "portable" (default: symmetric int8, every zero point 0, as TensorRT requires;
-        onnxruntime runs it too) or "onnxruntime" (each ReLU folded into the quantizer before it as zero
-        point -128, which onnxruntime fuses into its INT8 convs: faster there, TensorRT refuses it, and
-        a ReLU output above its site's clip saturates at twice the clip instead of at it).
+        onnxruntime runs it too) or "onnxruntime" (uint8 activations; the INT8 readers of a value share
+        one quantizer; each ReLU folded into the quantizer before it as a zero point, which onnxruntime
+        fuses into its INT8 convs: faster there, TensorRT refuses it, and a ReLU output above its site's
+        clip saturates at twice the clip instead of at it).
     lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
     Raises `OnnxExportError` (naming the node or site) when part of the model has no ONNX form or the
     graph lacks a site's Q/DQ pattern; ValueError for bad arguments and for a model holding NaN/inf weights or

@@ -20,8 +20,9 @@ After quantization (the QDQ graph, where the scales are known):
     bound can act, so both give the same INT8 codes (a site reading a ReLU6 output has a running clip
     <= 6 by construction).
 With `target="onnxruntime"`, last (`relus_into_quantizers`): each such LeakyRelu(alpha=0) between two
-quantizers of one scale is dropped and the quantizer before it gets zero point -128, which onnxruntime folds
-into the QLinearConv or QLinearAdd that writes the tensor; not exact, and not TensorRT's rules (its docstring).
+quantizers of one scale is dropped and the quantizer before it gets zero point -128 (uint8 0 once
+`quantized.activations_as_uint8` has run), which onnxruntime folds into the QLinearConv or QLinearAdd that
+writes the tensor; not exact, and not TensorRT's rules (its docstring).
 """
 from __future__ import annotations
 
@@ -125,8 +126,9 @@ def relus_into_quantizers(model) -> int:
     next site's input at 127 s, this file at 255 s, so a value above the site's clip passes up to twice
     it; on mobilenet_v2 (Fashion-MNIST) top-1 agreement with `qmodel.eval()` went from 99.47% to 99.39%
     and onnxruntime's time at batch 1 from 1.06x FP32 to 0.64x (RESULTS.md, session 19). Where the second
-    quantizer feeds a fan-out's Clip (`quantized.fan_out`), the Clip still saturates at 127 s. TensorRT
-    takes zero points of 0 only: the default file keeps them. Returns how many ReLUs were folded."""
+    quantizer feeds a fan-out's Clip (`quantized.fan_out`: readers other than INT8 ops), the Clip still
+    saturates at 127 s. TensorRT takes zero points of 0 only: the default file keeps them. Returns how many
+    ReLUs were folded."""
     import numpy as np
     from onnx import numpy_helper
 

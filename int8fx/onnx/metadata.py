@@ -23,7 +23,8 @@ SCHEMA_VERSION = 2
 METADATA_KEY = "int8fx.quantization"
 FORMS = ("faithful", "deploy")
 # what the deploy form is tuned for: "portable" keeps every zero point 0 (TensorRT's rule, onnxruntime runs it
-# too); "onnxruntime" folds ReLUs into zero points of -128, which onnxruntime fuses (int8_ops.relus_into_quantizers)
+# too); "onnxruntime" stores activations as uint8, lets the INT8 readers of a fan-out share its codes
+# (quantized.fan_out) and folds ReLUs into zero points (int8_ops.relus_into_quantizers), all of which it fuses
 TARGETS = ("portable", "onnxruntime")
 
 
