@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from .graphs import GraphView
+from .graphs import SCALE_PRESERVING, GraphView
 
 
 def before_quantization(model) -> dict[str, int]:
@@ -135,6 +135,7 @@ def relus_into_quantizers(model) -> int:
     view = GraphView(model)
     outputs = {o.name for o in model.graph.output}
     dropped: set[int] = set()
+    bottoms = []  # the quantizers given the bottom zero point
     for relu in list(model.graph.node):
         if relu.op_type != "LeakyRelu" or next((a.f for a in relu.attribute if a.name == "alpha"), 0.01) != 0.0:
             continue
@@ -153,9 +154,36 @@ def relus_into_quantizers(model) -> int:
         for reader in view.consumers.get(dq2.output[0], []):
             reader.input[:] = [dq.output[0] if t == dq2.output[0] else t for t in reader.input]
         dropped |= {id(relu), id(q2), id(dq2)}
+        bottoms.append(q)
     if dropped:
         _set_nodes(model, [n for n in model.graph.node if id(n) not in dropped])
+        _bottom_through_data_movement(model, bottoms)
     return len(dropped) // 3
+
+
+def _bottom_through_data_movement(model, bottoms: list) -> None:
+    """Give the quantizers after a data-movement op (a stem's MaxPool, a reshape) the zero point at the bottom
+    of the range where the quantizer before it has it (a folded ReLU, `relus_into_quantizers`) at the same
+    scale: the op's input holds no negative value, so its output quantizer only saturates differently (at
+    255 s, as the folded ReLU's readers do), and with the two quantizers alike onnxruntime drops them and
+    moves codes (resnet18's and shufflenet_v2's stem MaxPool had run in float between a DequantizeLinear and
+    a QuantizeLinear)."""
+    view = GraphView(model)
+    stack = list(bottoms)
+    while stack:
+        q = stack.pop()
+        scale = view.const(q.input[1])
+        for dq in view.consumers[q.output[0]]:
+            for op in view.consumers[dq.output[0]] if dq.op_type == "DequantizeLinear" else []:
+                readers = view.consumers[op.output[0]] if op.op_type in SCALE_PRESERVING else []
+                if not readers or not all(r.op_type == "QuantizeLinear" and _same_grid(view, r, r)
+                                          and float(view.const(r.input[1]).reshape(())) == float(scale.reshape(()))
+                                          for r in readers):
+                    continue
+                for r in readers:
+                    for n in [r] + [d for d in view.consumers[r.output[0]] if d.op_type == "DequantizeLinear"]:
+                        n.input[2] = q.input[2]
+                    stack.append(r)
 
 
 def _same_grid(view: GraphView, a, b) -> bool:
