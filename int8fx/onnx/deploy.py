@@ -212,9 +212,9 @@ def _activation_overrides(view: GraphView, site_of: dict[str, str], statics: dic
     went from 99.2% to 99.4% and the deploy file from 1.05x / 0.86x FP32 to 0.95x / 0.84x (batch 1 / 16,
     one thread; RESULTS.md). Through a Concat, the scale goes to each input no other op reads, as int8fx
     rounds the concatenation once, at the site: the inputs are then on the site's grid, onnxruntime's
-    QLinearConcat copies their codes, and deploy_numerics can follow the file (agreement on shufflenet_v2 99.4% ->
-    99.6%, 0.93x / 0.77x FP32). Not on through a Split reached so: a shuffle's pass-through half would carry
-    the scale from block to block, the coarsest site scale of a stage for all its tensors."""
+    QLinearConcat copies their codes, and deploy_numerics can follow the file (agreement on shufflenet_v2
+    99.4% -> 99.6%, 0.93x / 0.77x FP32). Not on through a Split reached so: a shuffle's pass-through half
+    would carry the scale from block to block, the coarsest site scale of a stage for all its tensors."""
     scales: dict[str, float] = {}
 
     def want(tensor: str, s: float):

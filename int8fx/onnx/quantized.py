@@ -64,7 +64,7 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
     for producer, tensor, users in fanning:
         qs = [u for u in users if u.op_type == "QuantizeLinear"]
         int8_op = _is_int8_op(view, producer)
-        if qs and (int8_op or shared):
+        if qs and (int8_op or (shared and producer.op_type != "DequantizeLinear")):  # (that one: below)
             scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
             at_site = [sc for q, sc in zip(qs, scales) if site_behind(view, q, site_of)]
             s0 = at_site[0] if at_site else max(scales)
@@ -76,7 +76,8 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
                                                        sharing)
             dropped |= {id(n) for q in sharing for n in [q] + view.consumers[q.output[0]]}
     for producer, tensor, users in fanning:  # (after the above: a DequantizeLinear it dropped has no readers)
-        if producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits and id(producer) not in dropped:
+        if producer.op_type == "DequantizeLinear" and producer.input[0] not in view.inits \
+                and id(producer) not in dropped:
             s0, zp = view.const(producer.input[1]).reshape(()), view.const(producer.input[2]).reshape(())
             after[id(producer)] = _requantize_and_clip(model, view, tensor, s0, zp, users, requantize=False)
     if after:
@@ -376,8 +377,6 @@ def site_behind(view: GraphView, q, site_of: dict[str, str]) -> str | None:
             if c.name in site_of and c.input[0] == dq.output[0]:
                 return site_of[c.name]
     return None
-
-
 
 
 def activations_as_uint8(model) -> int:
