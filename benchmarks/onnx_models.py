@@ -49,7 +49,9 @@ def trained(case: Case) -> tuple[torch.nn.Module, torch.Tensor]:
     qm.train()
     for _ in range(2):
         opt.zero_grad()
-        qm(x).float().pow(2).mean().backward()
+        out = qm(x)  # (googlenet and inception return their auxiliary logits beside them in training)
+        outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+        sum(t.float().pow(2).mean() for t in outs).backward()
         opt.step()
     return qm.eval(), x
 
