@@ -13,9 +13,9 @@ Built in three steps:
    every INT8 site's input is int8fx's (`TensorQuantOverrides`), carried back through the ops that commute
    with quantization (Relu, ReLU6's Clip, MaxPool, reshapes, a channel Split, into a Concat's inputs) to
    the conv output that feeds it, so a conv followed by ReLU rounds once, at the scale int8fx uses.
-   Tensors int8fx has no clip for (a conv output
-   feeding a residual Add, the Add itself, pooled features) are calibrated on the calibration batches
-   (absmax / 127, symmetric). Ops without an INT8 kernel are rewritten into equal ones that have one (ReLU
+   Tensors int8fx has no clip for (a conv output feeding a residual Add, the Add itself, pooled features)
+   are calibrated on the calibration batches (absmax / 127, symmetric), in a graph whose sites saturate
+   their inputs as int8fx does (`_clamp_site_inputs`). Ops without an INT8 kernel are rewritten into equal ones that have one (ReLU
    and, where the scales allow, ReLU6 as LeakyRelu(alpha=0); spatial ReduceMean as GlobalAveragePool:
    `int8_ops`).
 3. Give every QuantizeLinear its own scale initializer and exactly one consumer, so that onnxruntime on
@@ -110,7 +110,9 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     norms = [n.name for n in fp32.graph.node if n.op_type in FLOAT_NORMS]
     beyond = _beyond_sites(GraphView(fp32), set(site_of))
     kept_float = float_compute + gates + norms + beyond
+    clamps = _clamp_site_inputs(fp32, site_of, statics, overrides)
     model = _quantize(ortq, fp32, feeds, kept_float, overrides)
+    _drop_clamps(model, clamps)
     float_outputs = quantized.float_graph_outputs(model)
     quantized.float_ops_read_floats(model, set(gates))
     quantized.shapes_read_floats(model)
@@ -234,6 +236,56 @@ def _activation_overrides(view: GraphView, site_of: dict[str, str], statics: dic
             elif _preserves_scale(view, p) and len(view.consumers[p.input[0]]) == 1:
                 stack.append((p.input[0], through_concat))
     return {t: [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}] for t, s in scales.items()}
+
+
+def _clamp_site_inputs(model, site_of: dict[str, str], statics: dict[str, StaticSite], overrides: dict) -> set[str]:
+    """Clip each site call's input at +-127 s_x, as int8fx's quantizer saturates it, for the calibration: the
+    quantizer calibrates the tensors int8fx has no clip for (residual Adds, conv outputs before a SiLU) by
+    running this FP32 graph, and without the sites' saturation a model whose eval-mode forward is bounded
+    only by int8fx's clips (a briefly trained one) grows activations of 1e9 there, whose scales round every
+    logit to 0 (timm's dla34 two steps from random init). `_drop_clamps` removes them after quantization:
+    the site's QuantizeLinear saturates at the same bound. Returns the Clip nodes' names."""
+    from onnx import helper, numpy_helper
+
+    view = GraphView(model)
+    names = set()
+    for name, site in site_of.items():
+        node = view.nodes[name]
+        s = np.float32(statics[site].x_scale)
+        base = f"{name.rsplit('/', 1)[0]}/calibration_clamp"
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s, np.float32), f"{base}_min"),
+                                        numpy_helper.from_array(np.array(127 * s, np.float32), f"{base}_max")])
+        clip = helper.make_node("Clip", [node.input[0], f"{base}_min", f"{base}_max"], [f"{base}_out"], name=base)
+        node.input[0] = f"{base}_out"
+        model.graph.node.insert(list(model.graph.node).index(node), clip)
+        overrides[f"{base}_out"] = [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}]
+        names.add(base)
+    return names
+
+
+def _drop_clamps(model, clamps: set[str]) -> None:
+    """Remove `_clamp_site_inputs`'s Clips from the quantized graph: the site's QuantizeLinear reads the
+    tensor the Clip read, before the QuantizeLinear/DequantizeLinear pair the quantizer put there (dropped
+    where nothing else reads it), so each site has a pair of its own, as `pair_per_site_reader` would give
+    it."""
+    view = GraphView(model)
+    drop = set()
+    for n in model.graph.node:
+        if n.name not in clamps:
+            continue
+        source = n.input[0]
+        dq = view.made_by(source, "DequantizeLinear")
+        q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
+        if q is not None:
+            source = q.input[0]
+            if len(view.consumers[dq.output[0]]) == 1 and len(view.consumers[q.output[0]]) == 1:
+                drop |= {id(q), id(dq)}
+        for r in view.consumers[n.output[0]]:
+            r.input[:] = [source if t == n.output[0] else t for t in r.input]
+        drop.add(id(n))
+    kept = [n for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def _sigmoid_gates(view: GraphView) -> list[str]:
