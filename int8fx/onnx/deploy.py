@@ -15,9 +15,9 @@ Built in three steps:
    the conv output that feeds it, so a conv followed by ReLU rounds once, at the scale int8fx uses.
    Tensors int8fx has no clip for (a conv output feeding a residual Add, the Add itself, pooled features)
    are calibrated on the calibration batches (absmax / 127, symmetric), in a graph whose sites saturate
-   their inputs as int8fx does (`_clamp_site_inputs`). Ops without an INT8 kernel are rewritten into equal ones that have one (ReLU
-   and, where the scales allow, ReLU6 as LeakyRelu(alpha=0); spatial ReduceMean as GlobalAveragePool:
-   `int8_ops`).
+   their inputs as int8fx does (`_clamp_site_inputs`). Ops without an INT8 kernel are rewritten into equal
+   ones that have one (ReLU and, where the scales allow, ReLU6 as LeakyRelu(alpha=0); spatial ReduceMean
+   as GlobalAveragePool: `int8_ops`).
 3. Give every QuantizeLinear its own scale initializer and exactly one consumer, so that onnxruntime on
    x86 rewrites the int8 activations to its fast u8 kernels: its `QDQS8ToU8Transformer` only converts a
    QuantizeLinear with a single DequantizeLinear after it, and its common-subexpression elimination merges
@@ -118,7 +118,6 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     quantized.shapes_read_floats(model)
     capped = quantized.cap_sigmoid_inputs(model, set(gates))
     rewritten.update(int8_ops.after_quantization(model))
-    paired = quantized.pair_per_site_reader(model, site_of)
     for_onnxruntime = target == "onnxruntime"
     nudged = quantized.dedicate_quantizers(model, site_of, statics, distinct=not for_onnxruntime)
     requantized = quantized.exact_biases(model, float_biases)
@@ -137,7 +136,6 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
                         "rewritten_for_int8_kernels": rewritten,
-                        "quantizer_pairs_added_per_site_reader": paired,
                         "scales_moved_one_ulp_apart": nudged, "fan_outs": fanned,
                         "fan_out_readers_sharing_one_quantizer": sharing,
                         "biases_requantized_at_input_scale": requantized,
@@ -266,8 +264,11 @@ def _clamp_site_inputs(model, site_of: dict[str, str], statics: dict[str, Static
 def _drop_clamps(model, clamps: set[str]) -> None:
     """Remove `_clamp_site_inputs`'s Clips from the quantized graph: the site's QuantizeLinear reads the
     tensor the Clip read, before the QuantizeLinear/DequantizeLinear pair the quantizer put there (dropped
-    where nothing else reads it), so each site has a pair of its own, as `pair_per_site_reader` would give
-    it."""
+    where nothing else reads it). So each site has a pair of its own: onnxruntime's quantizer gives the
+    output of an op it quantizes as its input one pair for all readers, and a Reshape read by a conv site
+    and a MatMul (timm's efficientvim flattens a block's input for both) left the site behind a
+    DequantizeLinear it shared, which `quantized.fan_out` would have saturated with a Clip that stops the
+    conv's fusion."""
     view = GraphView(model)
     drop = set()
     for n in model.graph.node:

@@ -4,9 +4,10 @@ says why in its module docstring; each rewrite here says what it fixes and what 
 
 What stays float, as in int8fx: what the model returns (`float_graph_outputs`), sigmoid gates that read
 float values (`float_ops_read_floats`) and INT8 logits over at most +-8 (`cap_sigmoid_inputs`), and the
-tensors Shape nodes read (`shapes_read_floats`). What onnxruntime needs to fuse: a QuantizeLinear/
-DequantizeLinear pair of its own for each site (`pair_per_site_reader`), one scale initializer and one
-reader per QuantizeLinear (`dedicate_quantizers`, `fan_out`) and int32 biases at s_x * s_w (`exact_biases`).
+tensors Shape nodes read (`shapes_read_floats`). What onnxruntime needs to fuse: one scale initializer and
+one reader per QuantizeLinear (`dedicate_quantizers`, `fan_out`; a QuantizeLinear/DequantizeLinear pair of
+its own for each site comes with the calibration clamp, `deploy._drop_clamps`), int32 biases at s_x * s_w
+(`exact_biases`), and, for the onnxruntime target, uint8 activations (`activations_as_uint8`).
 """
 from __future__ import annotations
 
@@ -266,37 +267,6 @@ def _rewire(readers, old: str, new: str) -> None:
         r.input[:] = [new if name == old else name for name in r.input]
 
 
-def pair_per_site_reader(model, site_of: dict[str, str]) -> int:
-    """Give each INT8 site that reads a shared DequantizeLinear a QuantizeLinear/DequantizeLinear pair of
-    its own. onnxruntime's quantizer writes one pair per reader (its dedicated-pair option) except on the
-    output of an op it quantizes as its input: a Reshape read by a conv site and a MatMul (timm's efficientvim
-    flattens a block's input for both) left the site's input behind the DequantizeLinear both read, which
-    `fan_out` would have to saturate with a Clip that stops the conv's fusion. Other readers keep the
-    original pair: a pair of their own is one more pass where they run in float anyway (a GELU's Mul beside
-    its Div: 5% slower on convnext_atto). Returns how many pairs were added; `dedicate_quantizers` then sets
-    their scales."""
-    from onnx import helper
-
-    view = GraphView(model)
-    added = 0
-    for tensor, readers in list(view.consumers.items()):
-        dq, q = _requantized(view, tensor)
-        if q is None or q.input[0] in view.inits or len(readers) < 2:
-            continue
-        sites = [r for r in readers if r.name in site_of]
-        for r in sites[1:] if len(sites) == len(readers) else sites:
-            base = f"{tensor}_for_{r.name}"
-            new_q = helper.make_node("QuantizeLinear", list(q.input), [f"{base}_quantized"], name=f"{base}_quantize")
-            new_dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", *dq.input[1:]], [f"{base}_dequantized"],
-                                      name=f"{base}_dequantize")
-            at = list(model.graph.node).index(dq) + 1
-            model.graph.node.insert(at, new_dq)
-            model.graph.node.insert(at, new_q)
-            r.input[:] = [f"{base}_dequantized" if name == tensor else name for name in r.input]
-            added += 1
-    return added
-
-
 def dedicate_quantizers(model, site_of: dict[str, str], statics: dict[str, StaticSite], distinct: bool = True) -> int:
     """One scale and zero-point initializer per activation QuantizeLinear, the site's exact scale on each
     site input, and (`distinct`) distinct scales among the QuantizeLinears of one tensor (module docstring,
@@ -339,7 +309,9 @@ def exact_biases(model, float_biases: dict[str, np.ndarray | None]) -> list[str]
     override on the output of the ops it quantizes as their input (AveragePool, Split): there
     `dedicate_quantizers` then gives the site its own scale, and left alone the bias would be read at the
     wrong scale. (A conv after AvgPool in timm's resnet26d-style downsample, after the channel Split of a
-    ShuffleNet or CSP block.) Returns the compute nodes whose bias was re-quantized."""
+    ShuffleNet or CSP block; since the calibration clamps and the Split's scale, only where the portable
+    file moves a site's scale an ulp from another reader's: 1 bias of resnet26d, 3 of shufflenet_v2_x0_5, 5 of
+    ghostnet_100.) Returns the compute nodes whose bias was re-quantized."""
     from onnx import numpy_helper
 
     view = GraphView(model)
