@@ -35,8 +35,9 @@ def add_arguments(parser) -> None:
                              "eval-mode model")
     parser.add_argument("--target", choices=TARGETS, default="portable",
                         help="deploy form: 'portable' (default: every zero point 0, TensorRT's rule; onnxruntime "
-                             "runs it too) or 'onnxruntime' (ReLUs folded into zero points of -128, which "
-                             "onnxruntime fuses into its INT8 convs: faster there; TensorRT refuses it)")
+                             "runs it too) or 'onnxruntime' (uint8 activations, ReLUs folded into zero points, "
+                             "one quantizer shared by a value's INT8 readers, which onnxruntime fuses into its "
+                             "INT8 ops: faster there; TensorRT refuses it)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
                         help="torch's exporter: 'auto' (the torch.export-based one where torch defaults to it, "
                              "else TorchScript), 'dynamo' or 'torchscript'")
