@@ -242,21 +242,18 @@ def _clamp_site_inputs(model, site_of: dict[str, str], statics: dict[str, Static
     running this FP32 graph, and without the sites' saturation a model whose eval-mode forward is bounded
     only by int8fx's clips (a briefly trained one) grows activations of 1e9 there, whose scales round every
     logit to 0 (timm's dla34 two steps from random init). `_drop_clamps` removes them after quantization:
-    the site's QuantizeLinear saturates at the same bound. Returns the Clip nodes' names."""
-    from onnx import helper, numpy_helper
-
+    the site's QuantizeLinear saturates at the same bound. Each Clip's output gets the site's scale in
+    `overrides` (updated in place). Returns the Clip nodes' names."""
     view = GraphView(model)
     names = set()
     for name, site in site_of.items():
         node = view.nodes[name]
         s = np.float32(statics[site].x_scale)
         base = f"{name.rsplit('/', 1)[0]}/calibration_clamp"
-        model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s, np.float32), f"{base}_min"),
-                                        numpy_helper.from_array(np.array(127 * s, np.float32), f"{base}_max")])
-        clip = helper.make_node("Clip", [node.input[0], f"{base}_min", f"{base}_max"], [f"{base}_out"], name=base)
-        node.input[0] = f"{base}_out"
+        clip = quantized.saturating_clip(model, node.input[0], s, base)
+        node.input[0] = clip.output[0]
         model.graph.node.insert(list(model.graph.node).index(node), clip)
-        overrides[f"{base}_out"] = [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}]
+        overrides[clip.output[0]] = [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}]
         names.add(base)
     return names
 

@@ -254,12 +254,20 @@ def _requantize_and_clip(model, view: GraphView, tensor: str, s0, zp, users, sha
         _rewire(view.consumers[dq.output[0]], dq.output[0], source)
     rest = [u for u in users if all(u is not q for q in sharing)]
     if rest:
-        model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * s0, np.float32), f"{base}_min"),
-                                        numpy_helper.from_array(np.array(127 * s0, np.float32), f"{base}_max")])
-        nodes.append(helper.make_node("Clip", [source, f"{base}_min", f"{base}_max"], [f"{base}_clipped"],
-                                      name=f"{base}_clip"))
-        _rewire(rest, tensor, f"{base}_clipped")
+        nodes.append(saturating_clip(model, source, s0, f"{base}_clip"))
+        _rewire(rest, tensor, f"{base}_clip_out")
     return nodes
+
+
+def saturating_clip(model, tensor: str, scale, name: str):
+    """A Clip node `name` that saturates `tensor` at +-127 `scale`, as int8fx's quantizer does (its bounds
+    added as initializers); it writes f"{name}_out"."""
+    from onnx import helper, numpy_helper
+
+    scale = np.float32(scale)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(-127 * scale, np.float32), f"{name}_min"),
+                                    numpy_helper.from_array(np.array(127 * scale, np.float32), f"{name}_max")])
+    return helper.make_node("Clip", [tensor, f"{name}_min", f"{name}_max"], [f"{name}_out"], name=name)
 
 
 def _rewire(readers, old: str, new: str) -> None:
