@@ -75,6 +75,7 @@ from .graphs import (
     rename,
     rescaled_channels,
     rows_by_columns,
+    set_nodes,
     site_codes,
     weight_source,
 )
@@ -281,9 +282,7 @@ def _drop_clamps(model, clamps: set[str]) -> None:
         for r in view.consumers[n.output[0]]:
             r.input[:] = [source if t == n.output[0] else t for t in r.input]
         drop.add(id(n))
-    kept = [n for n in model.graph.node if id(n) not in drop]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
+    set_nodes(model, [n for n in model.graph.node if id(n) not in drop])
 
 
 def _sigmoid_gates(view: GraphView) -> list[str]:

@@ -21,6 +21,14 @@ SCALE_PRESERVING = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Transpos
                               "Identity"})
 
 
+def set_nodes(model, nodes) -> None:
+    """Make `nodes` the graph's node list, in that order: how every pass drops or places nodes (protobuf's
+    repeated field has no slice assignment)."""
+    nodes = list(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 class GraphView:
     """Producer, consumers and initializers of a graph (a snapshot: rebuild after editing)."""
 

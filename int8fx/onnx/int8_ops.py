@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from .graphs import SCALE_PRESERVING, GraphView
+from .graphs import SCALE_PRESERVING, GraphView, set_nodes
 
 
 def before_quantization(model) -> dict[str, int]:
@@ -90,7 +90,7 @@ def _fold_batch_norms(model) -> int:
         drop.add(i)
         folded += 1
     if drop:
-        _set_nodes(model, [n for i, n in enumerate(model.graph.node) if i not in drop])
+        set_nodes(model, [n for i, n in enumerate(model.graph.node) if i not in drop])
     return folded
 
 
@@ -156,7 +156,7 @@ def relus_into_quantizers(model) -> int:
         dropped |= {id(relu), id(q2), id(dq2)}
         bottoms.append(q)
     if dropped:
-        _set_nodes(model, [n for n in model.graph.node if id(n) not in dropped])
+        set_nodes(model, [n for n in model.graph.node if id(n) not in dropped])
         _bottom_through_data_movement(model, bottoms)
     return len(dropped) // 3
 
@@ -229,14 +229,8 @@ def _replace(model, replace) -> dict[str, int]:
         if new is not None:
             done[n.op_type] = done.get(n.op_type, 0) + 1
         nodes.append(new or n)
-    _set_nodes(model, nodes)
+    set_nodes(model, nodes)
     return done
-
-
-def _set_nodes(model, nodes: list) -> None:
-    """Make `nodes` the graph's node list (in that order)."""
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
 
 
 def _relu6_below(view: GraphView, node) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .calibrate import StaticSite
 from .errors import OnnxExportError
-from .graphs import COMPUTE_OPS, GraphView, weight_source
+from .graphs import COMPUTE_OPS, GraphView, set_nodes, weight_source
 
 # ops onnxruntime fuses with their input DequantizeLinears and their output QuantizeLinear into one INT8 op
 _FUSED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
@@ -82,9 +82,7 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
             s0, zp = view.const(producer.input[1]).reshape(()), view.const(producer.input[2]).reshape(())
             after[id(producer)] = _requantize_and_clip(model, view, tensor, s0, zp, users, requantize=False)
     if after:
-        nodes = [m for n in model.graph.node if id(n) not in dropped for m in [n] + after.get(id(n), [])]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        set_nodes(model, [m for n in model.graph.node if id(n) not in dropped for m in [n] + after.get(id(n), [])])
     return len(after), len(dropped) // 2
 
 
@@ -144,9 +142,7 @@ def float_graph_outputs(model) -> list[str]:
             dq.op_type, dq.input[:] = "Identity", [source]
             del dq.attribute[:]
             drop = {id(q)}
-        kept = [n for n in model.graph.node if id(n) not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
+        set_nodes(model, [n for n in model.graph.node if id(n) not in drop])
         view = GraphView(model)
         done.append(out.name)
     return done
