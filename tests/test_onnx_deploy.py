@@ -302,6 +302,46 @@ def test_training_inside_deploy_numerics_goes_through_the_files_rounding(deploye
     assert torch.isfinite(loss)
 
 
+class _Capped(nn.Module):
+    """Two ReLU6 convs whose outputs pass 6 often: their sites' clips are 6 (127 s = 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 10, 1)
+        with torch.no_grad():
+            self.conv1.weight.mul_(8)
+
+    def forward(self, x):
+        return self.conv3(F.relu6(self.conv2(F.relu6(self.conv1(x))))).mean((2, 3))
+
+
+def test_the_onnxruntime_target_keeps_a_relu6_whose_bound_a_folded_zero_point_would_pass(tmp_path):
+    """A ReLU6 folded into its quantizer's zero point saturates at 255 s, not at 6: where the site's clip is 6
+    (127 s = 6), values from 6 to 12 would pass (a mobilenet_v2 trained 3600 steps lost 3.5 points of top-1
+    so). Such a ReLU6 stays (QLinearLeakyRelu, saturating at 127 s), and the file computes what the portable
+    file computes, bit for bit, on inputs whose ReLU6s cap."""
+    torch.manual_seed(0)
+    qm = _briefly_trained(_Capped)
+    calib = [3 * torch.randn(8, 3, 32, 32) for _ in range(3)]
+    paths, metas = {}, {}
+    for target in ("portable", "onnxruntime"):
+        paths[target] = str(tmp_path / f"{target}.onnx")
+        metas[target] = int8fx.export_onnx(qm, calib[0], paths[target], form="deploy", target=target,
+                                           calibration="inputs", calibration_data=calib[1:])
+    assert metas["onnxruntime"]["deploy"]["relu6s_not_folded_for_their_bound"] == 2  # (conv2's input, the pooled)
+    assert "QLinearLeakyRelu" in runtime_ops(paths["onnxruntime"]).values()
+    import onnxruntime as ort
+
+    sessions = {t: ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for t, p in paths.items()}
+    with torch.no_grad():
+        pre = qm.conv1(calib[0])
+    assert (pre > 6).float().mean() > 0.05  # (the bound acts)
+    for x in calib:
+        outs = [s.run(None, {"input": x.numpy()})[0] for s in sessions.values()]
+        np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_the_onnxruntime_target_folds_relus_into_zero_points(tmp_path):
     """target="onnxruntime": activations are uint8 (zero point 128), each ReLU between two quantizers of one
     scale becomes the first one's zero point (0, the int8 -128), so onnxruntime runs no QLinearLeakyRelu (nor

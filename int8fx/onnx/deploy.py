@@ -46,7 +46,8 @@ README ("Inspect and export to ONNX") gives the measured effect on top-1.
 
 `target="onnxruntime"` trades a little of that fidelity and TensorRT's zero-point rule for onnxruntime's
 speed: a ReLU between two quantizers of one scale becomes the first one's zero point (-128), which
-onnxruntime folds into the INT8 op before it (`int8_ops.relus_into_quantizers`).
+onnxruntime folds into the INT8 op before it (`int8_ops.relus_into_quantizers`; a ReLU6 only where the
+folded range, 255 s, stays within its bound of 6).
 """
 from __future__ import annotations
 
@@ -118,12 +119,13 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     quantized.float_ops_read_floats(model, set(gates))
     quantized.shapes_read_floats(model)
     capped = quantized.cap_sigmoid_inputs(model, set(gates))
+    relu6_caps = int8_ops.relu_caps(model)
     rewritten.update(int8_ops.after_quantization(model))
     for_onnxruntime = target == "onnxruntime"
     nudged = quantized.dedicate_quantizers(model, site_of, statics, distinct=not for_onnxruntime)
     requantized = quantized.exact_biases(model, float_biases)
     fanned, sharing = quantized.fan_out(model, site_of, frozenset(kept_float), shared=for_onnxruntime)
-    folded_relus = int8_ops.relus_into_quantizers(model) if for_onnxruntime else 0
+    folded_relus, capped_relus = int8_ops.relus_into_quantizers(model, relu6_caps) if for_onnxruntime else (0, 0)
     if for_onnxruntime:
         quantized.activations_as_uint8(model)
     calls_meta = _annotate(model, site_of, statics)
@@ -133,6 +135,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
              "deploy": {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, int8 symmetric, per-channel)",
                         "target": target, "activations": "uint8" if for_onnxruntime else "int8",
                         "relus_folded_into_quantizers": folded_relus,
+                        "relu6s_not_folded_for_their_bound": capped_relus,
                         "float_compute_nodes": float_compute, "float_sigmoid_gates": len(gates) // 2,
                         "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
