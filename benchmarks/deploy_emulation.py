@@ -7,10 +7,14 @@ For each model trained by benchmarks/onnx_runtime.py (its --out directory holds 
     agree with the file (nearly) always, which says that the roundings it adds are the whole difference;
   * with --finetune N: N more SGD steps from the checkpoint, once plain and once inside
     `deploy_numerics` (training through the file's roundings), each followed by a new deploy export
-    (recalibrated) and the same measurements.
+    (recalibrated) and the same measurements;
+  * with --by-rounding: instead, the agreement with `qmodel.eval()` of the emulation making one kind of the
+    file's rounding at a time (`deploy_numerics(..., roundings=kind)`: site outputs, int32 biases, residual
+    Adds, average poolings), then all: what each costs.
 
     python benchmarks/onnx_runtime.py --steps 1200 --out runs/onnx_runtime_1200
     python benchmarks/deploy_emulation.py --out runs/onnx_runtime_1200 --finetune 300
+    python benchmarks/deploy_emulation.py --out runs/onnx_runtime_1200 --by-rounding
 """
 from __future__ import annotations
 
@@ -28,12 +32,30 @@ from onnx_runtime import calibration_batches, images, predict_onnx, predict_torc
 
 import int8fx  # noqa: E402
 from int8fx.data import load_fashion_mnist  # noqa: E402
+from int8fx.onnx.emulate import ROUNDING_KINDS  # noqa: E402
 
 
-def emulate(qm, path: str, x_test, size: int) -> np.ndarray:
+def emulate(qm, path: str, x_test, size: int, roundings=ROUNDING_KINDS) -> np.ndarray:
     """qmodel.eval()'s predictions inside `int8fx.deploy_numerics` of the deploy file at `path`."""
-    with int8fx.deploy_numerics(qm.eval(), path):
+    with int8fx.deploy_numerics(qm.eval(), path, roundings):
         return predict_torch(qm, x_test, size)
+
+
+def by_rounding(args, x_test, y) -> None:
+    """One row per model: agreement with qmodel.eval() when the emulation rounds one kind at a time."""
+    print("| model | top-1 qmodel.eval() | agreement with qmodel.eval(), rounding only: " +
+          " | ".join(ROUNDING_KINDS) + " | all (the emulation) | the deploy file |")
+    print("|---|---:|" + "---:|" * (len(ROUNDING_KINDS) + 2))
+    for name in args.models.split(","):
+        tag = name.replace(":", "_")
+        saved = torch.load(os.path.join(args.out, f"{tag}.pt"), weights_only=False)
+        qm, path, ref = saved["model"].eval(), os.path.join(args.out, f"{tag}.deploy.onnx"), saved["eval_predictions"]
+        ref = ref[:args.images]
+        agree = [100 * np.mean(emulate(qm, path, x_test, args.size, (kind,)) == ref) for kind in ROUNDING_KINDS]
+        agree.append(100 * np.mean(emulate(qm, path, x_test, args.size) == ref))
+        agree.append(100 * np.mean(predict_onnx(session(path, 2), x_test, args.size) == ref))
+        print(f"| {name} | {100 * np.mean(ref == y):.2f} | " + " | ".join(f"{a:.2f}%" for a in agree) + " |",
+              flush=True)
 
 
 def export_deploy(qm, path: str, size: int, n: int = 256) -> None:
@@ -70,9 +92,13 @@ def main() -> None:
     p.add_argument("--finetune", type=int, default=0,
                    help="also: N more steps without and with the file's roundings, re-export, measure again")
     p.add_argument("--lr", type=float, default=0.002, help="peak SGD learning rate of --finetune")
+    p.add_argument("--by-rounding", action="store_true",
+                   help="instead: agreement with qmodel.eval() rounding one kind of the file's rounding at a time")
     args = p.parse_args()
     x_test, y_test = load_fashion_mnist("test")
     x_test, y = x_test[:args.images], y_test[:args.images].numpy()
+    if args.by_rounding:
+        return by_rounding(args, x_test, y)
     print("| model | steps | top-1 qmodel.eval() | top-1 deploy | top-1 emulation | emulation vs deploy file "
           "| emulation vs qmodel.eval() | deploy file vs qmodel.eval() |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -272,6 +272,31 @@ def test_deploy_numerics_computes_what_the_deploy_file_computes(deployed):
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in qm.modules()) == hooks
 
 
+def test_deploy_numerics_makes_the_kinds_of_rounding_asked_for(deployed):
+    """`roundings=` picks which of the file's roundings to make: none gives qmodel.eval() bit for bit, all
+    four the default emulation bit for bit, and each one alone moves the logits, measuring what it costs
+    (`benchmarks/deploy_emulation.py --by-rounding`); here all but "pools" (the squeeze input's rounding moves
+    the pooled mean by less than the next site rounds away). A kind it does not know is an error."""
+    qm, calib, path, _ = deployed
+    x = calib[0]
+    with torch.no_grad():
+        plain = qm(x)
+        with int8fx.deploy_numerics(qm, path):
+            emulated = qm(x)
+        with int8fx.deploy_numerics(qm, path, roundings=()):
+            torch.testing.assert_close(qm(x), plain, rtol=0, atol=0)
+        with int8fx.deploy_numerics(qm, path, roundings=("pools", "adds", "biases", "outputs")):
+            torch.testing.assert_close(qm(x), emulated, rtol=0, atol=0)
+        moved = {}
+        for kind in ("outputs", "biases", "adds"):
+            with int8fx.deploy_numerics(qm, path, roundings=kind):
+                moved[kind] = (qm(x) - plain).abs().max().item() / plain.abs().max().item()
+    assert all(m > 1e-6 for m in moved.values()), moved
+    with pytest.raises(ValueError, match="takes some of outputs, biases, adds, pools; got .'inputs'."):
+        with int8fx.deploy_numerics(qm, path, roundings=("adds", "inputs")):
+            pass
+
+
 def test_training_inside_deploy_numerics_goes_through_the_files_rounding(deployed):
     """In training mode the roundings are straight-through: the loss sees them (it differs from the loss
     without), every parameter gets a finite gradient, and SGD steps inside the block keep the model

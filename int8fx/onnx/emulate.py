@@ -63,7 +63,7 @@ class Roundings:
     outputs: dict[str, float]            # site -> scale of its output QuantizeLinear
     biases: dict[str, torch.Tensor]      # site -> the file's bias (int32 codes * their scales), per out channel
     unfolded: frozenset                  # sites whose BatchNorm the file keeps as a node (not folded)
-    adds: tuple                          # (s_a, s_b, s_out) per quantized Add, in graph order
+    adds: tuple                          # (s_a, s_b, s_out) (None: float) per quantized Add, in graph order
     pools: tuple                         # input scale (None: float) per average pooling, in graph order
 
 
@@ -115,6 +115,18 @@ def read_roundings(path_or_model) -> Roundings:
                          ", ".join(f"{what}: {n}" for what, n in sorted(others.items())) +
                          "): it cannot compute this file's numbers")
     return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools))
+
+
+def _only(r: Roundings, kinds) -> Roundings:
+    """`r` with only the kinds of rounding in `kinds`; the Adds and poolings left float stay listed (a forward
+    must still make exactly the file's)."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [k for k in kinds if k not in ROUNDING_KINDS]
+    if unknown:
+        raise ValueError(f"deploy_numerics(roundings=...) takes some of {', '.join(ROUNDING_KINDS)}; got {unknown}")
+    return Roundings(r.outputs if "outputs" in kinds else {}, r.biases if "biases" in kinds else {}, r.unfolded,
+                     r.adds if "adds" in kinds else (None,) * len(r.adds),
+                     r.pools if "pools" in kinds else (None,) * len(r.pools))
 
 
 # where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
@@ -191,8 +203,12 @@ def round_like_onnx(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
+# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's four)
+ROUNDING_KINDS = ("outputs", "biases", "adds", "pools")
+
+
 @contextlib.contextmanager
-def deploy_numerics(qmodel: nn.Module, path):
+def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
     """Within the block, `qmodel` rounds where its deploy ONNX file at `path` rounds (module docstring): in
     eval mode it computes the file's numbers, in training mode it trains through the file's roundings.
 
@@ -201,11 +217,17 @@ def deploy_numerics(qmodel: nn.Module, path):
             for x, y in loader: ...                  # fine-tune through the deploy rounding
         int8fx.export_onnx(qm, x, "model.onnx", form="deploy", calibration_data=batches)
 
-    Raises ValueError when `qmodel` is no converted model, the file is no deploy form, or its sites are not
-    the model's; DeployNumericsError when a forward makes other Adds or poolings than the file holds."""
+    `roundings` picks which of the file's kinds of rounding to make ("outputs": site outputs, "biases":
+    int32 biases, "adds": residual Adds' operands and output, "pools": average poolings' inputs), the others
+    kept as `qmodel.eval()` computes them: how much agreement with `qmodel.eval()` each costs, one at a time
+    (`benchmarks/deploy_emulation.py --by-rounding`). With none, the model computes exactly `qmodel.eval()`.
+
+    Raises ValueError when `qmodel` is no converted model, the file is no deploy form, its sites are not
+    the model's, or `roundings` names another kind; DeployNumericsError when a forward makes other Adds or
+    poolings than the file holds."""
     if conversion_of(qmodel) is None:
         raise ValueError("deploy_numerics() needs a model returned by int8fx.convert()")
-    roundings = read_roundings(path)
+    roundings = _only(read_roundings(path), roundings)
     layers = {m.site_name: m for m in qmodel.modules() if isinstance(m, Int8Layer)}
     unknown = sorted((set(roundings.outputs) | set(roundings.biases)) - set(layers))
     if unknown:
@@ -359,10 +381,12 @@ class _DeployRounding(TorchFunctionMode):
     def _add(self, args):
         if self.adds == len(self.r.adds):
             raise DeployNumericsError(f"the forward makes more residual Adds than the {self.adds} the deploy file holds")
-        s_a, s_b, s_out = self.r.adds[self.adds]
+        scales = self.r.adds[self.adds]
         self.adds += 1
-        out = round_like_onnx(round_like_onnx(args[0], s_a) + round_like_onnx(args[1], s_b), s_out)
-        return out
+        if scales is None:  # (`roundings` without "adds")
+            return args[0] + args[1]
+        s_a, s_b, s_out = scales
+        return round_like_onnx(round_like_onnx(args[0], s_a) + round_like_onnx(args[1], s_b), s_out)
 
     def _next_pool(self):
         if self.pools == len(self.r.pools):
