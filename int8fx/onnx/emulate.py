@@ -57,6 +57,10 @@ class DeployNumericsError(RuntimeError):
     residual Adds or poolings than the exported one."""
 
 
+# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's four)
+ROUNDING_KINDS = ("outputs", "biases", "adds", "pools")
+
+
 @dataclass(frozen=True)
 class Roundings:
     """What the deploy file rounds beyond the sites' inputs, read from its graph and metadata."""
@@ -201,10 +205,6 @@ def round_like_onnx(x: torch.Tensor, scale: float) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
-
-
-# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's four)
-ROUNDING_KINDS = ("outputs", "biases", "adds", "pools")
 
 
 @contextlib.contextmanager
