@@ -2,7 +2,7 @@
 
 For each model: INT8-train it (int8fx, a few hundred steps on Fashion-MNIST resized to --size px), then
   * export the deploy form (`int8fx.export_onnx(..., form="deploy")`, calibrated on 256 training images),
-    the same with `target="onnxruntime"` (ReLUs folded into zero points), the FP32 ONNX of the same
+    the same with `target="onnxruntime"` (uint8 activations, ReLUs on codes), the FP32 ONNX of the same
     trained weights (`int8fx.to_float`, torch.export-based exporter), and
     onnxruntime's own static quantization of that FP32 file (`quant_pre_process` + `quantize_static`, QDQ,
     uint8 activations, int8 per-channel weights: onnxruntime's recommended CPU setting), calibrated on the
@@ -222,8 +222,7 @@ def run_model(name: str, args, log) -> dict:
                for key, ops in ran.items()}
     row = {"model": name, "conv_sites": len(conv_sites), "deploy_int8_conv_sites": in_int8["deploy"],
            "deploy_onnxruntime_int8_conv_sites": in_int8["deploy_onnxruntime"],
-           "relus_folded": metas["deploy_onnxruntime"]["deploy"]["relus_folded_into_quantizers"],
-           "relu6s_kept_for_their_bound": metas["deploy_onnxruntime"]["deploy"]["relu6s_not_folded_for_their_bound"],
+           "relus_on_codes": metas["deploy_onnxruntime"]["deploy"]["relus_on_codes"],
            "deploy_conv_ops": {s: ran["deploy"].get(s) for s in conv_sites},
            "ort_static_qlinearconv": conv_kernels(paths["ort_static"]),
            "fp32_file_mb": os.path.getsize(paths["fp32"]) / 2**20,

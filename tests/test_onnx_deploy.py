@@ -341,11 +341,12 @@ class _Capped(nn.Module):
         return self.conv3(F.relu6(self.conv2(F.relu6(self.conv1(x))))).mean((2, 3))
 
 
-def test_the_onnxruntime_target_keeps_a_relu6_whose_bound_a_folded_zero_point_would_pass(tmp_path):
-    """A ReLU6 folded into its quantizer's zero point saturates at 255 s, not at 6: where the site's clip is 6
-    (127 s = 6), values from 6 to 12 would pass (a mobilenet_v2 trained 3600 steps lost 3.5 points of top-1
-    so). Such a ReLU6 stays (QLinearLeakyRelu, saturating at 127 s), and the file computes what the portable
-    file computes, bit for bit, on inputs whose ReLU6s cap."""
+def test_the_onnxruntime_target_runs_relu6s_on_codes_at_their_bound(tmp_path):
+    """A ReLU6 whose site clip is its bound (127 s = 6, as mobilenet_v2's become) runs as a Clip of the uint8
+    codes at the zero point: the quantizer saturates at 6, so the file computes what the portable file
+    computes, bit for bit, on inputs whose ReLU6s cap, and onnxruntime runs no QLinearLeakyRelu. (Folded
+    into a zero point, as until session 21, such a ReLU6 passed values up to 255 s = 12: a mobilenet_v2
+    trained 3600 steps lost 3.5 points of top-1.)"""
     torch.manual_seed(0)
     qm = _briefly_trained(_Capped)
     calib = [3 * torch.randn(8, 3, 32, 32) for _ in range(3)]
@@ -354,8 +355,10 @@ def test_the_onnxruntime_target_keeps_a_relu6_whose_bound_a_folded_zero_point_wo
         paths[target] = str(tmp_path / f"{target}.onnx")
         metas[target] = int8fx.export_onnx(qm, calib[0], paths[target], form="deploy", target=target,
                                            calibration="inputs", calibration_data=calib[1:])
-    assert metas["onnxruntime"]["deploy"]["relu6s_not_folded_for_their_bound"] == 2  # (conv2's input, the pooled)
-    assert "QLinearLeakyRelu" in runtime_ops(paths["onnxruntime"]).values()
+    assert metas["onnxruntime"]["deploy"]["relus_on_codes"] == 2  # (conv2's input, the pooled)
+    ops = {t: list(runtime_ops(p).values()) for t, p in paths.items()}
+    assert ops["portable"].count("QLinearLeakyRelu") == 2 and "QLinearLeakyRelu" not in ops["onnxruntime"]
+    assert ops["onnxruntime"].count("Clip") == 2
     import onnxruntime as ort
 
     sessions = {t: ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for t, p in paths.items()}
@@ -367,15 +370,14 @@ def test_the_onnxruntime_target_keeps_a_relu6_whose_bound_a_folded_zero_point_wo
         np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_the_onnxruntime_target_folds_relus_into_zero_points(tmp_path):
-    """target="onnxruntime": activations are uint8 (zero point 128), each ReLU between two quantizers of one
-    scale becomes the first one's zero point (0, the int8 -128), so onnxruntime runs no QLinearLeakyRelu (nor
-    the stem's MaxPool in float: its output quantizer takes that zero point too), and
-    the INT8 readers of a fan-out read its codes (no Clip, no re-quantization: the Net's only fan-out Clip
-    left is the SiLU input's, read by float ops); every site still runs in an INT8 kernel. Within the sites'
-    clips (calibrated on these batches) the file computes what the portable file computes, bit for bit (the
-    Net's fan-outs re-quantize at the same scale); beyond them it does not (a ReLU output saturates at twice
-    its site's clip): deploy_numerics refuses it."""
+def test_the_onnxruntime_target_runs_relus_on_codes(tmp_path):
+    """target="onnxruntime": activations are uint8 (zero point 128: the same values), each ReLU between two
+    quantizers of one grid is a Clip of the codes at the zero point (onnxruntime runs no QLinearLeakyRelu, and
+    runs the stem's MaxPool on codes, between quantizers of one grid), and the INT8 readers of a fan-out read
+    its codes (no Clip, no re-quantization: the Net's only fan-out Clip left is the SiLU input's, read by
+    float ops); every site still runs in an INT8 kernel. The file computes what the portable file computes,
+    bit for bit (the Net's fan-outs re-quantize at the same scale), beyond the calibrated range too, and
+    deploy_numerics follows it as it follows the portable file."""
     qm = _trained()
     torch.manual_seed(1)
     calib = [torch.randn(8, 3, 32, 32) for _ in range(3)]
@@ -383,15 +385,17 @@ def test_the_onnxruntime_target_folds_relus_into_zero_points(tmp_path):
     for target in ("portable", "onnxruntime"):
         paths[target] = str(tmp_path / f"{target}.onnx")
         metas[target] = int8fx.export_onnx(qm, calib[0], paths[target], form="deploy", target=target,
-                                           calibration="inputs", calibration_data=calib[1:])
-    folded = metas["onnxruntime"]["deploy"]["relus_folded_into_quantizers"]
+                                           calibration_data=calib[1:])
+    on_codes = metas["onnxruntime"]["deploy"]["relus_on_codes"]
     model = onnx.load(paths["onnxruntime"])
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    codes = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    on_codes_clips = [n for n in model.graph.node if n.op_type == "Clip" and n.input[0] in codes]
     zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert {z.dtype.name for z in zero_points} == {"uint8"} and {int(z) for z in zero_points} == {0, 128}
+    zero_points += [inits[n.input[1]] for n in on_codes_clips]
+    assert {z.dtype.name for z in zero_points} == {"uint8"} and {int(z) for z in zero_points} == {128}
     leaky = [n for n in onnx.load(paths["portable"]).graph.node if n.op_type == "LeakyRelu"]
-    assert folded == len(leaky) - sum(n.op_type == "LeakyRelu" for n in model.graph.node) >= 4
-    assert sum(z == 0 for z in zero_points) == folded + 1  # (and the stem's MaxPool output, below)
+    assert on_codes == len(on_codes_clips) == len(leaky) >= 4 and not any(n.op_type == "LeakyRelu" for n in model.graph.node)
     assert metas["onnxruntime"]["deploy"]["fan_out_readers_sharing_one_quantizer"] >= 3
     fan_out_clips = {t: [n for n in onnx.load(p).graph.node if n.op_type == "Clip" and "_fanout" in n.name]
                      for t, p in paths.items()}
@@ -400,20 +404,21 @@ def test_the_onnxruntime_target_folds_relus_into_zero_points(tmp_path):
     ran = int8_sites(metas["onnxruntime"], runtime_ops(paths["onnxruntime"]))
     assert all(ops and all(op in INT8_KERNELS for op in ops) for ops in ran.values()) and len(ran) == len(
         [s for s in sites_of(qm) if s.converted])
-    ops = {t: set(runtime_ops(p).values()) for t, p in paths.items()}
-    assert "QLinearLeakyRelu" in ops["portable"] and "QLinearLeakyRelu" not in ops["onnxruntime"]
+    ops = {t: list(runtime_ops(p).values()) for t, p in paths.items()}
+    assert ops["portable"].count("QLinearLeakyRelu") == on_codes and "QLinearLeakyRelu" not in ops["onnxruntime"]
+    assert ops["onnxruntime"].count("Clip") == on_codes + 1  # (and the SiLU input's fan-out Clip, in float)
     assert "MaxPool" in ops["portable"] and "MaxPool" not in ops["onnxruntime"]  # (a uint8 NhwcMaxPool there)
     import onnxruntime as ort
 
     sessions = {t: ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for t, p in paths.items()}
-    for x in calib:  # (at half the calibrated range: the file's own rounding can take a maximum one step over)
-        outs = [s.run(None, {"input": 0.5 * x.numpy()})[0] for s in sessions.values()]
+    for x in calib:
+        outs = [s.run(None, {"input": x.numpy()})[0] for s in sessions.values()]
         np.testing.assert_array_equal(outs[0], outs[1])
-    outs = [s.run(None, {"input": 4 * calib[0].numpy()})[0] for s in sessions.values()]
-    assert not np.array_equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match="target='onnxruntime'"):
-        with int8fx.deploy_numerics(qm, paths["onnxruntime"]):
-            pass
+        with torch.no_grad(), int8fx.deploy_numerics(qm, paths["onnxruntime"]):
+            emulated = qm(x).numpy()
+        assert np.abs(emulated - outs[1]).max() <= 1e-5 * np.abs(outs[1]).max()
+    outs = [s.run(None, {"input": 4 * calib[0].numpy()})[0] for s in sessions.values()]  # (beyond the ranges)
+    np.testing.assert_array_equal(outs[0], outs[1])
     with pytest.raises(ValueError, match="target must be one of"):
         int8fx.export_onnx(qm, calib[0], str(tmp_path / "x.onnx"), form="deploy", target="tensorrt-fp16")
     with pytest.raises(ValueError, match="the faithful form has no target"):

@@ -44,10 +44,9 @@ Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float
 QuantizeLinear saturates at -128, not -127.
 README ("Inspect and export to ONNX") gives the measured effect on top-1.
 
-`target="onnxruntime"` trades a little of that fidelity and TensorRT's zero-point rule for onnxruntime's
-speed: a ReLU between two quantizers of one scale becomes the first one's zero point (-128), which
-onnxruntime folds into the INT8 op before it (`int8_ops.relus_into_quantizers`; a ReLU6 only where the
-folded range, 255 s, stays within its bound of 6).
+`target="onnxruntime"` gives up TensorRT's rules for onnxruntime's speed, with the same numbers: activations
+are uint8 (`quantized.activations_as_uint8`), the INT8 readers of a fan-out share its codes
+(`quantized.fan_out`), and a ReLU runs as a Clip of the codes (`int8_ops.relus_on_codes`).
 """
 from __future__ import annotations
 
@@ -119,23 +118,22 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     quantized.float_ops_read_floats(model, set(gates))
     quantized.shapes_read_floats(model)
     capped = quantized.cap_sigmoid_inputs(model, set(gates))
-    relu6_caps = int8_ops.relu_caps(model)
     rewritten.update(int8_ops.after_quantization(model))
     for_onnxruntime = target == "onnxruntime"
     nudged = quantized.dedicate_quantizers(model, site_of, statics, distinct=not for_onnxruntime)
     requantized = quantized.exact_biases(model, float_biases)
     fanned, sharing = quantized.fan_out(model, site_of, frozenset(kept_float), shared=for_onnxruntime)
-    folded_relus, capped_relus = int8_ops.relus_into_quantizers(model, relu6_caps) if for_onnxruntime else (0, 0)
+    relus_on_codes = 0
     if for_onnxruntime:
         quantized.activations_as_uint8(model)
+        relus_on_codes = int8_ops.relus_on_codes(model)
     calls_meta = _annotate(model, site_of, statics)
     clean(model)
     check.runs_in_onnxruntime(model, feeds[0])
     extra = {"producer": {"onnxruntime": onnxruntime.__version__},
              "deploy": {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, int8 symmetric, per-channel)",
                         "target": target, "activations": "uint8" if for_onnxruntime else "int8",
-                        "relus_folded_into_quantizers": folded_relus,
-                        "relu6s_not_folded_for_their_bound": capped_relus,
+                        "relus_on_codes": relus_on_codes,
                         "float_compute_nodes": float_compute, "float_sigmoid_gates": len(gates) // 2,
                         "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
@@ -392,7 +390,7 @@ def _annotate(model, site_of: dict[str, str], statics: dict[str, StaticSite]) ->
         node = view.nodes.get(name)
         st = statics[site]
         xdq = view.made_by(node.input[0], "DequantizeLinear") if node is not None else None
-        xq = view.made_by(xdq.input[0], "QuantizeLinear") if xdq is not None else None
+        xq = view.quantized_by(xdq.input[0]) if xdq is not None else None
         src, transposed = weight_source(view, node) if node is not None else (None, False)
         wdq = view.made_by(src, "DequantizeLinear") if src else None
         codes = view.const(wdq.input[0]) if wdq is not None else None

@@ -12,6 +12,8 @@ parameters of a norm it does not fold) is refused, naming those places (`_other_
 `with deploy_numerics(qmodel, path):` the model rounds there too, at the file's scales and with the file's
 int32 biases. In eval mode it then computes the file's numbers: the predictions of four Fashion-MNIST models
 agree with onnxruntime's on 99.5-100% of 10,000 test images (RESULTS.md, "The deploy file in PyTorch").
+It follows files of both targets: each rounding's scale is read from the file, and the onnxruntime target's
+ReLUs on codes (`int8_ops.relus_on_codes`) are exact.
 In training mode the roundings are straight-through (the gradient passes where a value is not saturated)
 and the biases train as floats (BatchNorm normalizes with batch statistics): fine-tuning inside teaches
 the model the file's rounding; export it again afterwards, which recalibrates.
@@ -81,11 +83,6 @@ def read_roundings(path_or_model) -> Roundings:
     meta = read_onnx_metadata(model)
     if meta.get("form") != "deploy":
         raise ValueError(f"deploy_numerics() needs a file exported with form='deploy', this one is {meta.get('form')!r}")
-    target = (meta.get("deploy") or {}).get("target", "portable")
-    if target != "portable":
-        raise ValueError(f"this deploy file was exported with target={target!r}: its ReLU outputs saturate at twice "
-                         "their site's clip, which int8fx's own site quantizers cannot follow; deploy_numerics "
-                         "emulates target='portable' files")
     view = GraphView(model)
     outputs, biases, unfolded = {}, {}, set()
     for site, entry in meta["layers"].items():
@@ -162,7 +159,7 @@ def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
         node = view.producer.get(tensor)
         while node is not None and (node.op_type in _PASS_THROUGH or node.op_type == "DequantizeLinear"):
             if node.op_type == "DequantizeLinear":
-                return view.producer.get(node.input[0])
+                return view.quantized_by(node.input[0]) or view.producer.get(node.input[0])
             node = view.producer.get(node.input[0])
         return node
 

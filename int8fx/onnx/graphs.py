@@ -48,6 +48,12 @@ class GraphView:
         n = self.producer.get(tensor)
         return n if n is not None and n.op_type == op_type else None
 
+    def quantized_by(self, codes: str):
+        """The QuantizeLinear that writes these codes, directly or through a ReLU on codes (a Clip at the zero
+        point, on the quantizer's grid: `int8_ops.relus_on_codes`)."""
+        clip = self.made_by(codes, "Clip")
+        return self.made_by(clip.input[0] if clip is not None else codes, "QuantizeLinear")
+
     def const(self, name: str) -> np.ndarray | None:
         """An initializer's value, following Identity nodes (torch's exporters de-duplicate constants so)."""
         from onnx import numpy_helper

@@ -19,17 +19,16 @@ After quantization (the QDQ graph, where the scales are known):
     consumer quantizes at an s with 127 s <= hi: the quantizer saturates at 127 s before the clip's upper
     bound can act, so both give the same INT8 codes (a site reading a ReLU6 output has a running clip
     <= 6 by construction).
-With `target="onnxruntime"`, last (`relus_into_quantizers`): each such LeakyRelu(alpha=0) between two
-quantizers of one scale (a ReLU6's only where 255 s is within its bound) is dropped and the quantizer
-before it gets zero point -128 (uint8 0 once `quantized.activations_as_uint8` has run), which onnxruntime
-folds into the QLinearConv or QLinearAdd that writes the tensor; not exact, and not TensorRT's rules (its
-docstring).
+With `target="onnxruntime"`, last (`relus_on_codes`, once activations are uint8): each such LeakyRelu(alpha=0)
+between a DequantizeLinear and a QuantizeLinear of one grid becomes a Clip of the codes at the zero point,
+the same numbers in one vectorised pass (an op on codes, outside the Q/DQ pairs, is not TensorRT's
+explicit-quantization form: the portable file keeps the LeakyRelu).
 """
 from __future__ import annotations
 
 from onnx import helper
 
-from .graphs import SCALE_PRESERVING, GraphView, set_nodes
+from .graphs import GraphView, set_nodes
 
 
 def before_quantization(model) -> dict[str, int]:
@@ -99,20 +98,6 @@ def _fold_batch_norms(model) -> int:
 GAP_SCALE_RATIO = 256.0
 
 
-def relu_caps(model) -> dict[str, float]:
-    """{node name: upper bound} of the graph's Clip(x, 0, hi) nodes (ReLU6): `after_quantization` may
-    rewrite them into LeakyRelu(alpha=0) under their own names, and `relus_into_quantizers` must still know
-    that they stand for a capped ReLU."""
-    view = GraphView(model)
-    caps = {}
-    for n in model.graph.node:
-        if n.op_type == "Clip" and len(n.input) > 2 and n.input[1] and n.input[2]:
-            low, high = view.const(n.input[1]), view.const(n.input[2])
-            if low is not None and high is not None and float(low) == 0.0:
-                caps[n.name] = float(high)
-    return caps
-
-
 def after_quantization(model) -> dict[str, int]:
     """Rewrite ReLU6 Clips of the QDQ graph in place where quantization makes them a ReLU, and global
     average pools whose scales onnxruntime's INT8 kernel cannot take into a float mean (module docstring)."""
@@ -131,93 +116,46 @@ def after_quantization(model) -> dict[str, int]:
     return _replace(model, replace)
 
 
-def relus_into_quantizers(model, caps: dict[str, float]) -> tuple[int, int]:
-    """Fold ReLUs into the quantizer before them, for onnxruntime (`export_onnx(target="onnxruntime")`).
+def relus_on_codes(model) -> int:
+    """Run each ReLU of the onnxruntime target on its codes (`export_onnx(target="onnxruntime")`).
 
-    `Q(s) -> DQ -> LeakyRelu(alpha=0) -> Q(s) -> DQ` becomes `Q(s, zero point -128) -> DQ`: the codes then
-    cover [0, 255 s], so the quantizer itself is the ReLU and onnxruntime folds it into the INT8 op that
-    writes the tensor, where the symmetric file pays a QLinearLeakyRelu (a table lookup per element, a
-    quarter of mobilenet_v2's time at batch 1). Not exact: int8fx (and the symmetric file) saturates the
-    next site's input at 127 s, this file at 255 s, so a value above the site's clip passes up to twice
-    it; on mobilenet_v2 (Fashion-MNIST), when its ReLU6s were folded too (session 19, before the bound
-    below), top-1 agreement with `qmodel.eval()` went from 99.47% to 99.39% and onnxruntime's time at batch
-    1 from 1.06x FP32 to 0.64x. Where the second quantizer feeds a fan-out's Clip (`quantized.fan_out`:
-    readers other than INT8 ops), the Clip still saturates at 127 s. A ReLU6 (`caps`: {its node's name: its upper bound}, from `relu_caps`) is folded
-    only where 255 s is within its bound: beyond, values between the bound and 255 s would pass. A ReLU6
-    whose site clip is 6 (127 s = 6, as a briefly trained mobilenet_v2's running clips become: a ReLU6
-    output reaches 6 on most batches) stays a QLinearLeakyRelu, which saturates at 127 s = the bound; folded,
-    mobilenet_v2 after 3600 steps lost 3.5 points of top-1 (agreement 92.4%, RESULTS.md, session 21).
-    TensorRT takes zero points of 0 only: the default file keeps them. Returns how many ReLUs were folded
-    and how many ReLU6s were kept for their bound."""
-    import numpy as np
-    from onnx import numpy_helper
-
+    `DQ(s, z) -> LeakyRelu(alpha=0) -> Q(s, z)` becomes `Clip(codes, z)`: dequantizing, taking the ReLU and
+    quantizing again on one grid gives max(q, z) for every code q, so the file computes what the portable
+    file's QLinearLeakyRelu computes, in a vectorised pass over the uint8 codes instead of a table lookup per
+    element (a quarter of mobilenet_v2's time at batch 1, three times the Clip's: RESULTS.md, session 22).
+    Folding the ReLU into the zero point of the quantizer before it (until session 22) costs no pass at all,
+    but saturates at 255 s where int8fx saturates at 127 s. A ReLU6 arrives here as such a LeakyRelu only
+    where its quantizer saturates at or below its bound (`after_quantization`), so it is exact too. A
+    DequantizeLinear that only the ReLU read goes with it; a data-movement op after the Clip (a stem's
+    MaxPool) then sits between a DequantizeLinear and a QuantizeLinear of one grid, which onnxruntime drops
+    to run it on codes. Returns how many ReLUs."""
     view = GraphView(model)
-    outputs = {o.name for o in model.graph.output}
+    replaced: dict[int, object] = {}
     dropped: set[int] = set()
-    bottoms = []  # the quantizers given the bottom zero point
-    kept = 0
-    for relu in list(model.graph.node):
+    for relu in model.graph.node:
         if relu.op_type != "LeakyRelu" or next((a.f for a in relu.attribute if a.name == "alpha"), 0.01) != 0.0:
             continue
         dq = view.made_by(relu.input[0], "DequantizeLinear")
-        q = view.made_by(dq.input[0], "QuantizeLinear") if dq is not None else None
         users = view.consumers.get(relu.output[0], [])
-        q2 = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
-        after = view.consumers.get(q2.output[0], []) if q2 is not None else []
-        dq2 = after[0] if len(after) == 1 and after[0].op_type == "DequantizeLinear" else None
-        if q is None or dq2 is None or len(view.consumers[q.output[0]]) != 1 or len(view.consumers[dq.output[0]]) != 1 \
-                or dq2.output[0] in outputs or not _same_grid(view, q, q2) or not _same_grid(view, q2, dq2):
+        q = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
+        if dq is None or q is None or dq.input[0] in view.inits or not _same_grid(view, dq, q):
             continue
-        if relu.name in caps and 255 * float(view.const(q.input[1]).reshape(())) > caps[relu.name]:
-            kept += 1
-            continue
-        zero_point = f"{q.output[0]}_zero_point_at_bottom"
-        model.graph.initializer.append(numpy_helper.from_array(np.array(-128, np.int8), zero_point))
-        q.input[2] = dq.input[2] = zero_point
-        for reader in view.consumers.get(dq2.output[0], []):
-            reader.input[:] = [dq.output[0] if t == dq2.output[0] else t for t in reader.input]
-        dropped |= {id(relu), id(q2), id(dq2)}
-        bottoms.append(q)
-    if dropped:
-        set_nodes(model, [n for n in model.graph.node if id(n) not in dropped])
-        _bottom_through_data_movement(model, bottoms)
-    return len(dropped) // 3, kept
-
-
-def _bottom_through_data_movement(model, bottoms: list) -> None:
-    """Give the quantizers after a data-movement op (a stem's MaxPool, a reshape) the zero point at the bottom
-    of the range where the quantizer before it has it (a folded ReLU, `relus_into_quantizers`) at the same
-    scale: the op's input holds no negative value, so its output quantizer only saturates differently (at
-    255 s, as the folded ReLU's readers do), and with the two quantizers alike onnxruntime drops them and
-    moves codes (resnet18's and shufflenet_v2's stem MaxPool had run in float between a DequantizeLinear and
-    a QuantizeLinear)."""
-    view = GraphView(model)
-    stack = list(bottoms)
-    while stack:
-        q = stack.pop()
-        scale = view.const(q.input[1])
-        for dq in view.consumers[q.output[0]]:
-            for op in view.consumers[dq.output[0]] if dq.op_type == "DequantizeLinear" else []:
-                readers = view.consumers[op.output[0]] if op.op_type in SCALE_PRESERVING else []
-                if not readers or not all(r.op_type == "QuantizeLinear" and _same_grid(view, r, r)
-                                          and float(view.const(r.input[1]).reshape(())) == float(scale.reshape(()))
-                                          for r in readers):
-                    continue
-                for r in readers:
-                    for n in [r] + [d for d in view.consumers[r.output[0]] if d.op_type == "DequantizeLinear"]:
-                        n.input[2] = q.input[2]
-                    stack.append(r)
+        replaced[id(q)] = helper.make_node("Clip", [dq.input[0], dq.input[2]], list(q.output), name=f"{relu.name}_codes")
+        dropped.add(id(relu))
+        if len(view.consumers[dq.output[0]]) == 1:
+            dropped.add(id(dq))
+    if replaced:
+        set_nodes(model, [replaced.get(id(n), n) for n in model.graph.node if id(n) not in dropped])
+    return len(replaced)
 
 
 def _same_grid(view: GraphView, a, b) -> bool:
-    """Two Q/DQ nodes of one scale, both with zero point 0 (int8)."""
+    """Two Q/DQ nodes of one scalar scale and one zero point (same type and value)."""
     scales = [view.const(n.input[1]) for n in (a, b)]
     zps = [view.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None for n in (a, b)]
-    if not all(s is not None and s.size == 1 for s in scales):
-        return False
-    return (float(scales[0].reshape(())) == float(scales[1].reshape(()))
-            and all(z is not None and z.dtype.name == "int8" and not z.any() for z in zps))
+    return (all(s is not None and s.size == 1 for s in scales) and all(z is not None and z.size == 1 for z in zps)
+            and float(scales[0].reshape(())) == float(scales[1].reshape(()))
+            and zps[0].dtype == zps[1].dtype and int(zps[0].reshape(())) == int(zps[1].reshape(())))
 
 
 def _pool_out_of_range(view: GraphView, node) -> bool:

@@ -24,7 +24,7 @@ METADATA_KEY = "int8fx.quantization"
 FORMS = ("faithful", "deploy")
 # what the deploy form is tuned for: "portable" keeps every zero point 0 (TensorRT's rule, onnxruntime runs it
 # too); "onnxruntime" stores activations as uint8, lets the INT8 readers of a fan-out share its codes
-# (quantized.fan_out) and folds ReLUs into zero points (int8_ops.relus_into_quantizers), all of which it fuses
+# (quantized.fan_out) and runs ReLUs as Clips of the codes (int8_ops.relus_on_codes), all of which it fuses
 TARGETS = ("portable", "onnxruntime")
 
 
