@@ -6,7 +6,7 @@ INT8 SGD steps on one random batch, then eval mode), with the default exporter:
             difference relative to the output's absmax, and whether it is within twice the model's own
             tie-flip sensitivity (`int8fx.onnx.check.tie_flip_sensitivity`), the bound `tests/test_onnx.py`
             holds its models to;
-  deploy    export calibrated on that batch, and count in onnxruntime's optimized graph (ORT_ENABLE_ALL, CPU)
+  deploy    export (`--target`, portable by default) calibrated on that batch, and count in onnxruntime's optimized graph (ORT_ENABLE_ALL, CPU)
             the sites whose every call runs in an INT8 kernel (QLinearConv, QGemm, ...); its difference from
             `qmodel.eval()` is shown, not judged (the deploy form rounds where int8fx does not), and so is
             the difference of `qmodel.eval()` inside `int8fx.deploy_numerics(qmodel, file)` (which adds the
@@ -17,6 +17,7 @@ computed from the input are listed, not failed).
 
     python benchmarks/onnx_models.py timm:efficientvim_m1 timm:lowformer_b0 mobilenet_v2
     python benchmarks/onnx_models.py timm:hrnet_w18_small --size 128 --json rows.json
+    python benchmarks/onnx_models.py resnet18 mobilenet_v2 --target onnxruntime
 Names as `benchmarks/model_zoo.py` takes them (single-image models: classification and timm).
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run_file(path: str, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-def check(case: Case, folder: str) -> dict:
+def check(case: Case, folder: str, target: str = "portable") -> dict:
     start = time.time()
     qm, x = trained(case)
     ref, sensitivity = tie_flip_sensitivity(qm, x)
@@ -81,7 +82,7 @@ def check(case: Case, folder: str) -> dict:
         row["faithful_bound"] = 2 * sensitivity / scale + 1e-5  # (relative, as tests/test_onnx.py's)
         row["faithful_within_bound"] = diff / scale <= row["faithful_bound"]
         path = os.path.join(folder, "deploy.onnx")
-        meta = int8fx.export_onnx(qm, x, path, form="deploy", calibration_data=[x])
+        meta = int8fx.export_onnx(qm, x, path, form="deploy", target=target, calibration_data=[x])
     out = run_file(path, x)
     row["deploy"] = float(np.abs(out - ref).max()) / scale
     try:
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="model names (torchvision classification, timm:NAME)")
     ap.add_argument("--size", type=int, help="input size of timm models (default: model_zoo's, else 64)")
+    ap.add_argument("--target", choices=("portable", "onnxruntime"), default="portable",
+                    help="the deploy file's target (export_onnx(target=...))")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     for case in cases:
         with tempfile.TemporaryDirectory(prefix="int8fx-onnx-models-") as folder:
             try:
-                row = check(case, folder)
+                row = check(case, folder, args.target)
             except Exception as e:  # report and go on: one failing model must not hide the rest
                 row = {"model": case.name, "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
