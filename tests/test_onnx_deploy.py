@@ -1058,16 +1058,32 @@ class _ChannelsLayerNorm(nn.LayerNorm):
 def test_norms_stay_float_in_the_deploy_graph(norm, op_type, tmp_path):
     """A norm that is no BatchNorm folded into its conv is left out of onnxruntime's quantization
     (`deploy.FLOAT_NORMS`): no integer kernel would run it, and its quantizer would round the norm's scale and
-    shift to int8 with one scale per tensor (and failed on timm's resnet50_gn GroupNorms). The conv site
-    before it still runs in INT8."""
+    shift to int8 with one scale per tensor (and failed on timm's resnet50_gn GroupNorms); so is the affine
+    a GroupNorm is exported with (a Mul by gamma and an Add of beta after the InstanceNormalization), which
+    int8fx computes in float too. The conv site before it still runs in INT8."""
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), norm(), nn.ReLU(), nn.Conv2d(8, 4, 1))  # noqa: E731
     qm = _briefly_trained(make, (4, 3, 16, 16), steps=2, momentum=0.0)
     path = str(tmp_path / "norm.onnx")
-    meta = int8fx.export_onnx(qm, torch.randn(4, 3, 16, 16), path, form="deploy")
+    x = torch.randn(4, 3, 16, 16)
+    meta = int8fx.export_onnx(qm, x, path, form="deploy")
     graph = onnx.load(path).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     norms = [n for n in graph.node if n.op_type == op_type]
     # its scale and shift stay float initializers (quantized, they came through DequantizeLinear)
     assert norms and all(producer.get(i) != "DequantizeLinear" for n in norms for i in n.input[1:])
+    consumers = {i: [m for m in graph.node if i in m.input] for n in graph.node for i in n.output}
+    after, tensor = [], norms[0].output[0]
+    while len(consumers[tensor]) == 1 and consumers[tensor][0].op_type != "QuantizeLinear":
+        after.append(consumers[tensor][0])
+        tensor = after[-1].output[0]
+    assert [n.op_type for n in after] == {"InstanceNormalization": ["Reshape", "Mul", "Add"],
+                                          "LayerNormalization": ["Transpose"], "BatchNormalization": []}[op_type]
+    assert all(producer.get(i) != "DequantizeLinear" for n in after for i in n.input)  # (float gamma, beta, values)
     assert int8_sites(meta, runtime_ops(path))["0"] == ["QLinearConv"]  # the conv before it (the last is the output)
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad(), int8fx.deploy_numerics(qm, path):  # (it refused a GroupNorm's quantized affine)
+        emulated = qm(x).numpy()
+    assert np.abs(emulated - out).max() <= 1e-5 * np.abs(out).max()
