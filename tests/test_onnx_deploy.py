@@ -1089,8 +1089,8 @@ def test_norms_stay_float_in_the_deploy_graph(norm, op_type, tmp_path):
     assert np.abs(emulated - out).max() <= 1e-5 * np.abs(out).max()
 
 
-class _GeluScaled(nn.Module):
-    """A ConvNeXt-like block: conv, GELU, conv, a per-channel layer scale spread over four decades, residual."""
+class _LayerScaled(nn.Module):
+    """A ConvNeXt-like block: conv, ReLU, conv, a per-channel layer scale spread over four decades, residual."""
 
     def __init__(self):
         super().__init__()
@@ -1100,29 +1100,22 @@ class _GeluScaled(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        x = x + self.fc2(F.gelu(self.fc1(x))).mul(self.gamma.reshape(1, -1, 1, 1))
+        x = x + self.fc2(F.relu(self.fc1(x))).mul(self.gamma.reshape(1, -1, 1, 1))
         return self.head(x).mean((2, 3))
 
 
-def test_gelus_and_layer_scales_stay_float_in_the_deploy_graph(tmp_path):
-    """A GELU (Erf and the four ops around it) and a layer scale (a Mul of a site's output by a constant)
-    are computed in float, as int8fx computes them: no QuantizeLinear inside the GELU (five roundings of
-    it before), gamma a float initializer (as int8 codes with one scale per tensor, its smallest channels
-    rounded to zero), every site in INT8, and deploy_numerics follows the file (it refused it before), up
-    to the last bits of the GELU."""
-    qm = _briefly_trained(_GeluScaled, steps=2, momentum=0.0)
+def test_layer_scales_stay_float_in_the_deploy_graph(tmp_path):
+    """A layer scale (a Mul of a site's output by a constant) is computed in float, as int8fx computes it:
+    gamma is a float initializer (as int8 codes with one scale per tensor, its smallest channels rounded to
+    zero), every site runs in INT8, and deploy_numerics follows the file (it refused the int8 gamma) to float
+    rounding: the product's last bits, onnxruntime's and torch's, can move the rounding at the Add by one
+    step (a few logits differ by ~4e-5 of the range here, the others by float rounding)."""
+    qm = _briefly_trained(_LayerScaled, steps=2, momentum=0.0)
     x = torch.randn(8, 3, 32, 32)
-    path = str(tmp_path / "gelu.onnx")
+    path = str(tmp_path / "scaled.onnx")
     meta = int8fx.export_onnx(qm, x, path, form="deploy")
-    assert meta["deploy"]["float_gelus"] == 1 and meta["deploy"]["float_layer_scales"] == 1
+    assert meta["deploy"]["float_layer_scales"] == 1
     graph = onnx.load(path).graph
-    producer = {o: n for n in graph.node for o in n.output}
-    erf = next(n for n in graph.node if n.op_type == "Erf")
-    gelu = [producer[erf.input[0]], erf]
-    consumers = {i: [m for m in graph.node if i in m.input] for n in graph.node for i in n.output}
-    while gelu[-1].op_type != "QuantizeLinear":
-        gelu.append(consumers[gelu[-1].output[0]][0])
-    assert [n.op_type for n in gelu] == ["Div", "Erf", "Add", "Mul", "Mul", "QuantizeLinear"]
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     gamma = qm.gamma.detach().numpy()
     read = [inits[i].reshape(-1) for n in graph.node if n.op_type == "Mul" for i in n.input if i in inits]
@@ -1134,7 +1127,5 @@ def test_gelus_and_layer_scales_stay_float_in_the_deploy_graph(tmp_path):
     out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad(), int8fx.deploy_numerics(qm, path):
         emulated = qm(x).numpy()
-    # (onnxruntime's fused Gelu and torch's differ in the last bits, which can move a rounding at the next
-    # site by one step: a few logits differ by ~4e-5 of the range here, the others by float rounding)
     diff = np.abs(emulated - out) / np.abs(out).max()
     assert diff.max() <= 1e-3 and np.mean(diff <= 1e-6) >= 0.8, (diff.max(), np.mean(diff <= 1e-6))

@@ -102,7 +102,6 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     view = GraphView(fp32)
     float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
     gates = _sigmoid_gates(view)
-    gelus = _erf_gelus(view)
     scales = _layer_scales(view, site_of)
     overrides = _activation_overrides(view, site_of, statics)
     rewritten = int8_ops.before_quantization(fp32)
@@ -112,12 +111,12 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
     norms = _float_norms(GraphView(fp32))
     beyond = _beyond_sites(GraphView(fp32), set(site_of))
-    kept_float = float_compute + gates + gelus + scales + norms + beyond
+    kept_float = float_compute + gates + scales + norms + beyond
     clamps = _clamp_site_inputs(fp32, site_of, statics, overrides)
     model = _quantize(ortq, fp32, feeds, kept_float, overrides)
     _drop_clamps(model, clamps)
     float_outputs = quantized.float_graph_outputs(model)
-    quantized.float_ops_read_floats(model, set(gates) | set(gelus))
+    quantized.float_ops_read_floats(model, set(gates))
     quantized.shapes_read_floats(model)
     capped = quantized.cap_sigmoid_inputs(model, set(gates))
     rewritten.update(int8_ops.after_quantization(model))
@@ -137,7 +136,6 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "target": target, "activations": "uint8" if for_onnxruntime else "int8",
                         "relus_on_codes": relus_on_codes,
                         "float_compute_nodes": float_compute, "float_sigmoid_gates": len(gates) // 2,
-                        "float_gelus": sum(view.nodes[n].op_type == "Erf" for n in gelus),
                         "float_layer_scales": len(scales),
                         "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
@@ -330,38 +328,6 @@ def _layer_scales(view: GraphView, site_of: dict[str, str]) -> list[str]:
             writer = view.producer.get(next(t for t in writer.input if view.const(t) is None))
         if writer is not None and writer.name in site_of:
             names.append(n.name)
-    return names
-
-
-def _erf_gelus(view: GraphView) -> list[str]:
-    """The nodes of every GELU written with Erf, x * 0.5 * (1 + erf(x / sqrt 2)) in any order of its
-    factors (how torch's exporters write `F.gelu` below opset 20): left in float, as int8fx computes them,
-    where onnxruntime fuses them into one Gelu. Quantized, each of its five ops rounded its output again
-    (timm's convnext_atto: 12 GELUs, 60 roundings between a conv site and the next)."""
-    names = []
-    for erf in view.graph.node:
-        if erf.op_type != "Erf":
-            continue
-        scaled = view.producer.get(erf.input[0])
-        if scaled is None or scaled.op_type not in ("Div", "Mul") or view.const(scaled.input[1]) is None:
-            continue
-        x, found, tensor = scaled.input[0], [scaled.name, erf.name], erf.output[0]
-        while len(view.consumers[tensor]) == 1 and view.consumers[tensor][0].op_type in ("Add", "Mul"):
-            op = view.consumers[tensor][0]
-            other = next((t for t in op.input if t != tensor), tensor)
-            half = view.producer.get(other)  # (x * 0.5, written first)
-            if op.op_type == "Mul" and half is not None and half.op_type == "Mul" and x in half.input \
-                    and any(view.const(t) is not None for t in half.input):
-                found += [half.name, op.name]
-                names += found
-                break
-            if op.op_type == "Mul" and other == x:
-                names += found + [op.name]
-                break
-            if view.const(other) is None:
-                break
-            found.append(op.name)
-            tensor = op.output[0]
     return names
 
 
