@@ -6,11 +6,12 @@ INT8 SGD steps on one random batch, then eval mode), with the default exporter:
             difference relative to the output's absmax, and whether it is within twice the model's own
             tie-flip sensitivity (`int8fx.onnx.check.tie_flip_sensitivity`), the bound `tests/test_onnx.py`
             holds its models to;
-  deploy    export (`--target`, portable by default) calibrated on that batch, and count in onnxruntime's optimized graph (ORT_ENABLE_ALL, CPU)
-            the sites whose every call runs in an INT8 kernel (QLinearConv, QGemm, ...); its difference from
-            `qmodel.eval()` is shown, not judged (the deploy form rounds where int8fx does not), and so is
-            the difference of `qmodel.eval()` inside `int8fx.deploy_numerics(qmodel, file)` (which adds the
-            file's roundings) from the file, or why the emulation refused the model.
+  deploy    export (`--target`, portable by default) calibrated on that batch, and count in onnxruntime's
+            optimized graph (ORT_ENABLE_ALL, CPU) the sites whose every call runs in an INT8 kernel
+            (QLinearConv, QGemm, ...); its difference from `qmodel.eval()` is shown, not judged (the
+            deploy form rounds where int8fx does not), and so is the difference of `qmodel.eval()` inside
+            `int8fx.deploy_numerics(qmodel, file)` (which adds the file's roundings) from the file, or why
+            the emulation refused the model.
 A row fails on an export error, a faithful file outside its bound, or a site left in float that the
 metadata does not explain (transposed convs, which onnxruntime has no integer kernel for, and weights
 computed from the input are listed, not failed).

@@ -140,7 +140,8 @@ def relus_on_codes(model) -> int:
         q = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
         if dq is None or q is None or dq.input[0] in view.inits or not _same_grid(view, dq, q):
             continue
-        replaced[id(q)] = helper.make_node("Clip", [dq.input[0], dq.input[2]], list(q.output), name=f"{relu.name}_codes")
+        replaced[id(q)] = helper.make_node("Clip", [dq.input[0], dq.input[2]], list(q.output),
+                                           name=f"{relu.name}_codes")
         dropped.add(id(relu))
         if len(view.consumers[dq.output[0]]) == 1:
             dropped.add(id(dq))
