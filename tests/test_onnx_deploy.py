@@ -1058,7 +1058,7 @@ class _ChannelsLayerNorm(nn.LayerNorm):
 ])
 def test_norms_stay_float_in_the_deploy_graph(norm, op_type, tmp_path):
     """A norm that is no BatchNorm folded into its conv is left out of onnxruntime's quantization
-    (`deploy.FLOAT_NORMS`): no integer kernel would run it, and its quantizer would round the norm's scale and
+    (`float_nodes.FLOAT_NORMS`): no integer kernel would run it, and its quantizer would round the norm's scale and
     shift to int8 with one scale per tensor (and failed on timm's resnet50_gn GroupNorms); so is the affine
     a GroupNorm is exported with (a Mul by gamma and an Add of beta after the InstanceNormalization), which
     int8fx computes in float too. The conv site before it still runs in INT8."""

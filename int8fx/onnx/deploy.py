@@ -33,11 +33,11 @@ a BatchNorm after it folded in (`int8_ops`): onnxruntime has no integer ConvTran
 float on the dequantized weights, as for its own quantizer's files (TensorRT takes Q/DQ deconvolutions in
 INT8); the metadata lists such sites (`sites_without_onnxruntime_int8_kernel`).
 
-What stays float, as in int8fx: what the model returns (`quantized.float_graph_outputs`: the quantizer would
-round the logits too), and every sigmoid gate x * sigmoid(g), SiLU and squeeze-excite (`_sigmoid_gates`),
-which reads float values (`quantized.float_ops_read_floats`) and INT8 logits over at most +-8
-(`quantized.cap_sigmoid_inputs`), and every op through which no activation reaches an INT8 site
-(`_beyond_sites`: a detector's box arithmetic and post-processing).
+What stays float, as in int8fx (`float_nodes`): what the model returns (`quantized.float_graph_outputs`: the
+quantizer would round the logits too), norms that fold into no conv, layer scales, every sigmoid gate
+x * sigmoid(g), SiLU and squeeze-excite, which reads float values (`quantized.float_ops_read_floats`) and
+INT8 logits over at most +-8 (`quantized.cap_sigmoid_inputs`), and every op through which no activation
+reaches an INT8 site (a detector's box arithmetic and post-processing).
 
 Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
 (where they feed an Add or a SiLU: an INT8 conv writes int8), biases are rounded to int32, and
@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from . import check, int8_ops, quantized
+from . import check, float_nodes, int8_ops, quantized
 from .calibrate import StaticSite
 from .errors import OnnxExportError
 from .graphs import (
@@ -101,16 +101,16 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     calls_found = Counter(site_of.values())
     view = GraphView(fp32)
     float_compute = [n.name for n in fp32.graph.node if n.op_type in COMPUTE_OPS and n.name not in site_of]
-    gates = _sigmoid_gates(view)
-    scales = _layer_scales(view, site_of)
+    gates = float_nodes.sigmoid_gates(view)
+    scales = float_nodes.layer_scales(view, site_of)
     overrides = _activation_overrides(view, site_of, statics)
     rewritten = int8_ops.before_quantization(fp32)
     clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
     feeds = _feeds(fp32, batches)
     float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
-    norms = _float_norms(GraphView(fp32))
-    beyond = _beyond_sites(GraphView(fp32), set(site_of))
+    norms = float_nodes.float_norms(GraphView(fp32))
+    beyond = float_nodes.beyond_sites(GraphView(fp32), set(site_of))
     kept_float = float_compute + gates + scales + norms + beyond
     clamps = _clamp_site_inputs(fp32, site_of, statics, overrides)
     model = _quantize(ortq, fp32, feeds, kept_float, overrides)
@@ -148,14 +148,6 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "sites_without_onnxruntime_int8_kernel": sorted(
                             {site for name, site in site_of.items() if view.nodes[name].op_type == "ConvTranspose"})}}
     return model, used, calls_meta, extra
-
-
-# normalizations left in float: onnxruntime has no integer kernel for them (it runs a quantized one as
-# DequantizeLinear, the float op, QuantizeLinear: the same passes), and its quantizer rounds their scale and shift
-# to int8 with one scale per tensor (a LayerNorm's, convnext; an identity branch's BatchNorm that nothing folds,
-# repvgg), which int8fx never does; quantizing an exported GroupNorm (InstanceNormalization between two Reshapes)
-# made the quantizer fail ("Quantization parameter shared mode is not supported for weight yet", resnet50_gn)
-FLOAT_NORMS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization")
 
 
 def _feeds(model, batches: list[tuple]) -> list[dict]:
@@ -286,95 +278,6 @@ def _drop_clamps(model, clamps: set[str]) -> None:
             r.input[:] = [source if t == n.output[0] else t for t in r.input]
         drop.add(id(n))
     set_nodes(model, [n for n in model.graph.node if id(n) not in drop])
-
-
-def _float_norms(view: GraphView) -> list[str]:
-    """The normalization nodes left in float (`FLOAT_NORMS`), with the per-channel affine a GroupNorm is
-    exported with: InstanceNormalization normalizes the groups (between two Reshapes), then a Mul by gamma
-    and an Add of beta, both constants. Quantized, that affine had gamma and beta rounded to int8 with one
-    scale per tensor and the normalized tensor rounded twice more, where int8fx keeps the whole GroupNorm
-    float (deploy_numerics refused such files); in float it is faster too (timm's resnet50_gn at 64 px: 3.70
-    against 4.37 ms at batch 1, RESULTS.md, session 22)."""
-    names = []
-    for n in view.graph.node:
-        if n.op_type not in FLOAT_NORMS:
-            continue
-        names.append(n.name)
-        tensor = n.output[0]
-        while n.op_type == "InstanceNormalization" and len(view.consumers[tensor]) == 1:
-            op = view.consumers[tensor][0]
-            if op.op_type not in ("Reshape", "Mul", "Add") or (op.op_type != "Reshape" and not any(
-                    view.const(t) is not None for t in op.input if t != tensor)):
-                break
-            names.append(op.name)
-            tensor = op.output[0]
-    return names
-
-
-def _layer_scales(view: GraphView, site_of: dict[str, str]) -> list[str]:
-    """Every Mul of an INT8 site's output (a MatMul's after its bias Add) by a constant: a layer scale
-    (ConvNeXt's gamma, per channel, trained from 1e-6). Left in float, as int8fx computes it: quantized,
-    gamma became int8 codes with one scale per tensor, which round a channel whose gamma is under 1/254 of
-    the largest to zero, and deploy_numerics refused such files."""
-    names = []
-    for n in view.graph.node:
-        if n.op_type != "Mul" or len(n.input) != 2:
-            continue
-        consts = [view.const(t) is not None for t in n.input]
-        if consts.count(True) != 1:
-            continue
-        writer = view.producer.get(n.input[consts.index(False)])
-        if writer is not None and writer.op_type == "Add" and any(view.const(t) is not None for t in writer.input):
-            writer = view.producer.get(next(t for t in writer.input if view.const(t) is None))
-        if writer is not None and writer.name in site_of:
-            names.append(n.name)
-    return names
-
-
-def _sigmoid_gates(view: GraphView) -> list[str]:
-    """The Sigmoid and Mul of every x * sigmoid(g): left in float, as int8fx computes them.
-      * SiLU/Swish (g = x): onnxruntime fuses the pair into one op (QuickGelu) between a DequantizeLinear and
-        a QuantizeLinear; quantized, x would feed two INT8 ops and need a re-quantizing fan-out (several
-        passes over the tensor) for each.
-      * A squeeze-excite gate (g from a pooled branch): quantized, the gate would be rounded to 1/127 and the
-        gated tensor to its calibrated range before the product is rounded again at the next site's scale.
-        In float only the product is rounded, at that site's scale, as in qmodel.eval(). On efficientnet_b0
-        (Fashion-MNIST, 1200 steps) top-1 agreement with qmodel.eval() went from 87.3% to 90.0% and top-1
-        from -5.3 to -3.4 points, at the same speed: the gate is a vector per image, and the product is one
-        float pass where an INT8 Mul was one too."""
-    names = []
-    for n in view.graph.node:
-        if n.op_type != "Mul" or len(n.input) != 2:
-            continue
-        for b in n.input:
-            sig = view.made_by(b, "Sigmoid")
-            if sig is not None and len(view.consumers[b]) == 1:
-                names += [sig.name, n.name]
-                break
-    return names
-
-
-# ops whose inputs after the first are positions, sizes or indices, not activations: a detector's RoiAlign
-# reads a feature map (input 0) at box coordinates (input 1), which are no INT8 site's activations
-_DATA_INPUT_FIRST = {"RoiAlign", "Resize", "Upsample", "Reshape", "Expand", "Tile", "Slice", "Pad", "Gather",
-                     "GatherElements", "GatherND", "TopK", "ScatterND", "ScatterElements"}
-
-
-def _beyond_sites(view: GraphView, sites: set[str]) -> list[str]:
-    """The nodes through which no activation reaches an INT8 site: a detector's box decoding and
-    post-processing, a segmentation head's final upsampling, whatever runs after the last sites. int8fx
-    computes them in float (`qmodel.eval()` does), so the deploy graph does too: quantized, a box
-    coordinate up to 320 rounds to 2.5 pixels, and onnxruntime 1.32 crashed (a segfault) running
-    fasterrcnn's box rescaling as QLinearMul on an image without detections (an empty tensor)."""
-    feeding: set[str] = set()
-    stack = [view.nodes[name].input[0] for name in sites]
-    while stack:
-        node = view.producer.get(stack.pop())
-        if node is None or node.name in feeding:
-            continue
-        feeding.add(node.name)
-        stack.extend(i for i in (node.input[:1] if node.op_type in _DATA_INPUT_FIRST else node.input) if i)
-    return [n.name for n in view.graph.node if n.name not in feeding and n.name not in sites]
 
 
 def _preserves_scale(view: GraphView, node) -> bool:
