@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
                              "eval-mode model")
     parser.add_argument("--target", choices=TARGETS, default="portable",
                         help="deploy form: 'portable' (default: every zero point 0, TensorRT's rule; onnxruntime "
-                             "runs it too) or 'onnxruntime' (uint8 activations, ReLUs folded into zero points, "
+                             "runs it too) or 'onnxruntime' (uint8 activations, ReLUs run on the codes, "
                              "one quantizer shared by a value's INT8 readers, which onnxruntime fuses into its "
                              "INT8 ops: faster there; TensorRT refuses it)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto",
