@@ -364,6 +364,76 @@ def test_dynamic_batch_runs_other_batch_sizes(exported):
     assert out.shape == (7, 5)
 
 
+class BranchesOnBatchSize(nn.Module):
+    """Code that special-cases a batch of one, which a traced graph with a symbolic batch cannot hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        if x.shape[0] == 1:
+            y = y * 2
+        return self.fc(y)
+
+
+class BatchStatistics(nn.Module):
+    """Rows that interact in eval mode (a norm on the batch's own statistics): batch-dependent by design, and
+    the exported ops follow the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.BatchNorm2d(8, track_running_stats=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["faithful", "deploy"])
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_code_that_branches_on_the_batch_size_is_refused_a_dynamic_batch(form, exporter, tmp_path):
+    """Exported from a batch of 4 with a symbolic batch, this model's file ran the batch-4 branch at batch 1,
+    silently (from a batch of 1, the dynamo exporter fixed the batch at 1 unasked). Now the export says why
+    and how; with dynamic_batch=False the file computes the model at the example's size."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(BranchesOnBatchSize()).eval()
+    path = str(tmp_path / "m.onnx")
+    for batch in (4, 1):
+        with pytest.raises(OnnxExportError, match=r"differently alone than in a batch of (4|2) \(output 0: .* of its "
+                           r"range apart\).*dynamic_batch=False"):
+            export_onnx(qm, torch.randn(batch, 3, 12, 12), path, form=form, exporter=exporter)
+        assert not os.path.exists(path)
+    x = torch.randn(1, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no running clips: the warning that says so)
+        export_onnx(qm, x, path, form=form, exporter=exporter, dynamic_batch=False)
+    out = _session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), (out, ref)  # the batch-1 branch (2x apart)
+
+
+def test_a_model_whose_rows_interact_keeps_its_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    qm = int8fx.convert(BatchStatistics()).eval()
+    path = str(tmp_path / "m.onnx")
+    x = torch.randn(4, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(qm, x, path)
+    session = _session(path)
+    for batch in (4, 2):
+        out = session.run(None, {"input": x[:batch].numpy()})[0]
+        with torch.no_grad():
+            ref = qm(x[:batch]).numpy()
+        assert out.shape == (batch, 4)
+        assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), (batch, out, ref)
+
+
 class TinyAttention(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -5,6 +5,7 @@
     standins.py      the modules that replace INT8 sites in the copy torch exports
     qdq_op.py        the faithful site as one torch op and its ONNX form for both exporters
     torch_export.py  torch.export-based or TorchScript exporter, errors that name the node
+    batch_size.py    no symbolic batch for a model that computes an input differently alone
     faithful.py      the QDQ graph equal to qmodel.eval()
     deploy.py        the graph runtimes run in INT8 (BatchNorm folded, int8/int32 initializers): how it is built
     emulate.py       deploy_numerics(): the model computes (and trains through) what its deploy file computes

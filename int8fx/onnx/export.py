@@ -44,12 +44,13 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         "ema" (`act_clip_ema` where set, else the calibration absmax). The deploy form also calibrates the
         tensors int8fx has no clip for (conv outputs feeding residual adds, ...) on these batches.
     calibration_data: more batches (tensors or tuples) for calibration.
-    dynamic_batch: make dimension 0 of every input and output symbolic.
+    dynamic_batch: make dimension 0 of every input and output symbolic. A model that computes an input
+        differently alone than in a batch (code that branches on the batch size) is refused then: its traced
+        graph holds one branch, and the file would be wrong at the other sizes.
     target (deploy form): "portable" (default: symmetric int8, every zero point 0, as TensorRT requires;
         onnxruntime runs it too) or "onnxruntime" (uint8 activations; the INT8 readers of a value share
-        one quantizer; each ReLU folded into the quantizer before it as a zero point, which onnxruntime
-        fuses into its INT8 convs: faster there, TensorRT refuses it, and a ReLU output above its site's
-        clip saturates at twice the clip instead of at it).
+        one quantizer; each ReLU between two quantizers of one grid runs as a Clip of the uint8 codes:
+        faster there, the same numbers, and TensorRT refuses it).
     lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
     Raises `OnnxExportError` (naming the node or site) when part of the model has no ONNX form or the
     graph lacks a site's Q/DQ pattern; ValueError for bad arguments and for a model holding NaN/inf weights or

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..nn.modules import Int8Layer, ModuleSite, float_call
 from ..nn.scope import no_fused_fastpath
+from .batch_size import refuse_batch_dependent_code
 from .calibrate import StaticSite
 from .qdq_op import conv_nd, conv_transpose_nd, dequantize_weight, qdq_gemm
 from .torch_export import clean, export_graph
@@ -184,14 +185,21 @@ def export_with_standins(qmodel: nn.Module, site_class: type, statics: dict[str,
                          args: tuple, *, exporter: str, opset: int, input_names, output_names, dynamic_batch: bool):
     """The first step of both forms: export a copy of `qmodel` whose calibrated sites are `site_class`
     stand-ins (FaithfulSite or FloatSite) and whose input-dependent sites are float.
+    With a dynamic batch, the copy must compute an input alone as it does in a batch
+    (`batch_size.refuse_batch_dependent_code`, on a copy with `FloatSite`s).
     Returns (ONNX model, exporter used, {site: calls in one forward}, input names)."""
-    def make(layer: Int8Layer):
-        if layer.site_name in statics:
-            return site_class(layer, statics[layer.site_name])
-        return DynamicFloatSite(layer) if layer.site_name in dynamic else None
+    def copy_with(cls: type) -> nn.Module:
+        def make(layer: Int8Layer):
+            if layer.site_name in statics:
+                return cls(layer, statics[layer.site_name])
+            return DynamicFloatSite(layer) if layer.site_name in dynamic else None
 
-    em = export_copy(qmodel, make)
+        return export_copy(qmodel, make)
+
+    em = copy_with(site_class)
     calls, n_out = probe(em, args)
+    if dynamic_batch:
+        refuse_batch_dependent_code(em if site_class is FloatSite else copy_with(FloatSite), args)
     in_names, out_names = io_names(args, n_out, input_names, output_names)
     model, used = export_graph(em, args, exporter=exporter, opset=opset, input_names=in_names,
                                output_names=out_names, dynamic_batch=dynamic_batch)
