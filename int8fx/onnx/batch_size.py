@@ -30,7 +30,7 @@ def refuse_batch_dependent_code(em: torch.nn.Module, args: tuple) -> None:
     `torch_export._dynamic_shapes`); a model without such an argument (a detector's list of images) is not
     checked. The batch compared is the example's, or for an example of one, the example twice."""
     first = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
-    if first is None:
+    if not first:  # (no tensor with a batch, or an empty one)
         return
     batched = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == first for a in args]
 
@@ -40,8 +40,11 @@ def refuse_batch_dependent_code(em: torch.nn.Module, args: tuple) -> None:
     alone = tuple(a[:1] if b else a for a, b in zip(args, batched))
     in_batch = rows(lambda r: r)
     others_changed = rows(lambda r: r.flip(-1) if r.dim() > 1 else r.flip(0))
-    with torch.no_grad(), no_fused_fastpath():
-        outs = [tree_flatten(em(*x)) for x in (in_batch, others_changed, alone)]
+    try:
+        with torch.no_grad(), no_fused_fastpath():
+            outs = [tree_flatten(em(*x)) for x in (in_batch, others_changed, alone)]
+    except Exception:  # (code that cannot run an input alone, or other rows: no comparison to make)
+        return
     (batch_out, spec), (changed_out, _), (alone_out, alone_spec) = outs
     if spec != alone_spec:  # (e.g. one dict per image: nothing to line up)
         return
