@@ -182,10 +182,12 @@ def test_export_failure_exits_1_and_leaves_no_file(tmp_path, capsys):
 def _bad_inputs(tmp_path, user_file):
     (tmp_path / "a_file.txt").write_text("x")
     torch.save({"not": "batches"}, tmp_path / "dict.pt")
+    os.mkfifo(tmp_path / "pipe")
     model = [f"{user_file}:build"]
     return {
         "missing directory": (model + ["-o", str(tmp_path / "nodir" / "x.onnx")], "does not exist"),
         "output is a directory": (model + ["-o", str(tmp_path)], "is a directory"),
+        "output is a pipe": (model + ["-o", str(tmp_path / "pipe")], "pipe: it is a pipe, and the file would replace it"),
         "parent is a file": (model + ["-o", str(tmp_path / "a_file.txt" / "x.onnx")], "does not exist"),
         "bad input shape": (model + ["-o", str(tmp_path / "x.onnx"), "--input-shape", "1,three,8"], "comma-separated integers"),
         "wrong channel count": (model + ["-o", str(tmp_path / "x.onnx"), "--input-shape", "1,4,6,6"],
@@ -210,7 +212,7 @@ def _bad_inputs(tmp_path, user_file):
 
 
 @pytest.mark.parametrize("case", [
-    "missing directory", "output is a directory", "parent is a file", "bad input shape", "wrong channel count",
+    "missing directory", "output is a directory", "output is a pipe", "parent is a file", "bad input shape", "wrong channel count",
     "opset 12", "opset too new", "dynamo below opset 18", "missing calibration file",
     "calibration file of the wrong kind", "calibration file that is not torch", "unknown form", "unknown target",
     "target of the faithful form", "missing -o",

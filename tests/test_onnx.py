@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -772,6 +773,22 @@ def test_file_is_written_with_the_process_umask(tmp_path):
     assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.onnx").stat().st_mode & 0o777 == 0o600
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]  # no temporary or external-data files
+
+
+def test_a_link_at_the_target_is_followed_and_a_device_or_pipe_is_not_replaced(tmp_path):
+    """`-o model.onnx` where model.onnx links to a release directory writes the release's file and keeps the
+    link (as `open` would); `-o /dev/null` (a pipe here) is refused rather than replaced by a regular file."""
+    qm = int8fx.convert(nn.Sequential(nn.Linear(4, 3))).eval()
+    (tmp_path / "release").mkdir()
+    os.symlink(tmp_path / "release" / "v1.onnx", tmp_path / "model.onnx")  # (dangling until written)
+    export_onnx(qm, torch.randn(2, 4), tmp_path / "model.onnx", exporter="torchscript")
+    assert os.path.islink(tmp_path / "model.onnx") and os.listdir(tmp_path / "release") == ["v1.onnx"]
+    assert read_onnx_metadata(str(tmp_path / "release" / "v1.onnx"))["layers"]
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="it is a pipe"):
+        export_onnx(qm, torch.randn(2, 4), tmp_path / "pipe", exporter="torchscript")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "pipe", "release"]
 
 
 @pytest.fixture(scope="module")
