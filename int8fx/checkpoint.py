@@ -7,7 +7,9 @@ Loading re-runs the conversion from `arch`, so it does not depend on the classes
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import sys
 
 import torch
 
@@ -20,21 +22,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .modelspec import load_converted
+    from .files import check_writable, write_atomically
+    from .modelspec import load_converted, read_checkpoint
     from .passes import conversion_of
     from .report import inspect
 
-    if os.path.isfile(args.model) and not args.arch:
-        saved = torch.load(args.model, map_location="cpu", weights_only=False)
-        arch = saved.get("arch") if isinstance(saved, dict) else None
-    else:
-        arch = args.arch or args.model
-    if arch is None:
-        print(f"int8fx convert: {args.model} does not say its architecture; pass --arch", flush=True)
+    try:  # (every bad input, the output path included, before the work)
+        check_writable(args.output)
+        arch = args.arch or (_arch_of(read_checkpoint(args.model), args.model) if os.path.isfile(args.model)
+                             else args.model)
+        qm, _, label = load_converted(args)
+    except ValueError as e:  # (ModelSpecError, OutputPathError, ConfigError)
+        print(f"int8fx convert: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    qm, _, label = load_converted(args)
+    buffer = io.BytesIO()
     torch.save({"arch": arch, "state_dict": qm.state_dict(), "int8fx_config": conversion_of(qm).config.to_dict()},
-               args.output)
+               buffer)
+    write_atomically(buffer.getvalue(), args.output)
     rep = inspect(qm)
     print(f"{label}: {len(rep.converted)}/{len(rep.layers)} conv/linear sites in INT8 -> {args.output}")
     return 0
+
+
+def _arch_of(saved, path: str) -> str:
+    """The MODEL string a checkpoint was built from: what this checkpoint format stores, so a checkpoint of a
+    whole pickled module (whose class may not be importable later) or a bare state_dict needs --arch."""
+    from .modelspec import ModelSpecError
+
+    arch = saved.get("arch") if isinstance(saved, dict) else None
+    if not isinstance(arch, str):
+        raise ModelSpecError(f"{path} does not say its architecture; pass --arch torchvision:NAME, timm:NAME or "
+                             "module:function")
+    return arch

@@ -186,11 +186,16 @@ def load_model(spec: str, arch: str | None = None) -> tuple[nn.Module, Any, tupl
                          "no such file")
 
 
-def _checkpoint(path: str, arch: str | None):
+def read_checkpoint(path: str) -> Any:
+    """What torch.save wrote to `path`, or ModelSpecError if it is not such a file."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ModelSpecError(f"{path}: not a torch.save checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _checkpoint(path: str, arch: str | None):
+    obj = read_checkpoint(path)
     if isinstance(obj, nn.Module):
         return obj, None, None, None
     if not isinstance(obj, dict):

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from torch.overrides import TorchFunctionMode
 
+from .files import check_writable, write_atomically
 from .nn.modules import Int8Layer
 from .nn.scope import no_fused_fastpath
 from .nn.twins import Rewritten, Routed
@@ -148,8 +149,7 @@ class Report:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            write_atomically((text + "\n").encode(), path)
         return text
 
     # ------------------------------------------------------------------ text
@@ -249,20 +249,26 @@ class Report:
         """
         if self._model is None:
             raise ValueError("save_graph() needs the report of a live model (int8fx.inspect(qm)), not one read from JSON")
+        fmt = graph_format(path, format)
         dot = graph_dot(self._model, self)
-        path = os.fspath(path)
-        fmt = (format or os.path.splitext(path)[1].lstrip(".") or "svg").lower()
-        if fmt in ("dot", "gv"):
-            with open(path, "w") as f:
-                f.write(dot.to_string())
-            return path
-        if shutil.which("dot") is None:
-            raise RuntimeError("save_graph() needs Graphviz's `dot` program for ." + fmt +
-                               " (apt-get install graphviz); or save as .dot")
-        data = dot.create(prog="dot", format=fmt)
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
+        data = dot.to_string().encode() if fmt in ("dot", "gv") else dot.create(prog="dot", format=fmt)
+        write_atomically(data, path)
+        return os.fspath(path)
+
+
+GRAPH_FORMATS = ("svg", "png", "pdf", "dot", "gv")
+
+
+def graph_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The picture's format (`format`, else the path's suffix, else svg), or ValueError before any work: a
+    format Graphviz cannot write, or one it needs `dot` for where `dot` is not installed."""
+    fmt = (format or os.path.splitext(os.fspath(path))[1].lstrip(".") or "svg").lower()
+    if fmt not in GRAPH_FORMATS:
+        raise ValueError(f"cannot draw the graph as .{fmt}: use .svg, .png, .pdf or .dot (Graphviz source)")
+    if fmt not in ("dot", "gv") and shutil.which("dot") is None:
+        raise ValueError(f"drawing the graph as .{fmt} needs Graphviz's `dot` program (apt-get install graphviz); "
+                         "or save it as .dot")
+    return fmt
 
 
 def _shape(shape) -> str:
@@ -571,12 +577,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .modelspec import ModelSpecError, load_converted
+    from .modelspec import load_converted
 
-    try:
+    try:  # (every bad input, output paths included, before the work)
+        if args.width is not None and args.width < 1:
+            raise ValueError(f"--width {args.width}: must be a positive number of columns")
+        for path in filter(None, (args.json, args.graph)):
+            check_writable(path)
+        if args.graph:
+            graph_format(args.graph)
         qm, example, label = load_converted(args)
-    except ModelSpecError as e:
-        print(f"int8fx inspect: {e}", file=sys.stderr)
+    except ValueError as e:  # (ModelSpecError, OutputPathError, ConfigError)
+        print(f"int8fx inspect: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     rep = inspect(qm, example, name=label)
     print(rep.render(width=args.width))

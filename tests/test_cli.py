@@ -230,6 +230,35 @@ def test_every_bad_input_is_one_line_exit_2_and_no_file(case, tmp_path, user_fil
     assert set(os.listdir(tmp_path)) == before  # nothing written, no temporary file left
 
 
+_CONVERT_AND_INSPECT_BAD_INPUTS = {
+    "convert: output is a directory": (["convert", "{model}", "-o", "{tmp}"], "is a directory"),
+    "convert: missing directory": (["convert", "{model}", "-o", "{tmp}/nodir/x.pt"], "does not exist"),
+    "convert: unknown model": (["convert", "torchvision:resnet5", "-o", "{tmp}/x.pt"], "did you mean"),
+    "convert: not a checkpoint": (["convert", "{tmp}/a_file.txt", "-o", "{tmp}/x.pt"], "not a torch.save checkpoint"),
+    "convert: a state_dict without its architecture": (["convert", "{tmp}/state.pt", "-o", "{tmp}/x.pt"],
+                                                       "pass --arch"),
+    "inspect: json in a missing directory": (["inspect", "{model}", "--json", "{tmp}/nodir/r.json"], "does not exist"),
+    "inspect: graph is a directory": (["inspect", "{model}", "--graph", "{tmp}"], "is a directory"),
+    "inspect: graph format": (["inspect", "{model}", "--graph", "{tmp}/g.xyz"], "cannot draw the graph as .xyz"),
+    "inspect: width": (["inspect", "{model}", "--width", "-5"], "--width -5: must be a positive number"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CONVERT_AND_INSPECT_BAD_INPUTS))
+def test_convert_and_inspect_say_a_bad_input_in_one_line_exit_2_and_write_nothing(case, tmp_path, user_file, capsys):
+    """As `int8fx export` does: a bad output path is found before the work, not by a traceback after it."""
+    (tmp_path / "a_file.txt").write_text("x")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "state.pt")
+    argv, message = _CONVERT_AND_INSPECT_BAD_INPUTS[case]
+    argv = [a.format(model=f"{user_file}:build", tmp=tmp_path) for a in argv]
+    before = set(os.listdir(tmp_path))
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"int8fx {argv[0]}: ") and err.count("\n") == 1 and message in err, err
+    assert set(os.listdir(tmp_path)) - {"__pycache__"} == before - {"__pycache__"}
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_directory_is_a_bad_input(tmp_path, user_file, capsys):
     ro = tmp_path / "ro"

@@ -15,7 +15,6 @@
     graphs.py        reading a graph; finding each site's node by its INT8 weights
     check.py         verification of a built graph; what onnxruntime runs
     metadata.py      the metadata schema, validation, read_onnx_metadata
-    files.py         all-or-nothing file writing with the process umask
     cli.py           `int8fx export`
 """
 from .emulate import DeployNumericsError, deploy_numerics

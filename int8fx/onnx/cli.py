@@ -60,7 +60,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..modelspec import ModelSpecError, load_converted
     from .export import export_onnx
-    from .files import check_writable
+    from ..files import check_writable
 
     try:
         check_writable(args.output)

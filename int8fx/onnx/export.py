@@ -14,13 +14,13 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ..files import check_writable, write_atomically
 from ..observe import as_args, to_device
 from ..passes import conversion_of, sites_of
 from ..quant.core import QMAX
 from . import check, metadata
 from .calibrate import CALIBRATIONS, calibrate, find_input_dependent, static_sites
 from .errors import OnnxExportError
-from .files import check_writable, serialize, write_atomically
 from .torch_export import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, max_opset, resolve_exporter
 
 
@@ -128,7 +128,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     metadata.attach(model, meta)
     check.full_check(model)
     metadata.validate(json.loads(metadata.dumps(meta)), model, "the exported model")
-    write_atomically(serialize(model), path)
+    write_atomically(_serialize(model), path)
     return json.loads(metadata.dumps(meta))
 
 
@@ -174,3 +174,11 @@ def _check_transposed_sites(sites, form: str) -> None:
     if grouped:
         raise OnnxExportError(f"grouped INT8 transposed convolution site(s) {', '.join(grouped)} have no ONNX form: "
                               "convert with Int8Config(exclude=[...]) naming them to export them in FP32")
+
+
+def _serialize(model) -> bytes:
+    """The model as one protobuf; a model over protobuf's 2 GB limit cannot be one file."""
+    try:
+        return model.SerializeToString()
+    except ValueError as e:
+        raise ValueError(f"the ONNX model is too large for a single file (protobuf limit 2 GB): {e}") from e

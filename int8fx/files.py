@@ -1,4 +1,4 @@
-"""Write an ONNX file all at once or not at all.
+"""Write an output file (an ONNX model, a checkpoint, a report) all at once or not at all.
 
 The bytes go to a hidden temporary file beside the target, created with mode 0666 so the process umask
 decides the final permissions (as for any file the user's tools write; `tempfile.mkstemp` would leave
@@ -17,20 +17,24 @@ _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")
           (stat.S_ISSOCK, "a socket"))
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message says why (checked before any work is done)."""
+
+
 def check_writable(path: str | os.PathLike) -> str:
-    """The absolute target path, or ValueError saying why it cannot be written (checked before any work)."""
+    """The absolute target path, or OutputPathError saying why it cannot be written."""
     path = os.path.realpath(os.fspath(path))  # (a link's target is the file written)
     directory = os.path.dirname(path)
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; give a file name such as {os.path.join(path, 'model.onnx')}")
+        raise OutputPathError(f"{path} is a directory; give a file name in it")
     if os.path.exists(path) and not os.path.isfile(path):
         mode = os.stat(path).st_mode
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise ValueError(f"cannot write {path}: it is {kind}, and the file would replace it; give a file name")
+        raise OutputPathError(f"cannot write {path}: it is {kind}, and the file would replace it; give a file name")
     if not os.path.isdir(directory):
-        raise ValueError(f"cannot write {path}: directory {directory} does not exist")
+        raise OutputPathError(f"cannot write {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: directory {directory} is not writable")
+        raise OutputPathError(f"cannot write {path}: directory {directory} is not writable")
     return path
 
 
@@ -47,11 +51,3 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def serialize(model) -> bytes:
-    """The model as one protobuf; a model over protobuf's 2 GB limit cannot be one file."""
-    try:
-        return model.SerializeToString()
-    except ValueError as e:
-        raise ValueError(f"the ONNX model is too large for a single file (protobuf limit 2 GB): {e}") from e
