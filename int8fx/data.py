@@ -1,7 +1,7 @@
 """Real data that ships with a package, so nothing is downloaded at run time (DATA.md).
 
 Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (IDX files); scikit-learn's digits
-ship inside its wheel. Search order for Fashion-MNIST: an explicit path, $INT8FX_DATA, the Debian location.
+ship inside its wheel. Where Fashion-MNIST is read from: an explicit path, else $INT8FX_DATA, else the Debian location.
 """
 from __future__ import annotations
 
@@ -28,15 +28,20 @@ class DataNotFound(FileNotFoundError):
 
 
 def find_fashion_mnist(path: str | os.PathLike | None = None) -> Path:
-    candidates = [Path(p) for p in (path, os.environ.get("INT8FX_DATA")) if p] + [DEBIAN_FASHION_MNIST]
-    for c in candidates:
-        for d in (c, c / "fashion-mnist", c / "FashionMNIST" / "raw"):
-            if all((d / f).exists() for f in _FILES["train"] + _FILES["test"]):
-                return d
+    """The folder holding the four IDX files: in `path` if given, else in $INT8FX_DATA if set, else in the
+    Debian package's folder. A folder the user named is the only one looked in: a copy elsewhere would be
+    other data than the one asked for, trained on without a word."""
+    named = path or os.environ.get("INT8FX_DATA")
+    root = Path(named) if named else DEBIAN_FASHION_MNIST
+    for d in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw"):
+        if all((d / f).exists() for f in _FILES["train"] + _FILES["test"]):
+            return d
+    where = ("--data" if path else "$INT8FX_DATA") if named else "the Debian package's folder"
     raise DataNotFound(
-        "Fashion-MNIST not found (looked in: " + ", ".join(str(c) for c in candidates) + "). Install it with\n"
+        f"Fashion-MNIST not found in {root} ({where}): it needs the four IDX .gz files ("
+        + ", ".join(_FILES["train"] + _FILES["test"]) + "). Install them with\n"
         "    apt-get update && apt-get install -y dataset-fashion-mnist\n"
-        "or pass --data / set INT8FX_DATA to a folder holding the four IDX .gz files.")
+        "or pass --data / set INT8FX_DATA to a folder holding them.")
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:

@@ -51,3 +51,19 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_folder_writable(path: str | os.PathLike) -> str:
+    """The absolute path of an output folder that exists or can be made, or OutputPathError saying why not:
+    a file in its place, or no writable folder to make it in (checked before any work)."""
+    path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputPathError(f"cannot write into {path}: it is not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputPathError(f"cannot make the folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write into {path}: {existing} is not writable")
+    return path

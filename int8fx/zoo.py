@@ -222,10 +222,15 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, width: f
     return torchvision_model(key.removeprefix("tv:"), num_classes, in_channels, size)
 
 
-def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 1, size: int | None = None) -> ZooModel:
-    """A torchvision classification model with random weights, `num_classes` outputs and its first conv
-    rebuilt for `in_channels` (so grayscale images go in as they are). If the model has no 3-channel
-    first conv to rebuild, it keeps 3 channels and `ZooModel.channels` says the data must be replicated."""
+def check_model_name(name: str) -> None:
+    """ValueError unless `build_model` knows `name`, without building it (the CLI asks before any run)."""
+    key = name.lower()
+    if key not in OWN_MODELS:
+        _torchvision_models_with(key.removeprefix("tv:"))
+
+
+def _torchvision_models_with(name: str):
+    """torchvision.models, or ValueError if it has no classification model `name` (or is not installed)."""
     try:
         import torchvision.models as tvm
     except ImportError as e:  # pragma: no cover - torchvision is a dev dependency
@@ -235,6 +240,14 @@ def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 1, si
     if name not in available:
         raise ValueError(f"unknown model {name!r}: choose one of int8fx's ({', '.join(OWN_MODELS)}) or a torchvision "
                          f"classification model ({', '.join(available[:8])}, ... {len(available)} in all)")
+    return tvm
+
+
+def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 1, size: int | None = None) -> ZooModel:
+    """A torchvision classification model with random weights, `num_classes` outputs and its first conv
+    rebuilt for `in_channels` (so grayscale images go in as they are). If the model has no 3-channel
+    first conv to rebuild, it keeps 3 channels and `ZooModel.channels` says the data must be replicated."""
+    tvm = _torchvision_models_with(name)
     builder = tvm.get_model_builder(name)
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     params = _inspect.signature(builder).parameters

@@ -76,6 +76,44 @@ def test_rounding_option_reaches_every_int8_layer():
     assert len(layers) == 5 and all(m.config.rounding == "nearest" and m.config.seed == 1 for m in layers)
 
 
+_TRAIN_BAD_INPUTS = {
+    "unknown model": (["--model", "resnet5"], "unknown model 'resnet5'"),
+    "batch size 0": (["--batch-size", "0"], "batch_size 0 (takes a whole number >= 1)"),
+    "negative epochs": (["--epochs", "-1"], "epochs -1.0 (takes a number > 0)"),
+    "negative learning rate": (["--lr", "-0.1"], "lr -0.1 (takes a number >= 0)"),
+    "NaN learning rate": (["--lr", "nan"], "lr nan"),
+    "no evaluation": (["--evals", "0"], "evals 0"),
+    "more images than the split": (["--train-subset", "70000"], "train_subset 70000 (takes 1 to 60000 images)"),
+    "seeds that are not numbers": (["--seeds", "a,b"], "--seeds 'a,b': expected comma-separated whole numbers"),
+    "no jobs": (["--jobs", "0"], "--jobs 0: must be a whole number >= 1"),
+    "output folder is a file": (["--out", "{tmp}/a_file"], "it is not a folder"),
+    "output folder under a file": (["--out", "{tmp}/a_file/run"], "a_file is a file"),
+    "a data folder without the data": (["--data", "{tmp}/empty"], "Fashion-MNIST not found in"),
+}
+
+
+@pytest.mark.parametrize("case", list(_TRAIN_BAD_INPUTS))
+def test_train_refuses_a_bad_input_before_any_run(case, tmp_path, capsys):
+    """Found before the first run and said as `int8fx train: ...`, exit 2, nothing written: not a traceback
+    from inside every run, nor a run that trains nothing (or on other data than the folder named) and
+    reports it."""
+    from int8fx.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    argv, message = _TRAIN_BAD_INPUTS[case]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "run")]
+    before = sorted(tmp_path.rglob("*"))
+    rc = main(["train", "--runs", "fp32", "--max-steps", "1", "--evals", "1", "--test-subset", "10", "--width", "4",
+               "--threads", "1", "--progress", "none", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("int8fx train: ") and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_parse_runs_validates_names():
     names = int8fx.quant.grad_quantizer_names()
     assert T.parse_runs("fp32, per-tensor,fp32") == [(None, False, None), ("per-tensor", False, None)]

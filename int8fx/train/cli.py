@@ -19,7 +19,7 @@ import torch
 from .ablation import ABLATION_SEEDS, ablation_folder, ablation_runs
 from .presets import PRESETS, preset_runs
 from .progress import LineProgress, TqdmProgress
-from .recipe import DCLRS_SUFFIX, ROUNDING_SEP, Recipe, dclrs_available, parse_runs
+from .recipe import AUGMENTS, DCLRS_SUFFIX, ROUNDING_SEP, TRAIN_IMAGES, Recipe, dclrs_available, parse_runs
 from .report import write_outputs
 from .runner import RunsFailed, run_experiment
 from .store import RunStore, StoreMismatch
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (SGD, Nesterov momentum 0.9, warmup + cosine)")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--augment", choices=("none", "flip", "flip+crop"))
+    p.add_argument("--augment", choices=AUGMENTS)
     p.add_argument("--evals", type=int, help="test evaluations per run (curve points)")
     p.add_argument("--rounding", choices=("stochastic", "nearest"), help="gradient rounding of the INT8 runs "
                                                                         "(default: stochastic, as Int8Config)")
@@ -103,10 +103,25 @@ def recipe_from_args(args) -> tuple[Recipe, tuple, tuple, int]:
         raise ValueError("--ablation trains every policy with both roundings ('gvq' and 'gvq:nearest'); "
                          "--rounding would make them the same runs: choose runs with --runs instead")
     runs = tuple(args.runs.split(",")) if args.runs else ablation_runs() if ablation else preset_runs(args.preset)
-    seeds = (tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds
-             else ABLATION_SEEDS if ablation else preset["seeds"])
+    seeds = _seeds(args.seeds) if args.seeds else ABLATION_SEEDS if ablation else preset["seeds"]
     jobs = args.jobs if args.jobs is not None else preset["jobs"]
+    for name, value in (("--jobs", jobs), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value}: must be a whole number >= 1")
+    from ..zoo import check_model_name
+
+    check_model_name(recipe.model)
     return recipe, runs, seeds, jobs
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated whole numbers such as 0,1,2") from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: no seed given")
+    return seeds
 
 
 def run(args) -> int:
@@ -130,15 +145,17 @@ def run(args) -> int:
     else:
         out = Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     from ..data import DataNotFound, find_fashion_mnist
+    from ..files import check_folder_writable
 
     try:
+        check_folder_writable(out)
         find_fashion_mnist(args.data)
-    except DataNotFound as e:
+    except (DataNotFound, ValueError) as e:
         print(f"int8fx train: {e}", file=sys.stderr)
         return 2
     what = f"ablation of {ablation}" if ablation else preset_name(args)
     print(f"int8fx train ({what}): {recipe.model} on Fashion-MNIST, runs {', '.join(runs)}, seeds "
-          f"{', '.join(map(str, seeds))}, {recipe.epochs:g} epochs on {recipe.train_subset or 60000} images, "
+          f"{', '.join(map(str, seeds))}, {recipe.epochs:g} epochs on {recipe.train_subset or TRAIN_IMAGES} images, "
           f"device {device}, {jobs} job(s); writing to {out}", file=sys.stderr)
     mode = args.progress
     if mode == "auto":

@@ -9,12 +9,15 @@ of `int8fx.train` imports without pulling in the training loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 FP32 = "fp32"
 DCLRS_SUFFIX = "+dclrs"
 ROUNDING_SEP = ":"
+AUGMENTS = ("none", "flip", "flip+crop")
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # Fashion-MNIST's splits
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,46 @@ class Recipe:
     rounding: str = "stochastic"  # Int8Config.rounding of the INT8 runs' gradients (a RunSpec may override it)
     fp32_ends: bool = False
     end_bn: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse a recipe no run can train, naming the field and what it takes, before any run starts (a
+        batch size of 0 or a negative learning rate would otherwise fail inside every run, and a negative
+        epoch count would train nothing and report it)."""
+        from ..config import ROUNDINGS
+
+        def number(v, low, high=math.inf, low_open=False, high_open=False):
+            return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+
+        def whole(v, low, high=math.inf):
+            return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+        checks = (
+            ("width", self.width is None or number(self.width, 0, low_open=True), "a number > 0"),
+            ("size", self.size is None or whole(self.size, 1), "a whole number >= 1"),
+            ("epochs", number(self.epochs, 0, low_open=True), "a number > 0"),
+            ("train_subset", self.train_subset is None or whole(self.train_subset, 1, TRAIN_IMAGES),
+             f"1 to {TRAIN_IMAGES} images"),
+            ("test_subset", self.test_subset is None or whole(self.test_subset, 1, TEST_IMAGES),
+             f"1 to {TEST_IMAGES} images"),
+            ("batch_size", whole(self.batch_size, 1), "a whole number >= 1"),
+            ("lr", number(self.lr, 0), "a number >= 0"),
+            ("momentum", number(self.momentum, 0, 1, high_open=True), "a number in [0, 1)"),
+            ("weight_decay", number(self.weight_decay, 0), "a number >= 0"),
+            ("warmup", number(self.warmup, 0, 1), "a fraction of the steps in [0, 1]"),
+            ("label_smoothing", number(self.label_smoothing, 0, 1, high_open=True), "a number in [0, 1)"),
+            ("augment", self.augment in AUGMENTS, " or ".join(AUGMENTS)),
+            ("evals", whole(self.evals, 1), "a whole number >= 1"),
+            ("eval_subset", self.eval_subset is None or whole(self.eval_subset, 1, TEST_IMAGES),
+             f"1 to {TEST_IMAGES} images"),
+            ("log_every", whole(self.log_every, 1), "a whole number >= 1"),
+            ("max_steps", self.max_steps is None or whole(self.max_steps, 1),
+             "a whole number >= 1"),
+            ("rounding", self.rounding in ROUNDINGS, " or ".join(ROUNDINGS)),
+        )
+        bad = [f"{name} {getattr(self, name)!r} (takes {takes})" for name, ok, takes in checks if not ok]
+        if bad:
+            raise ValueError("a recipe no run can train: " + "; ".join(bad))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
