@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import positive_int
 from .config import Int8Config
 from .passes import convert
 
@@ -103,11 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchvision model names (random init, 10 classes, 3 x size x size inputs) or int8fx's "
                              "own zoo models (1x28x28, e.g. smallcnn: the quick preset's); default: resnet18 "
                              "mobilenet_v2 smallcnn")
-    parser.add_argument("--batch", type=int, default=16, help="batch size of torchvision models (default 16)")
-    parser.add_argument("--zoo-batch", type=int, default=128,
+    parser.add_argument("--batch", type=positive_int, default=16, help="batch size of torchvision models (default 16)")
+    parser.add_argument("--zoo-batch", type=positive_int, default=128,
                         help="batch size of int8fx's own models (default 128, the quick preset's)")
-    parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
-    parser.add_argument("--reps", type=int, default=10, help="timed steps per variant (default 10)")
+    parser.add_argument("--size", type=positive_int, default=64, help="input height and width (default 64)")
+    parser.add_argument("--reps", type=positive_int, default=10, help="timed steps per variant (default 10)")
     parser.add_argument("--policy", nargs="+", default=[Int8Config().grad_quant, "per-tensor"],
                         choices=grad_quantizer_names(), help="gradient policies to time, one int8fx row each")
     parser.add_argument("--rounding", nargs="+", default=[], choices=("stochastic", "nearest"),
@@ -115,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", nargs="+", default=["auto"], choices=("auto", "torch", "reference"),
                         help="GEMM backend(s) of the int8fx rows (default auto: what the probe picked, see the "
                              "header); 'reference' times the path a CPU without int8 dot products runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-fx-qat", action="store_true", help="skip the torch.ao FX QAT baseline")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and input in channels-last memory format (every variant, FP32 too), "
@@ -140,32 +141,37 @@ def _model_and_input(name: str, args: argparse.Namespace) -> tuple[nn.Module, to
     return model, torch.randn(args.batch, 3, args.size, args.size)
 
 
-def _unknown(names) -> list[str]:
-    import torchvision
-
-    from .zoo import OWN_MODELS
-
-    known = set(torchvision.models.list_models(module=torchvision.models)) | set(OWN_MODELS)
-    return [n for n in names if n.lower() not in known]
-
-
 def run(args: argparse.Namespace) -> int:
-    from .zoo import OWN_MODELS
+    from .zoo import check_model_name
 
-    unknown = _unknown(args.models)
-    if unknown:
-        print(f"int8fx bench: unknown model(s) {', '.join(unknown)}: a torchvision classification model or one of "
-              f"int8fx's own ({', '.join(OWN_MODELS)})", file=sys.stderr)
+    try:  # (every bad input before the first timing)
+        for name in args.models:
+            check_model_name(name)
+        models = [(name, *_model_and_input(name, args)) for name in args.models]
+        for name, model, x in models:
+            _preflight(name, model, x)
+    except ValueError as e:
+        print(f"int8fx bench: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     print(header(args.batch, args.size, args.reps))
     print("\n".join(TABLE_HEAD))
-    for name in args.models:
-        model, x = _model_and_input(name, args)
+    for name, model, x in models:
         if args.channels_last:
             model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (x.shape[0],))
         r = compare(model, x, y, args.policy, args.reps, not args.no_fx_qat, tuple(args.rounding), tuple(args.backend))
         print("\n".join(table(name, r)), flush=True)
     return 0
+
+
+def _preflight(name: str, model: nn.Module, x: torch.Tensor) -> None:
+    """One eval-mode forward: an input size the model cannot take is a bad input, said in one line."""
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    except Exception as e:  # the model's own error says what it wanted
+        raise ValueError(f"{name} cannot run on an input of shape {tuple(x.shape)}: {e}") from None
+    finally:
+        model.train()

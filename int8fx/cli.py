@@ -1,8 +1,9 @@
 """The `int8fx` command line (also `python -m int8fx`).
 
 Each subcommand lives with the code it drives: a module exposing `add_arguments(parser)` and
-`run(args) -> int`. This file only maps names to those modules and imports them lazily, so
-`int8fx --help` stays fast and one subcommand's dependencies never break another.
+`run(args) -> int`. This file maps names to those modules and imports them lazily, so
+`int8fx --help` stays fast and one subcommand's dependencies never break another; and it holds the one
+argument type they share (`positive_int`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a batch, a size, a count of steps or threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
 
 
 def _unavailable(e: Exception) -> int:

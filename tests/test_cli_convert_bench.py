@@ -1,4 +1,5 @@
 """`int8fx convert` round-trips through a checkpoint; `int8fx bench` prints one row per variant."""
+import pytest
 import torch
 
 from int8fx.cli import main
@@ -41,3 +42,24 @@ def test_bench_unknown_model_is_one_line_and_exit_2(capsys):
     assert main(["bench", "resnet_nonexistent", "--reps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "resnet_nonexistent" in err[0] and "smallcnn" in err[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--reps", "0"], "argument --reps: '0': must be >= 1"),
+    (["--zoo-batch", "0"], "argument --zoo-batch: '0': must be >= 1"),
+    (["--threads", "-2"], "argument --threads: '-2': must be >= 1"),
+    (["--size", "two"], "argument --size: 'two' is not a whole number"),
+])
+def test_bench_refuses_counts_below_one(argv, message, capsys):
+    """Not a traceback after the FP32 row (`--reps 0`: no median), nor a timed empty batch (`--zoo-batch 0`)."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "smallcnn", "--no-fx-qat", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_an_input_the_model_cannot_take_is_one_line_before_any_timing(capsys):
+    assert main(["bench", "smallcnn", "inception_v3", "--size", "8", "--reps", "1", "--no-fx-qat"]) == 2
+    captured = capsys.readouterr()
+    assert "| smallcnn" not in captured.out
+    assert captured.err.strip().splitlines()[-1].startswith(
+        "int8fx bench: inception_v3 cannot run on an input of shape (16, 3, 8, 8)")
