@@ -79,7 +79,7 @@ class Int8Config:
     def __post_init__(self) -> None:
         from .quant import grad_quantizer_names  # late: quant registers policies on import
 
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", _patterns(self.exclude))
         _choice("grad_quant", self.grad_quant, grad_quantizer_names())
         _choice("rounding", self.rounding, ROUNDINGS)
         _choice("backend", self.backend, BACKENDS)
@@ -137,3 +137,16 @@ class Int8Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _patterns(exclude) -> tuple:
+    """`exclude` as a tuple: one pattern or type given alone is one item, not (for a string) one pattern
+    per character, which would exclude nothing without a word."""
+    if exclude is None:
+        return ()
+    if isinstance(exclude, (str, type)):
+        return (exclude,)
+    try:
+        return tuple(exclude)
+    except TypeError:
+        raise ConfigError(f"Int8Config.exclude holds name patterns (str) or nn.Module types, got {exclude!r}") from None

@@ -139,6 +139,13 @@ def test_exclude_and_overrides():
     assert "torch.nn.modules.linear.Linear" in by_type.to_dict()["overrides"]
     with pytest.raises(int8fx.ConfigError, match="types"):
         int8fx.Int8Config(overrides={3: {"grad_quant": "dsgc"}})
+    # one pattern or type given alone is that one item (a string is not a pattern per character)
+    assert int8fx.Int8Config(exclude="conv1").exclude == ("conv1",)
+    assert int8fx.Int8Config(exclude=nn.Linear).exclude == (nn.Linear,)
+    alone = {r.name: r for r in int8fx.inspect(int8fx.convert(m, int8fx.Int8Config(exclude="layer4.*"))).layers}
+    assert not alone["layer4.0.conv1"].converted and alone["layer3.0.conv1"].converted
+    with pytest.raises(int8fx.ConfigError, match="name patterns"):
+        int8fx.Int8Config(exclude=3)
 
 
 def test_config_errors_list_valid_values():
