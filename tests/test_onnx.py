@@ -775,6 +775,22 @@ def test_file_is_written_with_the_process_umask(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]  # no temporary or external-data files
 
 
+@pytest.mark.parametrize("exporter", exporters("torchscript", "dynamo"))
+def test_input_and_output_names_name_each_tensor_or_are_refused(exporter, tmp_path):
+    """One name given as a string names the one input (not one input per character, of which torch used the
+    first); a list that does not name every input or output is refused before anything is written."""
+    qm = int8fx.convert(nn.Sequential(nn.Linear(4, 3))).eval()
+    export_onnx(qm, torch.randn(2, 4), tmp_path / "a.onnx", exporter=exporter, input_names="features",
+                output_names=["logits"])
+    graph = onnx.load(tmp_path / "a.onnx").graph
+    assert [i.name for i in graph.input] == ["features"] and [o.name for o in graph.output] == ["logits"]
+    for names in (dict(input_names=["a", "b"]), dict(output_names=[]), dict(output_names=["", ]),
+                  dict(input_names=[3])):
+        with pytest.raises(ValueError, match="give one distinct, non-empty name for each"):
+            export_onnx(qm, torch.randn(2, 4), tmp_path / "b.onnx", exporter=exporter, **names)
+    assert os.listdir(tmp_path) == ["a.onnx"]
+
+
 def test_a_link_at_the_target_is_followed_and_a_device_or_pipe_is_not_replaced(tmp_path):
     """`-o model.onnx` where model.onnx links to a release directory writes the release's file and keeps the
     link (as `open` would); `-o /dev/null` (a pipe here) is refused rather than replaced by a regular file."""

@@ -208,8 +208,20 @@ def export_with_standins(qmodel: nn.Module, site_class: type, statics: dict[str,
 
 
 def io_names(args: tuple, n_out: int, input_names, output_names) -> tuple[list[str], list[str]]:
-    """"input"/"output" for one of each, else "input0", "input1", ... unless the caller named them."""
+    """"input"/"output" for one of each, else "input0", "input1", ... unless the caller named them: one name
+    alone (a string) names the one input or output, and a list must name each of them (torch's exporters
+    would name the first few and number the rest, or drop the extra names, without a word)."""
     n_in = sum(hasattr(a, "shape") for a in args)
-    ins = list(input_names or [f"input{i}" if n_in > 1 else "input" for i in range(n_in)])
-    outs = list(output_names or [f"output{i}" if n_out > 1 else "output" for i in range(n_out)])
+    ins = _names("input", input_names, n_in)
+    outs = _names("output", output_names, n_out)
     return ins, outs
+
+
+def _names(kind: str, given, n: int) -> list[str]:
+    if given is None:
+        return [f"{kind}{i}" if n > 1 else kind for i in range(n)]
+    names = [given] if isinstance(given, str) else list(given)
+    if len(names) != n or not all(isinstance(x, str) and x for x in names) or len(set(names)) != len(names):
+        raise ValueError(f"{kind}_names={given!r}: the model has {n} tensor {kind}(s); give one distinct, non-empty "
+                         f"name for each")
+    return names
