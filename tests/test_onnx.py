@@ -775,6 +775,21 @@ def test_file_is_written_with_the_process_umask(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]  # no temporary or external-data files
 
 
+def test_a_tensor_as_calibration_data_is_one_batch(tmp_path):
+    """As the CLI reads a saved tensor: one batch of 16 images, not 16 batches of one image without its
+    batch dimension (which raised a bare 'Boolean value of Tensor ... is ambiguous')."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))).eval()
+    x, images = torch.randn(2, 3, 8, 8), 3 * torch.randn(16, 3, 8, 8)
+    kw = dict(exporter="torchscript", calibration="inputs")
+    alone = export_onnx(qm, x, tmp_path / "a.onnx", calibration_data=images, **kw)
+    listed = export_onnx(qm, x, tmp_path / "b.onnx", calibration_data=[images], **kw)
+    assert alone == listed and alone["calibration"]["batches"] == 2
+    assert alone != export_onnx(qm, x, tmp_path / "c.onnx", **kw)  # (the images' larger range is calibrated)
+    with pytest.raises(ValueError, match="calibration_data must be a tensor"):
+        export_onnx(qm, x, tmp_path / "d.onnx", calibration_data=5, **kw)
+
+
 @pytest.mark.parametrize("exporter", exporters("torchscript", "dynamo"))
 def test_input_and_output_names_name_each_tensor_or_are_refused(exporter, tmp_path):
     """One name given as a string names the one input (not one input per character, of which torch used the

@@ -43,7 +43,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         set it, else the calibration absmax), "inputs" (absmax over example_inputs and calibration_data) or
         "ema" (`act_clip_ema` where set, else the calibration absmax). The deploy form also calibrates the
         tensors int8fx has no clip for (conv outputs feeding residual adds, ...) on these batches.
-    calibration_data: more batches (tensors or tuples) for calibration.
+    calibration_data: more batches (tensors or tuples) for calibration; a tensor alone is one batch.
     dynamic_batch: make dimension 0 of every input and output symbolic. A model that computes an input
         differently alone than in a batch (code that branches on the batch size) is refused then: its traced
         graph holds one branch, and the file would be wrong at the other sizes.
@@ -82,7 +82,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     sites = sites_of(qmodel)
     _check_transposed_sites(sites, form)
     args = as_args(example_inputs)
-    batches = [args] + [as_args(b) for b in (calibration_data or [])]
+    batches = [args] + [as_args(b) for b in _batches(calibration_data)]
     cal = calibrate(qmodel, batches)
     find_input_dependent(qmodel, args, cal)
     statics = static_sites(sites, cal, calibration)
@@ -132,6 +132,20 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     metadata.validate(json.loads(metadata.dumps(meta)), model, "the exported model")
     write_atomically(_serialize(model), path)
     return json.loads(metadata.dumps(meta))
+
+
+def _batches(calibration_data) -> list:
+    """The calibration batches: a tensor alone is one batch (as `int8fx export --calibration-data` reads a
+    saved tensor), not one batch per image, each without its batch dimension."""
+    if calibration_data is None:
+        return []
+    if isinstance(calibration_data, torch.Tensor):
+        return [calibration_data]
+    try:
+        return list(calibration_data)
+    except TypeError:
+        raise ValueError("calibration_data must be a tensor (one batch) or an iterable of batches (tensors or "
+                         f"tuples), got {type(calibration_data).__name__}") from None
 
 
 def _warn_batch_scaled(statics: dict) -> None:
