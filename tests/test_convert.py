@@ -148,6 +148,26 @@ def test_exclude_and_overrides():
         int8fx.Int8Config(exclude=3)
 
 
+def test_patterns_that_match_no_site_are_warned_about_with_the_names_they_were_close_to():
+    """A mistyped pattern would leave the layers it meant in INT8 (or on the default policy) silently."""
+    import warnings
+
+    import torchvision
+
+    m = torchvision.models.resnet18(num_classes=10)
+    typo = int8fx.Int8Config(exclude=("fc", "conv_1", nn.Conv1d), overrides={"layer4.conv*": {"grad_quant": "dsgc"}})
+    with pytest.warns(UserWarning, match="patterns that match no conv/linear site change nothing") as caught:
+        int8fx.convert(m, typo)
+    text = " ".join(str(w.message) for w in caught)
+    assert "exclude 'conv_1' (close: conv1)" in text and "exclude Conv1d" in text
+    assert "overrides 'layer4.conv*' (close: layer4." in text and "'fc'" not in text
+    right = int8fx.Int8Config(exclude=("fc", nn.Conv2d), overrides={"layer4.*": {"grad_quant": "dsgc"}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        int8fx.convert(m, right)
+    assert not [w for w in caught if "match no conv/linear site" in str(w.message)]
+
+
 def test_config_errors_list_valid_values():
     with pytest.raises(int8fx.ConfigError, match="per-tensor"):
         int8fx.Int8Config(grad_quant="nope")

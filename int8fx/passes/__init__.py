@@ -3,6 +3,8 @@ backends). `convert` is their composition; `to_float` undoes it."""
 from __future__ import annotations
 
 import copy
+import difflib
+import fnmatch
 import warnings
 from dataclasses import replace
 
@@ -53,6 +55,7 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
     lower(work, config.backend)
     setattr(work, RECORD, record)  # a plain attribute: not in state_dict, carried by deepcopy and pickle
     _warn_unintended_fp32(record)
+    _warn_unmatched_patterns(record, config, work)
     return work
 
 
@@ -109,6 +112,33 @@ def _warn_unintended_fp32(record: Conversion) -> None:
             if items]
     if said:
         warnings.warn(f"int8fx.convert: {'; '.join(said)}; int8fx.inspect(model) lists every site", stacklevel=3)
+
+
+def _warn_unmatched_patterns(record: Conversion, config: Int8Config, model: nn.Module) -> None:
+    """Say so where an `exclude` or `overrides` pattern matches no site: a name mistyped
+    (`"layer4.conv*"` for `"layer4.*"`) would otherwise leave the layers it meant in INT8, or on the
+    default policy, without a word."""
+    modules = dict(model.named_modules())
+    owners = [modules.get(s.owner) for s in record.sites]
+    names = [s.name for s in record.sites]
+
+    def matches(pattern) -> bool:
+        if isinstance(pattern, str):
+            return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+        return any(isinstance(m, pattern) for m in owners)
+
+    unmatched = [(field, p) for field, patterns in (("exclude", config.exclude), ("overrides", config.overrides))
+                 for p in patterns if not matches(p)]
+    if not unmatched:
+        return
+    said = []
+    for field, p in unmatched:
+        close = difflib.get_close_matches(p, names, n=3) if isinstance(p, str) else []
+        what = repr(p) if isinstance(p, str) else p.__name__
+        said.append(f"{field} {what}" + (f" (close: {', '.join(close)})" if close else ""))
+    warnings.warn(f"int8fx.convert: Int8Config patterns that match no conv/linear site change nothing: "
+                  f"{'; '.join(said)}. int8fx.inspect(model) lists the site names ('*' matches dots too)",
+                  stacklevel=3)
 
 
 def to_float(qmodel: nn.Module, *, inplace: bool = False) -> nn.Module:
