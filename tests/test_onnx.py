@@ -775,6 +775,22 @@ def test_file_is_written_with_the_process_umask(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]  # no temporary or external-data files
 
 
+@pytest.mark.parametrize("exporter", exporters("torchscript", "dynamo"))
+def test_a_compiled_model_exports_as_the_model_it_wraps(exporter, tmp_path):
+    """`torch.compile(qm)` is what users train; its export is `qm`'s (torch.jit.trace refused the wrapper)."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)))
+    x = torch.randn(2, 3, 8, 8)
+    _train_step(qm, x)
+    qm.eval()
+    export_onnx(torch.compile(qm), x, tmp_path / "c.onnx", exporter=exporter)
+    export_onnx(qm, x, tmp_path / "q.onnx", exporter=exporter)
+    assert read_onnx_metadata(str(tmp_path / "c.onnx")) == read_onnx_metadata(str(tmp_path / "q.onnx"))
+    out = _session(str(tmp_path / "c.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, qm(x).numpy(), rtol=0, atol=1e-5)
+
+
 def test_a_tensor_as_calibration_data_is_one_batch(tmp_path):
     """As the CLI reads a saved tensor: one batch of 16 images, not 16 batches of one image without its
     batch dimension (which raised a bare 'Boolean value of Tensor ... is ambiguous')."""

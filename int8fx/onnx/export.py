@@ -58,6 +58,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     graph lacks a site's Q/DQ pattern; ValueError for bad arguments and for a model holding NaN/inf weights or
     statistics (a diverged training). Nothing is written then.
     """
+    qmodel = _uncompiled(qmodel)
     record = conversion_of(qmodel)
     if record is None:
         raise ValueError("export_onnx() needs a model returned by int8fx.convert()")
@@ -132,6 +133,13 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     metadata.validate(json.loads(metadata.dumps(meta)), model, "the exported model")
     write_atomically(_serialize(model), path)
     return json.loads(metadata.dumps(meta))
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The model a `torch.compile` wrapper holds: it computes the same, and the exporters trace Python code,
+    which the wrapper hides (torch.jit.trace refuses a dynamo-optimized function)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def _batches(calibration_data) -> list:
