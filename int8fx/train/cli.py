@@ -47,13 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "classification model")
     p.add_argument("--width", type=float, help="channel width of int8fx's models (ResNet/CNN base, MobileNet multiplier)")
     p.add_argument("--size", type=int, help="input resolution (default: 28, or what a torchvision model needs)")
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--epochs", type=float, help="passes over the training images (fractions allowed)")
     p.add_argument("--train-subset", type=int, help="train on this many images (balanced); 0 = all 60,000")
     p.add_argument("--test-subset", type=int, help="score on this many test images; 0 = all 10,000 (default)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="images per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate (SGD, Nesterov momentum 0.9, warmup + cosine)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--augment", choices=AUGMENTS)
+    p.add_argument("--weight-decay", type=float, help="SGD weight decay (L2)")
+    p.add_argument("--augment", choices=AUGMENTS, help="training augmentation: none, random horizontal flips, "
+                                                        "or flips and random shifts of up to 2 pixels")
     p.add_argument("--evals", type=int, help="test evaluations per run (curve points)")
     p.add_argument("--rounding", choices=("stochastic", "nearest"), help="gradient rounding of the INT8 runs "
                                                                         "(default: stochastic, as Int8Config)")
