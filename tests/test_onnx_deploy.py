@@ -604,7 +604,7 @@ def test_convs_after_a_split_a_pool_or_an_alias_run_in_int8(exporter, tmp_path):
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
-def _deployed_as_qmodel_computes(make, shape, tmp_path, exporter: str = "auto"):
+def _deployed_as_qmodel_computes(make, shape, tmp_path, exporter: str = "auto", target: str = "portable"):
     """(metadata, path) of `make`'s model briefly trained and exported in the deploy form, after checking that
     onnxruntime's output matches qmodel.eval()'s up to int8 rounding (5% of the output's absmax)."""
     import onnxruntime as ort
@@ -612,7 +612,8 @@ def _deployed_as_qmodel_computes(make, shape, tmp_path, exporter: str = "auto"):
     qm = _briefly_trained(make, shape, momentum=0.0)
     calib = [torch.randn(shape) for _ in range(3)]
     path = str(tmp_path / "model.onnx")
-    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
+    meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:],
+                              target=target)
     out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
     with torch.no_grad():
         ref = qm(calib[0]).numpy()
@@ -728,6 +729,35 @@ def test_a_feature_map_read_by_a_conv_a_float_op_and_shapes_runs_in_int8(exporte
     QLinearConv and the file computes what qmodel.eval() computes, up to int8 rounding."""
     meta, path = _deployed_as_qmodel_computes(DetectorPattern, (4, 3, 16, 16), tmp_path, exporter)
     assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "head": ["QLinearConv"]}
+
+
+class GeluFeedForwards(nn.Module):
+    """Two of timm's iformer feed-forward blocks: x + BN(conv(GELU(BN(conv(x))))). The residual stream fans out
+    to the next block's first conv and to its Add, and that conv's output to GELU's Mul (an INT8 op) and
+    Div (float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.GELU(),
+                                                  nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+                                    for _ in range(2))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_a_conv_reading_shared_codes_whose_output_fans_out_runs_in_int8_for_onnxruntime(exporter, tmp_path):
+    """timm's iformer_m did not export for onnxruntime ("its output is not quantized"): the fan-out pass took a
+    conv whose input it had just moved onto shared codes for a float op, and left its own fan-out to a Mul
+    and a float Div undone."""
+    meta, path = _deployed_as_qmodel_computes(GeluFeedForwards, (4, 3, 8, 8), tmp_path, exporter, "onnxruntime")
+    assert int8_sites(meta, runtime_ops(path)) == {
+        "stem": ["QLinearConv"], "fc": ["QGemm"], **{f"blocks.{b}.{i}": ["QLinearConv"] for b in (0, 1) for i in (0, 3)}}
 
 
 class BoxHead(nn.Module):

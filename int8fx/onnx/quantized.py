@@ -62,9 +62,12 @@ def fan_out(model, site_of: dict[str, str], float_nodes: frozenset = frozenset()
     dropped: set[int] = set()
     fanning = [(view.producer[t], t, users) for t, users in view.consumers.items()
                if t in view.producer and len(users) > 1]
+    # (before any rewiring: a reader of shared codes reads the new DQ0, which `view` does not know, and an
+    # INT8 op whose input was so rewired would look like a float op when its own output's turn comes)
+    int8_ops = {id(producer): _is_int8_op(view, producer) for producer, _, _ in fanning}
     for producer, tensor, users in fanning:
         qs = [u for u in users if u.op_type == "QuantizeLinear"]
-        int8_op = _is_int8_op(view, producer)
+        int8_op = int8_ops[id(producer)]
         if qs and (int8_op or (shared and producer.op_type != "DequantizeLinear")):  # (that one: below)
             scales = [np.float32(view.const(q.input[1]).reshape(())) for q in qs]
             at_site = [sc for q, sc in zip(qs, scales) if site_behind(view, q, site_of)]
