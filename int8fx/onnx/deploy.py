@@ -238,8 +238,11 @@ def _clamp_site_inputs(model, site_of: dict[str, str], statics: dict[str, Static
     running this FP32 graph, and without the sites' saturation a model whose eval-mode forward is bounded
     only by int8fx's clips (a briefly trained one) grows activations of 1e9 there, whose scales round every
     logit to 0 (timm's dla34 two steps from random init). `_drop_clamps` removes them after quantization:
-    the site's QuantizeLinear saturates at the same bound. Each Clip's output gets the site's scale in
-    `overrides` (updated in place). Returns the Clip nodes' names."""
+    the site's QuantizeLinear saturates there too, but at -128 steps where int8fx saturates at -127 (ONNX
+    has no narrow int8 range; a Clip kept would stop the fusion of the op before), so an input below the
+    site's clip that no ReLU bounds is one step apart from int8fx's, which `deploy_numerics` does not follow.
+    Each Clip's output gets the site's scale in `overrides` (updated in place). Returns the Clip nodes'
+    names."""
     view = GraphView(model)
     names = set()
     for name, site in site_of.items():
