@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import positive_int
+from .cli import bad_input, positive_int
 from .config import Int8Config
 from .passes import convert
 
@@ -151,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
         for name, model, x in models:
             _preflight(name, model, x)
     except ValueError as e:
-        print(f"int8fx bench: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return bad_input("bench", e)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(header(args.batch, args.size, args.reps))

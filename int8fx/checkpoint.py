@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 
 import torch
 
@@ -22,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import bad_input
     from .files import check_writable, write_atomically
     from .modelspec import load_converted, read_checkpoint
     from .passes import conversion_of
@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
                              else args.model)
         qm, _, label = load_converted(args)
     except ValueError as e:  # (ModelSpecError, OutputPathError, ConfigError)
-        print(f"int8fx convert: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return bad_input("convert", e)
     buffer = io.BytesIO()
     torch.save({"arch": arch, "state_dict": qm.state_dict(), "int8fx_config": conversion_of(qm).config.to_dict()},
                buffer)

@@ -3,7 +3,7 @@
 Each subcommand lives with the code it drives: a module exposing `add_arguments(parser)` and
 `run(args) -> int`. This file maps names to those modules and imports them lazily, so
 `int8fx --help` stays fast and one subcommand's dependencies never break another; and it holds the one
-argument type they share (`positive_int`).
+argument type and the one-line report of a bad input they share (`positive_int`, `bad_input`).
 """
 from __future__ import annotations
 
@@ -47,6 +47,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
     return value
+
+
+def bad_input(command: str, error) -> int:
+    """Say a bad input as one line, `int8fx COMMAND: ...`, on stderr, and return its exit status, 2."""
+    print(f"int8fx {command}: {one_line(error)}", file=sys.stderr)
+    return 2
+
+
+def one_line(error) -> str:
+    return " ".join(str(error).split())
 
 
 def _unavailable(e: Exception) -> int:

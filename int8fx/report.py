@@ -25,7 +25,6 @@ import io
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -565,6 +564,7 @@ def _join(a: str, b: str) -> str:
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
+    from .cli import positive_int
     from .modelspec import add_model_arguments
 
     add_model_arguments(parser)
@@ -572,24 +572,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--graph", metavar="PATH",
                         help="also draw the rewritten graph, INT8 sites in green, FP32 sites in red: .svg, .png, "
                              ".pdf (need Graphviz `dot`) or .dot")
-    parser.add_argument("--width", type=int, default=None,
+    parser.add_argument("--width", type=positive_int, default=None,
                         help="table width in columns (default: the terminal's width, 120 when not a terminal)")
 
 
 def run(args) -> int:
+    from .cli import bad_input
     from .modelspec import load_converted
 
     try:  # (every bad input, output paths included, before the work)
-        if args.width is not None and args.width < 1:
-            raise ValueError(f"--width {args.width}: must be a positive number of columns")
         for path in filter(None, (args.json, args.graph)):
             check_writable(path)
         if args.graph:
             graph_format(args.graph)
         qm, example, label = load_converted(args)
     except ValueError as e:  # (ModelSpecError, OutputPathError, ConfigError)
-        print(f"int8fx inspect: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return bad_input("inspect", e)
     rep = inspect(qm, example, name=label)
     print(rep.render(width=args.width))
     if args.json:

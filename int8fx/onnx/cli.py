@@ -13,6 +13,7 @@ import sys
 import torch
 from torch import Tensor
 
+from ..cli import bad_input, one_line
 from .errors import OnnxExportError
 from .metadata import FORMS, METADATA_KEY, SCHEMA, SCHEMA_VERSION, TARGETS
 from .torch_export import DEFAULT_OPSET, EXPORTERS, MIN_OPSET
@@ -26,7 +27,7 @@ def add_arguments(parser) -> None:
     from ..modelspec import add_model_arguments
 
     add_model_arguments(parser)
-    parser.error = lambda message: parser.exit(2, f"int8fx export: {_one_line(message)}\n")
+    parser.error = lambda message: parser.exit(2, f"int8fx export: {one_line(message)}\n")
     parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the ONNX model")
     parser.add_argument("--form", choices=FORMS, default="deploy",
                         help="'deploy' (default): BatchNorm folded, int8 weights and int32 biases, Q/DQ wherever an "
@@ -79,10 +80,9 @@ def run(args) -> int:
                            opset=args.opset, calibration=args.calibration,
                            calibration_data=batches[1:] if batches else None, dynamic_batch=not args.static_batch)
     except (BadInput, ModelSpecError, ValueError) as e:
-        print(f"int8fx export: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return bad_input("export", e)
     except OnnxExportError as e:
-        print(f"int8fx export: {_one_line(e)}", file=sys.stderr)
+        print(f"int8fx export: {one_line(e)}", file=sys.stderr)
         return 1
     n_int8 = sum(e["exported"] for e in meta["layers"].values())
     print(f"{label}: wrote {args.output} ({meta['form']} form, opset {meta['opset']}, IR {meta['ir_version']}, "
@@ -122,7 +122,7 @@ def _preflight(qm, example) -> None:
         with eval_mode(qm), no_fused_fastpath():
             qm(*to_device(args, device_of(qm)))
     except Exception as e:  # the model's own error says what it wanted
-        raise BadInput(f"the model cannot run on an input of shape {shapes}: {_one_line(e)}") from None
+        raise BadInput(f"the model cannot run on an input of shape {shapes}: {one_line(e)}") from None
 
 
 def _runtime_summary(path: str, meta: dict) -> str:
@@ -137,7 +137,3 @@ def _runtime_summary(path: str, meta: dict) -> str:
     slow = [f"{s} ({'/'.join(ran.get(s) or ['?'])})" for s in exported if s not in fast]
     return (f"onnxruntime (CPU) runs {len(fast)} of {len(exported)} INT8 sites in INT8 kernels"
             + (f"; in float: {', '.join(slow)}" if slow else ""))
-
-
-def _one_line(e) -> str:
-    return " ".join(str(e).split())

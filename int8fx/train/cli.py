@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
 from .ablation import ABLATION_SEEDS, ablation_folder, ablation_runs
 from .presets import PRESETS, preset_runs
 from .progress import LineProgress, TqdmProgress
@@ -69,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>; with --ablation runs/ablation-...); "
                                  "runs already finished there with the same recipe are not trained again")
-    p.add_argument("--jobs", type=int, help="runs trained at once on CPU, in worker processes (full preset: 2)")
-    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--jobs", type=positive_int, help="runs trained at once on CPU, in worker processes (full preset: 2)")
+    p.add_argument("--threads", type=positive_int, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                    help="tqdm bars, plain log lines, or nothing (auto: bars on a terminal, else lines)")
     if dclrs_available():
@@ -106,9 +107,6 @@ def recipe_from_args(args) -> tuple[Recipe, tuple, tuple, int]:
     runs = tuple(args.runs.split(",")) if args.runs else ablation_runs() if ablation else preset_runs(args.preset)
     seeds = _seeds(args.seeds) if args.seeds else ABLATION_SEEDS if ablation else preset["seeds"]
     jobs = args.jobs if args.jobs is not None else preset["jobs"]
-    for name, value in (("--jobs", jobs), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} {value}: must be a whole number >= 1")
     from ..zoo import check_model_name
 
     check_model_name(recipe.model)
