@@ -10,7 +10,7 @@ For each model trained by benchmarks/onnx_runtime.py (its --out directory holds 
     (recalibrated) and the same measurements;
   * with --by-rounding: instead, the agreement with `qmodel.eval()` of the emulation making one kind of the
     file's rounding at a time (`deploy_numerics(..., roundings=kind)`: site outputs, int32 biases, residual
-    Adds, average poolings), then all: what each costs.
+    Adds, average poolings, site inputs saturating at -128), then all: what each costs.
 
     python benchmarks/onnx_runtime.py --steps 1200 --out runs/onnx_runtime_1200
     python benchmarks/deploy_emulation.py --out runs/onnx_runtime_1200 --finetune 300

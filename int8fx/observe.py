@@ -52,14 +52,16 @@ def observe_int8_calls(model: nn.Module, callback):
     """Call `callback(layer, x, weight, bias, out, geometry)` after every INT8 computation of every site of
     `model` (geometry: the call's stride, padding, dilation, groups and output_padding), however it is reached
     (a module call, a routed call, a call on a module site's weight): all go through
-    `Int8Layer.int8_functional`, which is shadowed per instance for the duration."""
+    `Int8Layer.int8_functional`, which is shadowed per instance for the duration. A callback that returns a
+    tensor replaces the call's output with it (`deploy_numerics` adds what the deploy file computes
+    differently); None keeps it."""
     layers = [m for m in model.modules() if isinstance(m, Int8Layer)]
     for m in layers:
         def int8_functional(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, output_padding=0,
                             _m=m):
             out = Int8Layer.int8_functional(_m, input, weight, bias, stride, padding, dilation, groups, output_padding)
-            callback(_m, input, weight, bias, out, (stride, padding, dilation, groups, output_padding))
-            return out
+            replaced = callback(_m, input, weight, bias, out, (stride, padding, dilation, groups, output_padding))
+            return out if replaced is None else replaced
 
         m.int8_functional = int8_functional
     try:

@@ -119,15 +119,22 @@ def static_sites(sites, cal: dict[str, SiteCalibration], calibration: str) -> di
         use_ema = calibration == "ema" or (calibration == "eval" and layer.eval_act_clip() is not None)
         if use_ema and float(layer.act_clip_ema) > 0:
             clip, source = float(layer.act_clip_ema), "act_clip_ema"
-        w = rec.weight.float()
-        if layer.is_transposed:  # one scale per output channel, W's axis 1 (int8fx.nn.transposed)
-            w_q, s_w = transposed.weight_operand(w, rec.spec.groups, torch.float32)
-        else:
-            w_q, s_w = quantize_per_channel(w.reshape(w.shape[0], -1), 0)
+        w_q, s_w = weight_codes(rec.weight, layer.is_transposed, rec.spec.groups if rec.spec is not None else 1)
         s_x = float(scale_from_clip(torch.tensor(clip, dtype=torch.float32)))
         # QuantizeLinear divides by its scale: a site whose input was all zeros gets the smallest normal fp32
         # scale, which maps 0 to 0 (as int8fx's zero scale does) without a division by zero.
         s_x = s_x if s_x > 0 else torch.finfo(torch.float32).tiny
-        out[site.name] = StaticSite(site.name, layer, w_q.to(torch.int8).reshape(w.shape), s_w.float(),
+        out[site.name] = StaticSite(site.name, layer, w_q, s_w,
                                     None if rec.bias is None else rec.bias.float(), clip, source, s_x, rec)
     return out
+
+
+def weight_codes(weight: Tensor, is_transposed: bool, groups: int) -> tuple[Tensor, Tensor]:
+    """(int8 codes in the weight's shape, fp32 scale per output channel): the INT8 weight a site computes
+    with, as its forward quantizes it (W's axis 0, or axis 1 of a transposed conv's W [C_in, C_out/g, *k])."""
+    w = weight.detach().float()
+    if is_transposed:  # (int8fx.nn.transposed)
+        w_q, s_w = transposed.weight_operand(w, groups, torch.float32)
+    else:
+        w_q, s_w = quantize_per_channel(w.reshape(w.shape[0], -1), 0)
+    return w_q.to(torch.int8).reshape(w.shape), s_w.float()

@@ -240,7 +240,7 @@ def _clamp_site_inputs(model, site_of: dict[str, str], statics: dict[str, Static
     logit to 0 (timm's dla34 two steps from random init). `_drop_clamps` removes them after quantization:
     the site's QuantizeLinear saturates there too, but at -128 steps where int8fx saturates at -127 (ONNX
     has no narrow int8 range; a Clip kept would stop the fusion of the op before), so an input below the
-    site's clip that no ReLU bounds is one step apart from int8fx's, which `deploy_numerics` does not follow.
+    site's clip that no ReLU bounds is one step apart from int8fx's (`deploy_numerics` adds that step).
     Each Clip's output gets the site's scale in `overrides` (updated in place). Returns the Clip nodes'
     names."""
     view = GraphView(model)

@@ -5,7 +5,10 @@ The deploy file rounds where `qmodel.eval()` keeps floats (README, "How far depl
      scale of the site's output QuantizeLinear;
   2. every bias of a site, to int32 on its accumulator grid s_x * s_w (BatchNorm folded in);
   3. both operands and the output of every residual Add (QLinearAdd);
-  4. the input of every average pooling the file runs in INT8 (QLinearGlobalAveragePool).
+  4. the input of every average pooling the file runs in INT8 (QLinearGlobalAveragePool);
+  5. every INT8 site's input saturates at -128 steps, where int8fx's quantizer stops at -127 (ONNX's int8
+     QuantizeLinear has no narrow range, and a Clip kept in front would stop the op's fusion: `deploy.
+     _drop_clamps`): an input below the site's clip that no ReLU bounds is one step lower in the file.
 Every other rounding of the file must be a site input's, which int8fx does itself, or one of a value
 already on its grid: a file that also rounds elsewhere (a Concat's inputs, a layer scale's factor, the
 parameters of a norm it does not fold) is refused, naming those places (`_other_roundings`). Inside
@@ -18,8 +21,10 @@ In training mode the roundings are straight-through (the gradient passes where a
 and the biases train as floats (BatchNorm normalizes with batch statistics): fine-tuning inside teaches
 the model the file's rounding; export it again afterwards, which recalibrates.
 
-How: site outputs are rounded by forward hooks on the sites; BatchNorm calls (the fold), residual Adds
-and average poolings are caught by a TorchFunctionMode while the model runs. A BatchNorm folds into a site
+How: site outputs are rounded by forward hooks on the sites; the -128 step is added inside each site call
+(`observe_int8_calls`: conv(d, W_int8) s_x s_w, d = -1 where the input rounds to -128 steps or below, an
+exact integer conv in fp32, so int8fx's own kernels and their -127 stay untouched); BatchNorm calls (the
+fold), residual Adds and average poolings are caught by a TorchFunctionMode while the model runs. A BatchNorm folds into a site
 when it reads the site's output tensor itself, as torch's exporters fold it. Adds (4-d tensors of one
 shape, outside the sites) and poolings are matched to the file's nodes in execution order, and every
 forward of the model must make exactly as many as the file holds, else `DeployNumericsError`: a file of
@@ -41,8 +46,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ..nn.modules import Int8Function, Int8Layer, in_backward
+from ..nn.modules import Int8Function, Int8Layer, float_call, in_backward
+from ..observe import observe_int8_calls
 from ..passes import conversion_of
+from ..quant.core import scale_from_clip
+from .calibrate import weight_codes
 from .graphs import SCALE_PRESERVING, GraphView
 
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
@@ -59,8 +67,8 @@ class DeployNumericsError(RuntimeError):
     residual Adds or poolings than the exported one."""
 
 
-# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's four)
-ROUNDING_KINDS = ("outputs", "biases", "adds", "pools")
+# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's five)
+ROUNDING_KINDS = ("outputs", "biases", "adds", "pools", "inputs")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Roundings:
     unfolded: frozenset                  # sites whose BatchNorm the file keeps as a node (not folded)
     adds: tuple                          # (s_a, s_b, s_out) (None: float) per quantized Add, in graph order
     pools: tuple                         # input scale (None: float) per average pooling, in graph order
+    saturating: frozenset                # sites whose input saturates at -128 steps (every INT8 site)
 
 
 def read_roundings(path_or_model) -> Roundings:
@@ -84,12 +93,14 @@ def read_roundings(path_or_model) -> Roundings:
     if meta.get("form") != "deploy":
         raise ValueError(f"deploy_numerics() needs a file exported with form='deploy', this one is {meta.get('form')!r}")
     view = GraphView(model)
-    outputs, biases, unfolded = {}, {}, set()
+    outputs, biases, unfolded, saturating = {}, {}, set(), set()
     for site, entry in meta["layers"].items():
         calls = entry.get("onnx") or []
         if entry.get("export") != "int8" or not calls:
             continue
         call = calls[0]  # (every call of a site has the same scales and bias)
+        if "x_quantize" in call:
+            saturating.add(site)
         if "y_quantize" in call:
             q = view.nodes[call["y_quantize"]]
             outputs[site] = _scalar(view, q.input[1])
@@ -115,7 +126,7 @@ def read_roundings(path_or_model) -> Roundings:
         raise ValueError("the deploy file also rounds where deploy_numerics does not follow it (" +
                          ", ".join(f"{what}: {n}" for what, n in sorted(others.items())) +
                          "): it cannot compute this file's numbers")
-    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools))
+    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), frozenset(saturating))
 
 
 def _only(r: Roundings, kinds) -> Roundings:
@@ -127,7 +138,8 @@ def _only(r: Roundings, kinds) -> Roundings:
         raise ValueError(f"deploy_numerics(roundings=...) takes some of {', '.join(ROUNDING_KINDS)}; got {unknown}")
     return Roundings(r.outputs if "outputs" in kinds else {}, r.biases if "biases" in kinds else {}, r.unfolded,
                      r.adds if "adds" in kinds else (None,) * len(r.adds),
-                     r.pools if "pools" in kinds else (None,) * len(r.pools))
+                     r.pools if "pools" in kinds else (None,) * len(r.pools),
+                     r.saturating if "inputs" in kinds else frozenset())
 
 
 # where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
@@ -215,7 +227,8 @@ def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
         int8fx.export_onnx(qm, x, "model.onnx", form="deploy", calibration_data=batches)
 
     `roundings` picks which of the file's kinds of rounding to make ("outputs": site outputs, "biases":
-    int32 biases, "adds": residual Adds' operands and output, "pools": average poolings' inputs), the others
+    int32 biases, "adds": residual Adds' operands and output, "pools": average poolings' inputs, "inputs":
+    site inputs saturating at -128 steps), the others
     kept as `qmodel.eval()` computes them: how much agreement with `qmodel.eval()` each costs, one at a time
     (`benchmarks/deploy_emulation.py --by-rounding`). With none, the model computes exactly `qmodel.eval()`.
 
@@ -232,7 +245,7 @@ def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
                          f"model does not ({_listed(unknown)}): it was exported from another model")
     mode = _DeployRounding(roundings, layers, qmodel)
     try:
-        with mode:
+        with mode, observe_int8_calls(qmodel, mode.saturate_input):
             yield
     finally:
         mode.remove()
@@ -322,6 +335,35 @@ class _DeployRounding(TorchFunctionMode):
             read = out + (bias.to(out.device) - (own if own is not None else 0)).view(shape)
         self.waiting[id(read)] = _Output(weakref.ref(read), name, out if read is not out else None, own)
         return read
+
+    def saturate_input(self, layer, x, weight, bias, out, geometry):
+        """A site call's output as the file computes it where its input saturates at -128 steps (module
+        docstring, 5): `out` plus conv(d, W_int8) s_x s_w, d = -1 where x rounds to -128 steps or below. Only
+        in eval mode with a static clip: a training forward (or a clip of 0) quantizes at the batch's absmax,
+        where nothing saturates."""
+        if layer.site_name not in self.r.saturating or layer.training or not self.forwarding or in_backward():
+            return None
+        if layer.dims and x.dim() == layer.dims + 1:
+            return None  # (an unbatched call: int8fx ran it as a batch of one, whose output was made here)
+        clip = layer.eval_act_clip()
+        if clip is None:
+            return None
+        s_x = scale_from_clip(clip.detach()).to(x.device)
+        if not float(s_x) > 0:
+            return None
+        low = (x.detach().float() / s_x).round() <= -128
+        if not bool(low.any()):
+            return None
+        stride, padding, dilation, groups, output_padding = geometry
+        w_q, s_w = weight_codes(weight, layer.is_transposed, groups)
+        self.inside += 1  # (these convs are not the model's)
+        try:
+            acc = float_call(layer.dims, layer.is_transposed, -low.float(), w_q.float().to(x.device), None, stride,
+                             padding, dilation, groups, output_padding)
+        finally:
+            self.inside -= 1
+        shape = (1, -1) + (1,) * layer.dims if layer.dims else (-1,)
+        return out + (acc * (s_x * s_w.to(x.device)).view(shape)).to(out.dtype)
 
     def _output(self, t):
         entry = self.waiting.get(id(t)) if isinstance(t, torch.Tensor) else None
