@@ -512,8 +512,9 @@ def test_concatenated_branches_are_quantized_at_the_reading_sites_scale(tmp_path
 def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
     """A faithful file, another model's file, a file that rounds at ops the emulation does not follow (a
     Concat's inputs), a forward that calls only part of the model's sites, one that computes a site without
-    calling its module, and one that makes more residual Adds than the file holds are refused, naming the
-    problem: the
+    calling its module, one that makes more residual Adds than the file holds, and sites that quantize their
+    inputs at other scales than the file's (a file calibrated on inputs, a model without running clips, both
+    100% and 19% of the logits' range off before) are refused, naming the problem: the
     emulation is never silently another model's. Code run in the block outside the model's forward (the
     backward pass, an optimizer's in-place adds on weights) is left alone: the training test steps inside."""
     import copy
@@ -554,6 +555,20 @@ def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
     with pytest.raises(DeployNumericsError, match="more residual Adds than the 3 the deploy file holds"):
         with torch.no_grad(), int8fx.deploy_numerics(extra, path):
             extra(x)
+    inputs = str(tmp_path / "inputs.onnx")  # site scales from the calibration absmax, not the running clips
+    int8fx.export_onnx(qm, x, inputs, form="deploy", calibration="inputs", calibration_data=[3 * x])
+    with pytest.raises(DeployNumericsError, match=r"site 'stem' quantizes its input at a scale of .* \(its running "
+                       r"clip\), the deploy file at .*calibration='inputs'"):
+        with torch.no_grad(), int8fx.deploy_numerics(qm, inputs):
+            qm(x)
+    untrained = copy.deepcopy(qm)
+    for m in untrained.modules():
+        if hasattr(m, "act_clip_ema"):
+            m.act_clip_ema.zero_()
+    int8fx.export_onnx(untrained, x, tmp_path / "untrained.onnx", form="deploy")
+    with pytest.raises(DeployNumericsError, match="site 'stem' quantizes its input at each batch's absmax.*no running clip"):
+        with torch.no_grad(), int8fx.deploy_numerics(untrained, tmp_path / "untrained.onnx"):
+            untrained(calib[1])
 
 
 def test_a_nearly_dead_channel_keeps_its_bias_in_int32(tmp_path):

@@ -80,6 +80,7 @@ class Roundings:
     adds: tuple                          # (s_a, s_b, s_out) (None: float) per quantized Add, in graph order
     pools: tuple                         # input scale (None: float) per average pooling, in graph order
     saturating: frozenset                # sites whose input saturates at -128 steps (every INT8 site)
+    input_scales: dict[str, float]       # site -> scale of its input QuantizeLinear
 
 
 def read_roundings(path_or_model) -> Roundings:
@@ -93,7 +94,7 @@ def read_roundings(path_or_model) -> Roundings:
     if meta.get("form") != "deploy":
         raise ValueError(f"deploy_numerics() needs a file exported with form='deploy', this one is {meta.get('form')!r}")
     view = GraphView(model)
-    outputs, biases, unfolded, saturating = {}, {}, set(), set()
+    outputs, biases, unfolded, saturating, input_scales = {}, {}, set(), set(), {}
     for site, entry in meta["layers"].items():
         calls = entry.get("onnx") or []
         if entry.get("export") != "int8" or not calls:
@@ -101,6 +102,7 @@ def read_roundings(path_or_model) -> Roundings:
         call = calls[0]  # (every call of a site has the same scales and bias)
         if "x_quantize" in call:
             saturating.add(site)
+            input_scales[site] = _scalar(view, view.nodes[call["x_quantize"]].input[1])
         if "y_quantize" in call:
             q = view.nodes[call["y_quantize"]]
             outputs[site] = _scalar(view, q.input[1])
@@ -126,7 +128,8 @@ def read_roundings(path_or_model) -> Roundings:
         raise ValueError("the deploy file also rounds where deploy_numerics does not follow it (" +
                          ", ".join(f"{what}: {n}" for what, n in sorted(others.items())) +
                          "): it cannot compute this file's numbers")
-    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), frozenset(saturating))
+    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), frozenset(saturating),
+                     input_scales)
 
 
 def _only(r: Roundings, kinds) -> Roundings:
@@ -139,7 +142,7 @@ def _only(r: Roundings, kinds) -> Roundings:
     return Roundings(r.outputs if "outputs" in kinds else {}, r.biases if "biases" in kinds else {}, r.unfolded,
                      r.adds if "adds" in kinds else (None,) * len(r.adds),
                      r.pools if "pools" in kinds else (None,) * len(r.pools),
-                     r.saturating if "inputs" in kinds else frozenset())
+                     r.saturating if "inputs" in kinds else frozenset(), r.input_scales)
 
 
 # where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
@@ -234,7 +237,7 @@ def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
 
     Raises ValueError when `qmodel` is no converted model, the file is no deploy form, its sites are not
     the model's, or `roundings` names another kind; DeployNumericsError when a forward makes other Adds or
-    poolings than the file holds."""
+    poolings than the file holds, or an eval-mode site quantizes its input at another scale than the file's."""
     if conversion_of(qmodel) is None:
         raise ValueError("deploy_numerics() needs a model returned by int8fx.convert()")
     roundings = _only(read_roundings(path), roundings)
@@ -245,7 +248,7 @@ def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
                          f"model does not ({_listed(unknown)}): it was exported from another model")
     mode = _DeployRounding(roundings, layers, qmodel)
     try:
-        with mode, observe_int8_calls(qmodel, mode.saturate_input):
+        with mode, observe_int8_calls(qmodel, mode.site_call):
             yield
     finally:
         mode.remove()
@@ -336,20 +339,21 @@ class _DeployRounding(TorchFunctionMode):
         self.waiting[id(read)] = _Output(weakref.ref(read), name, out if read is not out else None, own)
         return read
 
-    def saturate_input(self, layer, x, weight, bias, out, geometry):
-        """A site call's output as the file computes it where its input saturates at -128 steps (module
-        docstring, 5): `out` plus conv(d, W_int8) s_x s_w, d = -1 where x rounds to -128 steps or below. Only
-        in eval mode with a static clip: a training forward (or a clip of 0) quantizes at the batch's absmax,
-        where nothing saturates."""
-        if layer.site_name not in self.r.saturating or layer.training or not self.forwarding or in_backward():
+    def site_call(self, layer, x, weight, bias, out, geometry):
+        """An eval-mode site call's output as the file computes it. Its input must be quantized at the file's
+        scale, else the emulation would be another file's: refused. Where the input saturates at -128 steps
+        (module docstring, 5), `out` plus conv(d, W_int8) s_x s_w, d = -1 where x rounds to -128 steps or
+        below. (A training forward quantizes at the batch's absmax, where nothing saturates, as the file's
+        scales do not matter to training through its roundings.)"""
+        name = layer.site_name
+        if name not in self.r.input_scales or layer.training or not self.forwarding or in_backward():
             return None
         if layer.dims and x.dim() == layer.dims + 1:
             return None  # (an unbatched call: int8fx ran it as a batch of one, whose output was made here)
         clip = layer.eval_act_clip()
-        if clip is None:
-            return None
-        s_x = scale_from_clip(clip.detach()).to(x.device)
-        if not float(s_x) > 0:
+        s_x = scale_from_clip(clip.detach()).to(x.device) if clip is not None else None
+        _check_input_scale(name, self.r.input_scales[name], s_x)
+        if name not in self.r.saturating:
             return None
         low = (x.detach().float() / s_x).round() <= -128
         if not bool(low.any()):
@@ -447,6 +451,22 @@ class _DeployRounding(TorchFunctionMode):
                                       "(routed from library code such as nn.MultiheadAttention), or not at all: "
                                       "their output rounding cannot be emulated")
         return result
+
+
+def _check_input_scale(site: str, in_file: float, s_x: torch.Tensor | None) -> None:
+    """The site quantizes its input at the file's scale (to a few float ulps: the file moves scales one ulp
+    apart where two quantizers would share one), else DeployNumericsError naming the likely cause."""
+    if s_x is not None and float(s_x) > 0 and abs(float(s_x) - in_file) <= 1e-6 * in_file:
+        return
+    if s_x is not None and float(s_x) > 0:
+        how = (f"at a scale of {float(s_x):.6g} (its running clip)", "a file exported with calibration='inputs', or "
+               "a model trained since the export: export the file from this model with calibration='eval' (the "
+               "default)")
+    else:
+        how = ("at each batch's absmax", "the site has no running clip (it never trained, or "
+               "Int8Config(eval_act_clip='batch')): train the model before the export")
+    raise DeployNumericsError(f"site {site!r} quantizes its input {how[0]}, the deploy file at {in_file:.6g}, so "
+                              f"deploy_numerics cannot compute this file's numbers: {how[1]}")
 
 
 def _listed(names: list[str]) -> str:
