@@ -78,12 +78,12 @@ def test_rounding_option_reaches_every_int8_layer():
 
 _TRAIN_BAD_INPUTS = {
     "unknown model": (["--model", "resnet5"], "unknown model 'resnet5'"),
-    "batch size 0": (["--batch-size", "0"], "batch_size 0 (takes a whole number >= 1)"),
-    "negative epochs": (["--epochs", "-1"], "epochs -1.0 (takes a number > 0)"),
-    "negative learning rate": (["--lr", "-0.1"], "lr -0.1 (takes a number >= 0)"),
-    "NaN learning rate": (["--lr", "nan"], "lr nan"),
-    "no evaluation": (["--evals", "0"], "evals 0"),
-    "more images than the split": (["--train-subset", "70000"], "train_subset 70000 (takes 1 to 60000 images)"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size 0: takes a whole number >= 1"),
+    "negative epochs": (["--epochs", "-1"], "--epochs -1.0: takes a number > 0"),
+    "negative learning rate": (["--lr", "-0.1"], "--lr -0.1: takes a number >= 0"),
+    "NaN learning rate": (["--lr", "nan"], "--lr nan: takes a number >= 0"),
+    "no evaluation": (["--evals", "0"], "--evals 0: takes a whole number >= 1"),
+    "more images than the split": (["--train-subset", "70000"], "--train-subset 70000: takes 1 to 60000 images"),
     "seeds that are not numbers": (["--seeds", "a,b"], "--seeds 'a,b': expected comma-separated whole numbers"),
     "no jobs": (["--jobs", "0"], "argument --jobs: '0': must be >= 1"),
     "output folder is a file": (["--out", "{tmp}/a_file"], "it is not a folder"),

@@ -20,7 +20,8 @@ from ..cli import positive_int
 from .ablation import ABLATION_SEEDS, ablation_folder, ablation_runs
 from .presets import PRESETS, preset_runs
 from .progress import LineProgress, TqdmProgress
-from .recipe import AUGMENTS, DCLRS_SUFFIX, ROUNDING_SEP, TRAIN_IMAGES, Recipe, dclrs_available, parse_runs
+from .recipe import (AUGMENTS, DCLRS_SUFFIX, ROUNDING_SEP, TRAIN_IMAGES, Recipe, RecipeError, dclrs_available,
+                     parse_runs)
 from .report import write_outputs
 from .runner import RunsFailed, run_experiment
 from .store import RunStore, StoreMismatch
@@ -100,7 +101,11 @@ def recipe_from_args(args) -> tuple[Recipe, tuple, tuple, int]:
         v = getattr(args, name, None)
         if v is not None:
             changes[name] = v or None
-    recipe = dataclasses.replace(preset["recipe"], **changes)
+    try:
+        recipe = dataclasses.replace(preset["recipe"], **changes)
+    except RecipeError as e:  # (named as the options the user typed)
+        raise ValueError("; ".join(f"--{name.replace('_', '-')} {value!r}: takes {takes}"
+                                   for name, value, takes in e.problems)) from None
     if ablation and args.rounding and not args.runs:
         raise ValueError("--ablation trains every policy with both roundings ('gvq' and 'gvq:nearest'); "
                          "--rounding would make them the same runs: choose runs with --runs instead")

@@ -20,6 +20,16 @@ AUGMENTS = ("none", "flip", "flip+crop")
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000  # Fashion-MNIST's splits
 
 
+class RecipeError(ValueError):
+    """A recipe no run can train. `problems`: (field, value, what it takes) for each bad field, so that the
+    command line can name its own options (`--batch-size`) where the API names the fields."""
+
+    def __init__(self, problems: list[tuple[str, object, str]]) -> None:
+        self.problems = problems
+        super().__init__("a recipe no run can train: " + "; ".join(f"{name} {value!r} (takes {takes})"
+                                                                    for name, value, takes in problems))
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that defines a run except the policy and the seed.
@@ -92,9 +102,9 @@ class Recipe:
              "a whole number >= 1"),
             ("rounding", self.rounding in ROUNDINGS, " or ".join(ROUNDINGS)),
         )
-        bad = [f"{name} {getattr(self, name)!r} (takes {takes})" for name, ok, takes in checks if not ok]
+        bad = [(name, getattr(self, name), takes) for name, ok, takes in checks if not ok]
         if bad:
-            raise ValueError("a recipe no run can train: " + "; ".join(bad))
+            raise RecipeError(bad)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
