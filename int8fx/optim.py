@@ -50,6 +50,12 @@ class DeviationLRScaler:
                     self.layers.setdefault(name, m)
         if not self.layers:
             raise ValueError("DeviationLRScaler found no Int8Layer in the model: pass the model returned by int8fx.convert()")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trained = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
+        if trained and not any(id(p) in held for p in trained):  # (some frozen or left out on purpose: fine)
+            raise ValueError("the optimizer holds none of the INT8 layers' parameters of this model, so neither it "
+                             "nor DeviationLRScaler would train them: build it on the converted model's parameters "
+                             "(int8fx.convert returns a copy unless inplace=True)")
 
     def factors(self) -> dict[str, float]:
         """phi of every layer's current deviation, on the host (one transfer for all layers; for reports)."""

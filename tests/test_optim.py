@@ -151,3 +151,14 @@ def test_a_model_without_int8_layers_is_refused():
     net = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="no Int8Layer"):
         int8fx.DeviationLRScaler(torch.optim.SGD(net.parameters(), lr=0.1), net)
+
+
+def test_an_optimizer_of_the_unconverted_model_is_refused():
+    """`convert` returns a copy: an optimizer built on the original model's parameters would never train the
+    converted one, and the steps would pass without a word. Holding some of them (others frozen or left to
+    another optimizer) is fine."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 10))
+    qm = int8fx.convert(net)
+    with pytest.raises(ValueError, match="holds none of the INT8 layers' parameters.*returns a copy"):
+        int8fx.DeviationLRScaler(torch.optim.SGD(net.parameters(), lr=0.1), qm)
+    int8fx.DeviationLRScaler(torch.optim.SGD(qm[2].parameters(), lr=0.1), qm)
