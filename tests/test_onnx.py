@@ -822,6 +822,43 @@ def test_input_and_output_names_name_each_tensor_or_are_refused(exporter, tmp_pa
     assert os.listdir(tmp_path) == ["a.onnx"]
 
 
+class _DictOut(nn.Module):
+    """Returns a dict, as torchvision's segmentation models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"feat": y, "logits": self.fc(y.mean((2, 3)))}
+
+
+@pytest.mark.parametrize("exporter", exporters("torchscript", "dynamo"))
+def test_the_outputs_of_a_dict_are_named_after_its_keys(exporter, tmp_path):
+    """A model returning {"feat": ..., "logits": ...} gives a file whose outputs are "feat" and "logits" in
+    both forms, with the values of those keys (before, "output" and a graph node's name such as
+    "qdq_gemm_1"); output_names must then name both."""
+    import onnxruntime as ort
+
+    qm = int8fx.convert(_DictOut()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = qm(x)
+    for form in ("faithful", "deploy"):
+        path = str(tmp_path / f"{form}.onnx")
+        export_onnx(qm, x, path, form=form, exporter=exporter)
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        assert [o.name for o in sess.get_outputs()] == ["feat", "logits"]
+        got = dict(zip(["feat", "logits"], sess.run(None, {"input": x.numpy()})))
+        tol = 1e-5 if form == "faithful" else 0.05
+        for key in ("feat", "logits"):
+            assert got[key].shape == tuple(ref[key].shape)
+            assert np.abs(got[key] - ref[key].numpy()).max() <= tol * np.abs(ref[key].numpy()).max(), (form, key)
+    with pytest.raises(ValueError, match="the model has 2 tensor output"):
+        export_onnx(qm, x, tmp_path / "b.onnx", exporter=exporter, output_names="logits")
+
+
 def test_a_link_at_the_target_is_followed_and_a_device_or_pipe_is_not_replaced(tmp_path):
     """`-o model.onnx` where model.onnx links to a release directory writes the release's file and keeps the
     link (as `open` would); `-o /dev/null` (a pipe here) is refused rather than replaced by a regular file."""

@@ -52,7 +52,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
         one quantizer; each ReLU between two quantizers of one grid runs as a Clip of the uint8 codes:
         faster there, the same numbers, and TensorRT refuses it).
     input_names, output_names: one name per tensor input / output (a string for the one there is); default
-        "input"/"output", numbered when there are several.
+        "input"/"output", numbered when there are several, and a returned dict's keys ("out", "aux").
     lr_scaler: a `DeviationLRScaler`; its alpha/beta and each layer's LR factor go into the metadata.
     Raises `OnnxExportError` (naming the node or site) when part of the model has no ONNX form or the
     graph lacks a site's Q/DQ pattern; ValueError for bad arguments and for a model holding NaN/inf weights or

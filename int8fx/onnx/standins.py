@@ -168,8 +168,8 @@ def export_copy(qmodel: nn.Module, make: Callable[[Int8Layer], nn.Module | None]
     return em.eval()
 
 
-def probe(em: nn.Module, args: tuple) -> tuple[dict[str, int], int]:
-    """One eager forward of the export copy: (calls per site, number of outputs)."""
+def probe(em: nn.Module, args: tuple) -> tuple[dict[str, int], object]:
+    """One eager forward of the export copy: (calls per site, what it returned)."""
     standins = {m.site_name: m for m in em.modules() if isinstance(m, StandIn)}
     for m in standins.values():
         m.calls = 0
@@ -178,7 +178,7 @@ def probe(em: nn.Module, args: tuple) -> tuple[dict[str, int], int]:
     calls = {name: m.calls for name, m in standins.items()}
     for m in standins.values():
         m.calls = 0
-    return calls, len(out) if isinstance(out, (tuple, list)) else 1
+    return calls, out
 
 
 def export_with_standins(qmodel: nn.Module, site_class: type, statics: dict[str, StaticSite], dynamic: set[str],
@@ -197,28 +197,50 @@ def export_with_standins(qmodel: nn.Module, site_class: type, statics: dict[str,
         return export_copy(qmodel, make)
 
     em = copy_with(site_class)
-    calls, n_out = probe(em, args)
+    calls, returned = probe(em, args)
     if dynamic_batch:
         refuse_batch_dependent_code(em if site_class is FloatSite else copy_with(FloatSite), args)
-    in_names, out_names = io_names(args, n_out, input_names, output_names)
+    in_names, out_names = io_names(args, returned, input_names, output_names)
     model, used = export_graph(em, args, exporter=exporter, opset=opset, input_names=in_names,
                                output_names=out_names, dynamic_batch=dynamic_batch)
     clean(model)
     return model, used, {s: calls.get(s, 0) for s in statics}, in_names
 
 
-def io_names(args: tuple, n_out: int, input_names, output_names) -> tuple[list[str], list[str]]:
+def io_names(args: tuple, returned, input_names, output_names) -> tuple[list[str], list[str]]:
     """"input"/"output" for one of each, else "input0", "input1", ... unless the caller named them: one name
     alone (a string) names the one input or output, and a list must name each of them (torch's exporters
-    would name the first few and number the rest, or drop the extra names, without a word)."""
+    would name the first few and number the rest, or drop the extra names, without a word). The outputs are
+    the tensors of what the model returned, in the order the exporters flatten it; those of a dict are
+    named after their keys ("out", "aux"; "output0.boxes" for a list of dicts), not after graph nodes."""
     n_in = sum(hasattr(a, "shape") for a in args)
     ins = _names("input", input_names, n_in)
-    outs = _names("output", output_names, n_out)
+    paths, keyed = _output_paths(returned)
+    outs = _names("output", output_names, len(paths), paths if keyed else None)
     return ins, outs
 
 
-def _names(kind: str, given, n: int) -> list[str]:
+def _output_paths(returned) -> tuple[list[str], bool]:
+    """(a name per tensor of `returned`: its path of dict keys and positions, a top-level position as
+    "output<i>"; whether any path holds a dict key)."""
+    from torch.utils._pytree import tree_flatten_with_path
+
+    paths, keyed = [], False
+    for path, leaf in tree_flatten_with_path(returned)[0]:
+        if not isinstance(leaf, Tensor):
+            continue
+        keyed = keyed or any(hasattr(k, "key") for k in path)
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if parts and hasattr(path[0], "idx"):
+            parts[0] = f"output{parts[0]}"
+        paths.append(".".join(parts))
+    return paths, keyed
+
+
+def _names(kind: str, given, n: int, keyed: list[str] | None = None) -> list[str]:
     if given is None:
+        if keyed and len(set(keyed)) == n and all(keyed):
+            return keyed
         return [f"{kind}{i}" if n > 1 else kind for i in range(n)]
     names = [given] if isinstance(given, str) else list(given)
     if len(names) != n or not all(isinstance(x, str) and x for x in names) or len(set(names)) != len(names):
