@@ -571,6 +571,28 @@ def test_deploy_numerics_refuses_what_it_cannot_emulate(deployed, tmp_path):
             untrained(calib[1])
 
 
+def test_a_bfloat16_example_is_refused_and_a_bfloat16_model_exports_from_float32(tmp_path):
+    """onnxruntime, which calibrates and checks the deploy graph, is fed through numpy, which has no bfloat16:
+    a bfloat16 example is a clear ValueError before any work (a TypeError from deep inside before), and a
+    bfloat16 model exports from a float32 example, its file taking float32 and computing what the model
+    computes on the bfloat16 input within a few of its rounding steps."""
+    import onnxruntime as ort
+
+    qm = _briefly_trained(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 4)))
+    qm = qm.to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="cannot be fed bfloat16 tensors: pass them as float32"):
+        int8fx.export_onnx(qm, x.bfloat16(), tmp_path / "a.onnx", form="deploy")
+    assert not (tmp_path / "a.onnx").exists()
+    int8fx.export_onnx(qm, x, tmp_path / "b.onnx", form="deploy")
+    sess = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(float)"
+    with torch.no_grad():
+        ref = qm(x.bfloat16()).float().numpy()
+    out = sess.run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), np.abs(out - ref).max() / np.abs(ref).max()  # (5e-3)
+
+
 def test_a_nearly_dead_channel_keeps_its_bias_in_int32(tmp_path):
     """A BatchNorm factor of ~1e-9 (timm zero-initialises a block's last BN) folds into a tiny weight whose
     int32 bias would overflow: onnxruntime's quantizer widens that channel's scale, the export accepts the

@@ -84,6 +84,8 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     _check_transposed_sites(sites, form)
     args = as_args(example_inputs)
     batches = [args] + [as_args(b) for b in _batches(calibration_data)]
+    if form == "deploy":
+        _check_feedable(batches)
     cal = calibrate(qmodel, batches)
     find_input_dependent(qmodel, args, cal)
     statics = static_sites(sites, cal, calibration)
@@ -133,6 +135,15 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     metadata.validate(json.loads(metadata.dumps(meta)), model, "the exported model")
     write_atomically(_serialize(model), path)
     return json.loads(metadata.dumps(meta))
+
+
+def _check_feedable(batches: list[tuple]) -> None:
+    """The deploy form calibrates and checks its graph in onnxruntime, fed through numpy, which has no
+    bfloat16 (it failed with "Got unsupported ScalarType BFloat16"): a ValueError before any work. A
+    bfloat16 model exports from float32 inputs (the file then takes float32)."""
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for b in batches for t in b):
+        raise ValueError("form='deploy' runs the example and calibration inputs in onnxruntime, which cannot be fed "
+                         "bfloat16 tensors: pass them as float32 (a bfloat16 model exports from float32 inputs)")
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
