@@ -779,6 +779,51 @@ def test_a_reshaped_tensor_read_by_a_site_and_a_matmul_runs_in_int8(exporter, tm
     assert producer[x_quantize.input[0]].op_type == "Reshape"
 
 
+class ChannelsLastMlp(nn.Module):
+    """ConvNeXt's block (conv_mlp=False): a depthwise conv, then LayerNorm and an MLP of Linears over the
+    channels-last map (4-d inputs), back to NCHW and a residual Add; a mean over the channels-last map's
+    (1, 2) before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(3, 16, 4, stride=4), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.norm, self.fc1, self.fc2, self.head = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16), \
+            nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        t = self.fc2(F.relu(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return self.head((x + t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).mean((1, 2)))
+
+
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_a_linear_over_tokens_runs_as_a_conv_with_an_int32_bias(exporter, tmp_path):
+    """A Linear over a 4-d channels-last map (ConvNeXt's MLP) exported as it is becomes MatMul and an Add of
+    its bias, which onnxruntime's quantizer rounds to int8 codes with one scale for all channels
+    (QLinearMatMul, QLinearAdd). The deploy form writes it as the 1x1 conv it is, between transposes:
+    QLinearConv with an int32 bias on the accumulator grid, as a 2-d linear's QGemm, for both targets; and
+    `deploy_numerics` follows the file (it refused "int8 constant read by Add" before, and the mean over
+    (1, 2))."""
+    import onnxruntime as ort
+
+    shape = (4, 3, 16, 16)
+    qm = _briefly_trained(ChannelsLastMlp, shape, momentum=0.0)
+    x = torch.randn(shape)
+    for target in ("portable", "onnxruntime"):
+        meta, path = _deployed_as_qmodel_computes(ChannelsLastMlp, shape, tmp_path, exporter, target)
+        assert int8_sites(meta, runtime_ops(path)) == {"stem": ["QLinearConv"], "dw": ["QLinearConv"],
+                                                       "fc1": ["QLinearConv"], "fc2": ["QLinearConv"],
+                                                       "head": ["QGemm"]}, target
+        graph = onnx.load(path).graph
+        for site in ("fc1", "fc2"):
+            dq = next(n for n in graph.node if n.name == meta["layers"][site]["onnx"][0]["b_dequantize"])
+            assert next(i for i in graph.initializer if i.name == dq.input[0]).data_type == onnx.TensorProto.INT32
+        out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        with torch.no_grad(), int8fx.deploy_numerics(qm, path):  # (the model the file was exported from)
+            emulated = qm(x).numpy()
+        assert np.abs(emulated - out).max() <= 1e-5 * np.abs(out).max(), target
+
+
 class DetectorPattern(nn.Module):
     """What a detector does with a feature map: a conv head reads it, a float op without an INT8 kernel
     reads it too (torchvision's RoiAlign; Tanh here), and Shape nodes read its size (the anchor

@@ -60,6 +60,8 @@ _IN_PLACE = frozenset({torch.Tensor.__iadd__, torch.Tensor.add_})
 _METADATA = frozenset({"__get__", "dim", "size", "numel", "stride", "is_contiguous", "is_floating_point", "__len__",
                        "element_size", "get_device", "data_ptr", "storage_offset", "is_complex", "nelement"})
 _POOL_NODES = ("GlobalAveragePool", "AveragePool", "ReduceMean")
+_POOLS = frozenset({F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
+                    F.avg_pool3d})
 
 
 class DeployNumericsError(RuntimeError):
@@ -334,7 +336,8 @@ class _DeployRounding(TorchFunctionMode):
         bias = None if layer.training else self.r.biases.get(name)  # (training: the bias trains as a float)
         read = out
         if bias is not None:  # the file's int32 bias in place of the float one (a BatchNorm that folds in
-            shape = (1, -1) + (1,) * (out.dim() - 2)  # reads `out` instead, with the file's folded bias)
+            shape = (1, -1) + (1,) * (out.dim() - 2) if layer.dims else (-1,)  # reads `out` instead, with the
+            # file's folded bias; a linear's channels are its last dim)
             read = out + (bias.to(out.device) - (own if own is not None else 0)).view(shape)
         self.waiting[id(read)] = _Output(weakref.ref(read), name, out if read is not out else None, own)
         return read
@@ -488,12 +491,9 @@ def _residual(args) -> bool:
 
 
 def _is_pool(func, args, kwargs) -> bool:
-    """An average pooling of a 4-d activation: F.adaptive_avg_pool2d / F.avg_pool2d, or a mean over the two
-    spatial dimensions (timm's fast global pooling)."""
-    if func in (F.adaptive_avg_pool2d, F.avg_pool2d):
+    """An average pooling or a mean, each of which the file holds as one (Global)AveragePool or ReduceMean:
+    F.adaptive_avg_pool*d / F.avg_pool*d, or a mean over any dims (timm's fast global pooling over (2, 3),
+    ConvNeXt's over a channels-last map's (1, 2), a mean of tokens)."""
+    if func in _POOLS:
         return True
-    if func in (torch.mean, torch.Tensor.mean) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        dims = dims if isinstance(dims, (tuple, list)) else [dims] if dims is not None else []
-        return sorted(int(d) % 4 for d in dims) == [2, 3]
-    return False
+    return func in (torch.mean, torch.Tensor.mean) and bool(args) and isinstance(args[0], torch.Tensor)

@@ -105,11 +105,26 @@ class FloatSite(_StaticGeometry):
         super().__init__(layer, site)
         self.register_buffer("dequantized_weight", dequantize_weight(site.w_int8, site.w_scale, self.transposed))
         self.register_buffer("float_bias", None if site.bias is None else site.bias.clone())
+        if not self.dims:  # a linear over tokens as a 1x1 conv1d / conv2d (`compute`); constants, which the
+            for nd in (1, 2):  # deploy form finds its sites' weights among
+                w = self.dequantized_weight
+                self.register_buffer(f"pointwise_weight_{nd}d", w.reshape(*w.shape, *([1] * nd)).clone())
 
     def compute(self, x, args, kwargs):
         x = x if x.dtype == torch.float32 else x.float()
         if not self.dims:
-            return F.linear(x, self.dequantized_weight, self.float_bias)
+            if x.dim() not in (3, 4):
+                return F.linear(x, self.dequantized_weight, self.float_bias)
+            # a linear over tokens (ConvNeXt's channels-last MLP, a transformer block's) as the 1x1 conv it
+            # is, on the channels moved to dim 1 and back: its bias is then an int32 of the accumulator
+            # (QLinearConv), as a 2-d input's is (QGemm). Exported as it is (MatMul, then an Add of the bias)
+            # the quantizer rounds the bias to int8 codes with one scale for all channels; as a reshape to
+            # rows of one GEMM, the TorchScript exporter reads the input's shape, which stops the fusion of
+            # the op before. Transposes read no shape, whatever dim the batch is.
+            nd = x.dim() - 2
+            to_channels, back = ((0, 2, 1), (0, 2, 1)) if nd == 1 else ((0, 3, 1, 2), (0, 2, 3, 1))
+            conv = F.conv1d if nd == 1 else F.conv2d  # (explicit dims: TorchScript writes movedim's -1 as is)
+            return conv(x.permute(to_channels), getattr(self, f"pointwise_weight_{nd}d"), self.float_bias).permute(back)
         if self.transposed:
             return conv_transpose_nd(x, self.dequantized_weight, self.float_bias, self.strides, self.pads,
                                      self.dilations, self.groups, self.output_padding)
