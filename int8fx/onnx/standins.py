@@ -113,18 +113,21 @@ class FloatSite(_StaticGeometry):
     def compute(self, x, args, kwargs):
         x = x if x.dtype == torch.float32 else x.float()
         if not self.dims:
-            if x.dim() not in (3, 4):
+            if x.dim() not in (3, 4) or torch.jit.is_tracing():
                 return F.linear(x, self.dequantized_weight, self.float_bias)
             # a linear over tokens (ConvNeXt's channels-last MLP, a transformer block's) as the 1x1 conv it
             # is, on the channels moved to dim 1 and back: its bias is then an int32 of the accumulator
             # (QLinearConv), as a 2-d input's is (QGemm). Exported as it is (MatMul, then an Add of the bias)
             # the quantizer rounds the bias to int8 codes with one scale for all channels; as a reshape to
-            # rows of one GEMM, the TorchScript exporter reads the input's shape, which stops the fusion of
-            # the op before. Transposes read no shape, whatever dim the batch is.
+            # rows of one GEMM, the exporters read the input's shape. Transposes read no shape, whatever dim
+            # the batch is. Not for the TorchScript exporter, which writes every size the model's own code
+            # reads (a .view() of the output) as a Shape node: onnxruntime moves those through the transpose
+            # onto the quantized output, whose int8 codes then no longer become its fast uint8 kernels'.
             nd = x.dim() - 2
             to_channels, back = ((0, 2, 1), (0, 2, 1)) if nd == 1 else ((0, 3, 1, 2), (0, 2, 3, 1))
             conv = F.conv1d if nd == 1 else F.conv2d  # (explicit dims: TorchScript writes movedim's -1 as is)
-            return conv(x.permute(to_channels), getattr(self, f"pointwise_weight_{nd}d"), self.float_bias).permute(back)
+            y = conv(x.permute(to_channels), getattr(self, f"pointwise_weight_{nd}d"), self.float_bias)
+            return y.permute(back).contiguous()  # (as F.linear's: code after it may .view() it)
         if self.transposed:
             return conv_transpose_nd(x, self.dequantized_weight, self.float_bias, self.strides, self.pads,
                                      self.dilations, self.groups, self.output_padding)
