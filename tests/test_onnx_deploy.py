@@ -830,6 +830,43 @@ def test_a_linear_over_tokens_runs_as_a_conv_with_an_int32_bias(exporter, tmp_pa
         assert np.abs(emulated - out).max() <= 1e-5 * np.abs(out).max(), target
 
 
+class FixedCoordinateBias(nn.Module):
+    """What timm's RelPosMlp does in coatnet/maxvit: an MLP of Linears on fixed coordinates (a buffer) gives
+    a bias that the model adds to its activations: sites whose input never depends on the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.fc1, self.fc2, self.head = nn.Conv2d(3, 4, 4, stride=4), nn.Linear(2, 16), \
+            nn.Linear(16, 4), nn.Linear(4, 10)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4),
+                                                                  indexing="ij"), -1))  # [4, 4, 2]
+
+    def forward(self, x):
+        bias = self.fc2(F.relu(self.fc1(self.coords))).permute(2, 0, 1)  # [4, 4, 4] -> channels first
+        return self.head(F.relu(self.stem(x) + bias).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_sites_on_fixed_coordinates_export_where_the_exporter_folds_them(exporter, tmp_path):
+    """The torch.export-based exporter computes an MLP on a buffer into a constant, so those sites have no
+    node in the deploy graph: the export failed ("cannot find the conv/linear node of INT8 site(s)") on timm's
+    coatnet_rmlp_1_rw_224. A site whose input does not depend on the model's (its calls see the same input
+    for two random model inputs) may be folded: the metadata says so. The TorchScript exporter keeps their
+    nodes (onnxruntime folds their constant input's quantization and runs them in float, a few hundred
+    multiply-adds); the file computes what the model does either way."""
+    meta, path = _deployed_as_qmodel_computes(FixedCoordinateBias, (4, 3, 16, 16), tmp_path, exporter)
+    sites = int8_sites(meta, runtime_ops(path))
+    assert sites["stem"] == ["QLinearConv"] and sites["head"] == ["QGemm"]
+    for site in ("fc1", "fc2"):
+        entry = meta["layers"][site]
+        if exporter == "torchscript":
+            assert entry["export"] == "int8" and len(sites[site]) == 1, (site, sites[site])
+        else:
+            assert entry["export"] == "computed at export" and not entry["exported"], entry["export"]
+            assert meta["deploy"]["site_calls_computed_at_export"][site] == 1
+    read_onnx_metadata(onnx.load(path))  # (validates)
+
+
 class DetectorPattern(nn.Module):
     """What a detector does with a feature map: a conv head reads it, a float op without an INT8 kernel
     reads it too (torchvision's RoiAlign; Tanh here), and Shape nodes read its size (the anchor

@@ -45,6 +45,8 @@ class SiteCalibration:
     input_shape: tuple
     spec: GemmSpec | None     # conv geometry with explicit zero padding; None for linear
     weight_varies: bool = False  # set by find_input_dependent
+    input_varies: bool = True    # False: every call's input is the same whatever the model's input (a
+                                 # relative-position MLP on fixed coordinates); set by find_input_dependent
 
 
 @dataclass
@@ -88,21 +90,32 @@ def calibrate(qmodel: nn.Module, batches: Iterable[tuple]) -> dict[str, SiteCali
 
 
 def find_input_dependent(qmodel: nn.Module, args: tuple, cal: dict[str, SiteCalibration]) -> None:
-    """Mark the sites whose weight changes with the model input: one more eval forward, on a seeded random
-    input of the same shapes, and a comparison of the weights each site was called with."""
+    """Mark the sites whose weight changes with the model input, and those whose input does not: two more
+    eval forwards, on seeded random inputs of the same shapes, comparing the weights each site was called
+    with to calibration's, and the inputs of the two forwards' calls (by their sums: a site reading the
+    model's input in any way sees other values)."""
     g = torch.Generator().manual_seed(12345)
-    other = tuple(torch.randn(a.shape, generator=g).to(a.dtype) * (a.float().std() + 1) + a.float().mean()
-                  if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+    seen: dict[str, list] = {}
 
     def compare(mod, x, weight, bias, out, geometry):
         rec = cal.get(mod.site_name)
         if rec is not None and not rec.weight_varies:
             w = weight.detach().cpu()
             rec.weight_varies = w.shape != rec.weight.shape or not torch.equal(w, rec.weight)
+        xd = x.detach().double()
+        seen.setdefault(mod.site_name, []).append((tuple(x.shape), float(xd.sum()), float(xd.square().sum())))
 
     device = device_of(qmodel)
-    with observe_int8_calls(qmodel, compare), eval_mode(qmodel), no_fused_fastpath():
-        qmodel(*to_device(other, device))
+    fingerprints = []
+    for _ in range(2):
+        other = tuple(torch.randn(a.shape, generator=g).to(a.dtype) * (a.float().std() + 1) + a.float().mean()
+                      if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        seen = {}
+        with observe_int8_calls(qmodel, compare), eval_mode(qmodel), no_fused_fastpath():
+            qmodel(*to_device(other, device))
+        fingerprints.append(seen)
+    for name, rec in cal.items():
+        rec.input_varies = fingerprints[0].get(name) != fingerprints[1].get(name) or name not in fingerprints[0]
 
 
 def static_sites(sites, cal: dict[str, SiteCalibration], calibration: str) -> dict[str, StaticSite]:

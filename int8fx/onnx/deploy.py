@@ -186,12 +186,15 @@ def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int
         name = rename(view, node, f"{site}/compute" if count[site] == 1 else f"{site}#{count[site]}/compute")
         site_of[name] = site
     # A call on an input known at export time is computed by the exporter, and its node is gone (RAFT's first
-    # flow update convolves a zero flow): nothing of it runs. A node left unmatched beside a missing call
-    # could be that call running in float, so that stays an error.
+    # flow update convolves a zero flow; the torch.export-based exporter folds all of coatnet's relative-
+    # position MLPs, which read fixed coordinates): nothing of it runs. A node left unmatched beside a missing
+    # call could be that call running in float, so that stays an error, as does a site without any node
+    # whose input depends on the model's.
     matched = {id(node) for node, _ in found}
     unmatched = {rows_by_columns(c) for n, c in candidates if id(n) not in matched}
     missing = [f"'{s}' ({count[s]} of {calls[s]} calls)" for s in statics
-               if count[s] == 0 or (count[s] != calls[s] and rows_by_columns(codes[s]) in unmatched)]
+               if (count[s] == 0 and statics[s].cal.input_varies)
+               or (count[s] != calls[s] and rows_by_columns(codes[s]) in unmatched)]
     if missing:
         raise OnnxExportError("cannot find the conv/linear node of INT8 site(s) " + ", ".join(missing) +
                               " in the exported FP32 graph")

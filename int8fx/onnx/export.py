@@ -110,6 +110,8 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     for s in sites:
         if s.converted:
             status = "int8" if s.name in statics else "float" if s.name in dynamic else "not called"
+            if status == "int8" and not calls.get(s.name):
+                status = "computed at export"  # (every call on an input the model's does not change: folded)
             layers[s.name] = metadata.layer_entry(s, statics.get(s.name), status, calls.get(s.name, []), root_cfg,
                                                   lr_scaler)
     meta = {

@@ -196,13 +196,18 @@ def _validate_against_graph(meta: dict, model, version: int, fail) -> None:
 # --------------------------------------------------------------------------- writing
 def layer_entry(site, static, status: str, onnx_calls: list[dict], root_cfg, lr_scaler=None) -> dict:
     """The metadata of one converted site. status: "int8" (in the graph with static INT8 weights), "float"
-    (weight computed from the model input: exported in float) or "not called" (calibration never reached it)."""
+    (weight computed from the model input: exported in float), "computed at export" (its input does not
+    depend on the model's, and the exporter folded every call into a constant) or "not called" (calibration
+    never reached it)."""
     layer = site.layer
     q = layer.grad_quantizer
     entry: dict[str, Any] = {"op": site.op, "source": site.source, "index": int(layer.index),
                              "backend": layer.backend_choice, "exported": status == "int8", "export": status}
     if status == "float":
         entry["reason"] = "its weight is computed from the model input: no static INT8 weights; exported in float"
+    elif status == "computed at export":
+        entry["reason"] = ("its input does not depend on the model's (fixed coordinates): the exporter computed "
+                           "every call, in float on the INT8 weights, into a constant of the graph")
     entry["onnx"] = onnx_calls
     if static is not None:
         cal = static.cal
