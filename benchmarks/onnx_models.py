@@ -94,7 +94,8 @@ def check(case: Case, folder: str, target: str = "portable") -> dict:
     calls = int8_sites(meta, runtime_ops(path))
     in_int8 = {s for s, ops in calls.items() if ops and all(op in INT8_KERNELS for op in ops)}
     explained = {s for s, e in meta["layers"].items()  # no integer kernel; a weight computed from the input;
-                 if e["op"].startswith("conv_transpose") or e["export"] in ("float", "not called")}  # training only
+                 if e["op"].startswith("conv_transpose")  # training only; an input that never changes (folded)
+                 or e["export"] in ("float", "not called", "computed at export") or e.get("fixed_input")}
     row["sites"], row["int8_sites"] = len(calls), len(in_int8)
     row["float_sites"] = sorted(set(calls) - in_int8)
     row["unexplained_float_sites"] = sorted(set(calls) - in_int8 - explained)

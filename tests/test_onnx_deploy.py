@@ -857,8 +857,10 @@ def test_sites_on_fixed_coordinates_export_where_the_exporter_folds_them(exporte
     meta, path = _deployed_as_qmodel_computes(FixedCoordinateBias, (4, 3, 16, 16), tmp_path, exporter)
     sites = int8_sites(meta, runtime_ops(path))
     assert sites["stem"] == ["QLinearConv"] and sites["head"] == ["QGemm"]
+    assert "fixed_input" not in meta["layers"]["stem"]
     for site in ("fc1", "fc2"):
         entry = meta["layers"][site]
+        assert entry["fixed_input"] is True
         if exporter == "torchscript":
             assert entry["export"] == "int8" and len(sites[site]) == 1, (site, sites[site])
         else:

@@ -209,6 +209,8 @@ def layer_entry(site, static, status: str, onnx_calls: list[dict], root_cfg, lr_
         entry["reason"] = ("its input does not depend on the model's (fixed coordinates): the exporter computed "
                            "every call, in float on the INT8 weights, into a constant of the graph")
     entry["onnx"] = onnx_calls
+    if static is not None and not static.cal.input_varies:  # (onnxruntime folds its input's quantization and
+        entry["fixed_input"] = True                          # runs it in float, on constants, once per run)
     if static is not None:
         cal = static.cal
         entry["forward"] = {
