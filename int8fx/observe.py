@@ -54,12 +54,27 @@ def observe_int8_calls(model: nn.Module, callback):
     (a module call, a routed call, a call on a module site's weight): all go through
     `Int8Layer.int8_functional`, which is shadowed per instance for the duration. A callback that returns a
     tensor replaces the call's output with it (`deploy_numerics` adds what the deploy file computes
-    differently); None keeps it."""
+    differently); None keeps it. A call that makes another of the same site (an unbatched input runs as a
+    batch of one) is reported once, as that inner call: inspect counted its MACs twice, calibration its calls."""
     layers = [m for m in model.modules() if isinstance(m, Int8Layer)]
+    depth: dict[int, list] = {}  # id(site) -> [calls running, whether one inside another was reported]
     for m in layers:
         def int8_functional(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, output_padding=0,
                             _m=m):
-            out = Int8Layer.int8_functional(_m, input, weight, bias, stride, padding, dilation, groups, output_padding)
+            state = depth.setdefault(id(_m), [0, False])
+            state[0] += 1
+            try:
+                out = Int8Layer.int8_functional(_m, input, weight, bias, stride, padding, dilation, groups,
+                                                output_padding)
+            except BaseException:
+                state[0] -= 1
+                state[1] = state[1] and state[0] > 0
+                raise
+            state[0] -= 1
+            if state[1] and not state[0]:  # (the outer call of one already reported)
+                state[1] = False
+                return out
+            state[1] = state[0] > 0
             replaced = callback(_m, input, weight, bias, out, (stride, padding, dilation, groups, output_padding))
             return out if replaced is None else replaced
 

@@ -243,3 +243,28 @@ def test_transposed_convs_are_listed_with_their_shapes():
     assert [(r.name, r.op, r.converted, r.source) for r in rows] == [  # (owners first, as for every site)
         ("conv_transpose2d", "conv_transpose2d", True, "function"), ("conv", "conv2d", True, "module")]
     assert rows[0].output_shape == (2, 2, 16, 16) and rows[0].macs == 2 * 4 * 8 * 8 * (2 * 2 * 2)
+
+
+class _UnbatchedCall(nn.Module):
+    """A conv called on one image without its batch dim (`nn.Conv2d` takes it; int8fx runs it as a batch of
+    one, a call of the site inside the call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x[0]).mean()
+
+
+def test_an_unbatched_call_is_counted_once():
+    """The inner batch-of-one call and the unbatched call around it were both observed: inspect showed twice
+    the MACs (7.78k for 3.89k) and calibration two calls for one."""
+    from int8fx.onnx.calibrate import calibrate
+
+    qm = int8fx.convert(_UnbatchedCall())
+    x = torch.randn(2, 3, 8, 8)
+    qm(x).backward()
+    (row,) = int8fx.inspect(qm, x).layers
+    assert row.macs == 4 * 6 * 6 * 3 * 3 * 3  # (3,888: one call)
+    assert calibrate(qm.eval(), [(x,)])["conv"].calls == 1

@@ -351,8 +351,6 @@ class _DeployRounding(TorchFunctionMode):
         name = layer.site_name
         if name not in self.r.input_scales or layer.training or not self.forwarding or in_backward():
             return None
-        if layer.dims and x.dim() == layer.dims + 1:
-            return None  # (an unbatched call: int8fx ran it as a batch of one, whose output was made here)
         clip = layer.eval_act_clip()
         s_x = scale_from_clip(clip.detach()).to(x.device) if clip is not None else None
         _check_input_scale(name, self.r.input_scales[name], s_x)
