@@ -24,12 +24,13 @@ the model the file's rounding; export it again afterwards, which recalibrates.
 How: site outputs are rounded by forward hooks on the sites; the -128 step is added inside each site call
 (`observe_int8_calls`: conv(d, W_int8) s_x s_w, d = -1 where the input rounds to -128 steps or below, an
 exact integer conv in fp32, so int8fx's own kernels and their -127 stay untouched); BatchNorm calls (the
-fold), residual Adds and average poolings are caught by a TorchFunctionMode while the model runs. A BatchNorm folds into a site
-when it reads the site's output tensor itself, as torch's exporters fold it. Adds (4-d tensors of one
-shape, outside the sites) and poolings are matched to the file's nodes in execution order, and every
-forward of the model must make exactly as many as the file holds, else `DeployNumericsError`: a file of
-another model, or a forward that takes another path than the exported one, is never emulated silently
-wrong. Only the model's own forward is touched: not a backward pass or an optimizer step run in the block.
+fold), residual Adds and average poolings are caught by a TorchFunctionMode while the model runs. A
+BatchNorm folds into a site when it reads the site's output tensor itself, as torch's exporters fold it.
+Adds (4-d tensors of one shape, outside the sites) and poolings (and means over any dims) are matched to
+the file's nodes in execution order, and every forward of the model must make exactly as many as the file
+holds, else `DeployNumericsError`: a file of another model, or a forward that takes another path than the
+exported one, is never emulated silently wrong. Only the model's own forward is touched: not a backward
+pass or an optimizer step run in the block.
 """
 from __future__ import annotations
 

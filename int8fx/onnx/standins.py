@@ -105,8 +105,8 @@ class FloatSite(_StaticGeometry):
         super().__init__(layer, site)
         self.register_buffer("dequantized_weight", dequantize_weight(site.w_int8, site.w_scale, self.transposed))
         self.register_buffer("float_bias", None if site.bias is None else site.bias.clone())
-        if not self.dims:  # a linear over tokens as a 1x1 conv1d / conv2d (`compute`); constants, which the
-            for nd in (1, 2):  # deploy form finds its sites' weights among
+        if not self.dims:  # a linear over tokens runs as a 1x1 conv1d / conv2d (`compute`): its weight in
+            for nd in (1, 2):  # those shapes, as constants (the deploy form finds a site's node by its weight)
                 w = self.dequantized_weight
                 self.register_buffer(f"pointwise_weight_{nd}d", w.reshape(*w.shape, *([1] * nd)).clone())
 
