@@ -82,8 +82,8 @@ class Roundings:
     unfolded: frozenset                  # sites whose BatchNorm the file keeps as a node (not folded)
     adds: tuple                          # (s_a, s_b, s_out) (None: float) per quantized Add, in graph order
     pools: tuple                         # input scale (None: float) per average pooling, in graph order
-    saturating: frozenset                # sites whose input saturates at -128 steps (every INT8 site)
-    input_scales: dict[str, float]       # site -> scale of its input QuantizeLinear
+    input_scales: dict[str, float]       # site -> scale of its input QuantizeLinear (every INT8 site)
+    saturate_inputs: bool = True         # add the -128 step where a site's input saturates there
 
 
 def read_roundings(path_or_model) -> Roundings:
@@ -97,14 +97,13 @@ def read_roundings(path_or_model) -> Roundings:
     if meta.get("form") != "deploy":
         raise ValueError(f"deploy_numerics() needs a file exported with form='deploy', this one is {meta.get('form')!r}")
     view = GraphView(model)
-    outputs, biases, unfolded, saturating, input_scales = {}, {}, set(), set(), {}
+    outputs, biases, unfolded, input_scales = {}, {}, set(), {}
     for site, entry in meta["layers"].items():
         calls = entry.get("onnx") or []
         if entry.get("export") != "int8" or not calls:
             continue
         call = calls[0]  # (every call of a site has the same scales and bias)
         if "x_quantize" in call:
-            saturating.add(site)
             input_scales[site] = _scalar(view, view.nodes[call["x_quantize"]].input[1])
         if "y_quantize" in call:
             q = view.nodes[call["y_quantize"]]
@@ -131,8 +130,7 @@ def read_roundings(path_or_model) -> Roundings:
         raise ValueError("the deploy file also rounds where deploy_numerics does not follow it (" +
                          ", ".join(f"{what}: {n}" for what, n in sorted(others.items())) +
                          "): it cannot compute this file's numbers")
-    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), frozenset(saturating),
-                     input_scales)
+    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), input_scales)
 
 
 def _only(r: Roundings, kinds) -> Roundings:
@@ -145,7 +143,7 @@ def _only(r: Roundings, kinds) -> Roundings:
     return Roundings(r.outputs if "outputs" in kinds else {}, r.biases if "biases" in kinds else {}, r.unfolded,
                      r.adds if "adds" in kinds else (None,) * len(r.adds),
                      r.pools if "pools" in kinds else (None,) * len(r.pools),
-                     r.saturating if "inputs" in kinds else frozenset(), r.input_scales)
+                     r.input_scales, "inputs" in kinds)
 
 
 # where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
@@ -355,7 +353,7 @@ class _DeployRounding(TorchFunctionMode):
         clip = layer.eval_act_clip()
         s_x = scale_from_clip(clip.detach()).to(x.device) if clip is not None else None
         _check_input_scale(name, self.r.input_scales[name], s_x)
-        if name not in self.r.saturating:
+        if not self.r.saturate_inputs:
             return None
         low = (x.detach().float() / s_x).round() <= -128
         if not bool(low.any()):
