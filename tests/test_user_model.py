@@ -597,6 +597,47 @@ def test_code_a_graph_cannot_replay_is_kept_and_values_it_froze_are_guarded():
     assert not any(k.startswith("_int8fx") for k in int8fx.to_float(qm).__dict__)
 
 
+class _PerDevice:
+    """A helper object (not a module) that keeps outputs per device, as timm's FeatureHooks does."""
+
+    def __init__(self):
+        self.outputs = {}
+
+
+class _StoresInHelper(nn.Module):
+    """Keeps its output in a helper object, keyed by the input's device (timm's FeatureHookNet), and calls
+    F.conv2d on its own weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.store = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2), _PerDevice()
+
+    def forward(self, x):
+        y = F.conv2d(x, self.w)
+        self.store.outputs[x.device] = y.detach()
+        return y.mean((2, 3))
+
+
+def test_code_that_stores_into_a_helper_object_is_kept_and_leaves_no_proxy_behind():
+    """Tracing ran the code with torch.fx proxies, and the helper's dict kept one as a key (`x.device`): the
+    converted model could not be copied or saved ("'node' not in new_dict during proxy unpickling"; timm's
+    `features_only=True, feature_cls="hook"` models), and its graph would never fill the helper at run time.
+    The proxy is taken out and the code kept, as for any code that changes self."""
+    torch.manual_seed(0)
+    m, x = _StoresInHelper(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"changes self \(store\)"):
+        qm = int8fx.convert(m)
+    assert qm.store.outputs == {}
+    assert torch.equal(qm(x), m(x))  # its own code, the call on its own weight in FP32 (it said so)
+    assert torch.equal(qm.store.outputs[x.device], m.store.outputs[x.device])
+    copied = copy.deepcopy(qm)
+    buffer = io.BytesIO()
+    torch.save(qm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(copied(x), m(x)) and torch.equal(loaded(x), m(x))
+
+
 class _HeadReader(nn.Module):
     """Code that reads plain values of its submodules: a head's temperature, a nested block's flag."""
 

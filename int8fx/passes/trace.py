@@ -230,7 +230,7 @@ class _Undone:
                 if not torch.equal(self.module._buffers[k], v):
                     self.module._buffers[k].copy_(v)
         self.drew = self.generators.restore()
-        self.changed = _restore_containers(self.module, self.containers)
+        self.changed = _restore_containers(self.module, self.containers) | _purge_proxies(self.module)
 
 
 def _reading_class(cls: type, reads: dict, prefix: str = "") -> type:
@@ -323,6 +323,54 @@ def _restore_containers(module: nn.Module, before: dict) -> set[str]:
             else:
                 now.update(old)
     return changed
+
+
+def _purge_proxies(module: nn.Module) -> set[str]:
+    """The module's plain attributes (objects and containers, however nested; not submodules, parameters or
+    buffers) where the traced code left torch.fx proxies, which are taken out again; their names. Code that
+    stores a value outside `self`'s own lists and dicts (timm's FeatureHookNet keeps its outputs in a helper
+    object, keyed by `x.device`) changes what `_Undone` does not copy, and a proxy left in a model stops
+    copy.deepcopy, pickle and torch.save."""
+    skip = {"_modules", "_parameters", "_buffers"}
+    return {name for name, value in module.__dict__.items()
+            if name not in skip and _take_out_proxies(value, set(), depth=0)}
+
+
+def _take_out_proxies(value, seen: set[int], depth: int) -> bool:
+    """Remove proxies from `value`'s dicts (entries whose key or value is one), lists and sets, and from the
+    plain objects it holds; whether there were any (a tuple's are found, not removed)."""
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth > 6 or id(value) in seen or isinstance(value, (nn.Module, torch.Tensor, type, str, bytes, int, float)):
+        return False
+    seen.add(id(value))
+    found = False
+    if isinstance(value, dict):
+        for k in list(value):
+            if isinstance(k, fx.Proxy) or isinstance(value[k], fx.Proxy):
+                del value[k]
+                found = True
+            else:
+                found |= _take_out_proxies(value[k], seen, depth + 1)
+    elif isinstance(value, (list, set)):
+        kept = [v for v in value if not isinstance(v, fx.Proxy)]
+        found = len(kept) < len(value)
+        if found:  # (rebuilt, not `remove`d: that compares with ==, which a proxy records as a node)
+            value.clear()
+            if isinstance(value, set):
+                value.update(kept)
+            else:
+                value.extend(kept)
+        found |= any([_take_out_proxies(v, seen, depth + 1) for v in kept])
+    elif isinstance(value, tuple):
+        found = any([_take_out_proxies(v, seen, depth + 1) for v in value])
+    elif not callable(value) and (getattr(type(value), "__module__", None) or "torch").split(".")[0] != "torch":
+        try:
+            held = list(vars(value).values())
+        except Exception:  # (no __dict__, or one that will not be read)
+            return found
+        found = any([_take_out_proxies(v, seen, depth + 1) for v in held])
+    return found
 
 
 class _RandomState:
