@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 
 import int8fx
+from int8fx import fusing
 from int8fx.nn import Int8Function, Int8Layer, ModuleSite, Rewritten, Routed
 from int8fx.passes import conversion_of, sites_of
 
@@ -288,16 +289,21 @@ def test_converting_again_converts_what_changed_and_keeps_the_trained_state():
         int8fx.convert(nn.Sequential(qm))
 
 
+# Compiling the fused passes for a real model's shapes on a cold cache is most of such a test's time (the
+# first efficientnet_b0 step: 22 signatures, 90 s on CI's two cores), and what these tests check (modes,
+# state, output types, export) does not depend on it: the passes give the same bits compiled or eager
+# (tests/test_fused.py), and tests/test_model_zoo.py keeps the compiled path meeting real models.
 def test_eval_mode_is_eval_mode_stochastic_depth_and_dropout_off():
     """torchvision's efficientnet (stochastic depth) and a dropout head: eval is deterministic and its BN
     statistics do not move; the ONNX export of eval mode has no random ops."""
     torch.manual_seed(0)
     qm = int8fx.convert(torchvision.models.efficientnet_b0(num_classes=4))
-    qm(X).sum().backward()  # one training step: running clips set
-    qm.eval()
-    stats = {k: v.clone() for k, v in qm.state_dict().items() if "running" in k}
-    with torch.no_grad():
-        assert torch.equal(qm(X), qm(X))
+    with fusing.eager_passes():
+        qm(X).sum().backward()  # one training step: running clips set
+        qm.eval()
+        stats = {k: v.clone() for k, v in qm.state_dict().items() if "running" in k}
+        with torch.no_grad():
+            assert torch.equal(qm(X), qm(X))
     assert all(torch.equal(v, qm.state_dict()[k]) for k, v in stats.items())
 
 
@@ -306,10 +312,12 @@ def test_export_leaves_the_model_unchanged_and_has_no_training_ops(tmp_path):
 
     torch.manual_seed(0)
     qm = int8fx.convert(torchvision.models.efficientnet_b0(num_classes=4))
-    qm(X).sum().backward()
+    with fusing.eager_passes():
+        qm(X).sum().backward()
     qm.train()
     before = {k: v.clone() for k, v in qm.state_dict().items()}
-    int8fx.export_onnx(qm, X[:1], tmp_path / "e.onnx")
+    with fusing.eager_passes():
+        int8fx.export_onnx(qm, X[:1], tmp_path / "e.onnx")
     assert qm.training and all(torch.equal(v, qm.state_dict()[k]) for k, v in before.items())
     ops = {n.op_type for n in onnx.load(tmp_path / "e.onnx").graph.node}
     assert not ops & {"RandomUniformLike", "RandomUniform", "Dropout"}
@@ -321,9 +329,10 @@ def test_inception_aux_output_type_follows_the_mode():
     m = torchvision.models.inception_v3(weights=None, init_weights=False, aux_logits=True, num_classes=3)
     qm = int8fx.convert(m)
     x = torch.randn(2, 3, 299, 299)
-    assert type(qm.train()(x)).__name__ == "InceptionOutputs"
-    with torch.no_grad():
-        assert type(qm.eval()(x)) is torch.Tensor
+    with fusing.eager_passes():
+        assert type(qm.train()(x)).__name__ == "InceptionOutputs"
+        with torch.no_grad():
+            assert type(qm.eval()(x)) is torch.Tensor
 
 
 def test_converted_modules_keep_their_forward_signature():
