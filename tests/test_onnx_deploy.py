@@ -1038,6 +1038,22 @@ def test_rescaled_channels_accepts_only_a_coarser_copy_of_int8fx_codes():
     assert rescaled_channels(np.array([[127, -60, 4], [10, 127, -127]]), codes) is None  # same scale, other code
 
 
+class ReluSqueeze(nn.Module):
+    """Two squeezes of ReLU outputs, which the deploy file pools in INT8, on the codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, 2, 1)
+        self.se_reduce = nn.Conv2d(32, 8, 1)
+        self.se_expand = nn.Conv2d(8, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        gate = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        return self.fc(F.relu(x * gate).mean((2, 3), keepdim=True).flatten(1))
+
+
 @pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
 def test_a_pool_whose_scales_onnxruntime_cannot_take_runs_in_float(tmp_path, exporter):
     """onnxruntime's QLinearGlobalAveragePool refuses to run when s_x / (s_y H W) >= 256 (a barely trained
@@ -1045,7 +1061,7 @@ def test_a_pool_whose_scales_onnxruntime_cannot_take_runs_in_float(tmp_path, exp
     same mean, and the file runs; the other pool stays INT8."""
     import onnxruntime as ort
 
-    qm = _trained()
+    qm = _briefly_trained(ReluSqueeze)
     with torch.no_grad():
         qm.se_reduce.act_clip_ema.div_(1e7)
     calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
@@ -1053,10 +1069,29 @@ def test_a_pool_whose_scales_onnxruntime_cannot_take_runs_in_float(tmp_path, exp
     meta = int8fx.export_onnx(qm, calib[0], path, form="deploy", exporter=exporter, calibration_data=calib[1:])
     out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": calib[0].numpy()})[0]
     assert meta["deploy"]["rewritten_for_int8_kernels"].get("GlobalAveragePool") == 1
-    assert list(runtime_ops(path).values()).count("ReduceMean") == 2  # the squeeze and the head's mean
+    ran = list(runtime_ops(path).values())
+    assert ran.count("ReduceMean") == 1 and ran.count("QLinearGlobalAveragePool") == 1  # the squeeze; the head
     with torch.no_grad():
         ref = qm(calib[0]).numpy()
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_pools_of_float_outputs_stay_float_and_read_floats(deployed):
+    """An average pooling of what a float op writes (the squeeze of a SiLU output, the head's mean of the
+    gated product) pools the float values, as qmodel.eval() does: no QuantizeLinear rounds its input to a
+    calibrated range first; only its output is quantized, at the reading site's scale."""
+    _, _, path, meta = deployed
+    from int8fx.onnx.graphs import GraphView
+
+    view = GraphView(onnx.load(path))
+    pools = [n for n in view.graph.node if n.op_type in ("GlobalAveragePool", "ReduceMean")]
+    assert len(pools) == 2
+    for pool in pools:
+        assert view.producer[pool.input[0]].op_type == "Mul"  # SiLU's x * sigmoid(x), the gate's x * gate
+    ran = list(runtime_ops(path).values())
+    # as ReduceMeans, whose axes follow onnxruntime's NHWC layout (a float GlobalAveragePool is transposed to NCHW)
+    assert ran.count("ReduceMean") == 2 and "GlobalAveragePool" not in ran
+    assert meta["deploy"]["float_poolings_of_floats"] == 2
 
 
 def test_sigmoid_gates_stay_float_and_read_floats(deployed):

@@ -36,7 +36,8 @@ INT8); the metadata lists such sites (`sites_without_onnxruntime_int8_kernel`).
 What stays float, as in int8fx (`float_nodes`): what the model returns (`quantized.float_graph_outputs`: the
 quantizer would round the logits too), norms that fold into no conv, layer scales, every sigmoid gate
 x * sigmoid(g), SiLU and squeeze-excite, which reads float values (`quantized.float_ops_read_floats`) and
-INT8 logits over at most +-8 (`quantized.cap_sigmoid_inputs`), and every op through which no activation
+INT8 logits over at most +-8 (`quantized.cap_sigmoid_inputs`), every average pooling of such a float output
+(an efficientnet's squeezes and head: `float_nodes.pools_of_floats`), and every op through which no activation
 reaches an INT8 site (a detector's box arithmetic and post-processing).
 
 Not equal to `qmodel.eval()`, by design: conv outputs that int8fx keeps in float are quantized here
@@ -104,19 +105,22 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
     gates = float_nodes.sigmoid_gates(view)
     scales = float_nodes.layer_scales(view, site_of)
     overrides = _activation_overrides(view, site_of, statics)
-    rewritten = int8_ops.before_quantization(fp32)
+    pools = float_nodes.pools_of_floats(view, set(float_compute + gates + scales))
+    rewritten = int8_ops.before_quantization(fp32, frozenset(pools))
     clean(fp32)  # (a rewritten ReduceMean leaves its axes unused)
     feeds = _feeds(fp32, batches)
     float_biases = {n.input[2]: view.const(n.input[2]) for n in fp32.graph.node
                     if n.op_type in COMPUTE_OPS and len(n.input) > 2 and n.input[2]}
     norms = float_nodes.float_norms(GraphView(fp32))
     beyond = float_nodes.beyond_sites(GraphView(fp32), set(site_of))
-    kept_float = float_compute + gates + scales + norms + beyond
+    pools = [n for n in pools if n not in beyond]
+    kept_float = float_compute + gates + scales + norms + beyond + pools
     clamps = _clamp_site_inputs(fp32, site_of, statics, overrides)
     model = _quantize(ortq, fp32, feeds, kept_float, overrides)
     _drop_clamps(model, clamps)
     float_outputs = quantized.float_graph_outputs(model)
     quantized.float_ops_read_floats(model, set(gates))
+    quantized.float_ops_read_floats(model, set(pools), sources=set(float_compute + gates + scales))
     quantized.shapes_read_floats(model)
     capped = quantized.cap_sigmoid_inputs(model, set(gates))
     rewritten.update(int8_ops.after_quantization(model))
@@ -136,7 +140,7 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "target": target, "activations": "uint8" if for_onnxruntime else "int8",
                         "relus_on_codes": relus_on_codes,
                         "float_compute_nodes": float_compute, "float_sigmoid_gates": len(gates) // 2,
-                        "float_layer_scales": len(scales),
+                        "float_layer_scales": len(scales), "float_poolings_of_floats": len(pools),
                         "sigmoid_inputs_capped": capped, "float_beyond_int8_sites": len(beyond),
                         "float_graph_outputs": float_outputs,
                         "rewritten_for_int8_kernels": rewritten,

@@ -6,6 +6,7 @@ Each selector reads the FP32 graph before onnxruntime's quantizer runs and retur
   * normalizations that fold into no conv, with a GroupNorm's affine (`float_norms`);
   * layer scales, a Mul of a site's output by a constant (`layer_scales`);
   * sigmoid gates, SiLU and squeeze-excite (`sigmoid_gates`);
+  * average poolings of what those float nodes write (`pools_of_floats`);
   * whatever no activation of an INT8 site passes through, a detector's box arithmetic (`beyond_sites`).
 Measured and left to the quantizer: GELUs written with Erf (in float, a trained fastvit_t8's file agreed
 less with `qmodel.eval()`: 97.96% against 98.30%, RESULTS.md, session 22).
@@ -86,6 +87,23 @@ def sigmoid_gates(view: GraphView) -> list[str]:
                 names += [sig.name, n.name]
                 break
     return names
+
+
+# the ops an exported graph pools with (torch.export writes adaptive average pooling as a ReduceMean)
+POOLS = ("GlobalAveragePool", "AveragePool", "ReduceMean")
+
+
+def pools_of_floats(view: GraphView, float_ops: set[str]) -> list[str]:
+    """The average poolings whose input a float node writes (an efficientnet's squeeze-excite and final
+    pooling of a SiLU output): left in float, as int8fx computes them. Quantized, the pooling's input would
+    be rounded to its calibrated range, a rounding `qmodel.eval()` never makes, before the mean is rounded
+    again at the next site's scale; in float only that last rounding is made (a trained efficientnet_b0's
+    logits: 0.081 of their norm from `qmodel.eval()`'s, 0.178 with the pools in INT8; RESULTS.md, session
+    26). Not slower: the float input is there anyway, and the quantized form needs a QuantizeLinear pass over
+    it, where the float mean (a ReduceMean: `int8_ops.float_means`) reads it once. A pooling of an INT8 op's
+    output (a ReLU after a residual QLinearAdd, resnet18's) reads its codes and stays INT8."""
+    return [n.name for n in view.graph.node
+            if n.op_type in POOLS and (w := view.producer.get(n.input[0])) is not None and w.name in float_ops]
 
 
 # ops whose inputs after the first are positions, sizes or indices, not activations: a detector's RoiAlign

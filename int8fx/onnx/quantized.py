@@ -151,12 +151,13 @@ def float_graph_outputs(model) -> list[str]:
     return done
 
 
-def float_ops_read_floats(model, float_ops: set[str]) -> None:
+def float_ops_read_floats(model, float_ops: set[str], sources: set[str] | None = None) -> None:
     """A float op (`float_ops`, by name) that the quantizer handed a DequantizeLinear(QuantizeLinear(t)) of
-    another float op's output t reads t itself, as int8fx does: a squeeze-excite gate multiplies the float
-    SiLU output, not that output rounded to its calibrated range (the QuantizeLinear stays for the INT8
-    readers of t, here the squeeze's pooling). Outputs of INT8 ops stay dequantized: read in float, they
-    would stop onnxruntime from fusing the op that writes them."""
+    another float op's output t (one of `sources`, by default `float_ops`) reads t itself, as int8fx does: a
+    squeeze-excite gate multiplies the float SiLU output, not that output rounded to its calibrated range
+    (the QuantizeLinear stays for the INT8 readers of t). Outputs of INT8 ops stay dequantized: read in
+    float, they would stop onnxruntime from fusing the op that writes them."""
+    sources = float_ops if sources is None else sources
     view = GraphView(model)
     for n in model.graph.node:
         if n.name not in float_ops:
@@ -164,7 +165,7 @@ def float_ops_read_floats(model, float_ops: set[str]) -> None:
         for i, name in enumerate(n.input):
             dq, q = _requantized(view, name)
             source = view.producer.get(q.input[0]) if q is not None else None
-            if source is not None and source.name in float_ops:
+            if source is not None and source.name in sources:
                 n.input[i] = q.input[0]
 
 
