@@ -56,7 +56,7 @@ def float_means(model, pools: frozenset, ranks: dict[str, int]) -> None:
     """Each GlobalAveragePool named in `pools` (left float) as the ReduceMean over the spatial axes it is:
     onnxruntime runs a float GlobalAveragePool in NCHW, and between its INT8 kernels, which run in NHWC, it
     then transposes the whole tensor first (efficientnet_b0 at batch 16: 1.5 ms, and 1.3 ms for the pools
-    themselves), where a ReduceMean's axes follow the layout (0.6 ms; RESULTS.md, session 26)."""
+    themselves), where a ReduceMean's axes follow the layout (0.45-0.62 ms; RESULTS.md, session 26)."""
     def replace(n):
         if n.op_type == "GlobalAveragePool" and n.name in pools and ranks.get(n.input[0], 0) >= 3:
             return spatial_reduce_mean(model, n, ranks[n.input[0]])
