@@ -3,6 +3,8 @@ import warnings
 import pytest
 import torch
 
+from int8fx import fusing
+
 # Tests that turn every warning into an error (to catch int8fx's "runs eagerly" fallback) must not meet the
 # warnings torch's own modules give as they are imported: the first compile imports inductor, and on torch
 # 2.10 that import warns (torch.utils.mkldnn's `torch.jit.script_method` is deprecated), which failed the
@@ -34,3 +36,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def eager_passes():
+    """For a test module whose subject does not depend on how int8fx's fused passes run (`pytestmark =
+    pytest.mark.usefixtures("eager_passes")`): they run eagerly there. Compiling them for each model's shapes
+    on a cold cache (10-60 s a model) was most of such a module's time, and compiled or eager they give the
+    same bits (tests/test_fused.py)."""
+    with fusing.eager_passes():
+        yield

@@ -24,6 +24,10 @@ from int8fx.zoo import build_model
 
 from fashion_data import needs_data
 
+# what these tests check (the grid, the tables, resuming) does not depend on compiled passes: their training
+# runs (in this process, `--jobs 1`) take them eagerly; compiling was ~80 s of the end-to-end test
+pytestmark = pytest.mark.usefixtures("eager_passes")
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 TINY = ["--ablation", "quick", "--seeds", "0,1", "--train-subset", "640", "--epochs", "1", "--batch-size", "64",

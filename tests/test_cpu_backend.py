@@ -179,18 +179,21 @@ def test_fast_path_layouts_follow_torch_and_outputs_are_not_views(site):
     assert qm_cl(x).stride() == fp_cl(x).stride()
 
 
-def test_whole_model_steps_agree():
+def test_whole_model_steps_agree(monkeypatch):
     """A small CNN with BN, residual-free depthwise layers and pooling, three SGD steps on both backends. The
     sites compute the same bits (tests above), but the fast path hands conv outputs on channels-last, and
     BatchNorm / pooling reduce a channels-last tensor in another order: the model's float ops may round
     differently in the last bit. So: the same losses, and every gradient that is not rounding noise (the
-    bias of a conv in front of a BN has a zero gradient up to rounding) at cosine 1 - 1e-6."""
+    bias of a conv in front of a BN has a zero gradient up to rounding) at cosine 1 - 1e-6. The fused passes
+    run eagerly (compiling them was ~50 s of a cold cache): compiled, they give the same bits, site by site
+    (test_passes_compiled_for_exact_shapes_equal_reference, tests/test_fused.py)."""
     def model():
         torch.manual_seed(3)
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
                              nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
                              nn.Conv2d(16, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
 
+    monkeypatch.setattr(fusing, "COMPILE", False)
     runs = []
     for backend in ("reference", "torch"):
         qm = int8fx.convert(model(), int8fx.Int8Config(backend=backend))

@@ -31,6 +31,11 @@ from exporters import exporters
 pytest.importorskip("onnxruntime")
 
 
+# what a deploy file is built from (the trained state, the eval outputs) does not depend on compiled passes;
+# tests/test_onnx.py holds the faithful file against the compiled eval forward
+pytestmark = pytest.mark.usefixtures("eager_passes")
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
