@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..files import check_writable, write_atomically
 from ..observe import as_args, to_device
-from ..passes import conversion_of, sites_of
+from ..passes import AFTER_CONVERT, conversion_of, sites_of
 from ..quant.core import QMAX
 from . import check, metadata
 from .calibrate import CALIBRATIONS, calibrate, find_input_dependent, static_sites
@@ -82,6 +82,7 @@ def export_onnx(qmodel: nn.Module, example_inputs, path: str | os.PathLike, *, f
     _check_finite(qmodel)
     sites = sites_of(qmodel)
     _check_transposed_sites(sites, form)
+    _warn_changed_after_convert(sites)
     args = as_args(example_inputs)
     batches = [args] + [as_args(b) for b in _batches(calibration_data)]
     if form == "deploy":
@@ -183,6 +184,20 @@ def _warn_batch_scaled(statics: dict) -> None:
                       "the calibration batches, so the two agree only on inputs of that range. Train (optimizer "
                       "step or int8fx.commit) before exporting, or pass calibration_data covering the inputs.",
                       stacklevel=3)
+
+
+def _warn_changed_after_convert(sites) -> None:
+    """A conv/linear module assigned or added after `convert` (timm's `reset_classifier`, its
+    `reparameterize_model` fusing a block's branches into a new conv) is no INT8 site: the model runs it in
+    float, and so does the file. `inspect` lists such modules; the export says so too, since it is where a
+    file believed to be INT8 is made (the metadata's "skipped" names them as well)."""
+    names = [s.name for s in sites if not s.converted and s.reason.endswith(AFTER_CONVERT)]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"int8fx.export_onnx: {len(names)} conv/linear module(s) ({shown}) were assigned or added "
+                      "after int8fx.convert and run in full precision, in the model and in the file. To export them "
+                      "in INT8, convert the changed model again (int8fx.convert(model) keeps every other site's "
+                      "trained state) and pass calibration_data for their new clips.", stacklevel=3)
 
 
 def _version() -> str:
