@@ -8,8 +8,9 @@ Per model, two checks:
                 eval mode, and again in train mode after the switch (train -> eval -> train).
   INT8          every conv/linear site converted; eval forward deterministic (two passes equal); running
                 statistics untouched by eval forwards; output types as the original's in both modes;
-                finite gradients for every parameter from a training step; eval-mode weight-gradient cosine
-                against the FP32 model, per layer (mean and minimum over conv/linear weights).
+                finite gradients from a training step, for every parameter that the FP32 model's same step
+                gives one; eval-mode weight-gradient cosine against the FP32 model, per layer (mean and
+                minimum over conv/linear weights).
 Detection models give no differentiable eval output, so their cosine is taken on the training losses.
 
 Usage:
@@ -262,12 +263,13 @@ def quantized(case: Case) -> dict:
     if _cos_mean(cos) < 0.9:  # how much of it is the forward's quantization, amplified by this network?
         row["cos_int8_forward_only"] = _cos_mean(_cosines(g_fp, _fake_quant_forward_grads(fp32, case, train),
                                                           _site_weights(qm)))
-    # training step: finite gradients, and the output type of training mode
-    out_fp, _ = step(fp32, case, True, seed=3, backward=False)
+    # training step: finite gradients, and the output type of training mode; a parameter without a gradient
+    # is a failure where the FP32 model gives it one (a backbone's unused final norm and head get none)
+    out_fp, g_fp = step(fp32, case, True, seed=3)
     out_q, grads = step(qm, case, True, seed=3)
     row["train_types_match"] = tree_structure(out_fp) == tree_structure(out_q)
     row["finite"] = all(bool(torch.isfinite(g).all()) for g in grads.values())
-    row["no_grad"] = [n for n, p in qm.named_parameters() if p.requires_grad and n not in grads]
+    row["no_grad"] = [n for n, p in qm.named_parameters() if p.requires_grad and n not in grads and n in g_fp]
     # eval: deterministic, no state change, same output type
     before = _model_buffers(qm)
     with torch.no_grad():
