@@ -13,8 +13,8 @@ INT8 SGD steps on one random batch, then eval mode), with the default exporter:
             `int8fx.deploy_numerics(qmodel, file)` (which adds the file's roundings) from the file, or why
             the emulation refused the model.
 A row fails on an export error, a faithful file outside its bound, or a site left in float that the
-metadata does not explain (transposed convs, which onnxruntime has no integer kernel for, and weights
-computed from the input are listed, not failed).
+metadata does not explain (transposed convs, which onnxruntime has no integer kernel for, convs whose
+output the model returns, and weights computed from the input are listed, not failed).
 
     python benchmarks/onnx_models.py timm:efficientvim_m1 timm:lowformer_b0 mobilenet_v2
     python benchmarks/onnx_models.py timm:hrnet_w18_small --size 128 --json rows.json
@@ -93,9 +93,11 @@ def check(case: Case, folder: str, target: str = "portable") -> dict:
         row["emulated"], row["emulation_refused"] = None, str(e)
     calls = int8_sites(meta, runtime_ops(path))
     in_int8 = {s for s, ops in calls.items() if ops and all(op in INT8_KERNELS for op in ops)}
-    explained = {s for s, e in meta["layers"].items()  # no integer kernel; a weight computed from the input;
-                 if e["op"].startswith("conv_transpose")  # training only; an input that never changes (folded)
-                 or e["export"] in ("float", "not called", "computed at export") or e.get("fixed_input")}
+    # explained: the metadata's list (transposed convs, convs whose output is returned), a weight computed
+    # from the input, a site called in training only, an input that never changes (folded at export)
+    explained = set(meta["deploy"]["sites_without_onnxruntime_int8_kernel"]) | {
+        s for s, e in meta["layers"].items()
+        if e["export"] in ("float", "not called", "computed at export") or e.get("fixed_input")}
     row["sites"], row["int8_sites"] = len(calls), len(in_int8)
     row["float_sites"] = sorted(set(calls) - in_int8)
     row["unexplained_float_sites"] = sorted(set(calls) - in_int8 - explained)

@@ -963,6 +963,21 @@ def test_arithmetic_after_the_last_sites_stays_float(tmp_path, exporter):
     assert not quantized & {o for n in arithmetic for o in n.output}
 
 
+def test_a_conv_whose_output_is_returned_is_listed_as_float_in_onnxruntime(tmp_path):
+    """A segmentation head (Unet's) returns its last conv's output. The file returns it in float, as
+    qmodel.eval() does, so no QuantizeLinear follows that conv, and onnxruntime, whose integer convs write
+    int8, runs it in float on its dequantized INT8 input and weights (TensorRT runs it in INT8). The metadata
+    lists it beside the transposed convs, so a reader counting INT8 kernels knows why; the stem runs in
+    QLinearConv."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # noqa: E731
+                                 nn.Conv2d(8, 3, 3, padding=1))
+    meta, path = _deployed_as_qmodel_computes(make, (4, 3, 16, 16), tmp_path)
+    assert int8_sites(meta, runtime_ops(path)) == {"0": ["QLinearConv"], "3": ["Conv"]}
+    assert meta["deploy"]["sites_without_onnxruntime_int8_kernel"] == ["3"]
+    assert meta["deploy"]["float_graph_outputs"]
+
+
 def test_a_graph_onnxruntime_cannot_run_is_not_written(tmp_path, monkeypatch):
     """The deploy export runs its graph once in a child process before writing it: an error there, or a crash
     of the runtime itself (a segfault, here simulated in the child), fails the export with no file."""

@@ -31,7 +31,8 @@ Built in three steps:
 A transposed conv site is QDQ -> ConvTranspose with its int8 weights on axis 1 (its output channels) and
 a BatchNorm after it folded in (`int8_ops`): onnxruntime has no integer ConvTranspose kernel and runs it in
 float on the dequantized weights, as for its own quantizer's files (TensorRT takes Q/DQ deconvolutions in
-INT8); the metadata lists such sites (`sites_without_onnxruntime_int8_kernel`).
+INT8); the metadata lists such sites (`sites_without_onnxruntime_int8_kernel`), with the convs whose output
+the model returns (onnxruntime runs those in float too: below).
 
 What stays float, as in int8fx (`float_nodes`): what the model returns (`quantized.float_graph_outputs`: the
 quantizer would round the logits too), norms that fold into no conv, layer scales, every sigmoid gate
@@ -150,9 +151,19 @@ def build(qmodel: nn.Module, statics: dict[str, StaticSite], dynamic: set[str], 
                         "biases_requantized_at_input_scale": requantized,
                         "site_calls_computed_at_export": {site: n - calls_found[site] for site, n in calls.items()
                                                           if n != calls_found[site]},
-                        "sites_without_onnxruntime_int8_kernel": sorted(
-                            {site for name, site in site_of.items() if view.nodes[name].op_type == "ConvTranspose"})}}
+                        "sites_without_onnxruntime_int8_kernel": _without_onnxruntime_int8_kernel(model, site_of)}}
     return model, used, calls_meta, extra
+
+
+def _without_onnxruntime_int8_kernel(model, site_of: dict[str, str]) -> list[str]:
+    """The sites that onnxruntime runs in float, on their dequantized INT8 inputs and weights (TensorRT runs
+    them in INT8): transposed convs, which it has no integer kernel for, and convs whose output the model
+    returns (`quantized.float_graph_outputs`: its integer convs write int8, and a head Gemm/MatMul writes
+    float through QGemm, but no conv does in a QDQ graph)."""
+    outputs = {o.name for o in model.graph.output}
+    nodes = {n.name: n for n in model.graph.node}
+    return sorted({site for name, site in site_of.items() if name in nodes and (
+        nodes[name].op_type == "ConvTranspose" or (nodes[name].op_type == "Conv" and outputs & set(nodes[name].output)))})
 
 
 def _feeds(model, batches: list[tuple]) -> list[dict]:
