@@ -18,7 +18,9 @@ Usage:
     python benchmarks/model_zoo.py resnet18 timm:tf_mixnet_s
     python benchmarks/model_zoo.py timm:nfnet_l0 timm:resnet50_gn  # any timm model, listed or not (--size)
     python benchmarks/model_zoo.py --family timm --json zoo.json
-Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`.
+    python benchmarks/model_zoo.py smp:Unet/resnet18 smp:Segformer/mit_b0  # segmentation_models_pytorch
+Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`,
+segmentation_models_pytorch models (if installed) as `smp:ARCH/ENCODER`.
 """
 from __future__ import annotations
 
@@ -148,6 +150,36 @@ def timm_case(name: str, size: int | None = None) -> Case:
         raise AssertionError("unreachable")
 
     return Case(f"timm:{name}", "timm", build, _image(2, size or TIMM_SIZE.get(name, 64)))
+
+
+def smp_case(spec: str, size: int | None = None) -> Case:
+    """A segmentation_models_pytorch model named `ARCH/ENCODER` (Unet/resnet18, FPN/tu-efficientnet_b0,
+    Segformer/mit_b0; random init, 3 classes) at `size` (default 64): the dense-prediction models users
+    build on timm encoders. Needs `pip install segmentation-models-pytorch` (not a dependency)."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as e:
+        raise SystemExit(f"smp:{spec} needs segmentation_models_pytorch: pip install segmentation-models-pytorch "
+                         f"({e})") from None
+    arch, _, encoder = spec.partition("/")
+    if not hasattr(smp, arch) or not encoder:
+        raise SystemExit(f"smp:{spec}: give ARCH/ENCODER, ARCH a model class of segmentation_models_pytorch "
+                         f"(Unet, FPN, DeepLabV3Plus, Segformer, ...)")
+
+    def build() -> nn.Module:
+        return getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=3)
+
+    return Case(f"smp:{spec}", "segmentation", build, _image(2, size or 64))
+
+
+def case_beyond_lists(name: str, size: int | None) -> Case | None:
+    """A model no list holds, built by name: `timm:NAME` (any timm model) or `smp:ARCH/ENCODER`; None for
+    another name."""
+    if name.startswith("timm:"):
+        return timm_case(name[len("timm:"):], size)
+    if name.startswith("smp:"):
+        return smp_case(name[len("smp:"):], size)
+    return None
 
 
 def timm_cases() -> list[Case]:
@@ -367,18 +399,21 @@ def main(argv=None) -> int:
                                          "timm"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
-    ap.add_argument("--size", type=int, help="input size of timm models outside the list (default 64)")
+    ap.add_argument("--size", type=int, help="input size of timm/smp models outside the lists (default 64)")
     args = ap.parse_args(argv)
     cases = [c for c in all_cases() if (not args.models or c.name in args.models)
              and (args.family is None or c.family == args.family)]
-    # timm models beyond the list (models no sweep has met): built by name, at --size
+    # models beyond the lists (models no sweep has met): built by name, at --size
     listed = {c.name for c in all_cases()}
     for name in args.models:
-        if name not in listed and name.startswith("timm:"):
-            if args.family in (None, "timm"):
-                cases.append(timm_case(name[len("timm:"):], args.size))
-        elif name not in listed:
-            ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as timm:NAME")
+        if name in listed:
+            continue
+        case = case_beyond_lists(name, args.size)
+        if case is None:
+            ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as "
+                     f"timm:NAME, segmentation_models_pytorch ones as smp:ARCH/ENCODER")
+        if args.family in (None, case.family):
+            cases.append(case)
     if args.models:  # in the order given
         cases.sort(key=lambda c: args.models.index(c.name))
     print(f"{'model':32s} {'family':14s} {'exact':>5s} {'int8':>9s} {'cos mean/min':>13s} {'s':>6s}  notes", flush=True)

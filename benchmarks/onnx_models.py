@@ -19,7 +19,7 @@ output the model returns, and weights computed from the input are listed, not fa
     python benchmarks/onnx_models.py timm:efficientvim_m1 timm:lowformer_b0 mobilenet_v2
     python benchmarks/onnx_models.py timm:hrnet_w18_small --size 128 --json rows.json
     python benchmarks/onnx_models.py resnet18 mobilenet_v2 --target onnxruntime
-Names as `benchmarks/model_zoo.py` takes them (single-image models: classification and timm).
+Names as `benchmarks/model_zoo.py` takes them (single-image models: classification, timm, smp:ARCH/ENCODER).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_zoo import Case, all_cases, timm_case  # noqa: E402
+from model_zoo import Case, all_cases, case_beyond_lists  # noqa: E402
 
 import int8fx  # noqa: E402
 from int8fx.onnx.check import INT8_KERNELS, int8_sites, runtime_ops, tie_flip_sensitivity  # noqa: E402
@@ -113,13 +113,13 @@ def cases_named(names: list[str], size: int | None) -> list[Case]:
     known = {c.name: c for c in all_cases() if c.family in ("classification", "timm")}
     cases = []
     for name in names:
-        if name in known:
-            cases.append(known[name] if size is None or not name.startswith("timm:") else
-                         timm_case(name[len("timm:"):], size))
-        elif name.startswith("timm:"):
-            cases.append(timm_case(name[len("timm:"):], size))
+        if name in known and (size is None or not name.startswith("timm:")):
+            cases.append(known[name])
+        elif (case := case_beyond_lists(name, size)) is not None:
+            cases.append(case)
         else:
-            raise SystemExit(f"unknown model {name!r}: torchvision classification names, timm names as timm:NAME")
+            raise SystemExit(f"unknown model {name!r}: torchvision classification names, timm names as timm:NAME, "
+                             "segmentation_models_pytorch ones as smp:ARCH/ENCODER")
     return cases
 
 
