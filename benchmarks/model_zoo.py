@@ -19,8 +19,9 @@ Usage:
     python benchmarks/model_zoo.py timm:nfnet_l0 timm:resnet50_gn  # any timm model, listed or not (--size)
     python benchmarks/model_zoo.py --family timm --json zoo.json
     python benchmarks/model_zoo.py smp:Unet/resnet18 smp:Segformer/mit_b0  # segmentation_models_pytorch
-Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`,
-segmentation_models_pytorch models (if installed) as `smp:ARCH/ENCODER`.
+    python benchmarks/model_zoo.py hf:ConvNextForImageClassification       # transformers
+Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`, and where those packages
+are installed segmentation_models_pytorch models as `smp:ARCH/ENCODER`, transformers ones as `hf:CLASS`.
 """
 from __future__ import annotations
 
@@ -172,13 +173,39 @@ def smp_case(spec: str, size: int | None = None) -> Case:
     return Case(f"smp:{spec}", "segmentation", build, _image(2, size or 64))
 
 
+def hf_case(cls_name: str, size: int | None = None) -> Case:
+    """A Hugging Face transformers vision model by class name (ResNetForImageClassification,
+    SegformerForSemanticSegmentation, DPTForDepthEstimation), built from its default config (random init;
+    10 labels for a classifier or segmenter; the config's image size set to `size` where it is one number) at
+    `size` (default 64). Needs `pip install transformers` (not a dependency)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"hf:{cls_name} needs transformers: pip install transformers ({e})") from None
+    model_cls = getattr(transformers, cls_name, None)
+    if model_cls is None or not hasattr(model_cls, "config_class"):
+        raise SystemExit(f"hf:{cls_name}: not a transformers model class (e.g. hf:ResNetForImageClassification)")
+    size = size or 64
+
+    def build() -> nn.Module:
+        labels = {"num_labels": 10} if cls_name.endswith(("ForImageClassification", "ForSemanticSegmentation")) else {}
+        config = model_cls.config_class(**labels)
+        if isinstance(getattr(config, "image_size", None), int):
+            config.image_size = size
+        return model_cls(config)
+
+    return Case(f"hf:{cls_name}", "hf", build, _image(2, size))
+
+
+_BY_PREFIX = {"timm:": timm_case, "smp:": smp_case, "hf:": hf_case}
+
+
 def case_beyond_lists(name: str, size: int | None) -> Case | None:
-    """A model no list holds, built by name: `timm:NAME` (any timm model) or `smp:ARCH/ENCODER`; None for
-    another name."""
-    if name.startswith("timm:"):
-        return timm_case(name[len("timm:"):], size)
-    if name.startswith("smp:"):
-        return smp_case(name[len("smp:"):], size)
+    """A model no list holds, built by name: `timm:NAME` (any timm model), `smp:ARCH/ENCODER`
+    (segmentation_models_pytorch) or `hf:CLASS` (transformers); None for another name."""
+    for prefix, make in _BY_PREFIX.items():
+        if name.startswith(prefix):
+            return make(name[len(prefix):], size)
     return None
 
 
@@ -197,7 +224,7 @@ def all_cases() -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------------- running
-def _tensors(out) -> list[torch.Tensor]:
+def output_tensors(out) -> list[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -206,7 +233,7 @@ def _loss(out) -> torch.Tensor:
     a fixed random projection plus the mean square. The projection keeps gradients non-zero where an output
     is zero at initialisation (torchvision's ViT heads start at zero)."""
     parts = []
-    for t in _tensors(out):
+    for t in output_tensors(out):
         if t.is_floating_point() and t.numel():
             r = torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel()))
             parts.append((t.float() * r).mean() + t.float().square().mean())
@@ -229,7 +256,7 @@ def step(model: nn.Module, case: Case, train: bool, seed: int, backward: bool = 
 
 
 def _equal(a, b) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = output_tensors(a), output_tensors(b)
     return tree_structure(a) == tree_structure(b) and len(ta) == len(tb) and all(
         x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
 
@@ -399,7 +426,7 @@ def main(argv=None) -> int:
                                          "timm"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
-    ap.add_argument("--size", type=int, help="input size of timm/smp models outside the lists (default 64)")
+    ap.add_argument("--size", type=int, help="input size of timm/smp/hf models outside the lists (default 64)")
     args = ap.parse_args(argv)
     cases = [c for c in all_cases() if (not args.models or c.name in args.models)
              and (args.family is None or c.family == args.family)]
@@ -411,7 +438,7 @@ def main(argv=None) -> int:
         case = case_beyond_lists(name, args.size)
         if case is None:
             ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as "
-                     f"timm:NAME, segmentation_models_pytorch ones as smp:ARCH/ENCODER")
+                     f"timm:NAME, segmentation_models_pytorch ones as smp:ARCH/ENCODER, transformers ones as hf:CLASS")
         if args.family in (None, case.family):
             cases.append(case)
     if args.models:  # in the order given

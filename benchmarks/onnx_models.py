@@ -19,7 +19,7 @@ output the model returns, and weights computed from the input are listed, not fa
     python benchmarks/onnx_models.py timm:efficientvim_m1 timm:lowformer_b0 mobilenet_v2
     python benchmarks/onnx_models.py timm:hrnet_w18_small --size 128 --json rows.json
     python benchmarks/onnx_models.py resnet18 mobilenet_v2 --target onnxruntime
-Names as `benchmarks/model_zoo.py` takes them (single-image models: classification, timm, smp:ARCH/ENCODER).
+Names as `benchmarks/model_zoo.py` takes them (single-image models: classification, timm, smp:, hf:).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_zoo import Case, all_cases, case_beyond_lists  # noqa: E402
+from model_zoo import Case, all_cases, case_beyond_lists, output_tensors  # noqa: E402
 
 import int8fx  # noqa: E402
 from int8fx.onnx.check import INT8_KERNELS, int8_sites, runtime_ops, tie_flip_sensitivity  # noqa: E402
@@ -51,11 +51,16 @@ def trained(case: Case) -> tuple[torch.nn.Module, torch.Tensor]:
     qm.train()
     for _ in range(2):
         opt.zero_grad()
-        out = qm(x)  # (googlenet and inception return their auxiliary logits beside them in training)
-        outs = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-        sum(t.float().pow(2).mean() for t in outs).backward()
+        # (googlenet and inception return their auxiliary logits beside them in training, transformers models
+        # a ModelOutput)
+        sum(t.float().pow(2).mean() for t in output_tensors(qm(x))).backward()
         opt.step()
     return qm.eval(), x
+
+
+def first_output(out) -> torch.Tensor:
+    """The first tensor a model returns (a tuple's, a ModelOutput's logits): the file's first output."""
+    return output_tensors(out)[0]
 
 
 def run_file(path: str, x: torch.Tensor) -> np.ndarray:
@@ -70,7 +75,7 @@ def run_file(path: str, x: torch.Tensor) -> np.ndarray:
 def check(case: Case, folder: str, target: str = "portable") -> dict:
     start = time.time()
     qm, x = trained(case)
-    ref, sensitivity = tie_flip_sensitivity(qm, x)
+    ref, sensitivity = tie_flip_sensitivity(lambda t: first_output(qm(t)), x)  # (the file's first output)
     ref = ref.numpy()
     scale = float(np.abs(ref).max()) or 1.0
     row: dict = {"model": case.name, "output_absmax": scale, "tie_flip_sensitivity": sensitivity / scale}
@@ -88,7 +93,7 @@ def check(case: Case, folder: str, target: str = "portable") -> dict:
     row["deploy"] = float(np.abs(out - ref).max()) / scale
     try:
         with torch.no_grad(), int8fx.deploy_numerics(qm, path):
-            row["emulated"] = float(np.abs(out - qm(x).numpy()).max()) / scale
+            row["emulated"] = float(np.abs(out - first_output(qm(x)).numpy()).max()) / scale
     except (int8fx.onnx.DeployNumericsError, ValueError) as e:
         row["emulated"], row["emulation_refused"] = None, str(e)
     calls = int8_sites(meta, runtime_ops(path))
@@ -119,7 +124,7 @@ def cases_named(names: list[str], size: int | None) -> list[Case]:
             cases.append(case)
         else:
             raise SystemExit(f"unknown model {name!r}: torchvision classification names, timm names as timm:NAME, "
-                             "segmentation_models_pytorch ones as smp:ARCH/ENCODER")
+                             "segmentation_models_pytorch ones as smp:ARCH/ENCODER, transformers ones as hf:CLASS")
     return cases
 
 
