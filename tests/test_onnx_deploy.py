@@ -1292,6 +1292,49 @@ def test_a_converted_bare_module_is_its_own_site_in_the_file(form, make, shape, 
         assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+class _SamePadded(nn.Module):
+    """transformers' TF-style "same" padding (MobileNetV1/V2, EfficientNet): the model reads its conv's
+    stride, kernel size and dilation in forward to pad before the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, stride=2, bias=False), nn.Linear(8, 4)
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(x.shape[:1:-1], self.conv.kernel_size[::-1], self.conv.stride[::-1],
+                                 self.conv.dilation[::-1]):
+            total = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return self.fc(F.relu(self.conv(F.pad(x, pads))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["faithful", "deploy"])
+def test_a_model_reading_its_convs_geometry_exports(form, tmp_path):
+    """The export copy replaces each site by a stand-in; code that reads a conv's `stride` or `kernel_size`
+    failed there with "'FaithfulSite' object has no attribute 'stride'" (transformers' MobileNetV2). The
+    stand-ins carry the torch class's geometry attributes: the file equals qm.eval() (faithful) or runs the
+    conv in QLinearConv (deploy)."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(_SamePadded())
+    for _ in range(2):
+        qm(torch.randn(2, 3, 15, 15)).square().sum().backward()
+    qm.eval()
+    x = torch.randn(2, 3, 15, 15)
+    path = str(tmp_path / f"same_{form}.onnx")
+    meta = int8fx.export_onnx(qm, x, path, form=form)
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    if form == "faithful":
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    else:
+        assert int8_sites(meta, runtime_ops(path))["conv"] == ["QLinearConv"]
+        assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 class _ChannelsLayerNorm(nn.LayerNorm):
     """timm's LayerNorm2d: a LayerNorm over the channels of an NCHW tensor."""
 

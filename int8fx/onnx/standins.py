@@ -35,10 +35,15 @@ from .torch_export import clean, export_graph
 
 class StandIn(nn.Module):
     """What every stand-in shares: the site's name, a module site's floating-point padding, its own
-    weight/bias for code that reads them, and a call counter."""
+    weight/bias and geometry attributes (`stride`, `kernel_size`, `in_features`, ...: the torch class's
+    `__constants__`) for code that reads them, and a call counter."""
 
     def __init__(self, layer: Int8Layer) -> None:
         super().__init__()
+        if isinstance(layer, ModuleSite):  # code that reads the module's geometry (transformers' TF-style
+            for name in getattr(type(layer), "__constants__", ()):  # "same" padding reads its stride and kernel)
+                if hasattr(layer, name):
+                    setattr(self, name, getattr(layer, name))
         self.site_name, self.dims, self.site_op = layer.site_name, layer.dims, layer.site_op
         self.transposed = layer.is_transposed
         # a module site in a non-zeros padding mode pads in floating point before its conv (as nn.Conv2d)
