@@ -75,7 +75,7 @@ def run_file(path: str, x: torch.Tensor) -> np.ndarray:
 def check(case: Case, folder: str, target: str = "portable") -> dict:
     start = time.time()
     qm, x = trained(case)
-    ref, sensitivity = tie_flip_sensitivity(lambda t: first_output(qm(t)), x)  # (the file's first output)
+    ref, sensitivity = tie_flip_sensitivity(qm, x, output=first_output)  # (the file's first output)
     ref = ref.numpy()
     scale = float(np.abs(ref).max()) or 1.0
     row: dict = {"model": case.name, "output_absmax": scale, "tie_flip_sensitivity": sensitivity / scale}

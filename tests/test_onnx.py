@@ -137,6 +137,35 @@ def test_file_passes_the_full_onnx_checker(exported):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return {"logits": self.conv2(F.relu(self.conv1(x))).mean((2, 3))}
+
+
+def test_tie_flip_sensitivity_perturbs_what_the_sites_round():
+    """Input noise cannot move the codes of a first site whose input sits away from every rounding tie (whole
+    numbers here), so it measured 0 on transformers' RegNet while the file's float sums flipped codes of its
+    second site. The probe perturbs each site's input too. `output` picks the compared tensor (a dict's)."""
+    torch.manual_seed(0)
+    qm = int8fx.convert(_TwoConvs())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        qm(torch.randint(-5, 6, (8, 3, 16, 16), generator=gen).float())["logits"].square().sum().backward()
+        int8fx.commit(qm)
+    qm.eval()
+    x = torch.randint(-5, 6, (8, 3, 16, 16), generator=gen).float()
+    ref, sens = tie_flip_sensitivity(qm, x, output=lambda out: out["logits"])
+    with torch.no_grad():
+        assert torch.equal(ref, qm(x)["logits"])
+        for _ in range(16):  # input noise alone moves nothing
+            assert torch.equal(qm(x * (1 + 2.0 ** -19 * torch.randn(x.shape, generator=gen)))["logits"], ref)
+    assert 0 < sens < 0.2 * ref.abs().max().item()
+
+
 def test_onnxruntime_output_matches_eval_mode(exported, record_property):
     name, qm, x, path, _ = exported
     ref, sens = tie_flip_sensitivity(qm, x)

@@ -108,18 +108,41 @@ def int8_sites(meta: dict, ops: dict[str, str]) -> dict[str, list[str]]:
             for site, entry in meta["layers"].items()}
 
 
-def tie_flip_sensitivity(qmodel, x, trials: int = 16):
-    """(eval output, the largest change of it under ~32 ulps of input noise).
+def tie_flip_sensitivity(qmodel, x, trials: int = 16, output=None):
+    """(eval output, the largest change of it under ~32 ulps of noise on the input and on every INT8 site's
+    input); `output` picks the tensor compared from what the model returns (a transformers ModelOutput's
+    logits), by default all of it.
 
     A faithful file computes `qmodel.eval()`'s integers, but onnxruntime sums in another order, so a value
     on a rounding tie can land one step away; how far such flips carry to the output is the model's own
-    property, measured here by perturbing the input. 8 ulps x 8 trials proved too few: on mobilenet_v2 it
-    found no flip (sensitivity 0) while onnxruntime's own summation order flipped one activation."""
+    property, measured here by perturbing the values that are rounded. 8 ulps x 8 trials of input noise
+    proved too few: on mobilenet_v2 it found no flip (sensitivity 0) while onnxruntime's own summation order
+    flipped one activation; and input noise alone found none on transformers' RegNet, whose first site's
+    codes it never moved, while the file's float sums flipped codes of its second site (0.2 of the output)."""
     import torch
+    import torch.nn as nn
 
+    from ..nn.modules import Int8Layer
+
+    pick = output or (lambda out: out)
     g = torch.Generator().manual_seed(1)
+
+    def jitter(t):
+        return t * (1 + 2.0 ** -19 * torch.randn(t.shape, generator=g).to(t.device, t.dtype))
+
+    def perturb_input(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return (jitter(args[0]), *args[1:])
+        return None
+
     with torch.no_grad():
-        ref = qmodel(x)
-        worst = max((qmodel(x * (1 + 2.0 ** -19 * torch.randn(x.shape, generator=g))) - ref).abs().max().item()
-                    for _ in range(trials))
+        ref = pick(qmodel(x))
+        sites = [m for m in qmodel.modules() if isinstance(m, Int8Layer)] if isinstance(qmodel, nn.Module) else []
+        worst = max((pick(qmodel(jitter(x))) - ref).abs().max().item() for _ in range(trials))
+        hooks = [m.register_forward_pre_hook(perturb_input) for m in sites]
+        try:
+            worst = max([worst] + [(pick(qmodel(jitter(x))) - ref).abs().max().item() for _ in range(trials)])
+        finally:
+            for h in hooks:
+                h.remove()
     return ref, worst
