@@ -120,7 +120,6 @@ def tie_flip_sensitivity(qmodel, x, trials: int = 16, output=None):
     flipped one activation; and input noise alone found none on transformers' RegNet, whose first site's
     codes it never moved, while the file's float sums flipped codes of its second site (0.2 of the output)."""
     import torch
-    import torch.nn as nn
 
     from ..nn.modules import Int8Layer
 
@@ -137,7 +136,7 @@ def tie_flip_sensitivity(qmodel, x, trials: int = 16, output=None):
 
     with torch.no_grad():
         ref = pick(qmodel(x))
-        sites = [m for m in qmodel.modules() if isinstance(m, Int8Layer)] if isinstance(qmodel, nn.Module) else []
+        sites = [m for m in qmodel.modules() if isinstance(m, Int8Layer)]
         worst = max((pick(qmodel(jitter(x))) - ref).abs().max().item() for _ in range(trials))
         hooks = [m.register_forward_pre_hook(perturb_input) for m in sites]
         try:
