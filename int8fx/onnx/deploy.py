@@ -161,7 +161,7 @@ def _without_onnxruntime_int8_kernel(model, site_of: dict[str, str]) -> list[str
     returns (`quantized.float_graph_outputs`: its integer convs write int8, and a head Gemm/MatMul writes
     float through QGemm, but no conv does in a QDQ graph)."""
     outputs = {o.name for o in model.graph.output}
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = GraphView(model).nodes
     return sorted({site for name, site in site_of.items() if name in nodes and (
         nodes[name].op_type == "ConvTranspose" or (nodes[name].op_type == "Conv" and outputs & set(nodes[name].output)))})
 
