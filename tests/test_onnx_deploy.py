@@ -699,6 +699,45 @@ def _deployed_as_qmodel_computes(make, shape, tmp_path, exporter: str = "auto", 
     return meta, path
 
 
+class Residual3d(nn.Module):
+    """A volume / video block: Conv3d + BatchNorm3d + ReLU, then a residual Add of 5-d maps (monai's
+    SegResNet and HighResNet, torchvision's r3d_18) and a pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv3d(3, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8)
+        self.conv, self.bn1 = nn.Conv3d(8, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn1(self.conv(x)))
+        return self.fc(x.mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("exporter", exporters("dynamo", "torchscript"))
+def test_deploy_numerics_follows_a_residual_add_of_volumes(exporter, tmp_path):
+    """The file quantizes a residual Add of 5-d maps as it does one of images (QLinearAdd); the emulation
+    rounds it too, so a 3-d conv net's logits equal onnxruntime's to float rounding. Before, it counted only
+    4-d Adds and refused every such model ("the forward made 0 residual Adds, the deploy file holds 1")."""
+    import onnxruntime as ort
+
+    shape = (4, 3, 4, 8, 8)
+    meta, path = _deployed_as_qmodel_computes(Residual3d, shape, tmp_path, exporter)
+    assert "QLinearAdd" in runtime_ops(path).values()
+    qm = _briefly_trained(Residual3d, shape, momentum=0.0)  # (the same model: same seed and steps)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for seed in range(2):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        out = sess.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            plain = qm(x).numpy()
+            with int8fx.deploy_numerics(qm, path):
+                emulated = qm(x).numpy()
+        span = np.abs(out).max()
+        assert np.abs(emulated - out).max() <= 1e-5 * span, np.abs(emulated - out).max() / span
+        assert np.abs(plain - out).max() >= 1e-4 * span  # (the file does round where qmodel.eval() does not)
+
 class Chain(nn.Module):
     """Four conv+BN+ReLU blocks, then two convs whose outputs are added (tensors int8fx has no clip for, which
     the deploy form calibrates)."""

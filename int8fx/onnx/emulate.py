@@ -26,7 +26,7 @@ How: site outputs are rounded by forward hooks on the sites; the -128 step is ad
 exact integer conv in fp32, so int8fx's own kernels and their -127 stay untouched); BatchNorm calls (the
 fold), residual Adds and average poolings are caught by a TorchFunctionMode while the model runs. A
 BatchNorm folds into a site when it reads the site's output tensor itself, as torch's exporters fold it.
-Adds (4-d tensors of one shape, outside the sites) and poolings (and means over any dims) are matched to
+Adds (4-d or 5-d tensors of one shape, outside the sites) and poolings (and means over any dims) are matched to
 the file's nodes in execution order, and every forward of the model must make exactly as many as the file
 holds, else `DeployNumericsError`: a file of another model, or a forward that takes another path than the
 exported one, is never emulated silently wrong. Only the model's own forward is touched: not a backward
@@ -483,7 +483,10 @@ def _float_bias(layer: Int8Layer, args: tuple, kwargs: dict):
 
 
 def _residual(args) -> bool:
-    return (len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args) and args[0].dim() == 4
+    """A residual Add as the file holds one: two feature maps of one shape, of 2-d convs (4-d tensors) or
+    3-d convs (5-d: volumes, video). Not 3-d tensors, where token adds (a position embedding) that the file
+    leaves float would be counted too."""
+    return (len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args) and args[0].dim() in (4, 5)
             and args[0].shape == args[1].shape)
 
 
