@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import numbers
 import os
 import types
 import warnings
@@ -277,7 +278,9 @@ def _walker(of_tensor):
             return type(a), tuple(map(walk, a))
         if isinstance(a, dict):
             return dict, tuple((k, walk(v)) for k, v in a.items())
-        return a if isinstance(a, (bool, int, float, str, torch.dtype)) else type(a)
+        if isinstance(a, (bool, int, float, str, torch.dtype, numbers.Number)):
+            return a  # (by value: a numpy integer is a constant of the trace as much as an int is)
+        return type(a)
 
     return walk
 

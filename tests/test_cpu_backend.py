@@ -135,6 +135,42 @@ def test_passes_compiled_for_exact_shapes_equal_reference(site, monkeypatch):
     assert_same(run_site(make, shape, "reference", "gvq-mcs", "stochastic"), fast)
 
 
+@pytest.mark.skipif(not fusing.COMPILE, reason="INT8FX_COMPILE=0: only the eager forms run")
+def test_geometry_given_as_numpy_integers_computes_its_own_values(monkeypatch):
+    """Libraries compute conv geometry in numpy (pytorchvideo's R(2+1)D builds Conv3d strides of np.int64).
+    Two sites on one input whose strides differ only in such values each compute their own conv, the same
+    bits as with Python ints. The compiled im2col was keyed on those values' type alone, so the second site
+    ran the first one's stride (pytorchvideo's r2plus1d_r50 failed with "shape '[2, 4, 4, 4, 1024]' is
+    invalid"; where the output sizes agreed it would have been silently wrong)."""
+    import numpy as np
+
+    monkeypatch.setattr(fusing, "SMALL", 1)
+    monkeypatch.setattr(fusing, "STATIC", 1)
+    monkeypatch.setattr(fusing, "EXACT_TRACED", 1)
+    monkeypatch.setattr(fusing, "STATIC_AFTER", 1)
+
+    class TwoStrides(nn.Module):
+        def __init__(self, to_int):
+            super().__init__()
+            self.a = nn.Conv3d(8, 16, 1, stride=tuple(map(to_int, (1, 2, 2))))
+            self.b = nn.Conv3d(8, 16, 1, stride=tuple(map(to_int, (2, 2, 2))))
+
+        def forward(self, x):
+            return torch.cat([self.a(x).flatten(1), self.b(x).flatten(1)], 1)
+
+    x = torch.randn(2, 8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for to_int in (int, np.int64):
+        torch.manual_seed(0)
+        qm = int8fx.convert(TwoStrides(to_int), int8fx.Int8Config(backend="torch"))
+        torch.manual_seed(1)
+        out = qm(x)
+        out.square().sum().backward()
+        runs.append([out] + [p.grad for p in qm.parameters()])
+    assert runs[1][0].shape == (2, 16 * (4 * 4 * 4 + 2 * 4 * 4))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
 @pytest.mark.parametrize("grad_quant", ["dsgc", "mcs", "gvq", "gvq-mcs-search"])
 def test_torch_backend_equals_reference_every_policy(grad_quant):
     make, shape = SITES["conv2d-strided-grouped"]

@@ -239,6 +239,24 @@ def test_small_tensors_and_traced_code_run_eagerly():
     assert out.shape == (4, N // 4)
 
 
+
+@fusing.fused
+def _times(x, k):
+    return x * k
+
+
+def test_numpy_scalars_are_constants_of_their_own_variant():
+    """A numpy integer argument (geometry a library computed in numpy) is a constant of the compiled code as
+    an int is: another value gets its own variant. Keyed by its type alone, the second call ran the first
+    value (a conv's stride: tests/test_cpu_backend.py)."""
+    import numpy as np
+
+    x = torch.randn(N, generator=_gen())
+    for k in (2, 3):
+        got, eager = _both(_times, x, np.int64(k))
+        _equal(got, eager)
+        _equal(got, x * k)
+
 def test_many_signatures_stay_compiled():
     """More argument signatures than torch.compile's recompile limit (8): each gets its own compiled copy,
     none falls back to eager."""

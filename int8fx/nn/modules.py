@@ -48,7 +48,9 @@ INT8_ATTRS = ("dims", "is_transposed", "config", "site_name", "index", "source",
 
 
 def _tuple(v, n: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    """Python ints, whatever integers the module holds: libraries compute geometry in numpy (pytorchvideo's
+    Conv3d strides are np.int64), and a spec is a key (compiled passes, the direct conv's decisions)."""
+    return tuple(map(int, v)) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
 def make_spec(dims: int, kernel: tuple, stride, padding, dilation, groups: int) -> GemmSpec:
@@ -67,7 +69,7 @@ def make_spec(dims: int, kernel: tuple, stride, padding, dilation, groups: int) 
         raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
     else:
         pads = tuple((p, p) for p in _tuple(padding, dims))
-    return GemmSpec(dims, tuple(kernel), stride, pads, dilation, int(groups))
+    return GemmSpec(dims, tuple(map(int, kernel)), stride, pads, dilation, int(groups))
 
 
 def site_op(module: nn.Module) -> str | None:
