@@ -108,8 +108,7 @@ def read_roundings(path_or_model) -> Roundings:
         if "y_quantize" in call:
             q = view.nodes[call["y_quantize"]]
             outputs[site] = _scalar(view, q.input[1])
-            if any(c.op_type == "BatchNormalization" for dq in view.consumers[q.output[0]]
-                   for c in view.consumers[dq.output[0]]):
+            if any(_batch_norm_reads(view, dq.output[0]) for dq in view.consumers[q.output[0]]):
                 unfolded.add(site)
         if "b_dequantize" in call:
             dq = view.nodes[call["b_dequantize"]]
@@ -198,6 +197,14 @@ def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
             continue  # (the same grid again)
         found[f"inputs of {'/'.join(sorted(readers - _FOLLOWED_READERS))}"] += 1
     return dict(found)
+
+
+def _batch_norm_reads(view: GraphView, tensor: str) -> bool:
+    """Whether a BatchNormalization reads `tensor`, or the Clip that saturates it where several ops read it
+    (`quantized.fan_out`: a pre-activation block's BatchNorm beside the residual Add): a BatchNorm the file
+    keeps in float, on the site's rounded output."""
+    return any(c.op_type == "BatchNormalization" or (c.op_type == "Clip" and _batch_norm_reads(view, c.output[0]))
+               for c in view.consumers[tensor])
 
 
 def _scalar(view: GraphView, name: str) -> float:
@@ -398,7 +405,12 @@ class _DeployRounding(TorchFunctionMode):
             args, kwargs = tree_map(self._rounded, (tuple(args), kwargs))
         if func in _ADDS and _residual(args) and not kwargs:  # (x + y, not x + alpha * y or out=)
             out = self._add(args)
-            return target.copy_(out) if func in _IN_PLACE else out
+            if func not in _IN_PLACE:
+                return out
+            # `y += x` on a site's output: y holds the Add's result now, which its readers must get, not the
+            # site's rounded output from before
+            self.waiting.pop(id(target), None)
+            return target.copy_(out)
         if _is_pool(func, args, kwargs):
             scale = self._next_pool()
             if scale is not None:
