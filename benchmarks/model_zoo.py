@@ -18,10 +18,11 @@ Usage:
     python benchmarks/model_zoo.py resnet18 timm:tf_mixnet_s
     python benchmarks/model_zoo.py timm:nfnet_l0 timm:resnet50_gn  # any timm model, listed or not (--size)
     python benchmarks/model_zoo.py --family timm --json zoo.json
-    python benchmarks/model_zoo.py smp:Unet/resnet18 smp:Segformer/mit_b0  # segmentation_models_pytorch
-    python benchmarks/model_zoo.py hf:ConvNextForImageClassification       # transformers
+    python benchmarks/model_zoo.py smp:Unet/resnet18 hf:ConvNextForImageClassification  # other libraries'
+    python benchmarks/model_zoo.py monai:UNet3d yolo:yolo11n ptv:x3d_xs                # models, where installed
 Names: torchvision names as `list_models()` gives them, timm names prefixed `timm:`, and where those packages
-are installed segmentation_models_pytorch models as `smp:ARCH/ENCODER`, transformers ones as `hf:CLASS`.
+are installed models of segmentation_models_pytorch, transformers, MONAI, ultralytics and pytorchvideo
+(`benchmarks/other_libraries.py` says how each is named).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ TIMM_KWARGS = {"drop_rate": 0.2, "drop_path_rate": 0.1}  # dropout and drop-path
 @dataclass
 class Case:
     name: str
-    family: str  # classification | video | detection | segmentation | optical_flow | timm
+    family: str  # classification | video | detection | segmentation | optical_flow | timm, or the library's
     build: Callable[[], nn.Module]
     inputs: Callable[[bool], tuple]  # training mode -> forward arguments
 
@@ -153,57 +154,14 @@ def timm_case(name: str, size: int | None = None) -> Case:
     return Case(f"timm:{name}", "timm", build, _image(2, size or TIMM_SIZE.get(name, 64)))
 
 
-def smp_case(spec: str, size: int | None = None) -> Case:
-    """A segmentation_models_pytorch model named `ARCH/ENCODER` (Unet/resnet18, FPN/tu-efficientnet_b0,
-    Segformer/mit_b0; random init, 3 classes) at `size` (default 64): the dense-prediction models users
-    build on timm encoders. Needs `pip install segmentation-models-pytorch` (not a dependency)."""
-    try:
-        import segmentation_models_pytorch as smp
-    except ImportError as e:
-        raise SystemExit(f"smp:{spec} needs segmentation_models_pytorch: pip install segmentation-models-pytorch "
-                         f"({e})") from None
-    arch, _, encoder = spec.partition("/")
-    if not hasattr(smp, arch) or not encoder:
-        raise SystemExit(f"smp:{spec}: give ARCH/ENCODER, ARCH a model class of segmentation_models_pytorch "
-                         f"(Unet, FPN, DeepLabV3Plus, Segformer, ...)")
-
-    def build() -> nn.Module:
-        return getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=3)
-
-    return Case(f"smp:{spec}", "segmentation", build, _image(2, size or 64))
-
-
-def hf_case(cls_name: str, size: int | None = None) -> Case:
-    """A Hugging Face transformers vision model by class name (ResNetForImageClassification,
-    SegformerForSemanticSegmentation, DPTForDepthEstimation), built from its default config (random init;
-    10 labels for a classifier or segmenter; the config's image size set to `size` where it is one number) at
-    `size` (default 64). Needs `pip install transformers` (not a dependency)."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise SystemExit(f"hf:{cls_name} needs transformers: pip install transformers ({e})") from None
-    model_cls = getattr(transformers, cls_name, None)
-    if model_cls is None or not hasattr(model_cls, "config_class"):
-        raise SystemExit(f"hf:{cls_name}: not a transformers model class (e.g. hf:ResNetForImageClassification)")
-    size = size or 64
-
-    def build() -> nn.Module:
-        labels = {"num_labels": 10} if cls_name.endswith(("ForImageClassification", "ForSemanticSegmentation")) else {}
-        config = model_cls.config_class(**labels)
-        if isinstance(getattr(config, "image_size", None), int):
-            config.image_size = size
-        return model_cls(config)
-
-    return Case(f"hf:{cls_name}", "hf", build, _image(2, size))
-
-
-_BY_PREFIX = {"timm:": timm_case, "smp:": smp_case, "hf:": hf_case}
-
-
 def case_beyond_lists(name: str, size: int | None) -> Case | None:
-    """A model no list holds, built by name: `timm:NAME` (any timm model), `smp:ARCH/ENCODER`
-    (segmentation_models_pytorch) or `hf:CLASS` (transformers); None for another name."""
-    for prefix, make in _BY_PREFIX.items():
+    """A model no list holds, built by name: `timm:NAME` (any timm model), or a model of another library
+    (`benchmarks/other_libraries.py`: `smp:`, `hf:`, `monai:`, `yolo:`, `ptv:`); None for another name."""
+    if name.startswith("timm:"):
+        return timm_case(name[len("timm:"):], size)
+    from other_libraries import BY_PREFIX  # (it builds on this module's Case)
+
+    for prefix, make in BY_PREFIX.items():
         if name.startswith(prefix):
             return make(name[len(prefix):], size)
     return None
@@ -423,10 +381,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model names (default: all)")
     ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "optical_flow",
-                                         "timm"))
+                                         "timm", "hf", "monai", "ultralytics", "pytorchvideo"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
-    ap.add_argument("--size", type=int, help="input size of timm/smp/hf models outside the lists (default 64)")
+    ap.add_argument("--size", type=int, help="input size of timm/smp/hf/yolo models outside the lists (default 64)")
     args = ap.parse_args(argv)
     cases = [c for c in all_cases() if (not args.models or c.name in args.models)
              and (args.family is None or c.family == args.family)]
@@ -438,7 +396,8 @@ def main(argv=None) -> int:
         case = case_beyond_lists(name, args.size)
         if case is None:
             ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as "
-                     f"timm:NAME, segmentation_models_pytorch ones as smp:ARCH/ENCODER, transformers ones as hf:CLASS")
+                     f"timm:NAME, other libraries' as benchmarks/other_libraries.py names them (smp:ARCH/ENCODER, "
+                     f"hf:CLASS, monai:NAME, yolo:CONFIG, ptv:NAME)")
         if args.family in (None, case.family):
             cases.append(case)
     if args.models:  # in the order given

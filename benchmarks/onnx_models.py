@@ -19,7 +19,8 @@ output the model returns, and weights computed from the input are listed, not fa
     python benchmarks/onnx_models.py timm:efficientvim_m1 timm:lowformer_b0 mobilenet_v2
     python benchmarks/onnx_models.py timm:hrnet_w18_small --size 128 --json rows.json
     python benchmarks/onnx_models.py resnet18 mobilenet_v2 --target onnxruntime
-Names as `benchmarks/model_zoo.py` takes them (single-image models: classification, timm, smp:, hf:).
+Names as `benchmarks/model_zoo.py` takes them (models of one input tensor: torchvision classification, timm,
+and other libraries': smp:, hf:, monai:, yolo:, ptv:).
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def cases_named(names: list[str], size: int | None) -> list[Case]:
             cases.append(case)
         else:
             raise SystemExit(f"unknown model {name!r}: torchvision classification names, timm names as timm:NAME, "
-                             "segmentation_models_pytorch ones as smp:ARCH/ENCODER, transformers ones as hf:CLASS")
+                             "other libraries' as benchmarks/other_libraries.py names them")
     return cases
 
 
