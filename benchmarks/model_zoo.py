@@ -156,7 +156,8 @@ def timm_case(name: str, size: int | None = None) -> Case:
 
 def case_beyond_lists(name: str, size: int | None) -> Case | None:
     """A model no list holds, built by name: `timm:NAME` (any timm model), or a model of another library
-    (`benchmarks/other_libraries.py`: `smp:`, `hf:`, `monai:`, `yolo:`, `ptv:`); None for another name."""
+    (`benchmarks/other_libraries.py`: `smp:`, `hf:`, `monai:`, `yolo:`, `ptv:`, `effnet_pt:`, `effdet:`, `pm:`,
+    `facenet:`); None for another name."""
     if name.startswith("timm:"):
         return timm_case(name[len("timm:"):], size)
     from other_libraries import BY_PREFIX  # (it builds on this module's Case)
@@ -381,7 +382,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model names (default: all)")
     ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "optical_flow",
-                                         "timm", "hf", "monai", "ultralytics", "pytorchvideo"))
+                                         "timm", "hf", "monai", "ultralytics", "pytorchvideo", "efficientnet_pytorch",
+                                         "effdet", "pretrainedmodels", "facenet_pytorch"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     ap.add_argument("--size", type=int, help="input size of timm/smp/hf/yolo models outside the lists (default 64)")
@@ -397,7 +399,8 @@ def main(argv=None) -> int:
         if case is None:
             ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as "
                      f"timm:NAME, other libraries' as benchmarks/other_libraries.py names them (smp:ARCH/ENCODER, "
-                     f"hf:CLASS, monai:NAME, yolo:CONFIG, ptv:NAME)")
+                     f"hf:CLASS, monai:NAME, yolo:CONFIG, ptv:NAME, "
+                     f"effnet_pt:NAME, effdet:NAME, pm:NAME, facenet:NAME)")
         if args.family in (None, case.family):
             cases.append(case)
     if args.models:  # in the order given

@@ -20,7 +20,7 @@ output the model returns, and weights computed from the input are listed, not fa
     python benchmarks/onnx_models.py timm:hrnet_w18_small --size 128 --json rows.json
     python benchmarks/onnx_models.py resnet18 mobilenet_v2 --target onnxruntime
 Names as `benchmarks/model_zoo.py` takes them (models of one input tensor: torchvision classification, timm,
-and other libraries': smp:, hf:, monai:, yolo:, ptv:).
+and other libraries': smp:, hf:, monai:, yolo:, ptv:, effnet_pt:, effdet:, pm:, facenet:).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Models from libraries users build on besides torchvision and timm, by name: `benchmarks/model_zoo.py` and
 `benchmarks/onnx_models.py` take them as `PREFIX:NAME`. None of these packages is a dependency of int8fx:
 a name needs its package installed (`pip install segmentation-models-pytorch transformers monai ultralytics
-pytorchvideo`), random init, nothing downloaded.
+pytorchvideo efficientnet_pytorch effdet
+pretrainedmodels facenet-pytorch`), random init, nothing downloaded.
 
   smp:ARCH/ENCODER   segmentation_models_pytorch (Unet/resnet18, FPN/tu-efficientnet_b0, Segformer/mit_b0)
   hf:CLASS           transformers vision models from their default config (hf:ResNetForImageClassification)
@@ -10,6 +11,12 @@ pytorchvideo`), random init, nothing downloaded.
                      yolo11n-pose, yolo11n-cls, yolo11n-obb: the task from the name's suffix)
   ptv:NAME           pytorchvideo's video networks (PTV_MODELS: x3d_xs, slow_r50, csn_r50, r2plus1d_r50,
                      slowfast_r50)
+  effnet_pt:NAME     efficientnet_pytorch's EfficientNets (efficientnet-b0; `NAME/dynamic` for its
+                     dynamic same-padding convs, `NAME/plain-swish` without its custom-autograd Swish)
+  effdet:NAME        effdet's EfficientDets (efficientdet_d0, tf_efficientdet_d0: BiFPN, TF same padding)
+  pm:NAME            pretrainedmodels (Cadene) ImageNet networks at their own input size (xception,
+                     inceptionv4, nasnetamobile, se_resnext50_32x4d, dpn68, bninception, polynet, ...)
+  facenet:NAME       facenet_pytorch's InceptionResnetV1 and MTCNN's PNet, RNet, ONet
 """
 from __future__ import annotations
 
@@ -162,4 +169,74 @@ def ptv_case(name: str, size: int | None = None) -> Case:
     return Case(f"ptv:{name}", "pytorchvideo", build, inputs)
 
 
-BY_PREFIX = {"smp:": smp_case, "hf:": hf_case, "monai:": monai_case, "yolo:": yolo_case, "ptv:": ptv_case}
+def effnet_pt_case(spec: str, size: int | None = None) -> Case:
+    """An efficientnet_pytorch EfficientNet (`efficientnet-b0`, random init, 10 classes) at `size` (default 64).
+    Built for that size, its convs pad TF-style with static padding modules; `NAME/dynamic` builds it without
+    an image size (padding computed in each forward), `NAME/plain-swish` with torch's SiLU instead of its
+    custom-autograd memory-efficient Swish."""
+    efficientnet_pytorch = _needs("efficientnet_pytorch", f"effnet_pt:{spec}", "efficientnet_pytorch")
+    name, _, variant = spec.partition("/")
+    if variant not in ("", "dynamic", "plain-swish"):
+        raise SystemExit(f"effnet_pt:{spec}: NAME, NAME/dynamic or NAME/plain-swish (NAME: efficientnet-b0 ...)")
+    size = size or 64
+
+    def build() -> nn.Module:
+        model = efficientnet_pytorch.EfficientNet.from_name(
+            name, num_classes=10, **({} if variant == "dynamic" else {"image_size": size}))
+        if variant == "plain-swish":
+            model.set_swish(memory_efficient=False)
+        return model
+
+    return Case(f"effnet_pt:{spec}", "efficientnet_pytorch", build, _image(2, size))
+
+
+def effdet_case(name: str, size: int | None = None) -> Case:
+    """An effdet EfficientDet (random init, backbone too; 5 classes) on `size` px images (default 128: five
+    halvings of the backbone and two of the BiFPN); it returns its class and box maps per level."""
+    effdet = _needs("effdet", f"effdet:{name}", "effdet pycocotools")
+    size = size or 128
+
+    def build() -> nn.Module:
+        return effdet.create_model(name, pretrained=False, pretrained_backbone=False, num_classes=5,
+                                   image_size=(size, size))
+
+    return Case(f"effdet:{name}", "effdet", build, _image(2, size))
+
+
+def pm_case(name: str, size: int | None = None) -> Case:
+    """A pretrainedmodels network (random init, 1000 classes) at its own ImageNet input size (its pooling
+    before the classifier has a fixed window: 224, 299 or 331 px), or `size`."""
+    pm = _needs("pretrainedmodels", f"pm:{name}", "pretrainedmodels munch")
+    if name not in pm.model_names:
+        raise SystemExit(f"pm:{name}: one of {', '.join(pm.model_names)}")
+    settings = pm.pretrained_settings[name]
+    size = size or next(iter(settings.values()))["input_size"][-1]
+
+    def build() -> nn.Module:
+        return pm.__dict__[name](num_classes=1000, pretrained=None)
+
+    return Case(f"pm:{name}", "pretrainedmodels", build, _image(2, size))
+
+
+FACENET_MODELS = {"InceptionResnetV1": 96, "PNet": 48, "RNet": 24, "ONet": 48}  # name -> input size
+
+
+def facenet_case(name: str, size: int | None = None) -> Case:
+    """A facenet_pytorch network (random init): InceptionResnetV1 as a 10-class classifier, MTCNN's three
+    stages at the sizes they read (RNet and ONet: 24 and 48 px crops, fixed by their linear layers)."""
+    models = _needs("facenet_pytorch.models.mtcnn", f"facenet:{name}", "facenet-pytorch")
+    if name not in FACENET_MODELS:
+        raise SystemExit(f"facenet:{name}: one of {', '.join(FACENET_MODELS)}")
+
+    def build() -> nn.Module:
+        if name == "InceptionResnetV1":
+            from facenet_pytorch import InceptionResnetV1
+
+            return InceptionResnetV1(pretrained=None, classify=True, num_classes=10)
+        return getattr(models, name)(pretrained=False)
+
+    return Case(f"facenet:{name}", "facenet_pytorch", build, _image(2, size or FACENET_MODELS[name]))
+
+
+BY_PREFIX = {"smp:": smp_case, "hf:": hf_case, "monai:": monai_case, "yolo:": yolo_case, "ptv:": ptv_case,
+             "effnet_pt:": effnet_pt_case, "effdet:": effdet_case, "pm:": pm_case, "facenet:": facenet_case}
