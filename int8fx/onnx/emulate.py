@@ -6,12 +6,15 @@ The deploy file rounds where `qmodel.eval()` keeps floats (README, "How far depl
   2. every bias of a site, to int32 on its accumulator grid s_x * s_w (BatchNorm folded in);
   3. both operands and the output of every residual Add (QLinearAdd);
   4. the input of every average pooling the file runs in INT8 (QLinearGlobalAveragePool);
-  5. every INT8 site's input saturates at -128 steps, where int8fx's quantizer stops at -127 (ONNX's int8
+  5. the inputs and the output of every Concat of feature maps the file runs in INT8 (QLinearConcat), each
+     input at its own scale: a UNet's skip connection, which the encoder reads too, has a scale of its own,
+     and the concatenation is rounded again at the reading site's;
+  6. every INT8 site's input saturates at -128 steps, where int8fx's quantizer stops at -127 (ONNX's int8
      QuantizeLinear has no narrow range, and a Clip kept in front would stop the op's fusion: `deploy.
      _drop_clamps`): an input below the site's clip that no ReLU bounds is one step lower in the file.
 Every other rounding of the file must be a site input's, which int8fx does itself, or one of a value
-already on its grid: a file that also rounds elsewhere (a Concat's inputs, a layer scale's factor, the
-parameters of a norm it does not fold) is refused, naming those places (`_other_roundings`). Inside
+already on its grid: a file that also rounds elsewhere (the inputs of a Resize, a Split or a Softmax, a layer
+scale's factor, the parameters of a norm it does not fold) is refused, naming those places (`_other_roundings`). Inside
 `with deploy_numerics(qmodel, path):` the model rounds there too, at the file's scales and with the file's
 int32 biases. In eval mode it then computes the file's numbers: the predictions of four Fashion-MNIST models
 agree with onnxruntime's on 99.5-100% of 10,000 test images (RESULTS.md, "The deploy file in PyTorch").
@@ -24,13 +27,13 @@ the model the file's rounding; export it again afterwards, which recalibrates.
 How: site outputs are rounded by forward hooks on the sites; the -128 step is added inside each site call
 (`observe_int8_calls`: conv(d, W_int8) s_x s_w, d = -1 where the input rounds to -128 steps or below, an
 exact integer conv in fp32, so int8fx's own kernels and their -127 stay untouched); BatchNorm calls (the
-fold), residual Adds and average poolings are caught by a TorchFunctionMode while the model runs. A
-BatchNorm folds into a site when it reads the site's output tensor itself, as torch's exporters fold it.
-Adds (4-d or 5-d tensors of one shape, outside the sites) and poolings (and means over any dims) are matched to
-the file's nodes in execution order, and every forward of the model must make exactly as many as the file
-holds, else `DeployNumericsError`: a file of another model, or a forward that takes another path than the
-exported one, is never emulated silently wrong. Only the model's own forward is touched: not a backward
-pass or an optimizer step run in the block.
+fold), residual Adds, concatenations and average poolings are caught by a TorchFunctionMode while the model
+runs. A BatchNorm folds into a site when it reads the site's output tensor itself, as torch's exporters fold
+it. Adds (4-d or 5-d tensors of one shape, outside the sites), concatenations of 4-d or 5-d tensors and
+poolings (and means over any dims) are matched to the file's nodes in execution order, and every forward of
+the model must make exactly as many as the file holds, else `DeployNumericsError`: a file of another model,
+or a forward that takes another path than the exported one, is never emulated silently wrong. Only the
+model's own forward is touched: not a backward pass or an optimizer step run in the block.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ from .graphs import SCALE_PRESERVING, GraphView
 _ADDS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
                    torch.Tensor.add_})
 _IN_PLACE = frozenset({torch.Tensor.__iadd__, torch.Tensor.add_})
+_CATS = frozenset({torch.cat, torch.concat, torch.concatenate})
 # what reads a tensor's shape or attributes, not its values (BatchNorm checks its input's dim() first)
 _METADATA = frozenset({"__get__", "dim", "size", "numel", "stride", "is_contiguous", "is_floating_point", "__len__",
                        "element_size", "get_device", "data_ptr", "storage_offset", "is_complex", "nelement"})
@@ -67,11 +71,13 @@ _POOLS = frozenset({F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg
 
 class DeployNumericsError(RuntimeError):
     """The model and the deploy file do not match: another model's file, or a forward that makes other
-    residual Adds or poolings than the exported one."""
+    residual Adds, concatenations or poolings than the exported one."""
 
 
-# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's five)
-ROUNDING_KINDS = ("outputs", "biases", "adds", "pools", "inputs")
+# the kinds of rounding the deploy file adds to qmodel.eval()'s (the module docstring's six)
+ROUNDING_KINDS = ("outputs", "biases", "adds", "concats", "pools", "inputs")
+# what the forward's matched ops are called in errors, by kind
+_MATCHED = {"adds": "residual Adds", "concats": "concatenations", "pools": "average poolings"}
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,9 @@ class Roundings:
     outputs: dict[str, float]            # site -> scale of its output QuantizeLinear
     biases: dict[str, torch.Tensor]      # site -> the file's bias (int32 codes * their scales), per out channel
     unfolded: frozenset                  # sites whose BatchNorm the file keeps as a node (not folded)
-    adds: tuple                          # (s_a, s_b, s_out) (None: float) per quantized Add, in graph order
+    adds: tuple                          # (s_a, s_b, s_out) (each None: float) per Add of maps, in graph order
     pools: tuple                         # input scale (None: float) per average pooling, in graph order
+    concats: tuple                       # ((s_in per input, None: float), s_out or None) per Concat of maps
     input_scales: dict[str, float]       # site -> scale of its input QuantizeLinear (every INT8 site)
     saturate_inputs: bool = True         # add the -128 step where a site's input saturates there
 
@@ -114,22 +121,27 @@ def read_roundings(path_or_model) -> Roundings:
             dq = view.nodes[call["b_dequantize"]]
             b = view.const(dq.input[0]).astype(np.float64) * view.const(dq.input[1]).astype(np.float64)
             biases[site] = torch.from_numpy(b.astype(np.float32))
-    adds, pools = [], []
+    shapes = _inferred_shapes(model)
+    adds, concats, pools = [], [], []
     for n in model.graph.node:
         if n.op_type == "Add" and len(n.input) == 2:
-            ins = [_quantized_input(view, t) for t in n.input]
-            outs = [c for c in view.consumers[n.output[0]] if c.op_type == "QuantizeLinear"]
-            if None not in ins and outs:
-                adds.append((ins[0], ins[1], _scalar(view, outs[0].input[1])))
+            ins, s_out = _scales_around(view, n)
+            if (None not in ins and s_out is not None) or (
+                    not any(t in view.inits for t in n.input) and _maps_of_one_shape(shapes, n.input)):
+                adds.append((*ins, s_out))  # (an Add of maps with a float operand or output too: the forward's)
+        elif n.op_type == "Concat":
+            ins, s_out = _scales_around(view, n)
+            if s_out is not None or any(s is not None for s in ins) or len(shapes.get(n.output[0], ())) in (4, 5):
+                concats.append((ins, s_out))  # (not a Concat of shapes: a Reshape's target)
         elif n.op_type in _POOL_NODES:
             pools.append(_quantized_input(view, n.input[0]))
-    computes = {call["compute"] for entry in meta["layers"].values() for call in entry.get("onnx") or []}
-    others = _other_roundings(view, computes)
+    calls = [call for entry in meta["layers"].values() for call in entry.get("onnx") or []]
+    others = _other_roundings(view, {call["compute"] for call in calls}, {call["x_quantize"] for call in calls})
     if others:
         raise ValueError("the deploy file also rounds where deploy_numerics does not follow it (" +
                          ", ".join(f"{what}: {n}" for what, n in sorted(others.items())) +
                          "): it cannot compute this file's numbers")
-    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), input_scales)
+    return Roundings(outputs, biases, frozenset(unfolded), tuple(adds), tuple(pools), tuple(concats), input_scales)
 
 
 def _only(r: Roundings, kinds) -> Roundings:
@@ -142,41 +154,60 @@ def _only(r: Roundings, kinds) -> Roundings:
     return Roundings(r.outputs if "outputs" in kinds else {}, r.biases if "biases" in kinds else {}, r.unfolded,
                      r.adds if "adds" in kinds else (None,) * len(r.adds),
                      r.pools if "pools" in kinds else (None,) * len(r.pools),
+                     r.concats if "concats" in kinds else (None,) * len(r.concats),
                      r.input_scales, "inputs" in kinds)
 
 
-# where a rounding of the file is one deploy_numerics makes (or int8fx itself, at a site's input)
-_FOLLOWED_READERS = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Add", "Clip", "QuantizeLinear", *_POOL_NODES}
-_PASS_THROUGH = SCALE_PRESERVING | {"LeakyRelu", "Clip"}  # (ReLU and ReLU6 as the deploy form writes them)
+# ops that round their DequantizeLinear'd input at its scale in the emulation too (Adds, Concats and poolings:
+# `_quantized_input`; a site's input: int8fx)
+_ROUNDING_READERS = {"Add", "Concat", *_POOL_NODES}
+# ops a rounding commutes with (ReLU and ReLU6 as the deploy form writes them, max pooling, data movement):
+# rounding before them or after gives the same values
+_COMMUTING = SCALE_PRESERVING | {"LeakyRelu", "Clip"}
 
 
-def _readers(view: GraphView, tensor: str) -> list:
-    """The ops that read `tensor`'s values, through reshapes and other value-preserving ops (a QuantizeLinear
-    met on the way is a reader: it is checked on its own)."""
-    out = []
-    for r in view.consumers[tensor]:
-        if r.op_type in _PASS_THROUGH - {"Clip"}:
-            out += _readers(view, r.output[0])
-        else:
-            out.append(r)
-    return out
-
-
-def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
-    """{what: count} of the file's roundings that deploy_numerics does not make: a QuantizeLinear that is
-    no site's output, no Add's, and is read by other ops than sites, Adds and poolings (a Concat's inputs, a
-    Mul's), unless it re-quantizes at the scale a value already has (ReLU and MaxPool in between); and
-    int8 constants that are no site's weight or bias (a layer scale's factor)."""
+def _other_roundings(view: GraphView, computes: set[str], site_inputs: set[str]) -> dict[str, int]:
+    """{what: count} of the file's roundings that deploy_numerics does not make: a QuantizeLinear that is no
+    site's input or output, no Add's or Concat's output, whose rounding the emulation neither makes itself
+    (an Add's, a Concat's or a pooling's input) or in effect (the value is already on that grid, or reaches,
+    through ops rounding commutes with, only roundings at the same scale that the emulation makes); and int8
+    constants that are no site's weight or bias (a layer scale's factor). A value several ops read is
+    quantized once for all of them (`quantized.fan_out`): that rounding counts too, as the emulation rounds
+    only where each reader does (a UNet encoder's ReLU output, rounded for its skip connection before the
+    MaxPool too)."""
     found: Counter = Counter()
 
     def origin(tensor: str):
         """The QuantizeLinear or op a value comes from, through DequantizeLinear and value-preserving ops."""
         node = view.producer.get(tensor)
-        while node is not None and (node.op_type in _PASS_THROUGH or node.op_type == "DequantizeLinear"):
+        while node is not None and (node.op_type in _COMMUTING or node.op_type == "DequantizeLinear"):
             if node.op_type == "DequantizeLinear":
                 return view.quantized_by(node.input[0]) or view.producer.get(node.input[0])
             node = view.producer.get(node.input[0])
         return node
+
+    def made(q) -> bool:
+        """Whether the emulation makes q's rounding itself: a site's input, an Add's, Concat's or pooling's."""
+        readers = [r for dq in _dequantized(view, q) for r in view.consumers[dq.output[0]]]
+        return q.name in site_inputs or (bool(readers) and all(r.op_type in _ROUNDING_READERS for r in readers))
+
+    def unmade(q, s: float) -> set[str]:
+        """The ops that read q's rounding at `s` without the emulation making it (empty: it does, in effect)."""
+        blocking = set()
+        stack = [(r, True) for dq in _dequantized(view, q) for r in view.consumers[dq.output[0]]]
+        while stack:
+            r, direct = stack.pop()  # (direct: r reads the DequantizeLinear itself)
+            if direct and r.op_type in _ROUNDING_READERS:
+                continue
+            if r.op_type == "QuantizeLinear" and made(r) and _same_scale(_scalar(view, r.input[1]), s):
+                continue
+            if r.op_type in _COMMUTING:
+                stack += [(c, False) for c in view.consumers[r.output[0]]]
+            elif r.op_type == "QuantizeLinear":  # (requantized at another scale: named by what reads it)
+                blocking.update(c.op_type for dq in _dequantized(view, r) for c in view.consumers[dq.output[0]])
+            else:
+                blocking.add(r.op_type)
+        return blocking
 
     for q in view.graph.node:
         if q.op_type == "DequantizeLinear" and q.input[0] in view.inits:  # an int8 constant
@@ -186,17 +217,62 @@ def _other_roundings(view: GraphView, computes: set[str]) -> dict[str, int]:
         if q.op_type != "QuantizeLinear" or q.input[0] in view.inits:
             continue
         made_by = view.producer.get(q.input[0])
-        if made_by is not None and (made_by.name in computes or made_by.op_type == "Add"):
+        if (made_by is not None and (made_by.name in computes or made_by.op_type in ("Add", "Concat"))) or made(q):
             continue
-        readers = {r.op_type for dq in view.consumers[q.output[0]] for r in _readers(view, dq.output[0])}
-        if readers <= _FOLLOWED_READERS:
+        s = _scalar(view, q.input[1])
+        blocking = unmade(q, s)
+        if not blocking:
             continue
         before = origin(q.input[0])
-        if before is not None and before.op_type == "QuantizeLinear" and \
-                _scalar(view, before.input[1]) == _scalar(view, q.input[1]):
+        if before is not None and before.op_type == "QuantizeLinear" and _same_scale(_scalar(view, before.input[1]), s):
             continue  # (the same grid again)
-        found[f"inputs of {'/'.join(sorted(readers - _FOLLOWED_READERS))}"] += 1
+        found[f"inputs of {'/'.join(sorted(blocking))}"] += 1
     return dict(found)
+
+
+def _dequantized(view: GraphView, q) -> list:
+    """The DequantizeLinears of q's codes, directly or through a ReLU on codes (`GraphView.quantized_by`)."""
+    out = []
+    for c in view.consumers[q.output[0]]:
+        out += [c] if c.op_type == "DequantizeLinear" else \
+            [d for d in view.consumers[c.output[0]] if d.op_type == "DequantizeLinear"] if c.op_type == "Clip" else []
+    return out
+
+
+def _same_scale(a: float, b: float) -> bool:
+    """One grid: the file moves a scale one float ulp where two quantizers would otherwise share one
+    initializer, which moves no code (|code| <= 255 and a relative difference of 1e-6)."""
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+
+
+def _scales_around(view: GraphView, node) -> tuple[tuple, float | None]:
+    """(the scale of each input, None where float; the scale of the output's QuantizeLinear, None if none)."""
+    outs = [c for c in view.consumers[node.output[0]] if c.op_type == "QuantizeLinear"]
+    return tuple(_quantized_input(view, t) for t in node.input), _scalar(view, outs[0].input[1]) if outs else None
+
+
+def _inferred_shapes(model) -> dict[str, tuple]:
+    """{tensor: its dims (a number, a symbol, None where unknown)} as onnx infers them; {} where it cannot.
+    The Adds and Concats of feature maps are told apart from others by them (a Concat of shapes, an Add of
+    a broadcast bias), as the forward's are by their tensors' ranks and shapes."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # (then only the Adds and Concats the file quantizes are matched)
+        return {}
+    shapes = {}
+    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                   for d in v.type.tensor_type.shape.dim)
+    return shapes
+
+
+def _maps_of_one_shape(shapes: dict[str, tuple], names) -> bool:
+    """Whether the tensors are 4-d or 5-d, of one fully known shape (as `_residual` sees two maps)."""
+    got = [shapes.get(t) for t in names]
+    return all(g is not None and len(g) in (4, 5) and None not in g for g in got) and len(set(got)) == 1
 
 
 def _batch_norm_reads(view: GraphView, tensor: str) -> bool:
@@ -227,6 +303,10 @@ def round_like_onnx(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
+def _round_at(x: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return x if scale is None else round_like_onnx(x, scale)
+
+
 @contextlib.contextmanager
 def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
     """Within the block, `qmodel` rounds where its deploy ONNX file at `path` rounds (module docstring): in
@@ -238,14 +318,16 @@ def deploy_numerics(qmodel: nn.Module, path, roundings=ROUNDING_KINDS):
         int8fx.export_onnx(qm, x, "model.onnx", form="deploy", calibration_data=batches)
 
     `roundings` picks which of the file's kinds of rounding to make ("outputs": site outputs, "biases":
-    int32 biases, "adds": residual Adds' operands and output, "pools": average poolings' inputs, "inputs":
-    site inputs saturating at -128 steps), the others
+    int32 biases, "adds": residual Adds' operands and output, "concats": the inputs and output of
+    Concats of feature maps, "pools": average poolings' inputs, "inputs": site inputs saturating at -128
+    steps), the others
     kept as `qmodel.eval()` computes them: how much agreement with `qmodel.eval()` each costs, one at a time
     (`benchmarks/deploy_emulation.py --by-rounding`). With none, the model computes exactly `qmodel.eval()`.
 
     Raises ValueError when `qmodel` is no converted model, the file is no deploy form, its sites are not
-    the model's, or `roundings` names another kind; DeployNumericsError when a forward makes other Adds or
-    poolings than the file holds, or an eval-mode site quantizes its input at another scale than the file's."""
+    the model's, or `roundings` names another kind; DeployNumericsError when a forward makes other Adds,
+    concatenations or poolings than the file holds, or an eval-mode site quantizes its input at another
+    scale than the file's."""
     if conversion_of(qmodel) is None:
         raise ValueError("deploy_numerics() needs a model returned by int8fx.convert()")
     roundings = _only(read_roundings(path), roundings)
@@ -287,7 +369,7 @@ class _DeployRounding(TorchFunctionMode):
         self.forwarding = 0
         self.inside = 0          # > 0 while a site computes: its own arithmetic is not the model's
         self.waiting: dict[int, _Output] = {}  # id(a site's output) -> it, until its readers have it rounded
-        self.adds = self.pools = 0
+        self.made = dict.fromkeys(_MATCHED, 0)  # matched ops the forward made so far, by kind
         self.hooks = []
         self.seen: set[str] = set()
         self.hooks.append(root.register_forward_pre_hook(self._start))
@@ -304,18 +386,18 @@ class _DeployRounding(TorchFunctionMode):
 
     def _start(self, root, args):
         if not self.forwarding:
-            self.adds = self.pools = 0
+            self.made = dict.fromkeys(_MATCHED, 0)
         self.forwarding += 1
 
     def _stop(self, root, args, out):
-        """After each forward: it made the file's Adds and poolings, no more, no fewer (an `out` of None:
-        the forward raised, and that error is the one to see)."""
+        """After each forward: it made the file's Adds, concatenations and poolings, no more, no fewer (an
+        `out` of None: the forward raised, and that error is the one to see)."""
         self.forwarding -= 1
         if self.forwarding:
             return
         self.waiting.clear()  # (a new forward's outputs are new tensors)
-        for what, made, held in (("residual Adds", self.adds, len(self.r.adds)),
-                                 ("average poolings", self.pools, len(self.r.pools))):
+        for kind, what in _MATCHED.items():
+            made, held = self.made[kind], len(getattr(self.r, kind))
             if made != held and out is not None:
                 raise DeployNumericsError(f"the forward made {made} {what}, the deploy file holds {held}: the file "
                                           "is another model's, or the forward took another path than the exported one")
@@ -411,8 +493,10 @@ class _DeployRounding(TorchFunctionMode):
             # site's rounded output from before
             self.waiting.pop(id(target), None)
             return target.copy_(out)
+        if _is_concat(func, args):
+            return self._concat(func, args, kwargs)
         if _is_pool(func, args, kwargs):
-            scale = self._next_pool()
+            scale = self._next("pools")
             if scale is not None:
                 return func(round_like_onnx(args[0], scale), *args[1:], **kwargs)
         return func(*args, **kwargs)
@@ -434,27 +518,36 @@ class _DeployRounding(TorchFunctionMode):
         return round_like_onnx(out, scale) if scale is not None else out
 
     def _add(self, args):
-        if self.adds == len(self.r.adds):
-            raise DeployNumericsError(f"the forward makes more residual Adds than the {self.adds} the deploy file holds")
-        scales = self.r.adds[self.adds]
-        self.adds += 1
+        scales = self._next("adds")
         if scales is None:  # (`roundings` without "adds")
             return args[0] + args[1]
-        s_a, s_b, s_out = scales
-        return round_like_onnx(round_like_onnx(args[0], s_a) + round_like_onnx(args[1], s_b), s_out)
+        s_a, s_b, s_out = scales  # (None: a float operand or output)
+        return _round_at(_round_at(args[0], s_a) + _round_at(args[1], s_b), s_out)
 
-    def _next_pool(self):
-        if self.pools == len(self.r.pools):
-            raise DeployNumericsError(f"the forward makes more average poolings than the {self.pools} the deploy file "
+    def _concat(self, func, args, kwargs):
+        scales = self._next("concats")
+        if scales is None:  # (`roundings` without "concats")
+            return func(*args, **kwargs)
+        ins, s_out = scales
+        if len(ins) != len(args[0]):
+            raise DeployNumericsError(f"the forward concatenates {len(args[0])} tensors where the deploy file's Concat "
+                                      f"number {self.made['concats']} has {len(ins)} inputs: the file is another "
+                                      "model's, or the forward took another path than the exported one")
+        return _round_at(func([_round_at(t, s) for t, s in zip(args[0], ins)], *args[1:], **kwargs), s_out)
+
+    def _next(self, kind: str):
+        """The file's next op of `kind` (adds, concats, pools) in execution order: its scales."""
+        held = getattr(self.r, kind)
+        if self.made[kind] == len(held):
+            raise DeployNumericsError(f"the forward makes more {_MATCHED[kind]} than the {len(held)} the deploy file "
                                       "holds")
-        scale = self.r.pools[self.pools]
-        self.pools += 1
-        return scale
+        self.made[kind] += 1
+        return held[self.made[kind] - 1]
 
     def __exit__(self, *exc):
         self.inside = self.forwarding = 0  # (a forward that raised inside a site)
         unseen = sorted((set(self.r.outputs) | set(self.r.biases)) - self.seen) if self.seen else []
-        self.adds = self.pools = 0
+        self.made = dict.fromkeys(_MATCHED, 0)
         self.seen = set()
         self.waiting.clear()
         result = super().__exit__(*exc)
@@ -500,6 +593,12 @@ def _residual(args) -> bool:
     leaves float would be counted too."""
     return (len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args) and args[0].dim() in (4, 5)
             and args[0].shape == args[1].shape)
+
+
+def _is_concat(func, args) -> bool:
+    """A concatenation of feature maps (4-d or 5-d tensors), as the file holds a Concat of them."""
+    return (func in _CATS and bool(args) and isinstance(args[0], (list, tuple)) and len(args[0]) > 0
+            and all(isinstance(t, torch.Tensor) for t in args[0]) and args[0][0].dim() in (4, 5))
 
 
 def _is_pool(func, args, kwargs) -> bool:
