@@ -32,7 +32,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -42,6 +41,8 @@ from torch.utils._pytree import tree_flatten, tree_structure
 
 import int8fx
 from int8fx.nn.modules import Int8Layer
+
+from cases import Case, random_images
 
 # smallest input each torchvision family accepts (keeps the step cheap on CPU)
 MIN_SIZE = {"inception_v3": 299,  # its training-mode auxiliary head needs 17x17 features for its 5x5 conv
@@ -62,19 +63,6 @@ TIMM = ("resnet18 resnet26d resnet10t seresnext26d_32x4d resnext26ts ecaresnet26
 TIMM_SIZE = {"botnet26t_256": 256, "mobilevit_xxs": 256, "inception_v3": 299, "edgenext_xx_small": 256,
              "fastvit_t8": 256, "efficientvit_b0": 224, "hrnet_w18_small": 128}
 TIMM_KWARGS = {"drop_rate": 0.2, "drop_path_rate": 0.1}  # dropout and drop-path on, as users train them
-
-
-@dataclass
-class Case:
-    name: str
-    family: str  # classification | video | detection | segmentation | optical_flow | timm, or the library's
-    build: Callable[[], nn.Module]
-    inputs: Callable[[bool], tuple]  # training mode -> forward arguments
-
-
-def _image(batch: int, size: int, frames: int | None = None) -> Callable[[bool], tuple]:
-    shape = (batch, 3, size, size) if frames is None else (batch, 3, frames, size, size)
-    return lambda train: (torch.randn(shape),)
 
 
 def _detection_inputs(name: str) -> Callable[[bool], tuple]:
@@ -108,11 +96,11 @@ def torchvision_cases() -> list[Case]:
                   **({"init_weights": False} if base in ("inception_v3", "googlenet") else {})}
         size = next((v for k, v in MIN_SIZE.items() if base.startswith(k)), 64)
         cases.append(Case(name, "classification", lambda n=name, k=kwargs: torchvision.models.get_model(n, **k),
-                          _image(2, size)))
+                          random_images(2, size)))
     for name in sorted(torchvision.models.list_models(module=torchvision.models.video)):
         frames, size = next((v for k, v in VIDEO_INPUT.items() if name.startswith(k)), (4, 32))
         cases.append(Case(name, "video", lambda n=name: torchvision.models.get_model(n, weights=None),
-                          _image(2 if size < 100 else 1, size, frames)))
+                          random_images(2 if size < 100 else 1, size, frames)))
     for name in sorted(torchvision.models.list_models(module=torchvision.models.detection)):
         kwargs = {"weights": None, "weights_backbone": None, "num_classes": 3}
         if "keypoint" in name:
@@ -124,7 +112,7 @@ def torchvision_cases() -> list[Case]:
     for name in sorted(torchvision.models.list_models(module=torchvision.models.segmentation)):
         aux = {} if name.startswith("lraspp") else {"aux_loss": True}
         cases.append(Case(name, "segmentation", lambda n=name, a=aux: torchvision.models.get_model(
-            n, weights=None, weights_backbone=None, num_classes=3, **a), _image(2, 64)))
+            n, weights=None, weights_backbone=None, num_classes=3, **a), random_images(2, 64)))
     for name in sorted(torchvision.models.list_models(module=torchvision.models.optical_flow)):
         cases.append(Case(name, "optical_flow", lambda n=name: torchvision.models.get_model(n, weights=None),
                           _frame_pair(2, 128, updates=3)))
@@ -151,7 +139,7 @@ def timm_case(name: str, size: int | None = None) -> Case:
                     raise
         raise AssertionError("unreachable")
 
-    return Case(f"timm:{name}", "timm", build, _image(2, size or TIMM_SIZE.get(name, 64)))
+    return Case(f"timm:{name}", "timm", build, random_images(2, size or TIMM_SIZE.get(name, 64)))
 
 
 def case_beyond_lists(name: str, size: int | None) -> Case | None:
@@ -160,7 +148,7 @@ def case_beyond_lists(name: str, size: int | None) -> Case | None:
     `facenet:`); None for another name."""
     if name.startswith("timm:"):
         return timm_case(name[len("timm:"):], size)
-    from other_libraries import BY_PREFIX  # (it builds on this module's Case)
+    from other_libraries import BY_PREFIX  # (here: the packages it builds from are optional)
 
     for prefix, make in BY_PREFIX.items():
         if name.startswith(prefix):

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from model_zoo import Case, _image
+from cases import Case, random_images
 
 
 def _needs(package: str, name: str, pip: str):
@@ -50,7 +50,7 @@ def smp_case(spec: str, size: int | None = None) -> Case:
     def build() -> nn.Module:
         return getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=3)
 
-    return Case(f"smp:{spec}", "segmentation", build, _image(2, size or 64))
+    return Case(f"smp:{spec}", "segmentation", build, random_images(2, size or 64))
 
 
 def hf_case(cls_name: str, size: int | None = None) -> Case:
@@ -71,7 +71,7 @@ def hf_case(cls_name: str, size: int | None = None) -> Case:
             config.image_size = size
         return model_cls(config)
 
-    return Case(f"hf:{cls_name}", "hf", build, _image(2, size))
+    return Case(f"hf:{cls_name}", "hf", build, random_images(2, size))
 
 
 # MONAI networks: name -> (builder over monai.networks.nets, input shape [N, C, *S]); small widths, sizes the
@@ -127,7 +127,7 @@ def yolo_case(config: str, size: int | None = None) -> Case:
     def build() -> nn.Module:
         return model_cls(config if config.endswith(".yaml") else f"{config}.yaml", verbose=False)
 
-    return Case(f"yolo:{config}", "ultralytics", build, _image(2, size or 64))
+    return Case(f"yolo:{config}", "ultralytics", build, random_images(2, size or 64))
 
 
 # pytorchvideo networks: name -> (builder over pytorchvideo.models, clip length); 64 px clips, 5 classes
@@ -165,7 +165,7 @@ def ptv_case(name: str, size: int | None = None) -> Case:
     if name.startswith("slowfast"):
         inputs = lambda train: ([torch.randn(2, 3, frames // 4, 64, 64), torch.randn(2, 3, frames, 64, 64)],)  # noqa: E731
     else:
-        inputs = _image(2, 64, frames)
+        inputs = random_images(2, 64, frames)
     return Case(f"ptv:{name}", "pytorchvideo", build, inputs)
 
 
@@ -187,7 +187,7 @@ def effnet_pt_case(spec: str, size: int | None = None) -> Case:
             model.set_swish(memory_efficient=False)
         return model
 
-    return Case(f"effnet_pt:{spec}", "efficientnet_pytorch", build, _image(2, size))
+    return Case(f"effnet_pt:{spec}", "efficientnet_pytorch", build, random_images(2, size))
 
 
 def effdet_case(name: str, size: int | None = None) -> Case:
@@ -200,7 +200,7 @@ def effdet_case(name: str, size: int | None = None) -> Case:
         return effdet.create_model(name, pretrained=False, pretrained_backbone=False, num_classes=5,
                                    image_size=(size, size))
 
-    return Case(f"effdet:{name}", "effdet", build, _image(2, size))
+    return Case(f"effdet:{name}", "effdet", build, random_images(2, size))
 
 
 def pm_case(name: str, size: int | None = None) -> Case:
@@ -215,7 +215,7 @@ def pm_case(name: str, size: int | None = None) -> Case:
     def build() -> nn.Module:
         return pm.__dict__[name](num_classes=1000, pretrained=None)
 
-    return Case(f"pm:{name}", "pretrainedmodels", build, _image(2, size))
+    return Case(f"pm:{name}", "pretrainedmodels", build, random_images(2, size))
 
 
 FACENET_MODELS = {"InceptionResnetV1": 96, "PNet": 48, "RNet": 24, "ONet": 48}  # name -> input size
@@ -235,7 +235,7 @@ def facenet_case(name: str, size: int | None = None) -> Case:
             return InceptionResnetV1(pretrained=None, classify=True, num_classes=10)
         return getattr(models, name)(pretrained=False)
 
-    return Case(f"facenet:{name}", "facenet_pytorch", build, _image(2, size or FACENET_MODELS[name]))
+    return Case(f"facenet:{name}", "facenet_pytorch", build, random_images(2, size or FACENET_MODELS[name]))
 
 
 BY_PREFIX = {"smp:": smp_case, "hf:": hf_case, "monai:": monai_case, "yolo:": yolo_case, "ptv:": ptv_case,
