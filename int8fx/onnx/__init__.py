@@ -9,6 +9,7 @@
     faithful.py      the QDQ graph equal to qmodel.eval()
     deploy.py        the graph runtimes run in INT8 (BatchNorm folded, int8/int32 initializers): how it is built
     emulate.py       deploy_numerics(): the model computes (and trains through) what its deploy file computes
+    roundings.py     what a deploy file rounds beyond qmodel.eval(), read from the file for deploy_numerics
     float_nodes.py   which nodes of the deploy graph stay float, as int8fx computes them
     int8_ops.py      ops without an INT8 kernel rewritten into equal ones that have one
     quantized.py     the quantizer's graph made what onnxruntime fuses and what int8fx computes
