@@ -42,11 +42,15 @@ EOF
 
 # the tests: fused passes eager (INT8FX_COMPILE=0: the same bits, and no cold inductor compile per signature);
 # the benchmark below runs them compiled, as users get them
-TESTS=${GPU_CHECK_TESTS:-"tests/test_kernels_cuda.py tests/test_pt2.py"}
+# (every cuda-marked test of the suite; 4 xdist workers share the GPU where pytest-xdist is installed, and -v
+# writes each result as it comes, so a run stopped by the budget still says what passed)
+TESTS=${GPU_CHECK_TESTS:-"tests"}
 per_test=""
 python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 90"
-INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -q -rfEs -p no:cacheprovider \
-  -o addopts="" $per_test --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
+workers=""
+python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_CHECK_WORKERS:-4}"
+INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -v -rfEs -p no:cacheprovider \
+  -o addopts="" $per_test $workers --durations=10 --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 echo "pytest: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
 
 # the README's main job on the GPU (needs Fashion-MNIST: $INT8FX_DATA or the Debian package's folder)

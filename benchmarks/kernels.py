@@ -15,6 +15,9 @@ Sections (each prints one table; a failing section prints its error and the run 
           layer pipeline and the autograd op on each backend vs cuDNN bf16 channels_last and fp32
   train   training step images/s and peak memory for resnet18/resnet50/mobilenet_v2: INT8 (cupy,
           torch backends) vs fp32, tf32, bf16 autocast channels_last
+  profile where an INT8 resnet18 step's GPU time goes (torch.profiler): kernels grouped by kind, the top
+          kernels, beside the FP32 step's; the INT8 step's Chrome trace to $OUT
+  tf32    whether cuDNN's TF32 conv computes int8 products exactly (forward, dX), and its speed
   targets the issue's bars: GEMM >= 0.7x _int_mm on 8192^3; dW GEMM >= 10x one-shot _int_mm on the
           layer1 shape; ResNet-50 INT8 step faster than fp32
 Timing: CUDA events around the region, warm-up first, median of the repeats; inputs are random
@@ -332,6 +335,125 @@ def sec_train(quick: bool) -> None:
           rows)
 
 
+def sec_tf32(quick: bool) -> None:
+    """A design question for the next kernels: does cuDNN's TF32 tensor-core conv compute integer products
+    exactly? Int8 codes are exact in TF32 (10-bit mantissa) and each product in fp32; the sums are exact while
+    they stay below 2^24 (window x Cin <= 1040 at full range) if the tensor cores accumulate in true fp32.
+    Forward and dX (conv2d_input) of ResNet-50 layers on int8-valued fp32 operands, against the fp64
+    conv, timed beside the same conv in fp32 and bf16."""
+    B = 64 if quick else 256
+    rows = []
+    for name, cin, cout, k, s, h in RESNET50_LAYERS:
+        if out_of_time(f"tf32 {name}"):
+            break
+        p = k // 2
+        x = torch.randint(-127, 128, (B, cin, h, h), device="cuda").float().contiguous(memory_format=torch.channels_last)
+        w = torch.randint(-127, 128, (cout, cin, k, k), device="cuda").float().contiguous(memory_format=torch.channels_last)
+        y_true = F.conv2d(x.double(), w.double(), stride=s, padding=p)
+        dy = torch.randint(-127, 128, y_true.shape, device="cuda").float().contiguous(memory_format=torch.channels_last)
+        dx_true = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride=s, padding=p)
+        for tf32 in (True, False):
+            torch.backends.cudnn.allow_tf32 = tf32
+            y = F.conv2d(x, w, stride=s, padding=p)
+            dx = torch.nn.grad.conv2d_input(x.shape, w, dy, stride=s, padding=p)
+            t_f = bench(lambda: F.conv2d(x, w, stride=s, padding=p), rep=10)
+            t_d = bench(lambda: torch.nn.grad.conv2d_input(x.shape, w, dy, stride=s, padding=p), rep=10)
+            rows.append([name, cin * k * k, cout * k * k, "tf32" if tf32 else "fp32",
+                         float((y.double() - y_true).abs().max()), float((dx.double() - dx_true).abs().max()), t_f, t_d])
+        xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
+        rows.append([name, cin * k * k, cout * k * k, "bf16 (bf16 output)", "", "",
+                     bench(lambda: F.conv2d(xb, wb, stride=s, padding=p), rep=10),
+                     bench(lambda: torch.nn.grad.conv2d_input(xb.shape, wb, dyb, stride=s, padding=p), rep=10)])
+        del x, w, y_true, dy, dx_true
+    torch.backends.cudnn.allow_tf32 = True
+    table(f"cuDNN conv on int8-valued operands, batch {B}, channels-last: max |error| against fp64 (0: exact)",
+          ["layer", "K fwd", "K dX", "math", "fwd max err", "dX max err", "fwd ms", "dX ms"], rows)
+    RESULTS["tf32"] = rows
+
+
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("int8 GEMM (cuBLASLt / CuPy)", ("i8", "int8", "imma", "igemm", "gemm_s8", "s8")),
+    ("fp GEMM / cuDNN conv", ("gemm", "sgemm", "cutlass", "xmma", "conv", "wgrad", "dgrad", "implicit")),
+    ("compiled fused passes (triton)", ("triton",)),
+    ("batch norm", ("bn_", "batch_norm", "batchnorm")),
+    ("copies and fills", ("copy", "fill", "memset", "memcpy", "cat", "pad")),
+    ("reductions", ("reduce", "norm", "max", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def sec_profile(quick: bool) -> None:
+    """Where an INT8 training step's GPU time goes: torch.profiler over steps of resnet18 (backend "auto"),
+    CUDA kernels grouped by kind and the top kernels by self time, next to the FP32 step's. With $OUT set,
+    the INT8 step's Chrome trace goes to $OUT/profile_int8.json.gz."""
+    import gzip
+    import shutil
+
+    import torchvision
+    from torch.profiler import ProfilerActivity, profile
+
+    import int8fx
+
+    bs = 64 if quick else 256
+    x = torch.randn(bs, 3, 224, 224, device="cuda")
+    tgt = torch.randint(0, 1000, (bs,), device="cuda")
+    kinds_rows, top_rows = [], []
+    for mode in ("fp32", "int8"):
+        if out_of_time(f"profile {mode}"):
+            continue
+        torch.manual_seed(0)
+        m = torchvision.models.resnet18(num_classes=1000).cuda()
+        if mode == "int8":
+            m = int8fx.convert(m, int8fx.Int8Config()).cuda()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), tgt).backward()
+            opt.step()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        steps = 2
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+        total = sum(e.self_device_time_total for e in kernels) / 1000 / steps
+        by_kind: dict = {}
+        for e in kernels:
+            k = _kernel_kind(e.key)
+            t, n = by_kind.get(k, (0.0, 0))
+            by_kind[k] = (t + e.self_device_time_total / 1000 / steps, n + e.count // steps)
+        for k, (t, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+            kinds_rows.append([mode, k, t, t / total, n])
+        kinds_rows.append([mode, "all kernels", total, 1.0, sum(e.count for e in kernels) // steps])
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25 if mode == "int8" else 8]:
+            top_rows.append([mode, e.key[:90], e.self_device_time_total / 1000 / steps, e.count // steps])
+        RESULTS.setdefault("profile", {})[mode] = {k: v[0] for k, v in by_kind.items()} | {"all": total}
+        out = os.environ.get("OUT")
+        if out and mode == "int8":
+            path = os.path.join(out, "profile_int8.json")
+            prof.export_chrome_trace(path)
+            with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(path)
+        del m, opt, prof
+        torch.cuda.empty_cache()
+    table(f"profile: resnet18 training step, batch {bs}, GPU time per step by kernel kind",
+          ["mode", "kernel kind", "ms/step", "share", "launches/step"], kinds_rows)
+    table("profile: top kernels by GPU time per step", ["mode", "kernel", "ms/step", "launches/step"], top_rows)
+
+
 def sec_targets(quick: bool) -> None:
     g = RESULTS.get("gemm", {})
     rows = []
@@ -352,7 +474,7 @@ def sec_targets(quick: bool) -> None:
 
 
 SECTIONS = {"check": sec_check, "gemm": sec_gemm, "quant": sec_quant, "conv": sec_conv, "train": sec_train,
-            "targets": sec_targets}
+            "profile": sec_profile, "tf32": sec_tf32, "targets": sec_targets}
 
 
 def main(argv=None) -> int:

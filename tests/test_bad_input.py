@@ -315,20 +315,22 @@ def test_half_input_to_fp32_model_keeps_input_dtype():
     assert torch.equal(y, y_r.half()) and torch.equal(dx, dx_r.half()) and torch.equal(dw, dw_r)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_output_follows_autocast_inside_stays_exact(dtype):
+def test_autocast_output_follows_autocast_inside_stays_exact(dtype, device):
     """Under autocast an INT8 layer returns autocast's dtype, as a conv does, so AMP training composes;
     inside, the integer GEMMs stay exact (run in bf16 they were off by 3e-3 in the output and 4e-2 in dW):
     the result is the fp32 result rounded to the dtype, and with an upstream gradient the dtype can hold,
-    dX and dW are the fp32 ones exactly."""
+    dX and dW are the fp32 ones exactly. On CUDA the same holds within the GPU (backend "auto")."""
     fp, qm = conv_pair(policy="per-tensor")
+    fp, qm = fp.to(device), qm.to(device)
     ref = copy.deepcopy(qm)
-    dy = DY.to(dtype).float()
-    x, x_r = X.clone().requires_grad_(), X.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=dtype):
+    dy = DY.to(dtype).float().to(device)
+    x, x_r = X.clone().to(device).requires_grad_(), X.clone().to(device).requires_grad_()
+    with torch.autocast(device, dtype=dtype):
         y = qm(x)
         with torch.no_grad():
-            y_fp = fp(X)
+            y_fp = fp(X.to(device))
     y.backward(dy.to(dtype))
     y_r = ref(x_r)
     y_r.backward(dy)

@@ -317,3 +317,33 @@ def test_single_process_sync_is_a_no_op():
     sync()
     assert sync.divergence() == 0.0
     assert all(torch.equal(v, before[k]) for k, v in qm.state_dict().items())
+
+
+@pytest.mark.cuda
+def test_nccl_one_gpu_ddp_step_and_state_collective(tmp_path):
+    """The NCCL path on one GPU (a process group of one rank: NCCL allows one rank per GPU): DDP over NCCL
+    gives the bare model's gradients and quantizer state bit for bit, and the sync's collective (gather on
+    the state's own CUDA device, reduce, unpack) returns every rank's state unchanged."""
+    x = torch.randn(PER_RANK, 3, 8, 8, device="cuda")
+    y = torch.randint(0, 5, (PER_RANK,), device="cuda")
+    bare = int8fx.convert(make_model(), int8fx.Int8Config(rounding="nearest")).cuda()
+    qm = copy.deepcopy(bare)
+    F.cross_entropy(bare(x), y).backward()
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(qm, device_ids=[0])
+        sync = QuantStateSync(ddp)
+        F.cross_entropy(ddp(x), y).backward()
+        torch.cuda.synchronize()
+        for (name, p), (_, p_bare) in zip(qm.named_parameters(), bare.named_parameters()):
+            assert torch.equal(p.grad, p_bare.grad), name
+        packed = sync.pack()
+        assert torch.equal(packed, QuantStateSync(bare).pack())  # the state the bare model's backward computed
+        gathered = sync.gather()
+        assert gathered.device.type == "cuda" and gathered.shape == (1, sync.numel)
+        assert torch.equal(gathered[0], packed)
+        sync.unpack(sync.reduce(gathered))
+        assert torch.equal(sync.pack(), packed)
+        assert sync.divergence() == 0.0
+    finally:
+        dist.destroy_process_group()
