@@ -418,3 +418,58 @@ def test_site_integers_equal_float64_conv(mode, cin, cout, k, stride, groups, si
     yd.backward(dy.double())
     assert torch.equal(y.detach().double(), yd.detach())
     assert torch.equal(xf.grad.double(), xd.grad) and torch.equal(layer.weight.grad.double(), wd.grad)
+
+
+ROW_WINDOW_CASES = [  # dims, kernel, stride, padding, dilation, channels, input size
+    (2, (7, 7), 2, 3, 1, 3, (23, 19)),  # a ResNet stem
+    (2, (3, 3), 1, 1, 1, 5, (9, 8)),
+    (2, (3, 1), (2, 1), (1, 0), (2, 1), 4, (11, 7)),  # dilation along the first dim only
+    (2, (2, 3), 1, "same", 1, 2, (6, 7)),  # asymmetric padding
+    (1, (5,), 3, 2, 1, 3, (17,)),
+    (3, (3, 3, 3), (1, 2, 2), 1, 1, 3, (5, 7, 6)),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("case", ROW_WINDOW_CASES, ids=lambda c: f"{c[0]}d-k{c[1]}-c{c[5]}")
+def test_row_window_im2col_equals_the_gather(case, device):
+    """The GPU's alternative im2col (one strided view of the padded rows, `nhwc._row_windows`) makes the same
+    bytes as the gather, and `_measured` returns them whichever candidate it picks."""
+    from int8fx.kernels import nhwc
+    from int8fx.nn.modules import make_spec
+
+    dims, kernel, stride, padding, dilation, c, sizes = case
+    spec = make_spec(dims, kernel, stride, padding, dilation, 1)
+    xq = torch.randint(-127, 128, (2, *sizes, c), dtype=torch.int8, device=device)
+    want = nhwc._gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, 1)
+    got = nhwc._row_windows(xq, spec, spec.out_size(sizes))
+    assert got.shape == want.shape and torch.equal(got, want)
+    key = ("test", case, xq.device)
+    nhwc._FASTER.pop(key, None)
+    for _ in range(nhwc.DECIDE_AT):
+        assert key not in nhwc._FASTER
+        assert torch.equal(nhwc._measured(key, lambda: want, lambda: got), want)
+    assert key in nhwc._FASTER
+    nhwc._FASTER.pop(key)
+    for _ in range(nhwc.DECIDE_AT - 1):
+        assert nhwc._measured(key, lambda: want, lambda: got + 1) is want and key not in nhwc._FASTER
+    with pytest.warns(UserWarning, match="disagree"):
+        assert nhwc._measured(key, lambda: want, lambda: got + 1) is want and nhwc._FASTER[key] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("case", ROW_WINDOW_CASES, ids=lambda c: f"{c[0]}d-k{c[1]}-c{c[5]}")
+def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
+    """The weight gradient's B operand on CUDA (`nhwc._im2col_t`, [g, K/g, M] contiguous): the rows' im2col
+    transposed, from the first call (the gather) through the measured choice."""
+    from int8fx.kernels import nhwc
+    from int8fx.nn.modules import make_spec
+
+    dims, kernel, stride, padding, dilation, c, sizes = case
+    spec = make_spec(dims, kernel, stride, padding, dilation, groups)
+    xq = torch.randint(-127, 128, (2, *sizes, c * groups), dtype=torch.int8, device=device)
+    want = nhwc._gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, groups)
+    for _ in range(nhwc.DECIDE_AT + 1):
+        got = nhwc._im2col_t(xq, spec)
+        assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))

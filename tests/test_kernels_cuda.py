@@ -286,11 +286,19 @@ def test_forward_matches_quantized_forward(cb):
 
 # ----------------------------------------------------------------------------- the torch backend
 @pytest.mark.parametrize("G,M,N,K", [(1, 1, 1, 1), (1, 17, 9, 33), (3, 33, 65, 147), (1, 5, 3, 140_000),
-                                     (1, 256 * 112 * 112, 147, 64)])  # a ResNet stem's dX at batch 256
-def test_torch_backend_exact(G, M, N, K):
+                                     (1, 256 * 112 * 112, 147, 64),  # a ResNet stem's dX at batch 256
+                                     (1, 64, 147, 256 * 112 * 112),  # and its dW (split-K where CuPy is)
+                                     (1, 64, 64, 256)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_torch_backend_exact(G, M, N, K, layout):
+    """Exact on CUDA for every shape, operands row-major or as the transposed views a weight gradient passes
+    (dY^T, and the im2col as B); operands already in cuBLASLt's layout go to it uncopied."""
     from int8fx.kernels.torch_backend import TorchBackend
 
-    a, b = _ints(G, M, K), _ints(G, K, N)
+    if layout == "contiguous":
+        a, b = _ints(G, M, K), _ints(G, K, N)
+    else:
+        a, b = _ints(G, K, M).transpose(1, 2), _ints(G, N, K).transpose(1, 2)
     got = TorchBackend.bmm(a, b)
     assert got.dtype == (torch.int64 if K > geo.MAX_K_PER_SPLIT else torch.int32)
     assert torch.equal(got.to(torch.int64), _truth(a, b))  # the stem's shape: cuBLASLt refuses it on an H200
