@@ -451,6 +451,13 @@ def sec_profile(quick: bool) -> None:
             os.remove(path)
         del m, opt, prof
         torch.cuda.empty_cache()
+    from int8fx.kernels import nhwc
+
+    names = {False: ("compiled gather", "strided view of the padded rows"), True: ("compiled gather", "rows, transposed")}
+    decided = [[str(k[0]), f"{k[1].kernel} s{k[1].stride}", "[K, M] (dW)" if "transposed" in k else "[M, K]",
+                names["transposed" in k][v]] for k, v in nhwc._FASTER.items()]
+    table("profile: the im2col variant measured fastest per shape (int8fx.kernels.nhwc._measured)",
+          ["input [N, *S, C]", "window", "layout", "fastest"], decided)
     table(f"profile: resnet18 training step, batch {bs}, GPU time per step by kernel kind",
           ["mode", "kernel kind", "ms/step", "share", "launches/step"], kinds_rows)
     table("profile: top kernels by GPU time per step", ["mode", "kernel", "ms/step", "launches/step"], top_rows)
