@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, for a short lease on a GPU machine (issue 16):
 #   1. what the machine is (GPU, driver, torch, CuPy, NVRTC);
-#   2. every cuda-marked test, each under a per-test timeout (pytest-timeout where installed);
+#   2. every cuda-marked test, each under a per-test timeout (pytest-timeout where installed), the fused passes
+#      eager; then those that need them compiled (tests/test_fused.py), compiled;
 #   3. the README's main job, `int8fx train --quick`, on the GPU (GPU_CHECK_TRAIN_S seconds at most; 0 skips);
 #   4. benchmarks/kernels.py under a time budget (sections stop starting new measurements when it is spent).
 # Logs and tables go to $OUT (default ./gpu-check-out): env.txt, pytest.log, junit.xml, train.log,
-# kernels.log, kernels.json. int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
+# kernels.log, kernels.json, profile_int8.json.gz (the profile section's trace). int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [test budget s, default 200] [benchmark budget s, default 200]
 #   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" GPU_CHECK_SECTIONS=conv,train \
@@ -52,6 +53,11 @@ python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_CHECK_WORKERS:-4}"
 INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -v -rfEs -p no:cacheprovider \
   -o addopts="" $per_test $workers --durations=10 --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 echo "pytest: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
+# the cuda tests that need the compiled passes (skipped above), with them, appended to the same log
+COMPILED=${GPU_CHECK_COMPILED_TESTS:-"tests/test_fused.py"}
+timeout "$TEST_BUDGET" python3 -m pytest $COMPILED -m cuda -v -rfEs -p no:cacheprovider -o addopts="" $per_test \
+  2>&1 | tee -a "$OUT/pytest.log"
+echo "pytest, compiled passes: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
 
 # the README's main job on the GPU (needs Fashion-MNIST: $INT8FX_DATA or the Debian package's folder)
 TRAIN_S=${GPU_CHECK_TRAIN_S:-150}
