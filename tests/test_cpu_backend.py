@@ -473,3 +473,20 @@ def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
     for _ in range(nhwc.DECIDE_AT + 1):
         got = nhwc._im2col_t(xq, spec)
         assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, monkeypatch):
+    """The forms only CUDA sites take (`nhwc.gpu_layouts`: dW from the transposed im2col, the im2col variant
+    measured per shape), run here through the CPU's GEMMs, oneDNN's direct conv off: every output and gradient
+    equals the reference's, on the steps before, at and after the measurement."""
+    from int8fx.kernels import nhwc
+
+    monkeypatch.setattr(nhwc, "gpu_layouts", lambda t: True)
+    monkeypatch.setattr(direct, "MODE", "never")
+    monkeypatch.setattr(nhwc, "_FASTER", {})
+    monkeypatch.setattr(nhwc, "_CALLS", {})
+    make, shape = SITES[site]
+    for _ in range(nhwc.DECIDE_AT):
+        assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
+                    run_site(make, shape, "torch", "per-tensor", "nearest"))

@@ -136,9 +136,16 @@ def _im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
 
     def windows() -> Tensor:
         return gather(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups)
-    if xq.is_cuda and spec.groups == 1 and spec.dilation[-1] == 1:
+    if gpu_layouts(xq) and spec.groups == 1 and spec.dilation[-1] == 1:
         return _measured((tuple(xq.shape), spec, xq.device), windows, lambda: _row_windows(xq, spec, out)), out
     return windows(), out
+
+
+def gpu_layouts(t: Tensor) -> bool:
+    """Whether the operands of `t`'s site take the GPU's forms: the weight gradient's im2col written transposed
+    (`_im2col_t`) and the im2col variant measured per shape (`_measured`). On CUDA tensors; a function, so that
+    a CPU test can run these forms through the CPU's GEMMs against the reference."""
+    return t.is_cuda
 
 
 def _row_windows(xq: Tensor, spec: GemmSpec, out: tuple) -> Tensor:
@@ -455,7 +462,7 @@ def grad_weight(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Te
     def gemm() -> Tensor:
         if spec.is_linear:
             cols = x_q.reshape(1, -1, x_q.shape[-1])
-        elif x_q.is_cuda:  # [g, M, K/g] as a view of the transposed im2col (`_im2col_t`)
+        elif gpu_layouts(x_q):  # [g, M, K/g] as a view of the transposed im2col (`_im2col_t`)
             cols = _im2col_t(x_q.movedim(1, -1), spec).transpose(1, 2)
         else:
             cols, _ = _im2col(x_q.movedim(1, -1), spec)  # [g, M, K/g]
