@@ -6,7 +6,8 @@
 #   3. the README's main job, `int8fx train --quick`, on the GPU (GPU_CHECK_TRAIN_S seconds at most; 0 skips);
 #   4. benchmarks/kernels.py under a time budget (sections stop starting new measurements when it is spent).
 # Logs and tables go to $OUT (default ./gpu-check-out): env.txt, pytest.log, junit.xml, train.log,
-# kernels.log, kernels.json, profile_int8.json.gz (the profile section's trace). int8fx runs from this checkout (PYTHONPATH), on the machine's own torch and CuPy.
+# kernels.log, kernels.json, profile_int8.json.gz (the profile section's trace). int8fx runs from this
+# checkout (PYTHONPATH), on the machine's own torch and CuPy.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [test budget s, default 200] [benchmark budget s, default 200]
 #   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" GPU_CHECK_SECTIONS=conv,train \

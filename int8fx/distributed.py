@@ -80,8 +80,8 @@ rank), so ranks do not draw identical noise for their shards (which would correl
 errors and not average them out); noise remains reproducible from (seed, layer, step, rank).
 
 Backends: gloo (CPU tensors; state on CUDA is moved to the CPU for the collective) and NCCL (the state's
-own CUDA device). Tested with gloo on CPU; the NCCL path is the same code with CUDA tensors and has not
-been run on a GPU here.
+own CUDA device). Tested with gloo on CPU across 2 processes, and with NCCL on one H200 (one rank: NCCL
+takes one per GPU; tests/test_ddp.py, 2026-12-04); NCCL across several GPUs is the same code, not yet run.
 """
 from __future__ import annotations
 

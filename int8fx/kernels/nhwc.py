@@ -23,6 +23,13 @@ Exactness: the GEMMs are exact (int8fx.kernels.torch_backend), col2im adds int32
 the reference makes it (one rounding to fp32, then the scales), so the results equal the reference's bit for
 bit (tests/test_cpu_backend.py).
 
+On CUDA (`gpu_layouts`) the operands take the forms cuBLASLt reads without a copy: dW's im2col is written
+transposed, [g, K/g, M], K-major in the positions being summed (`_im2col_t`), and every im2col is measured once
+per shape against a strided view of the padded rows (`_row_windows`, `_measured`): on an H200 the compiled
+gather copied a 3-channel stem's windows byte by byte, 15 ms for what a 64-channel layer's took 0.27 ms.
+Not yet run on a GPU (written after the profile of 2026-12-04, benchmarks/RESULTS.md); exact on the CPU
+through the same code (tests/test_cpu_backend.py).
+
 Depthwise convolutions are no GEMMs (a 1 x window product per channel): their forward and dX run as
 torch's own depthwise conv on the integer-valued operands in fp32, exact because every output is a sum of
 at most `window` products below 2^24 (`_dw_conv`); dW, a sum over every position of the batch, is reduced

@@ -10,8 +10,11 @@ On CUDA `torch._int_mm` accepts only M > 16 and K, N multiples of 8 (geometry.in
 padded sizes; zero rows/columns leave the product unchanged); on the CPU any shape.
 Convolutions reach it through the channels-last pipeline (int8fx.kernels.nhwc), one GEMM per group;
 depthwise convolutions, whose per-group GEMMs are 1 x 9 products, stay on the reference's direct path.
-Status on CUDA: verified on an H200 (tests/test_kernels_cuda.py, 2026-11-29), and what `backend="auto"`
-runs on CUDA: cuBLASLt's int8 GEMM ran 0.9 POP/s at 8192^3 there, 2.2x the CuPy kernel (benchmarks/RESULTS.md).
+Status on CUDA: verified on an H200 (tests/test_kernels_cuda.py, 2026-11-29 and 2026-12-04), and what
+`backend="auto"` runs on CUDA: cuBLASLt's int8 GEMM ran 0.9 POP/s at 8192^3 there, 2.2x the CuPy kernel
+(benchmarks/RESULTS.md). Two changes since the last GPU run, not yet run on one: operands already in
+cuBLASLt's layout are passed uncopied (`_cublaslt_operand`), and reductions longer than MAX_K_PER_SPLIT go
+to the CuPy split-K GEMM where CuPy is installed (`int_mm_exact`).
 """
 from __future__ import annotations
 
