@@ -490,3 +490,16 @@ def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, monkeypatch):
     for _ in range(nhwc.DECIDE_AT):
         assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
                     run_site(make, shape, "torch", "per-tensor", "nearest"))
+
+
+def test_cupy_backend_is_for_capable_gpus_and_says_so_elsewhere():
+    """The "cupy" backend resolves to the reference for CPU tensors; called on them directly, it says what it
+    needs instead of falling back silently."""
+    from int8fx.kernels import available_backends
+    from int8fx.kernels.cupy_backend import CupyBackend
+
+    if "cupy" in available_backends():
+        assert resolve_backend("cupy", torch.device("cpu")).name == "reference"
+    a = torch.zeros(1, 20, 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="compute capability >= 8.0"):
+        CupyBackend().bmm(a, a.transpose(1, 2))

@@ -44,8 +44,8 @@ def resolve_backend(choice: str, device: torch.device):
     """The backend a call on `device` runs. "auto": on the CPU, whichever exact GEMM a one-time probe
     measured faster on this CPU (int8fx.kernels.probe); on CUDA "torch" (cuBLASLt's int8 GEMM), the
     fastest of the exact backends verified on a GPU (H200: 2.2x the CuPy kernel's GEMM at 8192^3, the
-    fastest training step of the three; benchmarks/RESULTS.md). "cupy" exists for CUDA tensors only
-    (the reference elsewhere)."""
+    fastest training step of the three; benchmarks/RESULTS.md). "cupy" runs on CUDA devices of compute
+    capability >= 8.0 (older GPUs get "torch", CPU tensors the reference)."""
     if choice == "auto":
         return _BACKENDS[cpu_choice().backend if device.type == "cpu" else "torch" if device.type == "cuda"
                          else "reference"]
@@ -55,6 +55,10 @@ def resolve_backend(choice: str, device: torch.device):
         raise RuntimeError(f"backend {choice!r} is not available here; available: {', '.join(_BACKENDS)}") from None
     if choice == "cupy" and device.type != "cuda":
         return _BACKENDS["reference"]
+    if choice == "cupy":
+        from .cupy_backend import runs_on
+
+        return backend if runs_on(device) else _BACKENDS["torch"]
     if choice == "torch" and device.type == "cpu":
         from .torch_backend import cpu_int_mm_wrong
 

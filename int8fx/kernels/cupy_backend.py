@@ -37,6 +37,12 @@ _FLOAT_INPUTS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.flo
 
 
 # ----------------------------------------------------------------------------- loading and launching
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels run on `device`: a CUDA device of compute capability >= 8.0 (cp.async, INT8
+    mma.m16n8k32)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= geo.MIN_CAPABILITY
+
+
 def _cupy():
     import cupy  # lazy: int8fx imports without CuPy
 
@@ -328,16 +334,17 @@ class CupyBackend:
 
     `quantize` is the optional hook of the backend protocol: the autograd op hands it its gradient
     quantizations; it returns None for what it does not cover (non-int8 output, an unusual broadcast),
-    and the op then uses the reference quantizer. Pre-Ampere GPUs are served by the torch backend."""
+    and the op then uses the reference quantizer. Pre-Ampere GPUs are served by the torch backend, CPU
+    tensors by the reference (int8fx.kernels.resolve_backend)."""
 
     name = "cupy"
     operand_dtype = torch.int8
 
     def bmm(self, a: Tensor, b: Tensor) -> Tensor:
-        if not a.is_cuda or torch.cuda.get_device_capability(a.device) < geo.MIN_CAPABILITY:
-            from .torch_backend import TorchBackend
-
-            return TorchBackend.bmm(a, b)
+        if not runs_on(a.device):
+            raise RuntimeError(f"int8fx's CUDA kernels need a CUDA device of compute capability >= "
+                               f"{'.'.join(map(str, geo.MIN_CAPABILITY))}; got {a.device} (resolve_backend picks "
+                               "the backend for a device)")
         return int_bmm(a, b)
 
     @staticmethod

@@ -69,7 +69,7 @@ def int_mm_exact(a: Tensor, b: Tensor) -> Tensor:
     chunks = geo.int_mm_k_chunks(K)
     if K == 0 or M == 0 or N == 0:
         return torch.zeros((M, N), dtype=torch.int32 if len(chunks) <= 1 else torch.int64, device=a.device)
-    if len(chunks) > 1 and a.is_cuda and (splitk := _splitk_gemm()) is not None:
+    if len(chunks) > 1 and a.is_cuda and (splitk := _splitk_gemm(a.device)) is not None:
         return splitk(a.unsqueeze(0), b.unsqueeze(0))[0]
     acc = None
     for k0, k1 in chunks:
@@ -91,16 +91,17 @@ def refused_shapes() -> set:
     return set(_REFUSED)
 
 
-@functools.lru_cache(maxsize=1)
-def _splitk_gemm():
-    """int8fx.kernels.cupy_backend.int_bmm where CuPy is installed, else None (the chunked cuBLASLt path)."""
+@functools.lru_cache(maxsize=None)
+def _splitk_gemm(device: torch.device):
+    """int8fx.kernels.cupy_backend.int_bmm where CuPy is installed and its kernels run on `device` (compute
+    capability >= 8.0), else None (the chunked cuBLASLt path)."""
     import importlib.util
 
     if importlib.util.find_spec("cupy") is None:
         return None
-    from .cupy_backend import int_bmm
+    from .cupy_backend import int_bmm, runs_on
 
-    return int_bmm
+    return int_bmm if runs_on(device) else None
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
