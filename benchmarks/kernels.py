@@ -14,7 +14,7 @@ Sections (each prints one table; a failing section prints its error and the run 
   conv    one conv layer forward+backward, quantization included, per ResNet-50 layer: the CuPy
           layer pipeline and the autograd op on each backend vs cuDNN bf16 channels_last and fp32
   train   training step images/s and peak memory for resnet18/resnet50/mobilenet_v2: INT8 (cupy,
-          torch backends) vs fp32, tf32, bf16 autocast channels_last
+          torch backends; torch also without its GPU operand forms) vs fp32, tf32, bf16 autocast channels_last
   profile where an INT8 resnet18 step's GPU time goes (torch.profiler): kernels grouped by kind, the top
           kernels, beside the FP32 step's; the INT8 step's Chrome trace to $OUT
   tf32    whether cuDNN's TF32 conv computes int8 products exactly (forward, dX), and its speed
@@ -27,6 +27,7 @@ results go to $OUT/kernels.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -280,7 +281,24 @@ def sec_conv(quick: bool) -> None:
           ["layer", "implementation", "ms", "TOP/s", "vs cuDNN bf16 CL", "vs cuDNN fp32"], rows)
 
 
-TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 torch", "int8 cupy", "int8 reference", "int8 torch, eager passes")
+TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 torch", "int8 torch, plain layouts", "int8 cupy", "int8 reference",
+               "int8 torch, eager passes")
+
+
+@contextlib.contextmanager
+def plain_layouts(on: bool):
+    """With `on`, the CUDA sites run without the GPU's operand forms (nhwc.gpu_layouts: dW's im2col
+    transposed, the measured im2col variant) and without the split-K route for long reductions: the pipeline
+    of the GPU run of 2026-12-04, to measure what those forms change in the same run."""
+    from int8fx.kernels import nhwc, torch_backend
+
+    saved = nhwc.gpu_layouts, torch_backend._splitk_gemm
+    if on:
+        nhwc.gpu_layouts, torch_backend._splitk_gemm = (lambda t: False), (lambda device: None)
+    try:
+        yield
+    finally:
+        nhwc.gpu_layouts, torch_backend._splitk_gemm = saved
 
 
 def sec_train(quick: bool) -> None:
@@ -322,7 +340,7 @@ def sec_train(quick: bool) -> None:
                 opt.step()
             try:
                 torch.cuda.reset_peak_memory_stats()
-                with fusing.eager_passes(mode.endswith("eager passes")):
+                with fusing.eager_passes(mode.endswith("eager passes")), plain_layouts(mode.endswith("plain layouts")):
                     ms = bench(step, warm=3, rep=10)
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 rows.append([mname, bs, mode, ms, bs / ms * 1000, peak])
