@@ -500,8 +500,9 @@ def sec_targets(quick: bool) -> None:
     RESULTS["targets"] = rows
 
 
-SECTIONS = {"check": sec_check, "gemm": sec_gemm, "quant": sec_quant, "conv": sec_conv, "train": sec_train,
-            "profile": sec_profile, "tf32": sec_tf32, "targets": sec_targets}
+# (in the order a budgeted run takes them: the whole step's numbers first, the kernel tables after)
+SECTIONS = {"check": sec_check, "profile": sec_profile, "train": sec_train, "conv": sec_conv, "gemm": sec_gemm,
+            "quant": sec_quant, "tf32": sec_tf32, "targets": sec_targets}
 
 
 def main(argv=None) -> int:
