@@ -287,18 +287,18 @@ TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 torch", "int8 torch, plain l
 
 @contextlib.contextmanager
 def plain_layouts(on: bool):
-    """With `on`, the CUDA sites run without the GPU's operand forms (nhwc.gpu_layouts: dW's im2col
+    """With `on`, the CUDA sites run without the GPU's operand forms (windows.gpu_layouts: dW's im2col
     transposed, the measured im2col variant) and without the split-K route for long reductions: the pipeline
     of the GPU run of 2026-12-04, to measure what those forms change in the same run."""
-    from int8fx.kernels import nhwc, torch_backend
+    from int8fx.kernels import torch_backend, windows
 
-    saved = nhwc.gpu_layouts, torch_backend._splitk_gemm
+    saved = windows.gpu_layouts, torch_backend._splitk_gemm
     if on:
-        nhwc.gpu_layouts, torch_backend._splitk_gemm = (lambda t: False), (lambda device: None)
+        windows.gpu_layouts, torch_backend._splitk_gemm = (lambda t: False), (lambda device: None)
     try:
         yield
     finally:
-        nhwc.gpu_layouts, torch_backend._splitk_gemm = saved
+        windows.gpu_layouts, torch_backend._splitk_gemm = saved
 
 
 def sec_train(quick: bool) -> None:
@@ -340,7 +340,8 @@ def sec_train(quick: bool) -> None:
                 opt.step()
             try:
                 torch.cuda.reset_peak_memory_stats()
-                with fusing.eager_passes(mode.endswith("eager passes")), plain_layouts(mode.endswith("plain layouts")):
+                with (fusing.eager_passes(mode.endswith("eager passes")),
+                      plain_layouts(mode.endswith("plain layouts"))):
                     ms = bench(step, warm=3, rep=10)
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 rows.append([mname, bs, mode, ms, bs / ms * 1000, peak])
@@ -469,12 +470,13 @@ def sec_profile(quick: bool) -> None:
             os.remove(path)
         del m, opt, prof
         torch.cuda.empty_cache()
-    from int8fx.kernels import nhwc
+    from int8fx.kernels import windows
 
-    names = {False: ("compiled gather", "strided view of the padded rows"), True: ("compiled gather", "rows, transposed")}
+    names = {False: ("compiled gather", "strided view of the padded rows"),
+             True: ("compiled gather", "rows, transposed")}
     decided = [[str(k[0]), f"{k[1].kernel} s{k[1].stride}", "[K, M] (dW)" if "transposed" in k else "[M, K]",
-                names["transposed" in k][v]] for k, v in nhwc._FASTER.items()]
-    table("profile: the im2col variant measured fastest per shape (int8fx.kernels.nhwc._measured)",
+                names["transposed" in k][v]] for k, v in windows.FASTER.items()]
+    table("profile: the im2col variant measured fastest per shape (int8fx.kernels.windows.measured)",
           ["input [N, *S, C]", "window", "layout", "fastest"], decided)
     table(f"profile: resnet18 training step, batch {bs}, GPU time per step by kernel kind",
           ["mode", "kernel kind", "ms/step", "share", "launches/step"], kinds_rows)

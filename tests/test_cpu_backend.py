@@ -433,61 +433,61 @@ ROW_WINDOW_CASES = [  # dims, kernel, stride, padding, dilation, channels, input
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("case", ROW_WINDOW_CASES, ids=lambda c: f"{c[0]}d-k{c[1]}-c{c[5]}")
 def test_row_window_im2col_equals_the_gather(case, device):
-    """The GPU's alternative im2col (one strided view of the padded rows, `nhwc._row_windows`) makes the same
+    """The GPU's alternative im2col (one strided view of the padded rows, `windows.row_windows`) makes the same
     bytes as the gather, and `_measured` returns them whichever candidate it picks."""
-    from int8fx.kernels import nhwc
+    from int8fx.kernels import windows
     from int8fx.nn.modules import make_spec
 
     dims, kernel, stride, padding, dilation, c, sizes = case
     spec = make_spec(dims, kernel, stride, padding, dilation, 1)
     xq = torch.randint(-127, 128, (2, *sizes, c), dtype=torch.int8, device=device)
-    want = nhwc._gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, 1)
-    got = nhwc._row_windows(xq, spec, spec.out_size(sizes))
+    want = windows.gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, 1)
+    got = windows.row_windows(xq, spec, spec.out_size(sizes))
     assert got.shape == want.shape and torch.equal(got, want)
     key = ("test", case, xq.device)
-    nhwc._FASTER.pop(key, None)
-    for _ in range(nhwc.DECIDE_AT):
-        assert key not in nhwc._FASTER
-        assert torch.equal(nhwc._measured(key, lambda: want, lambda: got), want)
-    assert key in nhwc._FASTER
-    nhwc._FASTER.pop(key)
-    for _ in range(nhwc.DECIDE_AT - 1):
-        assert nhwc._measured(key, lambda: want, lambda: got + 1) is want and key not in nhwc._FASTER
+    windows.FASTER.pop(key, None)
+    for _ in range(windows.DECIDE_AT):
+        assert key not in windows.FASTER
+        assert torch.equal(windows.measured(key, lambda: want, lambda: got), want)
+    assert key in windows.FASTER
+    windows.FASTER.pop(key)
+    for _ in range(windows.DECIDE_AT - 1):
+        assert windows.measured(key, lambda: want, lambda: got + 1) is want and key not in windows.FASTER
     with pytest.warns(UserWarning, match="disagree"):
-        assert nhwc._measured(key, lambda: want, lambda: got + 1) is want and nhwc._FASTER[key] == 0
+        assert windows.measured(key, lambda: want, lambda: got + 1) is want and windows.FASTER[key] == 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("case", ROW_WINDOW_CASES, ids=lambda c: f"{c[0]}d-k{c[1]}-c{c[5]}")
 def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
-    """The weight gradient's B operand on CUDA (`nhwc._im2col_t`, [g, K/g, M] contiguous): the rows' im2col
+    """The weight gradient's B operand on CUDA (`windows.im2col_transposed`, [g, K/g, M] contiguous): the rows' im2col
     transposed, from the first call (the gather) through the measured choice."""
-    from int8fx.kernels import nhwc
+    from int8fx.kernels import windows
     from int8fx.nn.modules import make_spec
 
     dims, kernel, stride, padding, dilation, c, sizes = case
     spec = make_spec(dims, kernel, stride, padding, dilation, groups)
     xq = torch.randint(-127, 128, (2, *sizes, c * groups), dtype=torch.int8, device=device)
-    want = nhwc._gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, groups)
-    for _ in range(nhwc.DECIDE_AT + 1):
-        got = nhwc._im2col_t(xq, spec)
+    want = windows.gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, groups)
+    for _ in range(windows.DECIDE_AT + 1):
+        got = windows.im2col_transposed(xq, spec)
         assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))
 
 
 @pytest.mark.parametrize("site", sorted(SITES))
 def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, monkeypatch):
-    """The forms only CUDA sites take (`nhwc.gpu_layouts`: dW from the transposed im2col, the im2col variant
+    """The forms only CUDA sites take (`windows.gpu_layouts`: dW from the transposed im2col, the im2col variant
     measured per shape), run here through the CPU's GEMMs, oneDNN's direct conv off: every output and gradient
     equals the reference's, on the steps before, at and after the measurement."""
-    from int8fx.kernels import nhwc
+    from int8fx.kernels import windows
 
-    monkeypatch.setattr(nhwc, "gpu_layouts", lambda t: True)
+    monkeypatch.setattr(windows, "gpu_layouts", lambda t: True)
     monkeypatch.setattr(direct, "MODE", "never")
-    monkeypatch.setattr(nhwc, "_FASTER", {})
-    monkeypatch.setattr(nhwc, "_CALLS", {})
+    monkeypatch.setattr(windows, "FASTER", {})
+    monkeypatch.setattr(windows, "_CALLS", {})
     make, shape = SITES[site]
-    for _ in range(nhwc.DECIDE_AT):
+    for _ in range(windows.DECIDE_AT):
         assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
                     run_site(make, shape, "torch", "per-tensor", "nearest"))
 

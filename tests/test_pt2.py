@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import int8fx
-from int8fx.kernels.nhwc import DECIDE_AT
+from int8fx.kernels.windows import DECIDE_AT
 from int8fx.nn import Int8Layer
 
 X = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))

@@ -23,12 +23,8 @@ Exactness: the GEMMs are exact (int8fx.kernels.torch_backend), col2im adds int32
 the reference makes it (one rounding to fp32, then the scales), so the results equal the reference's bit for
 bit (tests/test_cpu_backend.py).
 
-On CUDA (`gpu_layouts`) the operands take the forms cuBLASLt reads without a copy: dW's im2col is written
-transposed, [g, K/g, M], K-major in the positions being summed (`_im2col_t`), and every im2col is measured once
-per shape against a strided view of the padded rows (`_row_windows`, `_measured`): on an H200 the compiled
-gather copied a 3-channel stem's windows byte by byte, 15 ms for what a 64-channel layer's took 0.27 ms.
-Not yet run on a GPU (written after the profile of 2026-12-04, benchmarks/RESULTS.md); exact on the CPU
-through the same code (tests/test_cpu_backend.py).
+The im2col, its forms and which copy makes them: int8fx.kernels.windows (on CUDA dW reads it transposed,
+`windows.im2col_transposed`).
 
 Depthwise convolutions are no GEMMs (a 1 x window product per channel): their forward and dX run as
 torch's own depthwise conv on the integer-valued operands in fp32, exact because every output is a sum of
@@ -39,21 +35,19 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ..fusing import STATIC_AFTER, SUM_DTYPE, fused
+from ..fusing import SUM_DTYPE, fused
 from ..quant.fused import (
     quantize_operands,
     scale_accumulators,
     scale_accumulators_bias,
 )
-from . import direct
+from . import direct, windows
 from .im2col import GemmSpec
 
 QMAX = 127
@@ -122,133 +116,6 @@ def _weight_from_rows(w: Tensor, spec: GemmSpec, w_shape) -> Tensor:
     return w.reshape(o, *k, cg).movedim(-1, 1)
 
 
-def _im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
-    """int8 xq [N, *S, C] (contiguous) -> (Xcol [g, M, K/g], out size): rows = batch x positions, columns =
-    (kernel position, channel) of each group. A 1x1 stride-1 conv without padding is a view."""
-    n, *sizes, c = xq.shape
-    pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
-    if pointwise and spec.groups == 1:
-        return xq.reshape(1, -1, c), tuple(sizes)
-    out = spec.out_size(tuple(sizes))
-    if spec.groups == 1 and c < 3:
-        # one or two channels (a grayscale stem): one copy per kernel position, 5.5x faster than either gather
-        # (128x28x28x1, 3x3: 0.33 ms against 1.84 ms for ATen's strided copy; the compiled one is slower still)
-        padded = _pad(xq, spec)
-        windows = [_window(padded, offs, spec.kernel, spec.stride, spec.dilation, out)
-                   for offs in itertools.product(*(range(k) for k in spec.kernel))]
-        return torch.stack(windows, dim=-2).view(1, -1, spec.window * c), out
-    # compiled for its shapes where runs of channels are long enough: 1.5-4x faster than ATen's strided copy
-    # (one thread, C/g 3 to 256), but 6x slower with one channel per group
-    gather = _gather_windows if c // spec.groups >= 3 else _gather_windows.eager
-
-    def windows() -> Tensor:
-        return gather(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups)
-    if gpu_layouts(xq) and spec.groups == 1 and spec.dilation[-1] == 1:
-        return _measured((tuple(xq.shape), spec, xq.device), windows, lambda: _row_windows(xq, spec, out)), out
-    return windows(), out
-
-
-def gpu_layouts(t: Tensor) -> bool:
-    """Whether the operands of `t`'s site take the GPU's forms: the weight gradient's im2col written transposed
-    (`_im2col_t`) and the im2col variant measured per shape (`_measured`). On CUDA tensors; a function, so that
-    a CPU test can run these forms through the CPU's GEMMs against the reference."""
-    return t.is_cuda
-
-
-def _row_windows(xq: Tensor, spec: GemmSpec, out: tuple) -> Tensor:
-    """`_im2col`'s copy for one group and no dilation along the last spatial dim, read through one strided view:
-    a window's (last kernel offset, channel) run is one contiguous stretch of the padded row, window[-1] x C
-    bytes. On a GPU the compiled gather of a 3-channel stem (7x7/2, 256 images at 224 px) took 15 ms on an
-    H200, byte by byte, against 0.27 ms for a 64-channel 3x3 layer of the same size."""
-    padded = _pad(xq, spec).contiguous()  # [N, *P, C]
-    n, *_, c = padded.shape
-    st = padded.stride()
-    nd = spec.dims
-    shape = (n, *out, *spec.kernel[:-1], spec.kernel[-1] * c)
-    strides = (st[0], *(st[1 + i] * spec.stride[i] for i in range(nd)),
-               *(st[1 + i] * spec.dilation[i] for i in range(nd - 1)), 1)
-    return padded.as_strided(shape, strides).reshape(1, -1, spec.window * c)
-
-
-_FASTER: dict = {}  # key -> index of the candidate `_measured` found fastest for it
-_CALLS: dict = {}  # key -> calls so far, until it is measured
-MAX_MEASURED = 256  # keys remembered per process; beyond, new ones take the first candidate
-DECIDE_AT = STATIC_AFTER  # a key's call that measures: the first candidate, an exact-shape pass, is compiled by then
-
-
-def _measured(key: tuple, *candidates):
-    """The result of whichever candidate (functions making the same tensor) measured fastest for `key`: the
-    first candidate until the key's DECIDE_AT-th call, which runs each twice, the second timed (CUDA
-    synchronised); their results must be equal, else the first candidate is kept with a warning. Later calls
-    run the remembered one, without a sync. `key` ends with the device."""
-    pick = _FASTER.get(key)
-    if pick is not None:
-        return candidates[pick]()
-    if len(_FASTER) >= MAX_MEASURED:
-        return candidates[0]()
-    if len(_CALLS) > 4096:  # (a detector's stream of sizes: forget the counts, keep memory bounded)
-        _CALLS.clear()
-    calls = _CALLS[key] = _CALLS.get(key, 0) + 1
-    if calls < DECIDE_AT:
-        return candidates[0]()
-    _CALLS.pop(key, None)
-    device = key[-1]
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    results, times = [], []
-    for fn in candidates:
-        fn()
-        sync()
-        t = time.perf_counter()
-        results.append(fn())
-        sync()
-        times.append(time.perf_counter() - t)
-    if all(torch.equal(results[0], r) for r in results[1:]):
-        _FASTER[key] = min(range(len(times)), key=times.__getitem__)
-    else:
-        warnings.warn(f"int8fx: the im2col variants disagree for {key}; the compiled gather is kept")
-        _FASTER[key] = 0
-    return results[_FASTER[key]]
-
-
-def _im2col_t(xq: Tensor, spec: GemmSpec) -> Tensor:
-    """The im2col transposed, [g, K/g, M] contiguous: the weight gradient's B operand on CUDA, where cuBLASLt
-    and the split-K GEMM read both operands K-major (here M, the batch x positions being summed): written so
-    by the gather (measured against the rows and a transposing copy: resnet18's dW GEMMs spent 26 ms of a
-    160 ms step on such copies, at batch 256 on an H200)."""
-    def via_rows() -> Tensor:
-        return _im2col(xq, spec)[0].transpose(1, 2).contiguous()
-    pointwise = all(k == 1 for k in spec.kernel) and all(s == 1 for s in spec.stride) and not spec.has_padding
-    c = xq.shape[-1]
-    if (pointwise and spec.groups == 1) or c // spec.groups < 3:
-        return via_rows()
-    return _measured((tuple(xq.shape), spec, "transposed", xq.device), lambda: _gather_windows(
-        xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups, True), via_rows)
-
-
-@fused(dynamic=False)
-def _gather_windows(xq: Tensor, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int,
-                    transposed: bool = False) -> Tensor:
-    """`_im2col`'s copy: the windows of xq [N, *S, C] as [g, M, window * C/g] ([g, window * C/g, M] when
-    `transposed`)."""
-    n, *sizes, c = xq.shape
-    nd = len(kernel)
-    if any(p for lohi in padding for p in lohi):
-        xq = F.pad(xq, [0, 0] + [p for lohi in reversed(padding) for p in lohi])  # spatial dims only
-    v = xq
-    for i, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
-        v = v.unfold(1 + i, d * (k - 1) + 1, s)  # [N, *out, C, *window]
-    if any(d > 1 for d in dilation):
-        v = v[(Ellipsis,) + tuple(slice(None, None, d) for d in dilation)]
-    out = v.shape[1:1 + nd]
-    v = v.reshape(n, *out, groups, c // groups, *kernel)
-    rows, cols = tuple(range(1, 1 + nd)), tuple(range(3 + nd, 3 + 2 * nd)) + (2 + nd,)  # (*out), (*kernel, C/g)
-    m, k = n * math.prod(out), math.prod(kernel) * (c // groups)
-    if transposed:  # -> [g, *kernel, C/g, N, *out]
-        return v.permute((1 + nd,) + cols + (0,) + rows).reshape(groups, k, m)
-    return v.permute((1 + nd, 0) + rows + cols).reshape(groups, m, k)  # -> [g, N, *out, *kernel, C/g]
 
 
 def _conv(backend, xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
@@ -261,7 +128,7 @@ def _conv(backend, xq_cl: Tensor, w: Tensor, spec: GemmSpec) -> tuple[Tensor, tu
     o = g * w.shape[2]
 
     def gemm() -> Tensor:
-        cols, _ = _im2col(xq_cl, spec)  # [g, M, K/g]
+        cols, _ = windows.im2col(xq_cl, spec)  # [g, M, K/g]
         acc = _per_group(backend, cols, w)  # [g, M, O/g]
         return acc[0] if g == 1 else acc.transpose(0, 1).reshape(-1, o)
 
@@ -463,16 +330,16 @@ def grad_weight(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Te
     if is_depthwise(spec, tuple(x_q.shape), o):
         xq_cl = x_q.movedim(1, -1)
         dy = dq.view(xq_cl.shape[0], *spec.out_size(tuple(xq_cl.shape[1:-1])), o)
-        acc = _dw_grad_weight(dy, _pad(xq_cl, spec), spec.kernel, spec.stride, spec.dilation)  # [C, *k]
+        acc = _dw_grad_weight(dy, windows.pad(xq_cl, spec), spec.kernel, spec.stride, spec.dilation)  # [C, *k]
         return acc.view(w_shape)
 
     def gemm() -> Tensor:
         if spec.is_linear:
             cols = x_q.reshape(1, -1, x_q.shape[-1])
-        elif gpu_layouts(x_q):  # [g, M, K/g] as a view of the transposed im2col (`_im2col_t`)
-            cols = _im2col_t(x_q.movedim(1, -1), spec).transpose(1, 2)
+        elif windows.gpu_layouts(x_q):  # [g, M, K/g] as a view of the transposed im2col
+            cols = windows.im2col_transposed(x_q.movedim(1, -1), spec).transpose(1, 2)
         else:
-            cols, _ = _im2col(x_q.movedim(1, -1), spec)  # [g, M, K/g]
+            cols, _ = windows.im2col(x_q.movedim(1, -1), spec)  # [g, M, K/g]
         # [g, O/g, M]; with one group the transposed view itself: oneDNN reads it as a column-major operand, which
         # saves the int8 transpose (smallcnn's 100352 x 16 dY: 1.8 ms for transpose and GEMM together, not 3.7)
         dqt = dq.t().reshape(g, o // g, -1).contiguous() if g > 1 else dq.t().unsqueeze(0)
@@ -486,21 +353,6 @@ def grad_weight(backend, dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Te
 
 
 # ------------------------------------------------------------------------------------------------ depthwise
-def _pad(t: Tensor, spec: GemmSpec) -> Tensor:
-    """Zero-pad the spatial dims of a channels-last [N, *S, C] tensor."""
-    return F.pad(t, [0, 0] + spec._pad_arg()) if spec.has_padding else t
-
-
-def _window(t: Tensor, offs: tuple, kernel: tuple, stride: tuple, dilation: tuple, out: tuple) -> Tensor:
-    """The [N, *out, C] view of padded t read by kernel position `offs`."""
-    return t[(slice(None),) + tuple(slice(f * d, f * d + s * (m - 1) + 1, s)
-                                    for f, d, s, m in zip(offs, dilation, stride, out)) + (slice(None),)]
-
-
-def _out(padded: tuple, kernel: tuple, stride: tuple, dilation: tuple) -> tuple:
-    return tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(padded, kernel, stride, dilation))
-
-
 _DW_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DW_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -545,6 +397,6 @@ def _dw_grad_weight(dy: Tensor, x: Tensor, kernel: tuple, stride: tuple, dilatio
     out = tuple(dy.shape[1:-1])
     dims = tuple(range(len(out) + 1))
     acc = SUM_DTYPE if QMAX**2 * math.prod(dy.shape[:-1]) < 2**31 else torch.int64
-    parts = [(dy.to(torch.int32) * _window(x, offs, kernel, stride, dilation, out).to(torch.int32)).sum(dims, dtype=acc)
-             for offs in itertools.product(*(range(k) for k in kernel))]
+    parts = [(dy.to(torch.int32) * windows.window(x, offs, kernel, stride, dilation, out).to(torch.int32))
+             .sum(dims, dtype=acc) for offs in itertools.product(*(range(k) for k in kernel))]
     return torch.stack(parts, dim=-1).view(x.shape[-1], *kernel)
