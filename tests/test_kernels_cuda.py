@@ -1,7 +1,8 @@
 """The CUDA kernels and the "cupy"/"torch" backends against the exact reference, on a GPU.
 
-Every test here is cuda-marked (tests/conftest.py skips them without a GPU). They are the verification
-the CuPy kernels still await: until they pass on a GPU, `backend="auto"` keeps the reference.
+Every test here is cuda-marked (tests/conftest.py skips them without a GPU; `bash benchmarks/gpu_check.sh`
+runs them on one). All passed on an H200 on 2026-12-04 (benchmarks/RESULTS.md, "Second GPU run"); the
+`torch` backend's shapes with transposed operands and the split-K route were added after that run.
 Integer results must equal the reference element for element; dequantized results bit for bit where the
 formula is the same (acc.float() * scale), since the INT8 product is exact.
 Outputs are allocated poisoned where a launcher lets the caller pass `out`, so an unwritten element shows.

@@ -1,7 +1,7 @@
 """CuPy launchers for int8fx's CUDA kernels, and the "cupy" GEMM backend built on them.
 
 Status: every kernel here compiles (NVRTC, sm_80 and sm_90) in CI, and the cuda-marked tests
-(tests/test_kernels_cuda.py) passed on an H200 (2026-11-29): the GEMM is exact on every shape and tile.
+(tests/test_kernels_cuda.py) passed on an H200 (2026-11-29, 2026-12-04): the GEMM is exact on every shape and tile.
 It is not what `backend="auto"` picks: its mma.sync GEMM reaches 0.3-0.65x cuBLASLt's int8 GEMM
 (`torch._int_mm`) on Hopper, which has wgmma for that; only on long reductions (the dW GEMMs of early
 layers, K > 131008, where `_int_mm` must be cut into int32-safe chunks) its split-K is 1.4-4.5x faster, and
