@@ -461,8 +461,8 @@ def test_row_window_im2col_equals_the_gather(case, device):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("case", ROW_WINDOW_CASES, ids=lambda c: f"{c[0]}d-k{c[1]}-c{c[5]}")
 def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
-    """The weight gradient's B operand on CUDA (`windows.im2col_transposed`, [g, K/g, M] contiguous): the rows' im2col
-    transposed, from the first call (the gather) through the measured choice."""
+    """The weight gradient's B operand on CUDA (`windows.im2col_transposed`, [g, K/g, M] contiguous): the rows'
+    im2col transposed, written so by the gather, and on every call before, at and after the measured choice."""
     from int8fx.kernels import windows
     from int8fx.nn.modules import make_spec
 
@@ -470,9 +470,13 @@ def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
     spec = make_spec(dims, kernel, stride, padding, dilation, groups)
     xq = torch.randint(-127, 128, (2, *sizes, c * groups), dtype=torch.int8, device=device)
     want = windows.gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, groups)
-    for _ in range(windows.DECIDE_AT + 1):
-        got = windows.im2col_transposed(xq, spec)
-        assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))
+    gathered = windows.gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, groups, True)
+    assert torch.equal(gathered, want.transpose(1, 2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*im2col variants")
+        for _ in range(windows.DECIDE_AT + 1):
+            got = windows.im2col_transposed(xq, spec)
+            assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))
 
 
 @pytest.mark.parametrize("site", sorted(SITES))
@@ -487,9 +491,11 @@ def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, monkeypatch):
     monkeypatch.setattr(windows, "FASTER", {})
     monkeypatch.setattr(windows, "_CALLS", {})
     make, shape = SITES[site]
-    for _ in range(windows.DECIDE_AT):
-        assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
-                    run_site(make, shape, "torch", "per-tensor", "nearest"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*im2col variants")  # a variant the measurement dropped
+        for _ in range(windows.DECIDE_AT):
+            assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
+                        run_site(make, shape, "torch", "per-tensor", "nearest"))
 
 
 def test_cupy_backend_is_for_capable_gpus_and_says_so_elsewhere():

@@ -76,15 +76,16 @@ def row_windows(xq: Tensor, spec: GemmSpec, out: tuple) -> Tensor:
 
 FASTER: dict = {}  # key -> index of the candidate `measured` found fastest for it
 _CALLS: dict = {}  # key -> calls so far, until it is measured
-MAX_MEASURED = 256  # keys remembered per process; beyond, new ones take the first candidate
-DECIDE_AT = STATIC_AFTER  # a key's call that measures: the first candidate, an exact-shape pass, is compiled by then
+MAX_MEASURED = 256  # keys remembered per process; beyond, new ones keep the first candidate
+DECIDE_AT = STATIC_AFTER  # a key's call that measures (a training loop repeats its shapes; a one-off call does not)
 
 
 def measured(key: tuple, *candidates):
-    """The result of whichever candidate (functions making the same tensor) measured fastest for `key`: the
-    first candidate until the key's DECIDE_AT-th call, which runs each twice, the second timed (CUDA
-    synchronised); their results must be equal, else the first candidate is kept with a warning. Later calls
-    run the remembered one, without a sync. `key` ends with the device."""
+    """The result of whichever candidate (functions making the same tensor) measured fastest for `key`.
+    The first is the trusted one: it runs until the key's DECIDE_AT-th call, and where another's result differs
+    from its own it is kept, with a warning. That call runs each candidate STATIC_AFTER times (so an exact-shape
+    pass is compiled, int8fx.fusing) and then once more, timed (CUDA synchronised). Later calls run the
+    remembered one, without a sync. `key` ends with the device."""
     pick = FASTER.get(key)
     if pick is not None:
         return candidates[pick]()
@@ -103,17 +104,18 @@ def measured(key: tuple, *candidates):
             torch.cuda.synchronize(device)
     results, times = [], []
     for fn in candidates:
-        fn()
+        for _ in range(STATIC_AFTER):
+            fn()
         sync()
         t = time.perf_counter()
         results.append(fn())
         sync()
         times.append(time.perf_counter() - t)
-    if all(torch.equal(results[0], r) for r in results[1:]):
-        FASTER[key] = min(range(len(times)), key=times.__getitem__)
-    else:
-        warnings.warn(f"int8fx: the im2col variants disagree for {key}; the compiled gather is kept")
-        FASTER[key] = 0
+    agree = [torch.equal(results[0], r) for r in results]
+    if not all(agree):
+        warnings.warn(f"int8fx: im2col variants {[i for i, a in enumerate(agree) if not a]} disagree with the "
+                      f"trusted one for {key}; they are not used")
+    FASTER[key] = min((i for i in range(len(times)) if agree[i]), key=times.__getitem__)
     return results[FASTER[key]]
 
 
@@ -128,8 +130,8 @@ def im2col_transposed(xq: Tensor, spec: GemmSpec) -> Tensor:
     c = xq.shape[-1]
     if (pointwise and spec.groups == 1) or c // spec.groups < 3:
         return via_rows()
-    return measured((tuple(xq.shape), spec, "transposed", xq.device), lambda: gather_windows(
-        xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups, True), via_rows)
+    return measured((tuple(xq.shape), spec, "transposed", xq.device), via_rows, lambda: gather_windows(
+        xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups, True))
 
 
 @fused(dynamic=False)
