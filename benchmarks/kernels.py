@@ -472,8 +472,8 @@ def sec_profile(quick: bool) -> None:
         torch.cuda.empty_cache()
     from int8fx.kernels import windows
 
-    names = {False: ("compiled gather", "strided view of the padded rows"),
-             True: ("compiled gather", "rows, transposed")}
+    names = {False: ("compiled gather", "strided view of the padded rows"),  # the candidates of windows.measured,
+             True: ("rows, transposed", "compiled gather, transposed")}      # in its order
     decided = [[str(k[0]), f"{k[1].kernel} s{k[1].stride}", "[K, M] (dW)" if "transposed" in k else "[M, K]",
                 names["transposed" in k][v]] for k, v in windows.FASTER.items()]
     table("profile: the im2col variant measured fastest per shape (int8fx.kernels.windows.measured)",
