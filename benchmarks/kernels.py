@@ -472,11 +472,10 @@ def sec_profile(quick: bool) -> None:
         torch.cuda.empty_cache()
     from int8fx.kernels import windows
 
-    names = {False: ("compiled gather", "strided view of the padded rows"),  # the candidates of windows.measured,
-             True: ("rows, transposed", "compiled gather, transposed")}      # in its order
-    decided = [[str(k[0]), f"{k[1].kernel} s{k[1].stride}", "[K, M] (dW)" if "transposed" in k else "[M, K]",
-                names["transposed" in k][v]] for k, v in windows.FASTER.items()]
-    table("profile: the im2col variant measured fastest per shape (int8fx.kernels.windows.measured)",
+    decided = [[str(key[0]), f"{key[1].kernel} s{key[1].stride}", layout, chooser.names[pick]]
+               for chooser, layout in ((windows.ROWS, "[M, K]"), (windows.TRANSPOSED, "[K, M] (dW)"))
+               for key, pick in chooser.decided.items()]
+    table("profile: the im2col copy measured fastest per shape (int8fx.kernels.windows.ROWS, TRANSPOSED)",
           ["input [N, *S, C]", "window", "layout", "fastest"], decided)
     table(f"profile: resnet18 training step, batch {bs}, GPU time per step by kernel kind",
           ["mode", "kernel kind", "ms/step", "share", "launches/step"], kinds_rows)

@@ -327,8 +327,8 @@ def test_direct_conv_not_where_onednn_is_wrong(monkeypatch):
                 run_site(one_wide, (3, 2, 9, 4), "torch", "per-tensor", "nearest"))
     assert calls == []
     monkeypatch.setattr(direct, "MODE", "measure")
-    monkeypatch.setattr(direct, "_decided", {})
-    monkeypatch.setattr(direct, "_seen", {})
+    monkeypatch.setattr(direct.CHOICES, "decided", {})
+    monkeypatch.setattr(direct.CHOICES, "calls", {})
     real_conv, real_dw = direct.conv, direct.grad_weight
     monkeypatch.setattr(direct, "conv", lambda *a: real_conv(*a) + 1)  # wrong sums
     monkeypatch.setattr(direct, "grad_weight", lambda *a: real_dw(*a) + 1)
@@ -362,8 +362,8 @@ def test_direct_conv_never_runs_grouped_or_dilated_convs(make, shape, monkeypatc
 def test_direct_conv_chosen_by_measurement_once_per_geometry(direct_faster, monkeypatch):
     """The first DECIDE_AT - 1 calls of a geometry take the GEMM; the DECIDE_AT-th times both and keeps the
     faster for every later call; the numbers are the same whichever runs."""
-    monkeypatch.setattr(direct, "_decided", {})
-    monkeypatch.setattr(direct, "_seen", {})
+    monkeypatch.setattr(direct.CHOICES, "decided", {})
+    monkeypatch.setattr(direct.CHOICES, "calls", {})
     timed = []
 
     def fake_best_of(fn, reps=2, warmup=False):
@@ -444,17 +444,44 @@ def test_row_window_im2col_equals_the_gather(case, device):
     want = windows.gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, 1)
     got = windows.row_windows(xq, spec, spec.out_size(sizes))
     assert got.shape == want.shape and torch.equal(got, want)
-    key = ("test", case, xq.device)
-    windows.FASTER.pop(key, None)
-    for _ in range(windows.DECIDE_AT):
-        assert key not in windows.FASTER
-        assert torch.equal(windows.measured(key, lambda: want, lambda: got), want)
-    assert key in windows.FASTER
-    windows.FASTER.pop(key)
-    for _ in range(windows.DECIDE_AT - 1):
-        assert windows.measured(key, lambda: want, lambda: got + 1) is want and key not in windows.FASTER
-    with pytest.warns(UserWarning, match="disagree"):
-        assert windows.measured(key, lambda: want, lambda: got + 1) is want and windows.FASTER[key] == 0
+    for _ in range(windows.DECIDE_AT + 1):  # before, at and after the shape's measurement
+        assert torch.equal(windows.im2col(xq, spec)[0], want)
+
+
+def test_faster_of_trusts_its_first_candidate_until_measured_and_against_a_disagreement():
+    """`probe.FasterOf`: the trusted candidate until a key's `decide_at`-th call, which times both and keeps
+    the faster; a candidate whose result differs, or that fails, is never kept, with a warning."""
+    from int8fx.kernels.probe import FasterOf
+
+    times = {"trusted": 2.0, "other": 1.0}
+    ran = []
+
+    def timer(fn, key):
+        out = fn()
+        return times[out[0]], out
+
+    def candidate(name, value):
+        return lambda: ran.append(name) or (name, value)
+
+    choose = FasterOf(("trusted", "other"), timer, decide_at=3, same=lambda a, b: a[1] == b[1])
+    trusted, other = candidate("trusted", 1), candidate("other", 1)
+    assert [choose("k", trusted, other) for _ in range(3)] == [("trusted", 1)] * 3
+    assert ran == ["trusted", "trusted", "trusted", "other"] and choose.decided == {"k": 1}
+    assert choose("k", trusted, other) == ("other", 1)
+    times["trusted"] = 0.5  # a slower candidate is not kept
+    choose("j", trusted, other), choose("j", trusted, other), choose("j", trusted, other)
+    assert choose.decided["j"] == 0
+    with pytest.warns(UserWarning, match="other gave other numbers than trusted"):
+        for _ in range(3):
+            assert choose("d", trusted, candidate("other", 2)) == ("trusted", 1)
+    assert choose.decided["d"] == 0
+
+    def fails():
+        raise RuntimeError("refused")
+    with pytest.warns(UserWarning, match="other failed .* keeps trusted"):
+        for _ in range(3):
+            assert choose("f", trusted, fails) == ("trusted", 1)
+    assert choose.decided["f"] == 0
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -473,7 +500,7 @@ def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
     gathered = windows.gather_windows.eager(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, groups, True)
     assert torch.equal(gathered, want.transpose(1, 2))
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*im2col variants")
+        warnings.filterwarnings("error", message="int8fx: .* that geometry keeps")
         for _ in range(windows.DECIDE_AT + 1):
             got = windows.im2col_transposed(xq, spec)
             assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))
@@ -488,11 +515,12 @@ def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, monkeypatch):
 
     monkeypatch.setattr(windows, "gpu_layouts", lambda t: True)
     monkeypatch.setattr(direct, "MODE", "never")
-    monkeypatch.setattr(windows, "FASTER", {})
-    monkeypatch.setattr(windows, "_CALLS", {})
+    for chooser in (windows.ROWS, windows.TRANSPOSED):
+        monkeypatch.setattr(chooser, "decided", {})
+        monkeypatch.setattr(chooser, "calls", {})
     make, shape = SITES[site]
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*im2col variants")  # a variant the measurement dropped
+        warnings.filterwarnings("error", message="int8fx: .* that geometry keeps")  # a copy the measurement dropped
         for _ in range(windows.DECIDE_AT):
             assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
                         run_site(make, shape, "torch", "per-tensor", "nearest"))

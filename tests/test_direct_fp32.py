@@ -144,8 +144,8 @@ def test_a_direct_conv_that_fails_leaves_its_geometry_to_the_gemm(monkeypatch):
     make, shape = SITES["conv2d"]
     want = run_site(make, shape, "reference", "per-tensor", "nearest")
     monkeypatch.setattr(direct, "MODE", "measure")
-    monkeypatch.setattr(direct, "_decided", {})
-    monkeypatch.setattr(direct, "_seen", {})
+    monkeypatch.setattr(direct.CHOICES, "decided", {})
+    monkeypatch.setattr(direct.CHOICES, "calls", {})
 
     def refuse(*a):
         raise RuntimeError("could not create a primitive")

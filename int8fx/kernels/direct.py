@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -50,7 +49,7 @@ from torch import Tensor
 from .. import fusing
 from ..quant.core import QMAX
 from .im2col import GemmSpec
-from .probe import best_of
+from .probe import FasterOf, best_of
 from .reference import EXACT_K as EXACT_K_FP32  # 1040: the longest reduction fp32 sums exactly
 
 EXACT_K = (2**24 - 1) // (255 * QMAX)  # 518: the longest reduction whose unsigned sums fp32 holds exactly
@@ -60,8 +59,9 @@ MARGIN = 1.1  # the direct conv must be this much faster to be picked
 MAX_DECISIONS = 256  # geometries remembered per process; beyond, new ones keep the GEMM
 MODE = "measure"  # "measure" (per geometry), "always" (wherever it is exact: tests), "never"
 
-_decided: dict = {}  # key -> True (direct) / False (GEMM)
-_seen: dict = {}  # key -> calls so far, until decided
+# per geometry: the GEMM (trusted) or the direct conv, each timed as the best of 2 calls
+CHOICES = FasterOf(("the GEMM", "oneDNN's direct conv"), lambda fn, key: best_of(fn, reps=2), margin=MARGIN,
+                   decide_at=DECIDE_AT, max_keys=MAX_DECISIONS, same=lambda gemm, d: torch.equal(d, gemm.to(d.dtype)))
 
 
 def exact_k(form: str) -> int:
@@ -172,38 +172,14 @@ def grad_weight(dq: Tensor, x_q: Tensor, spec: GemmSpec, w_shape) -> Tensor:
 
 
 def choose(key: tuple, direct, gemm):
-    """The result of `direct()` or `gemm()` (the same integers), whichever this geometry measured faster."""
-    pick = True if MODE == "always" else _decided.get(key)
-    if pick is None:
-        if len(_decided) >= MAX_DECISIONS:
-            return gemm()
-        if len(_seen) > 4096:  # (a detector's stream of input sizes: forget the counts, keep memory bounded)
-            _seen.clear()
-        calls = _seen[key] = _seen.get(key, 0) + 1
-        if calls < DECIDE_AT:
-            return gemm()
-        _seen.pop(key, None)  # (pop: two threads may decide the same geometry at once)
-        t_gemm, out = best_of(gemm, reps=2)
-        try:
-            t_direct, out_direct = best_of(direct, reps=2)
-        except RuntimeError as e:  # (a geometry this oneDNN build refuses: never seen, but training must go on)
-            warnings.warn(f"int8fx: oneDNN's direct conv failed for the geometry {key} ({e}); that geometry keeps "
-                          "the GEMM (same numbers as always)")
-            _decided[key] = False
-            return out
-        # the two must agree on these operands too: a geometry where oneDNN's sums are wrong keeps the GEMM
-        agree = torch.equal(out_direct, out.to(out_direct.dtype))
-        if not agree:
-            warnings.warn(f"int8fx: oneDNN's direct conv gave other sums than the exact GEMM for the geometry {key}; "
-                          "that geometry keeps the GEMM (same numbers as always)")
-        _decided[key] = agree and t_direct * MARGIN < t_gemm
-        return out
-    return direct() if pick else gemm()
+    """The result of `direct()` or `gemm()` (the same integers), whichever this geometry measured faster
+    (`CHOICES`); a geometry where oneDNN's sums differ from the GEMM's, or where it fails, keeps the GEMM."""
+    return direct() if MODE == "always" else CHOICES(key, gemm, direct)
 
 
 def decisions() -> dict:
     """{geometry key: True where the direct conv was measured faster} (for tests and tools)."""
-    return dict(_decided)
+    return {key: pick == 1 for key, pick in CHOICES.decided.items()}
 
 
 @functools.lru_cache(maxsize=None)

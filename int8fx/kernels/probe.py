@@ -16,6 +16,7 @@ import functools
 import math
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,57 @@ def best_of(fn, reps: int = 3, warmup: bool = False) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+class FasterOf:
+    """Per key (a conv geometry, a tensor shape), which of several functions making the same numbers runs
+    faster, measured once: the kernels' choices that depend on the machine and the shape (oneDNN's direct conv
+    or the GEMM, int8fx.kernels.direct; an im2col copy on CUDA, int8fx.kernels.windows).
+
+    The first candidate is the trusted one, what the pipeline computes without the choice: it runs on a key's
+    first `decide_at - 1` calls (a one-off call measures nothing; a training loop repeats its shapes), and the
+    `decide_at`-th times every candidate with `timer(fn, key)` -> (seconds, result). A candidate is kept only if
+    its result equals the trusted one's (`same(trusted, other)`) and it is `margin` times faster; one that
+    raises RuntimeError or differs is dropped with a warning naming it (`names`). That call returns the trusted
+    result; later calls run the kept candidate. Beyond `max_keys` decided keys, new keys keep the trusted one.
+    `decided` maps each key to the index of its candidate."""
+
+    def __init__(self, names: tuple, timer, margin: float = 1.0, decide_at: int = 3, max_keys: int = 256,
+                 same=torch.equal) -> None:
+        self.names, self.timer, self.margin, self.decide_at, self.max_keys, self.same = (
+            names, timer, margin, decide_at, max_keys, same)
+        self.decided: dict = {}
+        self.calls: dict = {}  # key -> calls so far, until decided
+
+    def __call__(self, key, *candidates):
+        pick = self.decided.get(key)
+        if pick is not None:
+            return candidates[pick]()
+        if len(self.decided) >= self.max_keys:
+            return candidates[0]()
+        if len(self.calls) > 4096:  # (a detector's stream of input sizes: forget the counts, keep memory bounded)
+            self.calls.clear()
+        calls = self.calls[key] = self.calls.get(key, 0) + 1
+        if calls < self.decide_at:
+            return candidates[0]()
+        self.calls.pop(key, None)  # (pop: two threads may decide the same key at once)
+        best_time, trusted = self.timer(candidates[0], key)
+        best = 0
+        for i, fn in enumerate(candidates[1:], 1):
+            try:
+                t, out = self.timer(fn, key)
+            except RuntimeError as e:  # (a geometry a library refuses: never seen, but training must go on)
+                warnings.warn(f"int8fx: {self.names[i]} failed for the geometry {key} ({e}); that geometry keeps "
+                              f"{self.names[0]} (same numbers as always)")
+                continue
+            if not self.same(trusted, out):
+                warnings.warn(f"int8fx: {self.names[i]} gave other numbers than {self.names[0]} for the geometry "
+                              f"{key}; that geometry keeps {self.names[0]} (same numbers as always)")
+                continue
+            if t * self.margin < best_time:
+                best, best_time = i, t
+        self.decided[key] = best
+        return trusted
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,8 +7,9 @@ K-major and K is there the batch x positions being summed. Several copies make t
 somewhere: a 1x1 stride-1 conv needs none (a view); one or two channels, one copy per kernel position; else a
 gather compiled for its exact shapes (`gather_windows`, int8fx.fusing); and on CUDA (`gpu_layouts`) one
 strided view of the padded rows (`row_windows`), whose contiguous runs are window[-1] x C bytes instead of C,
-timed against the gather once per shape (`measured`: on an H200 the compiled gather copied a 3-channel stem's
-windows byte by byte, 15 ms for what a 64-channel layer's took 0.27 ms; benchmarks/RESULTS.md, 2026-12-04).
+timed against the gather once per shape (`ROWS`, a int8fx.kernels.probe.FasterOf: on an H200 the compiled
+gather copied a 3-channel stem's windows byte by byte, 15 ms for what a 64-channel layer's took 0.27 ms;
+benchmarks/RESULTS.md, 2026-12-04).
 The CUDA forms have not yet run on a GPU; tests/test_cpu_backend.py runs them on the CPU against the reference.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..fusing import STATIC_AFTER, fused
 from .im2col import GemmSpec
+from .probe import FasterOf
 
 
 def im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
@@ -48,14 +49,14 @@ def im2col(xq: Tensor, spec: GemmSpec) -> tuple[Tensor, tuple]:
     def gathered() -> Tensor:
         return gather(xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups)
     if gpu_layouts(xq) and spec.groups == 1 and spec.dilation[-1] == 1:
-        return measured((tuple(xq.shape), spec, xq.device), gathered, lambda: row_windows(xq, spec, out)), out
+        return ROWS((tuple(xq.shape), spec, xq.device), gathered, lambda: row_windows(xq, spec, out)), out
     return gathered(), out
 
 
 def gpu_layouts(t: Tensor) -> bool:
     """Whether the operands of `t`'s site take the GPU's forms: the weight gradient's im2col written
-    transposed (`im2col_transposed`) and the im2col variant measured per shape (`measured`). On CUDA tensors;
-    a function, so that a CPU test can run these forms through the CPU's GEMMs against the reference."""
+    transposed (`im2col_transposed`) and the im2col copy measured per shape (`ROWS`, `TRANSPOSED`). On CUDA
+    tensors; a function, so that a CPU test can run these forms through the CPU's GEMMs against the reference."""
     return t.is_cuda
 
 
@@ -74,49 +75,25 @@ def row_windows(xq: Tensor, spec: GemmSpec, out: tuple) -> Tensor:
     return padded.as_strided(shape, strides).reshape(1, -1, spec.window * c)
 
 
-FASTER: dict = {}  # key -> index of the candidate `measured` found fastest for it
-_CALLS: dict = {}  # key -> calls so far, until it is measured
-MAX_MEASURED = 256  # keys remembered per process; beyond, new ones keep the first candidate
-DECIDE_AT = STATIC_AFTER  # a key's call that measures (a training loop repeats its shapes; a one-off call does not)
+DECIDE_AT = STATIC_AFTER  # a shape's call that measures: by then the gather is compiled for it (int8fx.fusing)
 
 
-def measured(key: tuple, *candidates):
-    """The result of whichever candidate (functions making the same tensor) measured fastest for `key`.
-    The first is the trusted one: it runs until the key's DECIDE_AT-th call, and where another's result differs
-    from its own it is kept, with a warning. That call runs each candidate STATIC_AFTER times (so an exact-shape
-    pass is compiled, int8fx.fusing) and then once more, timed (CUDA synchronised). Later calls run the
-    remembered one, without a sync. `key` ends with the device."""
-    pick = FASTER.get(key)
-    if pick is not None:
-        return candidates[pick]()
-    if len(FASTER) >= MAX_MEASURED:
-        return candidates[0]()
-    if len(_CALLS) > 4096:  # (a detector's stream of sizes: forget the counts, keep memory bounded)
-        _CALLS.clear()
-    calls = _CALLS[key] = _CALLS.get(key, 0) + 1
-    if calls < DECIDE_AT:
-        return candidates[0]()
-    _CALLS.pop(key, None)
-    device = key[-1]
+def _timed(fn, key) -> tuple[float, Tensor]:
+    """(seconds, result) of one call of fn after STATIC_AFTER untimed ones (so that a compiled gather is timed
+    compiled), CUDA synchronised on the key's device (its last item)."""
+    for _ in range(STATIC_AFTER):
+        fn()
+    sync = torch.cuda.synchronize if key[-1].type == "cuda" else lambda device: None
+    sync(key[-1])
+    t = time.perf_counter()
+    out = fn()
+    sync(key[-1])
+    return time.perf_counter() - t, out
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    results, times = [], []
-    for fn in candidates:
-        for _ in range(STATIC_AFTER):
-            fn()
-        sync()
-        t = time.perf_counter()
-        results.append(fn())
-        sync()
-        times.append(time.perf_counter() - t)
-    agree = [torch.equal(results[0], r) for r in results]
-    if not all(agree):
-        warnings.warn(f"int8fx: im2col variants {[i for i, a in enumerate(agree) if not a]} disagree with the "
-                      f"trusted one for {key}; they are not used")
-    FASTER[key] = min((i for i in range(len(times)) if agree[i]), key=times.__getitem__)
-    return results[FASTER[key]]
+
+# on CUDA, per input shape, the copy each form of the im2col takes; the first of each pair is the trusted one
+ROWS = FasterOf(("the compiled im2col gather", "the strided-view im2col"), _timed, decide_at=DECIDE_AT)
+TRANSPOSED = FasterOf(("the rows' im2col transposed", "the transposed im2col gather"), _timed, decide_at=DECIDE_AT)
 
 
 def im2col_transposed(xq: Tensor, spec: GemmSpec) -> Tensor:
@@ -130,7 +107,7 @@ def im2col_transposed(xq: Tensor, spec: GemmSpec) -> Tensor:
     c = xq.shape[-1]
     if (pointwise and spec.groups == 1) or c // spec.groups < 3:
         return via_rows()
-    return measured((tuple(xq.shape), spec, "transposed", xq.device), via_rows, lambda: gather_windows(
+    return TRANSPOSED((tuple(xq.shape), spec, xq.device), via_rows, lambda: gather_windows(
         xq, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups, True))
 
 
