@@ -11,7 +11,8 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh [test budget s, default 200] [benchmark budget s, default 200]
 #   GPU_CHECK_TESTS="tests/test_kernels_cuda.py -k exact" GPU_CHECK_SECTIONS=conv,train \
-#     GPU_CHECK_BENCH_ARGS="--conv-layers stem --models mobilenet_v2" bash benchmarks/gpu_check.sh   # parts
+#     GPU_CHECK_BENCH_ARGS="--conv-layers stem --models mobilenet_v2 --modes 'tf32;int8 torch, CUDA graph'" \
+#     bash benchmarks/gpu_check.sh   # parts
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -69,5 +70,7 @@ if [ "$TRAIN_S" -gt 0 ]; then
   tail -n 30 "$OUT/train.log"
 fi
 
-timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget "$BENCH_BUDGET" ${GPU_CHECK_SECTIONS:+--sections $GPU_CHECK_SECTIONS} ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUT/kernels.log"
+# (GPU_CHECK_BENCH_ARGS is parsed as shell words, so a quoted argument keeps its spaces: --modes "fp32;int8 torch")
+eval "timeout $(( BENCH_BUDGET + 90 )) python3 benchmarks/kernels.py --budget $BENCH_BUDGET \
+  ${GPU_CHECK_SECTIONS:+--sections $GPU_CHECK_SECTIONS} ${GPU_CHECK_BENCH_ARGS:-}" 2>&1 | tee "$OUT/kernels.log"
 echo "kernels.py: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/kernels.log"

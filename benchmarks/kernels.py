@@ -14,7 +14,8 @@ Sections (each prints one table; a failing section prints its error and the run 
   conv    one conv layer forward+backward, quantization included, per ResNet-50 layer: the CuPy
           layer pipeline and the autograd op on each backend vs cuDNN bf16 channels_last and fp32
   train   training step images/s and peak memory for resnet18/resnet50/mobilenet_v2: INT8 (cupy,
-          torch backends; torch also without its GPU operand forms) vs fp32, tf32, bf16 autocast channels_last
+          torch backends; torch also without its GPU operand forms, and the whole step replayed as a CUDA
+          graph) vs fp32, tf32 (also as a CUDA graph), bf16 autocast channels_last (--models, --modes)
   profile where an INT8 resnet18 step's GPU time goes (torch.profiler): kernels grouped by kind, the top
           kernels, beside the FP32 step's; the INT8 step's Chrome trace to $OUT
   tf32    whether cuDNN's TF32 conv computes int8 products exactly (forward, dX), and its speed
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 RESULTS: dict = {}
 DEADLINE = float("inf")  # time.monotonic() after which no new measurement starts (--budget)
-ONLY: dict = {"conv": (), "train": ()}  # --conv-layers / --models: name filters (empty: all)
+ONLY: dict = {"conv": (), "train": (), "modes": ()}  # --conv-layers / --models / --modes: filters (empty: all)
 
 
 def out_of_time(what: str) -> bool:
@@ -281,8 +282,25 @@ def sec_conv(quick: bool) -> None:
           ["layer", "implementation", "ms", "TOP/s", "vs cuDNN bf16 CL", "vs cuDNN fp32"], rows)
 
 
-TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 torch", "int8 torch, plain layouts", "int8 cupy", "int8 reference",
-               "int8 torch, eager passes")
+TRAIN_MODES = ("fp32", "tf32", "bf16-amp-cl", "int8 torch", "int8 torch, CUDA graph", "int8 torch, plain layouts",
+               "int8 cupy", "int8 reference", "int8 torch, eager passes", "tf32, CUDA graph")
+
+
+def graphed(step, opt, warm: int):
+    """`step` captured whole into a CUDA graph (PyTorch's recipe: `warm` eager steps on a side stream first,
+    gradients set to None before the capture), as a function that replays it. An INT8 step is host-bound
+    eagerly (the sites' Python, ~1800 launches); replayed, it costs its GPU time alone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step(zero_grad=False)
+    return graph.replay
 
 
 @contextlib.contextmanager
@@ -312,11 +330,12 @@ def sec_train(quick: bool) -> None:
     if quick:
         models = [("resnet18", 64)]
     models = [m for m in models if not ONLY["train"] or m[0] in ONLY["train"]]
+    modes = [m for m in TRAIN_MODES if not ONLY["modes"] or m in ONLY["modes"]]
     rows = []
     for mname, bs in models:
         x = torch.randn(bs, 3, 224, 224, device="cuda")
         tgt = torch.randint(0, 1000, (bs,), device="cuda")
-        for mode in TRAIN_MODES:
+        for mode in modes:
             if out_of_time(f"train {mname} {mode}"):
                 continue
             torch.manual_seed(0)
@@ -332,8 +351,9 @@ def sec_train(quick: bool) -> None:
             torch.backends.cudnn.allow_tf32 = tf
             opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
 
-            def step():
-                opt.zero_grad(set_to_none=True)
+            def step(zero_grad=True):
+                if zero_grad:  # (not inside a CUDA graph's capture: the gradients are set to None before it)
+                    opt.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
                     loss = F.cross_entropy(m(xin), tgt)
                 loss.backward()
@@ -342,7 +362,12 @@ def sec_train(quick: bool) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 with (fusing.eager_passes(mode.endswith("eager passes")),
                       plain_layouts(mode.endswith("plain layouts"))):
-                    ms = bench(step, warm=3, rep=10)
+                    if mode.endswith("CUDA graph"):
+                        from int8fx.kernels.windows import DECIDE_AT
+
+                        ms = bench(graphed(step, opt, warm=DECIDE_AT + 2), warm=2, rep=10)
+                    else:
+                        ms = bench(step, warm=3, rep=10)
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 rows.append([mname, bs, mode, ms, bs / ms * 1000, peak])
                 RESULTS.setdefault("train", {})[f"{mname} {mode}"] = {"ms": ms, "img_s": bs / ms * 1000, "peak_gib": peak}
@@ -513,9 +538,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds after which no new measurement starts")
     ap.add_argument("--conv-layers", default="", help="comma-separated prefixes of the conv section's layer names")
     ap.add_argument("--models", default="", help="comma-separated models of the train section")
+    ap.add_argument("--modes", default="", help="semicolon-separated modes of the train section (of TRAIN_MODES)")
     args = ap.parse_args(argv)
     ONLY["conv"] = tuple(p for p in args.conv_layers.split(",") if p)
     ONLY["train"] = tuple(p for p in args.models.split(",") if p)
+    ONLY["modes"] = tuple(p.strip() for p in args.modes.split(";") if p.strip())
+    if set(ONLY["modes"]) - set(TRAIN_MODES):
+        ap.error(f"--modes: unknown {sorted(set(ONLY['modes']) - set(TRAIN_MODES))}; known: {'; '.join(TRAIN_MODES)}")
     global DEADLINE
     if args.budget is not None:
         DEADLINE = time.monotonic() + args.budget

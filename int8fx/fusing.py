@@ -15,7 +15,9 @@ bits either way; reductions that sum floats may round differently (their docstri
 
 How a pass is compiled: for CPU tensors, where torch has inductor's standalone compile, it is traced and
 compiled once per signature and called without dynamo (`int8fx.precompiled`: a call costs ~20 us less, so
-smaller tensors are worth it: SMALL_TRACED, EXACT_TRACED); elsewhere through `torch.compile`.
+smaller tensors are worth it: SMALL_TRACED, EXACT_TRACED); elsewhere through `torch.compile`, with the
+options that make GPU code compute eager torch's bits (`EAGER_NUMERICS`; before torch 2.10, which has none,
+passes on GPU tensors run eagerly).
 """
 from __future__ import annotations
 
@@ -50,6 +52,37 @@ RESTARTS = 3  # fresh compiled copies a signature gets after hitting torch.compi
 # a C++ error that sent gvq-mcs's gradient operands and the depthwise dW eager. Before 2.10 (2.9 unchecked)
 # those sums are int64: exact either way.
 SUM_DTYPE = torch.int32 if torch.torch_version.TorchVersion(torch.__version__) >= (2, 10) else torch.int64
+
+
+def _eager_numerics_options() -> dict | None:
+    """torch.compile options under which inductor's GPU (Triton) code computes the bits eager torch computes,
+    or None where this torch has no such options (before 2.10). Two differences, both measured on an H200
+    with torch 2.11 (tests/test_fused.py, the compiled passes on CUDA against their eager form):
+    - division: Triton lowers an fp32 `x / y` to PTX `div.full.f32`, up to 2 ulp off, unless told to round
+      (`eager_numerics.division_rounding`, torch 2.11; `emulate_divison_rounding` in 2.10). A quantizer's
+      round(x / s) then differs wherever x / s lies within 2 ulp of a half step, and the scale clip / 127
+      in its last bit;
+    - fused multiply-add: Triton and ptxas contract `a * b + c` into one rounding unless fp fusion is off
+      (`emulate_precision_casts`, which also keeps explicit bf16 casts; it turns fp fusion off since 2.10).
+      The forward's epilogue `acc * (s_x * s_w) + bias` and gvq-mcs's E[g^2] - mean^2 differed in the last
+      bit, and a whole gvq-mcs training run drifted from the eager one.
+    CPU code is not affected: inductor's C++ divides exactly and is built without contraction."""
+    import torch._inductor.config as config
+
+    numerics = getattr(config, "eager_numerics", None)
+    if numerics is not None and hasattr(numerics, "division_rounding"):
+        division = "eager_numerics.division_rounding"
+    elif hasattr(config, "emulate_divison_rounding"):
+        division = "emulate_divison_rounding"
+    else:
+        return None
+    return {division: True, "emulate_precision_casts": True}
+
+
+try:
+    EAGER_NUMERICS = _eager_numerics_options()  # None: GPU tensors' passes run eagerly (same bits, slower)
+except Exception:  # a torch built without inductor: nothing compiles anyway
+    EAGER_NUMERICS = None
 _FAILED: dict[str, str] = {}  # function name -> why it runs eagerly
 _UNTRACED: dict[str, str] = {}  # function name -> why it is compiled through torch.compile, not traced (CPU)
 _NEW = object()  # a signature not compiled yet
@@ -106,7 +139,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
     def compiles(largest: Tensor | None) -> bool:
         """Whether a call whose largest tensor argument is `largest` takes the compiled path (its size and
         device alone): a call without dynamo (CPU) is worth it for smaller tensors than a dynamo call."""
-        if largest is None:
+        if largest is None or (largest.device.type != "cpu" and EAGER_NUMERICS is None):
             return False
         traced = precompiled.AVAILABLE and largest.device.type == "cpu"
         if dynamic:
@@ -152,7 +185,7 @@ def fused(fn=None, *, dynamic: bool = True, min_elements: int | None = None):
             else:
                 own = own_code_free and not isinstance(fn, functools.partial)  # (a partial has no code of its own)
                 variant = compiled[key] = torch.compile(fn if own else _fresh_copy(fn), dynamic=not static,
-                                                        fullgraph=True)
+                                                        fullgraph=True, options=EAGER_NUMERICS)
                 own_code_free = False
         try:
             # the hot path is a bare call: each context manager here cost microseconds, on hundreds of calls a

@@ -42,6 +42,14 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+# The compiled passes on CUDA tensors are Triton code, on CPU tensors C++: each must equal its eager form.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _to(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
 def _both(fn, *args):
     """(compiled result, eager result), with a check that the compiled path really ran."""
     assert fn.compiles(*args), "arguments too small for the compiled path: the test would compare eager to eager"
@@ -60,14 +68,16 @@ def _equal(a, b):
     return True
 
 
-def test_quantizers_compiled_equal_eager_and_core():
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantizers_compiled_equal_eager_and_core(device):
     x = torch.randn(8, 32, 16, 16, generator=_gen()) * 3
     x[0, 0, 0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5]) * (x.abs().max() / 127)  # ties: half to even
+    x, = _to(device, x)
     s = core.scale_from_clip(core.absmax(x))
     q, q_eager = _both(quantize_nearest, x, s)
     _equal(q, q_eager)
     _equal(q, core.quantize(x, s, out_dtype=torch.int8))
-    for clip in (None, torch.tensor(0.0)):  # the batch's own absmax (a static clip of 0 is not set)
+    for clip in (None, torch.tensor(0.0, device=device)):  # the batch's own absmax (a static clip of 0 is not set)
         (s_r, qr), eager = _both(fused.quantize_activation, x, clip, "rows")
         _equal((s_r, qr), eager)
         _equal(s_r, s)
@@ -79,7 +89,7 @@ def test_quantizers_compiled_equal_eager_and_core():
         _equal(pair, pair_eager)
         _equal(pair[1], ql)
         _equal(pair[2], ql.float())
-    static = core.absmax(x) / 2  # a static clip saturates what lies beyond it
+    static = core.absmax(x) / 2  # a static clip saturates what lies beyond it (a power of two: exact on any device)
     (s_st, q_st), eager = _both(fused.quantize_activation, x, static, "rows")
     _equal((s_st, q_st), eager)
     _equal(q_st, core.quantize(x, core.scale_from_clip(static), out_dtype=torch.int8))
@@ -102,21 +112,24 @@ def test_zero_scale_gives_zero():
     assert not q.any()
 
 
-def test_epilogues_compiled_equal_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_epilogues_compiled_equal_eager(device):
     acc = torch.randint(-2**24, 2**24, (4096, 64), dtype=torch.int32, generator=_gen())
     s_x, s_w = torch.tensor(0.0123), torch.rand(64, generator=_gen(1)) * 0.01
     bias = torch.randn(64, generator=_gen(2))
-    outs = [torch.empty(4096, 64) for _ in range(4)]
+    acc, s_x, s_w, bias = _to(device, acc, s_x, s_w, bias)
+    outs = [torch.empty(4096, 64, device=device) for _ in range(4)]
     _equal(fused.scale_accumulators(acc, s_x, s_w, outs[0]), fused.scale_accumulators.eager(acc, s_x, s_w, outs[1]))
     _equal(fused.scale_accumulators_bias(acc, s_x, s_w, bias, outs[2]),
            fused.scale_accumulators_bias.eager(acc, s_x, s_w, bias, outs[3]))
     _equal(outs[0], acc.float() * (s_x * s_w))
     # into a strided output (the channels-last view of a conv output)
-    y = torch.empty(16, 16, 16, 64).permute(0, 3, 1, 2)
+    y = torch.empty(16, 16, 16, 64, device=device).permute(0, 3, 1, 2)
     fused.scale_accumulators(acc, s_x, s_w, y.permute(0, 2, 3, 1).reshape(4096, 64))
     _equal(y.permute(0, 2, 3, 1).reshape(4096, 64), outs[0])
-    w_acc = torch.randint(-2**24, 2**24, (256, 3, 3, 128), dtype=torch.int32, generator=_gen(3)).permute(0, 3, 1, 2)
-    s_gw = torch.rand(256, generator=_gen(4)).view(-1, 1, 1, 1)  # (the per-output-channel scale, broadcast)
+    w_acc = torch.randint(-2**24, 2**24, (256, 3, 3, 128), dtype=torch.int32, generator=_gen(3)).to(device)
+    w_acc = w_acc.permute(0, 3, 1, 2)
+    s_gw = torch.rand(256, generator=_gen(4)).view(-1, 1, 1, 1).to(device)  # (the per-output-channel scale)
     for dtype in (torch.float32, torch.bfloat16):
         (none, dw), (none_eager, dw_eager) = _both(fused.scale_gradients, None, w_acc, s_x, s_gw, s_x, dtype, dtype, False)
         assert none is None and none_eager is None
@@ -125,17 +138,20 @@ def test_epilogues_compiled_equal_eager():
         assert dw.is_contiguous()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype):
+def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype, device):
     """dY to channels-last rows and the dX epilogue (scale, cast, back to NCHW) in one pass each."""
-    dy = torch.randn(8, 48, 32, 24, generator=_gen()).to(dtype)  # from STATIC elements: these compile above it
+    dy = torch.randn(8, 48, 32, 24, generator=_gen()).to(device, dtype)  # from STATIC elements: these compile above it
     rows, rows_eager = _both(fused.gradient_rows, dy)
     _equal(rows, rows_eager)
     _equal(rows, dy.float().permute(0, 2, 3, 1).reshape(-1, 48))
     acc = torch.randint(-2**24, 2**24, (8, 32, 24, 48), dtype=torch.int32, generator=_gen(1))
     s = torch.tensor(3.1e-5)
-    w_acc = torch.randint(-2**24, 2**24, (48, 3, 3, 16), dtype=torch.int32, generator=_gen(2)).permute(0, 3, 1, 2)
+    w_acc = torch.randint(-2**24, 2**24, (48, 3, 3, 16), dtype=torch.int32, generator=_gen(2))
     s_gw = torch.rand(48, generator=_gen(3)).view(-1, 1, 1, 1)
+    acc, s, w_acc, s_gw = _to(device, acc, s, w_acc, s_gw)
+    w_acc = w_acc.permute(0, 3, 1, 2)
     for to_nchw in (True, False):
         (dx, dw), eager = _both(fused.scale_gradients, acc, w_acc, s, s_gw, s, dtype, torch.float32, to_nchw)
         _equal((dx, dw), eager)
@@ -148,12 +164,14 @@ def test_layout_passes_compiled_equal_eager_and_the_plain_ops(dtype):
         _equal(dx_only, dx)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_gradient_quantizers_compiled_equal_eager(stochastic):
+def test_gradient_quantizers_compiled_equal_eager(stochastic, device):
     rows = torch.randn(2048, 48, generator=_gen()) * torch.logspace(-3, 1, 48)
     s_w = torch.rand(48, generator=_gen(1)) * 0.02
     s_gx, s_gw = torch.rand(48, generator=_gen(2)) * 0.01, torch.rand(48, generator=_gen(3)) * 0.1
     key_x, key_w = torch.tensor(12345, dtype=torch.int64), torch.tensor(999, dtype=torch.int64)
+    rows, s_w, s_gx, s_gw, key_x, key_w = _to(device, rows, s_w, s_gx, s_gw, key_x, key_w)
     one = fused.quantize_gradient(rows, s_w, s_gx, stochastic, key_x)
     _equal(one, fused.quantize_gradient(rows, s_w, s_gx, stochastic, key_x))  # keyed: reproducible
     inner = fused._quantize_gradient_stochastic if stochastic else fused._quantize_gradient_nearest
@@ -164,7 +182,7 @@ def test_gradient_quantizers_compiled_equal_eager(stochastic):
     args2 = (rows, s_w, s_gx, s_gw, key_x, key_w) if stochastic else (rows, s_w, s_gx, s_gw)
     _equal(*_both(inner2, *args2))
     _equal(pair[0], one)  # the pair is exactly two single calls
-    _equal(pair[1], fused.quantize_gradient(rows, torch.ones(()), s_gw, stochastic, key_w))
+    _equal(pair[1], fused.quantize_gradient(rows, torch.ones((), device=device), s_gw, stochastic, key_w))
     if stochastic:  # unbiased: the mean of the rounding error is ~0 in units of the step
         exact = rows / s_gw
         inside = exact.abs() < 126  # beyond the range the clamp saturates
@@ -192,8 +210,9 @@ def test_computed_once_is_the_value_it_is_given():
         assert torch.equal(torch.signbit(got[1])[num], torch.signbit(t)[num])
 
 
-def test_weight_rows_compiled_equal_eager_and_core():
-    w = torch.randn(64, 3, 3, 32, generator=_gen()).permute(0, 3, 1, 2)  # a reordered conv weight view
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_rows_compiled_equal_eager_and_core(device):
+    w = torch.randn(64, 3, 3, 32, generator=_gen()).to(device).permute(0, 3, 1, 2)  # a reordered conv weight view
     (q, s), (q_eager, s_eager) = _both(fused.quantize_weight_rows, w)
     _equal(q, q_eager)
     _equal(s, s_eager)
@@ -202,15 +221,17 @@ def test_weight_rows_compiled_equal_eager_and_core():
     _equal(s, s_core)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["rows", "channels_last", "channels_last_pair"])
-def test_both_forward_operands_in_one_call_equal_the_two_quantizers(form):
+def test_both_forward_operands_in_one_call_equal_the_two_quantizers(form, device):
     """`quantize_operands` (the forward's activation and weight in one compiled call) gives, compiled and
     eager, exactly what `quantize_activation` and `quantize_weight_rows` give, a static clip included."""
     x = torch.randn(8, 24, 9, 10, generator=_gen()) * 3
     if form == "rows":
         x = x.reshape(-1, 90)
     w = torch.randn(48, 24, 3, 3, generator=_gen(1)) if form != "rows" else torch.randn(48, 90, generator=_gen(1))
-    for clip in (None, torch.tensor(2.5)):
+    x, w = _to(device, x, w)
+    for clip in (None, torch.tensor(2.5, device=device)):
         got, eager = _both(fused.quantize_operands, x, clip, form, w)
         _equal(got, eager)
         _equal(got, (*fused.quantize_activation.eager(x, clip, form), *fused.quantize_weight_rows.eager(w)))
@@ -635,7 +656,7 @@ def test_the_call_that_turned_flush_to_zero_on_computes_with_denormals(monkeypat
 _RECIPROCAL_WITNESS = 8.355537414550781  # fp32: v / 127 and v * fp32(1 / 127) differ in the last bit
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_compiled_scales_are_divisions_where_inductor_would_multiply_by_a_reciprocal(device):
     """Inductor lowers a division by a constant to a multiplication by its reciprocal on CUDA tensors on every
     torch (`div_prim` in torch/_inductor/lowering.py exempts CPU tensors only since torch 2.11; torch 2.5 did
@@ -651,3 +672,23 @@ def test_compiled_scales_are_divisions_where_inductor_would_multiply_by_a_recipr
     got, eager = _both(fused.quantize_operands, x, None, "channels_last", w)
     _equal(got, eager)
     assert torch.equal(got[0].cpu(), torch.tensor(_RECIPROCAL_WITNESS) / 127)  # the activation scale, divided
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_quantizers_divide_exactly_near_half_steps(device):
+    """q = round(x / s) decides a half step by the quotient's last bits: where x / s lies within an ulp or
+    two of k + 1/2, an approximate division (Triton's default `div.full.f32` on GPUs, up to 2 ulp off)
+    rounds some to the other integer. The compiled quantizer must round every such value as the eager
+    division does (`fusing.EAGER_NUMERICS`)."""
+    s = torch.tensor(_RECIPROCAL_WITNESS) / 127
+    halves = (torch.arange(-126, 126, dtype=torch.float64) + 0.5) * s.double()
+    near = [halves.float()]
+    up = down = near[0]
+    for _ in range(3):  # a few ulps either side of each half step
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(-float("inf")))
+        near += [up, down]
+    x = torch.cat([torch.cat(near).repeat(12), torch.randn(N, generator=_gen()) * 4])
+    x, s = _to(device, x, s)
+    q, q_eager = _both(quantize_nearest, x, s)
+    _equal(q, q_eager)
+    _equal(q.cpu(), core.quantize(x.cpu(), s.cpu(), out_dtype=torch.int8))

@@ -192,6 +192,69 @@ def test_a_cuda_training_step_never_synchronises():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _resnet_step(policy: str):
+    """resnet18 at 32 px, batch 16, converted, on the GPU (tensors big enough for the compiled passes and the
+    per-shape im2col choice), with SGD momentum under DCLRS, and its training step. Without its max pooling,
+    whose CUDA backward adds with atomics in no fixed order: two eager runs would differ in the last bits."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.maxpool = nn.Identity()
+    qm = int8fx.convert(net, int8fx.Int8Config(grad_quant=policy, rounding="stochastic")).cuda()
+    opt = int8fx.DeviationLRScaler(torch.optim.SGD(qm.parameters(), lr=0.05, momentum=0.9), qm)
+
+    def step(x, y):
+        loss = F.cross_entropy(qm(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return qm, opt, step
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["gvq-mcs", "dsgc"])
+def test_a_cuda_training_step_captured_in_a_cuda_graph_replays_the_eager_steps(policy):
+    """A whole INT8 training step (forward, backward, optimizer step) captured with `torch.cuda.graph` after
+    a few eager warm-up steps (PyTorch's recipe) computes, replay after replay, the steps eager mode
+    computes: the same losses, weights and quantizer state, bit for bit. What it takes: no host sync, no
+    host-side per-step state (the rounding keys, DSGC's periods, the state commit are device tensors), and
+    the per-shape choices made by the warm-up (`DECIDE_AT`)."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(16, 3, 32, 32, generator=g).cuda() for _ in range(DECIDE_AT + 5)]
+    ys = [torch.randint(0, 10, (16,), generator=g).cuda() for _ in xs]
+    warm = DECIDE_AT + 2
+    eager, eager_opt, eager_step = _resnet_step(policy)
+    want = []
+    for x, y in zip(xs, ys):
+        eager_opt.zero_grad(set_to_none=True)
+        want.append(eager_step(x, y).detach().clone())
+
+    qm, opt, step = _resnet_step(policy)
+    static_x, static_y = xs[0].clone(), ys[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in zip(xs[:warm], ys[:warm]):
+            opt.zero_grad(set_to_none=True)
+            step(x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step(static_x, static_y)
+    got = []
+    for x, y in zip(xs[warm:], ys[warm:]):
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        got.append(static_loss.detach().clone())
+    assert torch.equal(torch.stack(got), torch.stack(want[warm:]))
+    for (name, a), b in zip(qm.state_dict().items(), eager.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(int(m.step) == len(xs) for m in sites(qm))
+
+
 def test_torch_func_grad_with_functional_call_and_buffers():
     """torch.func.grad over functional_call: the same gradients as autograd, and the state the step computes
     goes to the buffers passed in, not to the module's own."""

@@ -26,13 +26,14 @@ def divide(a: Tensor, c: int | float) -> Tensor:
     divides by a CPU scalar as a multiplication by its reciprocal, and inductor lowers a division by a
     constant the same way (on CUDA on every torch, on CPU before torch 2.11); that differs in the last bit
     for ~4% of values (`clip / 127`), so scales would differ between devices and between compiled and eager
-    passes. So on CUDA the divisor is a device tensor, and while compiling it is computed from `a` (c under a
-    `where` on a's NaNs), which inductor cannot take for a constant; its value is c exactly. (CPU tensors
-    divide by a Python number exactly, eagerly; a symbolic size is no constant to inductor.)"""
+    passes. So on CUDA the divisor is a device tensor, and while compiling it is computed from `a` (c, or 2c
+    where a is NaN and the quotient NaN anyway), which inductor cannot take for a constant; its value is c
+    exactly. (CPU tensors divide by a Python number exactly, eagerly; a symbolic size is no constant to
+    inductor.) The compiled GPU division itself rounds as eager's under `fusing.EAGER_NUMERICS`."""
     if not isinstance(c, (int, float)):
         return a / c
-    if torch.compiler.is_compiling():
-        return a / torch.where(a.isnan(), float(c), float(c)).to(a.dtype)
+    if torch.compiler.is_compiling():  # (two values: a `where` of equal branches could be folded to c)
+        return a / torch.where(a.isnan(), 2.0 * c, float(c)).to(a.dtype)
     if a.device.type == "cpu":
         return a / c
     return a / torch.full((), c, dtype=a.dtype, device=a.device)
