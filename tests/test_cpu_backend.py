@@ -506,24 +506,28 @@ def test_transposed_im2col_equals_the_rows_transposed(case, groups, device):
             assert got.is_contiguous() and torch.equal(got, want.transpose(1, 2))
 
 
+@pytest.mark.parametrize("policy", [("per-tensor", "nearest"), ("gvq-mcs", "stochastic")])
 @pytest.mark.parametrize("site", sorted(SITES))
-def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, monkeypatch):
-    """The forms only CUDA sites take (`windows.gpu_layouts`: dW from the transposed im2col, the im2col variant
-    measured per shape), run here through the CPU's GEMMs, oneDNN's direct conv off: every output and gradient
-    equals the reference's, on the steps before, at and after the measurement."""
+def test_gpu_operand_layouts_equal_reference_on_the_cpu(site, policy, monkeypatch):
+    """The forms only CUDA sites take (`windows.gpu_layouts`: dW from the transposed im2col and from dY
+    quantized column-major, the im2col variant measured per shape), run here through the CPU's GEMMs,
+    oneDNN's direct conv off: every output and gradient equals the reference's, on the steps before, at and
+    after the measurement, with nearest and with stochastic rounding (whose draws follow dY's row-major index
+    whatever the layout it is stored in). The reference runs before the forms are switched on: on the CPU
+    it shares the channels-last pipeline, and would take them too."""
     from int8fx.kernels import windows
 
-    monkeypatch.setattr(windows, "gpu_layouts", lambda t: True)
     monkeypatch.setattr(direct, "MODE", "never")
+    make, shape = SITES[site]
+    want = run_site(make, shape, "reference", *policy)
+    monkeypatch.setattr(windows, "gpu_layouts", lambda t: True)
     for chooser in (windows.ROWS, windows.TRANSPOSED):
         monkeypatch.setattr(chooser, "decided", {})
         monkeypatch.setattr(chooser, "calls", {})
-    make, shape = SITES[site]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="int8fx: .* that geometry keeps")  # a copy the measurement dropped
         for _ in range(windows.DECIDE_AT):
-            assert_same(run_site(make, shape, "reference", "per-tensor", "nearest"),
-                        run_site(make, shape, "torch", "per-tensor", "nearest"))
+            assert_same(want, run_site(make, shape, "torch", *policy))
 
 
 def test_cupy_backend_is_for_capable_gpus_and_says_so_elsewhere():

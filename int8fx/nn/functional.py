@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ..kernels import layouts, nhwc, resolve_backend
+from ..kernels import layouts, nhwc, resolve_backend, windows
 from ..kernels.im2col import GemmSpec, output_to_rows
 from ..quant.core import (absmax, cosine_distance, dequantize, quantize, quantize_per_channel,
                           scale_from_clip)
@@ -177,11 +177,13 @@ def gemm_backward(dy: Tensor, x_q: Tensor, s_x: Tensor, w_q: Tensor, s_w: Tensor
         q_state = {n[len("grad_quantizer."):]: t for n, t in named.items() if n.startswith("grad_quantizer.")}
         need_dq = need_w or track_deviation
         # a depthwise conv's dX is an fp32 conv of the integer codes (int8fx.kernels.nhwc): quantized to fp32
-        fp32_dx = kind == "nhwc" and not spec_.transposed and nhwc.is_depthwise(spec_, tuple(x_shape), O)
+        depthwise = kind == "nhwc" and not spec_.transposed and nhwc.is_depthwise(spec_, tuple(x_shape), O)
+        # on a GPU the dW GEMM reads dY K-major (reduced along M): the quantizer writes it so
+        dq_columns = kind == "nhwc" and not spec_.transposed and not depthwise and windows.gpu_layouts(rows)
         clip_w, clip_x, q_new, s_gx, s_gw, gq, dq = grad_quantizer_class(policy).operands(
             rows, s_w, q_state, PolicyParams.from_floats(params), stochastic, calls,
             torch.full((), key_base, dtype=torch.int64, device=rows.device), need_x, need_dq,  # a fill, not a host copy
-            torch.float32 if fp32_dx else torch.int8)
+            torch.float32 if depthwise else torch.int8, dq_columns)
         deviation = named["deviation"]
         if track_deviation:
             d = cosine_distance(rows, dequantize(dq, s_gw))
