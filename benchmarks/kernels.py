@@ -306,8 +306,9 @@ def graphed(step, opt, warm: int):
 @contextlib.contextmanager
 def plain_layouts(on: bool):
     """With `on`, the CUDA sites run without the GPU's operand forms (windows.gpu_layouts: dW's im2col
-    transposed, the measured im2col variant) and without the split-K route for long reductions: the pipeline
-    of the GPU run of 2026-12-04, to measure what those forms change in the same run."""
+    transposed, dY quantized column-major for dW, the measured im2col variant) and without the split-K route
+    for long reductions: the pipeline of the second GPU lease (2026-12-04), to measure what those forms change
+    in the same run."""
     from int8fx.kernels import torch_backend, windows
 
     saved = windows.gpu_layouts, torch_backend._splitk_gemm
@@ -346,7 +347,7 @@ def sec_train(quick: bool) -> None:
             if mode == "bf16-amp-cl":
                 m = m.to(memory_format=torch.channels_last)
                 xin = x.to(memory_format=torch.channels_last)
-            tf = mode == "tf32"
+            tf = mode.startswith("tf32")
             torch.backends.cuda.matmul.allow_tf32 = tf
             torch.backends.cudnn.allow_tf32 = tf
             opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
