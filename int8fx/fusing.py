@@ -56,16 +56,18 @@ SUM_DTYPE = torch.int32 if torch.torch_version.TorchVersion(torch.__version__) >
 
 def _eager_numerics_options() -> dict | None:
     """torch.compile options under which inductor's GPU (Triton) code computes the bits eager torch computes,
-    or None where this torch has no such options (before 2.10). Two differences, both measured on an H200
-    with torch 2.11 (tests/test_fused.py, the compiled passes on CUDA against their eager form):
+    or None where this torch has no such options (before 2.10). The first two differences were measured on an
+    H200 with torch 2.11 (tests/test_fused.py, the compiled passes on CUDA against their eager form):
     - division: Triton lowers an fp32 `x / y` to PTX `div.full.f32`, up to 2 ulp off, unless told to round
       (`eager_numerics.division_rounding`, torch 2.11; `emulate_divison_rounding` in 2.10). A quantizer's
       round(x / s) then differs wherever x / s lies within 2 ulp of a half step, and the scale clip / 127
       in its last bit;
     - fused multiply-add: Triton and ptxas contract `a * b + c` into one rounding unless fp fusion is off
       (`emulate_precision_casts`, which also keeps explicit bf16 casts; it turns fp fusion off since 2.10).
-      The forward's epilogue `acc * (s_x * s_w) + bias` and gvq-mcs's E[g^2] - mean^2 differed in the last
-      bit, and a whole gvq-mcs training run drifted from the eager one.
+      The forward's epilogue `acc * (s_x * s_w) + bias` differed in the last bit (and gvq-mcs's
+      E[g^2] - mean^2 has the same form);
+    - and, where this torch offers it, libdevice's functions not flushing denormals to zero (as eager's do
+      not): a per-channel variance below 1.2e-38 keeps its square root (not run on a GPU yet).
     CPU code is not affected: inductor's C++ divides exactly and is built without contraction."""
     import torch._inductor.config as config
 
@@ -76,7 +78,10 @@ def _eager_numerics_options() -> dict | None:
         division = "emulate_divison_rounding"
     else:
         return None
-    return {division: True, "emulate_precision_casts": True}
+    options = {division: True, "emulate_precision_casts": True}
+    if numerics is not None and hasattr(numerics, "disable_ftz"):  # (where this torch has it: 2.14)
+        options["eager_numerics.disable_ftz"] = True
+    return options
 
 
 try:

@@ -692,3 +692,17 @@ def test_compiled_quantizers_divide_exactly_near_half_steps(device):
     q, q_eager = _both(quantize_nearest, x, s)
     _equal(q, q_eager)
     _equal(q.cpu(), core.quantize(x.cpu(), s.cpu(), out_dtype=torch.int8))
+
+
+def test_the_eager_numerics_options_are_ones_this_torch_takes():
+    """`fusing.EAGER_NUMERICS` (inductor's options for GPU code that computes eager's bits) names options this
+    torch has: inductor rejects an unknown one, which would send every GPU pass to eager with a warning. On
+    torch >= 2.10 they exist; a CPU compile with them gives the eager bits too."""
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 10):
+        assert fusing.EAGER_NUMERICS is None
+        return
+    assert fusing.EAGER_NUMERICS is not None and fusing.EAGER_NUMERICS["emulate_precision_casts"]
+    x = torch.randn(4096, generator=_gen()) * 50
+    s = torch.tensor(_RECIPROCAL_WITNESS) / 127
+    compiled = torch.compile(quantize_nearest.eager, options=fusing.EAGER_NUMERICS, fullgraph=True)
+    _equal(compiled(x, s), quantize_nearest.eager(x, s))
