@@ -364,9 +364,7 @@ def sec_train(quick: bool) -> None:
                 with (fusing.eager_passes(mode.endswith("eager passes")),
                       plain_layouts(mode.endswith("plain layouts"))):
                     if mode.endswith("CUDA graph"):
-                        from int8fx.kernels.windows import DECIDE_AT
-
-                        ms = bench(graphed(step, opt, warm=DECIDE_AT + 2), warm=2, rep=10)
+                        ms = bench(graphed(step, opt, warm=int8fx.WARMUP_STEPS), warm=2, rep=10)
                     else:
                         ms = bench(step, warm=3, rep=10)
                 peak = torch.cuda.max_memory_allocated() / 2**30

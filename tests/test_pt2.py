@@ -219,11 +219,11 @@ def test_a_cuda_training_step_captured_in_a_cuda_graph_replays_the_eager_steps(p
     a few eager warm-up steps (PyTorch's recipe) computes, replay after replay, the steps eager mode
     computes: the same losses, weights and quantizer state, bit for bit. What it takes: no host sync, no
     host-side per-step state (the rounding keys, DSGC's periods, the state commit are device tensors), and
-    the per-shape choices made by the warm-up (`DECIDE_AT`)."""
+    the per-shape choices made by the warm-up (`int8fx.WARMUP_STEPS`)."""
     g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(16, 3, 32, 32, generator=g).cuda() for _ in range(DECIDE_AT + 5)]
+    xs = [torch.randn(16, 3, 32, 32, generator=g).cuda() for _ in range(int8fx.WARMUP_STEPS + 3)]
     ys = [torch.randint(0, 10, (16,), generator=g).cuda() for _ in xs]
-    warm = DECIDE_AT + 2
+    warm = int8fx.WARMUP_STEPS
     # a first model takes the process's per-shape steps (the exact-shape variants of the compiled passes,
     # the im2col choice) so that both runs below use the same kernels from their first step: a compiled
     # reduction's variants may sum in different orders (int8fx.fusing), which is not what this test is about
