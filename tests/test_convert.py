@@ -240,6 +240,45 @@ def test_opaque_code_sites_run_in_int8():
     assert all(v == 0 for v in steps.values())
 
 
+class AttentionPool(nn.Module):
+    """CLIP's attention pooling (open_clip's ModifiedResNet): its own code passes its Linear children's weights
+    to `F.multi_head_attention_forward`, which torch.fx records as one call."""
+
+    def __init__(self, d=16, heads=2, out=8):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(17, d) / d**0.5)
+        self.q_proj, self.k_proj, self.v_proj, self.c_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, out)
+
+    def forward(self, x):
+        x = x.flatten(2).permute(2, 0, 1)
+        x = torch.cat([x.mean(0, keepdim=True), x]) + self.pos[:, None, :]
+        x, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=2, q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]), bias_k=None, bias_v=None,
+            add_zero_attn=False, dropout_p=0.0, out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True, training=self.training, need_weights=False)
+        return x[0]
+
+
+def test_projections_passed_to_multi_head_attention_forward_run_in_int8():
+    """The four projections' module sites compute the attention's F.linear calls: before, they were listed as
+    converted while the attention ran them in FP32 on their weights (one warning named q_proj alone)."""
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), AttentionPool())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "stays FP32" warning
+        qm = int8fx.convert(m, PER_TENSOR)
+    rep = int8fx.inspect(qm)
+    assert [(r.name, r.converted) for r in rep.layers] == [
+        ("0", True), ("1.q_proj", True), ("1.k_proj", True), ("1.v_proj", True), ("1.c_proj", True)]
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y, yq = m(x), qm(x)
+    assert not torch.equal(y, yq) and F.cosine_similarity(y.flatten(), yq.flatten(), 0) > 0.99
+    yq.sum().backward()
+    int8fx.commit(qm)
+    assert {r.name: r.step for r in int8fx.inspect(qm).layers} == {r.name: 1 for r in rep.layers}  # each ran INT8
+
+
 def test_unseen_weight_use_is_reported_not_dropped():
     class Sneaky(nn.Module):
         def __init__(self):

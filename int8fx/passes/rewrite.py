@@ -17,7 +17,8 @@ Three rules, one per way a model reaches a convolution or a linear layer:
      code depends on them. Code that no graph would replay faithfully (`trace_own_code`'s `unfaithful`)
      is kept as it is, like code torch.fx cannot trace.
   3. **Code torch.fx cannot rewrite.** `nn.MultiheadAttention` (library code calling `F.linear` on its
-     projection weights), the Transformer layers' fused eval paths, and conv/linear subclasses whose own
+     projection weights; a module's own call of `F.multi_head_attention_forward` on its Linear children's
+     weights is routed like an opaque function), the Transformer layers' fused eval paths, and conv/linear subclasses whose own
      forward cannot be traced (timm's `Conv2dSame`) become `Routed`: their original forward runs with
      the calls on their weights routed to INT8 sites at run time (`int8fx.nn.scope`).
 Every conv/linear module and every functional call found ends up in the `Site` list, converted or with
@@ -491,8 +492,16 @@ OTHER_KIND = {**{f"conv{d}d": f"conv_transpose{d}d" for d in (1, 2, 3)},
               **{f"conv_transpose{d}d": f"conv{d}d" for d in (1, 2, 3)}}
 
 
+# torch functions that torch.fx records as one call and whose body calls F.linear on weights it is given: CLIP's
+# attention pooling (open_clip's ModifiedResNet) passes its q/k/v/c projections' weights to the first
+ROUTABLE_TORCH_FUNCTIONS = (F.multi_head_attention_forward,)
+
+
 def _is_opaque_function(target) -> bool:
-    """A function the tracer did not enter and that is not a torch/python builtin (e.g. torch.fx.wrap-ped)."""
+    """A function the tracer did not enter and that is not a torch/python builtin (e.g. torch.fx.wrap-ped), or
+    a torch function that calls F.linear on weights it is given (`ROUTABLE_TORCH_FUNCTIONS`)."""
+    if any(target is f for f in ROUTABLE_TORCH_FUNCTIONS):
+        return True
     mod = (getattr(target, "__module__", None) or "").split(".")[0]
     return callable(target) and mod not in ("torch", "_operator", "operator", "builtins", "math", "int8fx")
 
