@@ -187,13 +187,25 @@ def _loss(out) -> torch.Tensor:
     return sum(parts) if parts else torch.zeros((), requires_grad=True)
 
 
+def _seed(seed: int) -> None:
+    """Every random stream a model's forward may draw from: torch's, numpy's and Python's (pytorchcv's
+    FractalNet drops paths with numpy's generator)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def step(model: nn.Module, case: Case, train: bool, seed: int, backward: bool = True):
     """(output, {parameter name: gradient}) of one forward (+ backward) in the given mode."""
     model.train(train)
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
+    _seed(seed)
     args = case.inputs(train)
-    torch.manual_seed(seed + 1)
+    _seed(seed + 1)
     out = model(*args)
     if backward:
         loss = _loss(out)
@@ -371,7 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("models", nargs="*", help="model names (default: all)")
     ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "optical_flow",
                                          "timm", "hf", "monai", "ultralytics", "pytorchvideo", "efficientnet_pytorch",
-                                         "effdet", "pretrainedmodels", "facenet_pytorch"))
+                                         "effdet", "pretrainedmodels", "facenet_pytorch", "diffusers", "open_clip",
+                                         "kornia", "pytorchcv", "nnunet", "spandrel"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     ap.add_argument("--size", type=int, help="input size of timm/smp/hf/yolo models outside the lists (default 64)")
@@ -385,10 +398,11 @@ def main(argv=None) -> int:
             continue
         case = case_beyond_lists(name, args.size)
         if case is None:
+            from other_libraries import BY_PREFIX
+
             ap.error(f"unknown model {name!r}: torchvision names as list_models() gives them, timm names as "
-                     f"timm:NAME, other libraries' as benchmarks/other_libraries.py names them (smp:ARCH/ENCODER, "
-                     f"hf:CLASS, monai:NAME, yolo:CONFIG, ptv:NAME, "
-                     f"effnet_pt:NAME, effdet:NAME, pm:NAME, facenet:NAME)")
+                     f"timm:NAME, other libraries' as benchmarks/other_libraries.py names them "
+                     f"({', '.join(p + 'NAME' for p in BY_PREFIX)})")
         if args.family in (None, case.family):
             cases.append(case)
     if args.models:  # in the order given

@@ -2,7 +2,8 @@
 `benchmarks/onnx_models.py` take them as `PREFIX:NAME`. None of these packages is a dependency of int8fx:
 a name needs its package installed (`pip install segmentation-models-pytorch transformers monai ultralytics
 pytorchvideo efficientnet_pytorch effdet
-pretrainedmodels facenet-pytorch`), random init, nothing downloaded.
+pretrainedmodels facenet-pytorch diffusers open_clip_torch ftfy kornia kornia-rs pytorchcv spandrel einops
+dynamic-network-architectures`), random init, nothing downloaded.
 
   smp:ARCH/ENCODER   segmentation_models_pytorch (Unet/resnet18, FPN/tu-efficientnet_b0, Segformer/mit_b0)
   hf:CLASS           transformers vision models from their default config (hf:ResNetForImageClassification)
@@ -17,6 +18,12 @@ pretrainedmodels facenet-pytorch`), random init, nothing downloaded.
   pm:NAME            pretrainedmodels (Cadene) ImageNet networks at their own input size (xception,
                      inceptionv4, nasnetamobile, se_resnext50_32x4d, dpn68, bninception, polynet, ...)
   facenet:NAME       facenet_pytorch's InceptionResnetV1 and MTCNN's PNet, RNet, ONet
+  diffusers:NAME     diffusers' small UNet2DModel, AutoencoderKL and UNet2DConditionModel (DIFFUSERS_MODELS)
+  openclip:NAME      open_clip's image towers (RN50, convnext_tiny, MobileCLIP-S1, ...) at `size` (default 64)
+  kornia:NAME        kornia.feature's CNNs (KORNIA_MODELS: HardNet, TFeat, SOSNet, HyNet, OriNet, KeyNet, DISK, ...)
+  pcv:NAME           pytorchcv's networks (revnet38, sharesnet18, octresnet10_ad2, NAME_cifar10 at 32 px, ...)
+  nnunet:NAME        dynamic_network_architectures' nnU-Net networks (NNUNET_MODELS: PlainConvUNet2d, ResEncUNet3d, ...)
+  spandrel:NAME      spandrel's image-restoration networks, small widths (SPANDREL_MODELS: ESRGAN, SPAN, NAFNet, ...)
 """
 from __future__ import annotations
 
@@ -238,5 +245,168 @@ def facenet_case(name: str, size: int | None = None) -> Case:
     return Case(f"facenet:{name}", "facenet_pytorch", build, random_images(2, size or FACENET_MODELS[name]))
 
 
+# diffusers models: name -> (builder over the diffusers module, inputs); widths 32/64, GroupNorm of 8 groups,
+# a timestep per image (and a UNet2DConditionModel's encoder states: 7 tokens of 32)
+_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+             norm_num_groups=8)
+_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+            norm_num_groups=8, latent_channels=4, sample_size=32)
+_T = lambda: torch.randint(0, 1000, (2,))  # noqa: E731
+DIFFUSERS_MODELS: dict[str, tuple[Callable, Callable]] = {
+    "UNet2D": (lambda d: d.UNet2DModel(**_UNET, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
+               lambda train: (torch.randn(2, 3, 32, 32), _T())),
+    "UNet2D-attn": (lambda d: d.UNet2DModel(**_UNET, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                            up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+                    lambda train: (torch.randn(2, 3, 32, 32), _T())),
+    "AutoencoderKL": (lambda d: d.AutoencoderKL(**_VAE), lambda train: (torch.randn(2, 3, 32, 32),)),
+    "AutoencoderKL-sample": (lambda d: d.AutoencoderKL(**_VAE), lambda train: (torch.randn(2, 3, 32, 32), True)),
+    "UNet2DCondition": (lambda d: d.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+        lambda train: (torch.randn(2, 4, 16, 16), _T(), torch.randn(2, 7, 32))),
+}
+
+
+def diffusers_case(name: str, size: int | None = None) -> Case:
+    """A diffusers model of DIFFUSERS_MODELS (random init), its extra forward arguments passed positionally;
+    it returns its output dataclass (`.sample`)."""
+    if name not in DIFFUSERS_MODELS:
+        raise SystemExit(f"diffusers:{name}: one of {', '.join(DIFFUSERS_MODELS)}")
+    make, inputs = DIFFUSERS_MODELS[name]
+
+    def build() -> nn.Module:
+        return make(_needs("diffusers", f"diffusers:{name}", "diffusers"))
+
+    return Case(f"diffusers:{name}", "diffusers", build, inputs)
+
+
+def openclip_case(name: str, size: int | None = None) -> Case:
+    """The image tower (`.visual`) of an open_clip model (random init, no weights) built for `size` px
+    (default 64; ModifiedResNet's attention pool needs a multiple of 32)."""
+    open_clip = _needs("open_clip", f"openclip:{name}", "open_clip_torch ftfy")
+    size = size or 64
+
+    def build() -> nn.Module:
+        return open_clip.create_model(name, pretrained=None, force_image_size=size).visual
+
+    return Case(f"openclip:{name}", "open_clip", build, random_images(2, size))
+
+
+# kornia.feature networks: name -> (builder over kornia.feature, input shape); patch descriptors on 32 px
+# grey patches, detectors on 64 px images
+KORNIA_MODELS: dict[str, tuple[Callable, tuple]] = {
+    "HardNet": (lambda KF: KF.HardNet(pretrained=False), (4, 1, 32, 32)),
+    "HardNet8": (lambda KF: KF.HardNet8(pretrained=False), (4, 1, 32, 32)),
+    "TFeat": (lambda KF: KF.TFeat(pretrained=False), (4, 1, 32, 32)),
+    "SOSNet": (lambda KF: KF.SOSNet(pretrained=False), (4, 1, 32, 32)),
+    "HyNet": (lambda KF: KF.HyNet(pretrained=False), (4, 1, 32, 32)),
+    "OriNet": (lambda KF: KF.OriNet(pretrained=False), (4, 1, 32, 32)),
+    "KeyNet": (lambda KF: KF.KeyNet(pretrained=False), (2, 1, 64, 64)),
+    "DISK": (lambda KF: KF.DISK().unet, (2, 3, 64, 64)),  # (its forward returns keypoint lists after NMS)
+    "XFeatModel": (lambda KF: KF.XFeatModel(), (2, 1, 64, 64)),
+    "SOLD2_detector": (lambda KF: KF.SOLD2_detector(pretrained=False), (2, 1, 64, 64)),
+    "DeFMO": (lambda KF: KF.DeFMO(pretrained=False), (2, 6, 64, 64)),
+}
+
+
+def kornia_case(name: str, size: int | None = None) -> Case:
+    """A kornia.feature network of KORNIA_MODELS (random init) at its listed input shape."""
+    if name not in KORNIA_MODELS:
+        raise SystemExit(f"kornia:{name}: one of {', '.join(KORNIA_MODELS)}")
+    make, shape = KORNIA_MODELS[name]
+
+    def build() -> nn.Module:
+        return make(_needs("kornia.feature", f"kornia:{name}", "kornia kornia-rs"))
+
+    return Case(f"kornia:{name}", "kornia", build, lambda train: (torch.randn(shape),))
+
+
+def pcv_case(name: str, size: int | None = None) -> Case:
+    """A pytorchcv network (random init, its own class count) at its input size: 32 px for the CIFAR/SVHN
+    ones, else 224 (most end in a fixed 7x7 average pool), or `size`."""
+    provider = _needs("pytorchcv.model_provider", f"pcv:{name}", "pytorchcv")
+    size = size or (32 if name.endswith(("_cifar10", "_cifar100", "_svhn")) else 224)
+
+    def build() -> nn.Module:
+        return provider.get_model(name, pretrained=False)
+
+    return Case(f"pcv:{name}", "pytorchcv", build, random_images(2, size))
+
+
+
+# spandrel architectures: name -> (module under spandrel.architectures, class, keywords, input shape); 2x
+# super-resolution where the network upscales, widths 16-32, 32 px inputs (LaMa, RealCUGAN: their defaults)
+SPANDREL_MODELS: dict[str, tuple[str, str, dict, tuple]] = {
+    "ESRGAN": ("ESRGAN.__arch.RRDB", "RRDBNet", dict(num_filters=16, num_blocks=2, scale=2), (2, 3, 32, 32)),
+    "Compact": ("Compact.__arch.SRVGG", "SRVGGNetCompact", dict(num_feat=16, num_conv=4, upscale=2), (2, 3, 32, 32)),
+    "SPAN": ("SPAN.__arch.span", "SPAN", dict(num_in_ch=3, num_out_ch=3, feature_channels=16, upscale=2),
+             (2, 3, 32, 32)),
+    "NAFNet": ("NAFNet.__arch.NAFNet_arch", "NAFNet", dict(width=16, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]),
+               (2, 3, 32, 32)),
+    "PLKSR": ("PLKSR.__arch.PLKSR", "PLKSR", dict(dim=16, n_blocks=2, upscaling_factor=2), (2, 3, 32, 32)),
+    "RCAN": ("RCAN.__arch.rcan_arch", "RCAN", dict(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16),
+             (2, 3, 32, 32)),
+    "DRUNet": ("DRUNet.__arch.network_unet", "DRUNet", dict(in_nc=4, out_nc=3, nc=[16, 32, 64, 128], nb=1),
+               (2, 4, 32, 32)),
+    "KBNet": ("KBNet.__arch.kbnet_s", "KBNet_s", dict(width=16, middle_blk_num=1, enc_blk_nums=[1, 1],
+                                                       dec_blk_nums=[1, 1]), (2, 3, 32, 32)),
+    "RealCUGAN": ("RealCUGAN.__arch.upcunet_v3", "UpCunet2x", {}, (2, 3, 64, 64)),
+    "LaMa": ("LaMa.__arch.LaMa", "LaMa", dict(in_nc=4), ((2, 3, 64, 64), (2, 1, 64, 64))),  # (image, mask)
+}
+
+
+def spandrel_case(name: str, size: int | None = None) -> Case:
+    """A spandrel architecture of SPANDREL_MODELS (random init) at its listed input shape (or shapes)."""
+    if name not in SPANDREL_MODELS:
+        raise SystemExit(f"spandrel:{name}: one of {', '.join(SPANDREL_MODELS)}")
+    module, cls, kwargs, shape = SPANDREL_MODELS[name]
+
+    def build() -> nn.Module:
+        _needs("spandrel", f"spandrel:{name}", "spandrel einops")
+        import importlib
+
+        return getattr(importlib.import_module(f"spandrel.architectures.{module}"), cls)(**kwargs)
+
+    shapes = shape if isinstance(shape[0], tuple) else (shape,)
+    return Case(f"spandrel:{name}", "spandrel", build, lambda train: tuple(torch.randn(s) for s in shapes))
+
+
+def _nnunet(N, cls: str, dims: int, deep_supervision: bool = False, **kwargs) -> nn.Module:
+    """An nnU-Net network of 4 stages (16 to 128 features) as nnU-Net's planner configures them: instance
+    norm, leaky ReLU, convs of 3, strided convs down, transposed convs up, 2 classes."""
+    conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dims == 2 else (nn.Conv3d, nn.InstanceNorm3d)
+    return getattr(N, cls)(1, 4, (16, 32, 64, 128), conv, 3, (1, 2, 2, 2), num_classes=2, n_conv_per_stage_decoder=2,
+                           conv_bias=True, norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                           nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision,
+                           **kwargs)
+
+
+NNUNET_MODELS: dict[str, tuple[Callable, tuple]] = {
+    "PlainConvUNet2d": (lambda N: _nnunet(N, "PlainConvUNet", 2, n_conv_per_stage=2), (2, 1, 64, 64)),
+    "PlainConvUNet3d-ds": (lambda N: _nnunet(N, "PlainConvUNet", 3, True, n_conv_per_stage=2), (2, 1, 32, 32, 32)),
+    "ResEncUNet2d": (lambda N: _nnunet(N, "ResidualEncoderUNet", 2, n_blocks_per_stage=(1, 2, 2, 2)), (2, 1, 64, 64)),
+    "ResEncUNet3d-ds": (lambda N: _nnunet(N, "ResidualEncoderUNet", 3, True, n_blocks_per_stage=(1, 2, 2, 2)),
+                        (2, 1, 32, 32, 32)),
+}
+
+
+def nnunet_case(name: str, size: int | None = None) -> Case:
+    """An nnU-Net network of NNUNET_MODELS (random init; `-ds`: deep supervision, a list of outputs) at its
+    listed input shape."""
+    if name not in NNUNET_MODELS:
+        raise SystemExit(f"nnunet:{name}: one of {', '.join(NNUNET_MODELS)}")
+    make, shape = NNUNET_MODELS[name]
+
+    def build() -> nn.Module:
+        return make(_needs("dynamic_network_architectures.architectures.unet", f"nnunet:{name}",
+                           "dynamic-network-architectures"))
+
+    return Case(f"nnunet:{name}", "nnunet", build, lambda train: (torch.randn(shape),))
+
+
 BY_PREFIX = {"smp:": smp_case, "hf:": hf_case, "monai:": monai_case, "yolo:": yolo_case, "ptv:": ptv_case,
-             "effnet_pt:": effnet_pt_case, "effdet:": effdet_case, "pm:": pm_case, "facenet:": facenet_case}
+             "effnet_pt:": effnet_pt_case, "effdet:": effdet_case, "pm:": pm_case, "facenet:": facenet_case,
+             "diffusers:": diffusers_case, "openclip:": openclip_case, "kornia:": kornia_case,
+             "pcv:": pcv_case, "nnunet:": nnunet_case, "spandrel:": spandrel_case}
