@@ -2,7 +2,8 @@
 # The whole GPU check in one command, for a short lease on a GPU machine (issue 16):
 #   1. what the machine is (GPU, driver, torch, CuPy, NVRTC);
 #   2. every cuda-marked test, each under a per-test timeout (pytest-timeout where installed), the fused passes
-#      eager; then those that need them compiled (tests/test_fused.py), compiled;
+#      eager; then, with them compiled, the compiled-against-eager tests (tests/test_fused.py) and the
+#      CUDA-graph step (tests/test_pt2.py);
 #   3. the README's main job, `int8fx train --quick`, on the GPU (GPU_CHECK_TRAIN_S seconds at most; 0 skips);
 #   4. benchmarks/kernels.py under a time budget (sections stop starting new measurements when it is spent).
 # Logs and tables go to $OUT (default ./gpu-check-out): env.txt, pytest.log, junit.xml, train.log,
@@ -55,8 +56,9 @@ python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_CHECK_WORKERS:-4}"
 INT8FX_COMPILE=0 timeout "$TEST_BUDGET" python3 -m pytest $TESTS -m cuda -v -rfEs -p no:cacheprovider \
   -o addopts="" $per_test $workers --durations=10 --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 echo "pytest: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
-# the cuda tests that need the compiled passes (skipped above), with them, appended to the same log
-COMPILED=${GPU_CHECK_COMPILED_TESTS:-"tests/test_fused.py"}
+# the cuda tests that need the compiled passes (skipped above), and the CUDA-graph step with them, appended
+# to the same log
+COMPILED=${GPU_CHECK_COMPILED_TESTS:-"tests/test_fused.py tests/test_pt2.py"}
 timeout "$TEST_BUDGET" python3 -m pytest $COMPILED -m cuda -v -rfEs -p no:cacheprovider -o addopts="" $per_test \
   2>&1 | tee -a "$OUT/pytest.log"
 echo "pytest, compiled passes: rc=${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/pytest.log"
