@@ -279,6 +279,27 @@ def test_projections_passed_to_multi_head_attention_forward_run_in_int8():
     assert {r.name: r.step for r in int8fx.inspect(qm).layers} == {r.name: 1 for r in rep.layers}  # each ran INT8
 
 
+def test_warnings_the_code_raises_on_proxies_while_traced_stay_quiet():
+    """convert traces a module's forward with proxies; code that warns on what it gets then (diffusers: `if
+    kwargs.get("scale") is not None: deprecate(...)`, true of a proxy) does not warn at convert. (At run time a rewritten module
+    replays its graph, which holds the computation and not Python's side effects such as a warning: unchanged.)"""
+
+    class Deprecating(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x, scale=None):
+            if scale is not None:
+                warnings.warn("Passing `scale` is deprecated", FutureWarning)
+            return F.conv2d(x, self.w, padding=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qm = int8fx.convert(nn.Sequential(Deprecating()))
+    assert all(r.converted for r in int8fx.inspect(qm).layers)
+
+
 def test_unseen_weight_use_is_reported_not_dropped():
     class Sneaky(nn.Module):
         def __init__(self):

@@ -20,6 +20,7 @@ import itertools
 import os
 import random
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +137,11 @@ def _trace(module: nn.Module, training: bool, none: tuple[str, ...], params: lis
     shadow = object.__new__(_reading_class(type(module), reads))
     shadow.__dict__.update(module.__dict__)
     shadow.training = training
-    with _reading_children(module, reads):
+    # quiet: what the code warns about while traced is about the proxies it gets (diffusers warned "Passing
+    # `scale` to `cross_attention_kwargs` is deprecated" at convert, where `kwargs.get("scale") is not None`
+    # read a proxy); a warning that concerns the user's real call is raised when the model runs
+    with _reading_children(module, reads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         graph = OwnCodeTracer().trace(shadow, concrete_args=dict.fromkeys(none) or None)
     _keep_argument_names(graph, params)
     made = _constants(graph, shadow, module)
