@@ -45,6 +45,22 @@ def _needs(package: str, name: str, pip: str):
         raise SystemExit(f"{name} needs {package}: pip install {pip} ({e})") from None
 
 
+def _listed(prefix: str, family: str, table: dict, package: str, pip: str, name: str) -> Case:
+    """A model of `table` (name -> (builder over the imported `package`, its inputs)), random init. Its inputs:
+    a function of the training flag giving the forward's arguments, or one input shape, or a tuple of them."""
+    if name not in table:
+        raise SystemExit(f"{prefix}:{name}: one of {', '.join(table)}")
+    make, given = table[name]
+
+    def build() -> nn.Module:
+        return make(_needs(package, f"{prefix}:{name}", pip))
+
+    if callable(given):
+        return Case(f"{prefix}:{name}", family, build, given)
+    shapes = given if isinstance(given[0], tuple) else (given,)
+    return Case(f"{prefix}:{name}", family, build, lambda train: tuple(torch.randn(s) for s in shapes))
+
+
 def smp_case(spec: str, size: int | None = None) -> Case:
     """A segmentation_models_pytorch model named `ARCH/ENCODER` (random init, 3 classes) at `size` (default
     64): the dense-prediction models users build on timm encoders."""
@@ -112,14 +128,7 @@ MONAI_MODELS: dict[str, tuple[Callable, tuple]] = {
 
 def monai_case(name: str, size: int | None = None) -> Case:
     """A MONAI network of MONAI_MODELS (random init) at its listed input shape."""
-    if name not in MONAI_MODELS:
-        raise SystemExit(f"monai:{name}: one of {', '.join(MONAI_MODELS)}")
-    make, shape = MONAI_MODELS[name]
-
-    def build() -> nn.Module:
-        return make(_needs("monai.networks.nets", f"monai:{name}", "monai"))
-
-    return Case(f"monai:{name}", "monai", build, lambda train: (torch.randn(shape),))
+    return _listed("monai", "monai", MONAI_MODELS, "monai.networks.nets", "monai", name)
 
 
 def yolo_case(config: str, size: int | None = None) -> Case:
@@ -272,14 +281,7 @@ DIFFUSERS_MODELS: dict[str, tuple[Callable, Callable]] = {
 def diffusers_case(name: str, size: int | None = None) -> Case:
     """A diffusers model of DIFFUSERS_MODELS (random init), its extra forward arguments passed positionally;
     it returns its output dataclass (`.sample`)."""
-    if name not in DIFFUSERS_MODELS:
-        raise SystemExit(f"diffusers:{name}: one of {', '.join(DIFFUSERS_MODELS)}")
-    make, inputs = DIFFUSERS_MODELS[name]
-
-    def build() -> nn.Module:
-        return make(_needs("diffusers", f"diffusers:{name}", "diffusers"))
-
-    return Case(f"diffusers:{name}", "diffusers", build, inputs)
+    return _listed("diffusers", "diffusers", DIFFUSERS_MODELS, "diffusers", "diffusers", name)
 
 
 def openclip_case(name: str, size: int | None = None) -> Case:
@@ -313,14 +315,7 @@ KORNIA_MODELS: dict[str, tuple[Callable, tuple]] = {
 
 def kornia_case(name: str, size: int | None = None) -> Case:
     """A kornia.feature network of KORNIA_MODELS (random init) at its listed input shape."""
-    if name not in KORNIA_MODELS:
-        raise SystemExit(f"kornia:{name}: one of {', '.join(KORNIA_MODELS)}")
-    make, shape = KORNIA_MODELS[name]
-
-    def build() -> nn.Module:
-        return make(_needs("kornia.feature", f"kornia:{name}", "kornia kornia-rs"))
-
-    return Case(f"kornia:{name}", "kornia", build, lambda train: (torch.randn(shape),))
+    return _listed("kornia", "kornia", KORNIA_MODELS, "kornia.feature", "kornia kornia-rs", name)
 
 
 def pcv_case(name: str, size: int | None = None) -> Case:
@@ -336,41 +331,38 @@ def pcv_case(name: str, size: int | None = None) -> Case:
 
 
 
-# spandrel architectures: name -> (module under spandrel.architectures, class, keywords, input shape); 2x
-# super-resolution where the network upscales, widths 16-32, 32 px inputs (LaMa, RealCUGAN: their defaults)
-SPANDREL_MODELS: dict[str, tuple[str, str, dict, tuple]] = {
-    "ESRGAN": ("ESRGAN.__arch.RRDB", "RRDBNet", dict(num_filters=16, num_blocks=2, scale=2), (2, 3, 32, 32)),
-    "Compact": ("Compact.__arch.SRVGG", "SRVGGNetCompact", dict(num_feat=16, num_conv=4, upscale=2), (2, 3, 32, 32)),
-    "SPAN": ("SPAN.__arch.span", "SPAN", dict(num_in_ch=3, num_out_ch=3, feature_channels=16, upscale=2),
+def _spandrel(module: str, cls: str, **kwargs) -> Callable:
+    """A builder of the class `cls` of `spandrel.architectures.<module>` with `kwargs`."""
+    import importlib
+
+    return lambda spandrel: getattr(importlib.import_module(f"spandrel.architectures.{module}"), cls)(**kwargs)
+
+
+# spandrel architectures: name -> (builder, input shape or shapes); 2x super-resolution where the network
+# upscales, widths 16-32, 32 px inputs (LaMa, RealCUGAN: their defaults)
+SPANDREL_MODELS: dict[str, tuple[Callable, tuple]] = {
+    "ESRGAN": (_spandrel("ESRGAN.__arch.RRDB", "RRDBNet", num_filters=16, num_blocks=2, scale=2), (2, 3, 32, 32)),
+    "Compact": (_spandrel("Compact.__arch.SRVGG", "SRVGGNetCompact", num_feat=16, num_conv=4, upscale=2),
+                (2, 3, 32, 32)),
+    "SPAN": (_spandrel("SPAN.__arch.span", "SPAN", num_in_ch=3, num_out_ch=3, feature_channels=16, upscale=2),
              (2, 3, 32, 32)),
-    "NAFNet": ("NAFNet.__arch.NAFNet_arch", "NAFNet", dict(width=16, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]),
+    "NAFNet": (_spandrel("NAFNet.__arch.NAFNet_arch", "NAFNet", width=16, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]),
                (2, 3, 32, 32)),
-    "PLKSR": ("PLKSR.__arch.PLKSR", "PLKSR", dict(dim=16, n_blocks=2, upscaling_factor=2), (2, 3, 32, 32)),
-    "RCAN": ("RCAN.__arch.rcan_arch", "RCAN", dict(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16),
+    "PLKSR": (_spandrel("PLKSR.__arch.PLKSR", "PLKSR", dim=16, n_blocks=2, upscaling_factor=2), (2, 3, 32, 32)),
+    "RCAN": (_spandrel("RCAN.__arch.rcan_arch", "RCAN", scale=2, n_resgroups=1, n_resblocks=2, n_feats=16),
              (2, 3, 32, 32)),
-    "DRUNet": ("DRUNet.__arch.network_unet", "DRUNet", dict(in_nc=4, out_nc=3, nc=[16, 32, 64, 128], nb=1),
+    "DRUNet": (_spandrel("DRUNet.__arch.network_unet", "DRUNet", in_nc=4, out_nc=3, nc=[16, 32, 64, 128], nb=1),
                (2, 4, 32, 32)),
-    "KBNet": ("KBNet.__arch.kbnet_s", "KBNet_s", dict(width=16, middle_blk_num=1, enc_blk_nums=[1, 1],
-                                                       dec_blk_nums=[1, 1]), (2, 3, 32, 32)),
-    "RealCUGAN": ("RealCUGAN.__arch.upcunet_v3", "UpCunet2x", {}, (2, 3, 64, 64)),
-    "LaMa": ("LaMa.__arch.LaMa", "LaMa", dict(in_nc=4), ((2, 3, 64, 64), (2, 1, 64, 64))),  # (image, mask)
+    "KBNet": (_spandrel("KBNet.__arch.kbnet_s", "KBNet_s", width=16, middle_blk_num=1, enc_blk_nums=[1, 1],
+                        dec_blk_nums=[1, 1]), (2, 3, 32, 32)),
+    "RealCUGAN": (_spandrel("RealCUGAN.__arch.upcunet_v3", "UpCunet2x"), (2, 3, 64, 64)),
+    "LaMa": (_spandrel("LaMa.__arch.LaMa", "LaMa", in_nc=4), ((2, 3, 64, 64), (2, 1, 64, 64))),  # (image, mask)
 }
 
 
 def spandrel_case(name: str, size: int | None = None) -> Case:
     """A spandrel architecture of SPANDREL_MODELS (random init) at its listed input shape (or shapes)."""
-    if name not in SPANDREL_MODELS:
-        raise SystemExit(f"spandrel:{name}: one of {', '.join(SPANDREL_MODELS)}")
-    module, cls, kwargs, shape = SPANDREL_MODELS[name]
-
-    def build() -> nn.Module:
-        _needs("spandrel", f"spandrel:{name}", "spandrel einops")
-        import importlib
-
-        return getattr(importlib.import_module(f"spandrel.architectures.{module}"), cls)(**kwargs)
-
-    shapes = shape if isinstance(shape[0], tuple) else (shape,)
-    return Case(f"spandrel:{name}", "spandrel", build, lambda train: tuple(torch.randn(s) for s in shapes))
+    return _listed("spandrel", "spandrel", SPANDREL_MODELS, "spandrel", "spandrel einops", name)
 
 
 def _nnunet(N, cls: str, dims: int, deep_supervision: bool = False, **kwargs) -> nn.Module:
@@ -395,15 +387,8 @@ NNUNET_MODELS: dict[str, tuple[Callable, tuple]] = {
 def nnunet_case(name: str, size: int | None = None) -> Case:
     """An nnU-Net network of NNUNET_MODELS (random init; `-ds`: deep supervision, a list of outputs) at its
     listed input shape."""
-    if name not in NNUNET_MODELS:
-        raise SystemExit(f"nnunet:{name}: one of {', '.join(NNUNET_MODELS)}")
-    make, shape = NNUNET_MODELS[name]
-
-    def build() -> nn.Module:
-        return make(_needs("dynamic_network_architectures.architectures.unet", f"nnunet:{name}",
-                           "dynamic-network-architectures"))
-
-    return Case(f"nnunet:{name}", "nnunet", build, lambda train: (torch.randn(shape),))
+    return _listed("nnunet", "nnunet", NNUNET_MODELS, "dynamic_network_architectures.architectures.unet",
+                   "dynamic-network-architectures", name)
 
 
 BY_PREFIX = {"smp:": smp_case, "hf:": hf_case, "monai:": monai_case, "yolo:": yolo_case, "ptv:": ptv_case,
