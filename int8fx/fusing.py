@@ -407,6 +407,30 @@ def _compile_settings():
         yield
 
 
+def outside_traces(fn):
+    """`fn` run on real tensors whatever its caller is inside: for a machine probe, measured once per process
+    (whether this CPU's int8 GEMM is exact, which GEMM is faster). Asked first from inside a trace (the INT8
+    op's fake implementation under `torch.export` or `torch.compile`, a fresh process's first call), the probe
+    ran on fake tensors, whose values cannot be read: torch.export failed with "Pending unbacked symbols".
+    And with oneDNN on, which torch.export turns off while it traces: there `torch._int_mm` ran 0.05x the fp32
+    GEMM instead of 5.6x (Intel Xeon, AMX), and `backend="auto"` took the reference for the process. (A probe
+    asked outside a trace sees the user's own oneDNN setting, as the training steps will.)"""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        traced = _get_current_dispatch_mode() is not None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_disable_current_modes())
+            stack.enter_context(torch._C.DisableTorchFunction())
+            stack.enter_context(torch._C._DisablePythonDispatcher())
+            if traced and not torch._C._get_mkldnn_enabled():
+                torch._C._set_mkldnn_enabled(True)
+                stack.callback(torch._C._set_mkldnn_enabled, False)
+            return fn(*args, **kwargs)
+    return run
+
+
 def seen_by_everything(args) -> bool:
     """Whether a call on `args` may take a path that torch's ops do not see one by one (a compiled pass,
     oneDNN's direct conv): not when a torch.func transform wraps one of the tensors, and not under a

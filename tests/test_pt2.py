@@ -262,6 +262,38 @@ def test_a_cuda_training_step_captured_in_a_cuda_graph_replays_the_eager_steps(p
     assert all(int(m.step) == len(xs) for m in sites(qm))
 
 
+_FIRST_CALL_TRACED = """
+import torch, torch.nn as nn, int8fx
+from int8fx.kernels import probe
+qm = int8fx.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))
+x = torch.randn(2, 3, 8, 8)
+if "{how}" == "export":
+    n = sum("int8fx" in str(node.target) for node in torch.export.export(qm.train(), (x,)).graph.nodes)
+else:
+    torch.compile(qm, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    n = 2
+print(n, probe.cpu_choice().backend, torch._C._get_mkldnn_enabled())
+"""
+
+
+@pytest.mark.parametrize("how", ["export", "compile"])
+def test_a_fresh_process_can_trace_before_it_runs_a_step(how):
+    """torch.export or torch.compile as a process's first INT8 call: the op's fake implementation asks which
+    backend runs (`backend="auto"`), and the one-time CPU probes then ran inside the trace: on fake tensors
+    (export failed: "Pending unbacked symbols") and with oneDNN off (`torch._int_mm` measured 0.05x the fp32
+    GEMM: "auto" took the slow reference for the process). They run outside it now (`fusing.outside_traces`)
+    and choose what a process that starts with an eager step chooses."""
+    import subprocess
+    import sys
+
+    from int8fx.kernels import probe
+
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL_TRACED.format(how=how)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", probe.cpu_choice().backend, "True"]
+
+
 def test_torch_func_grad_with_functional_call_and_buffers():
     """torch.func.grad over functional_call: the same gradients as autograd, and the state the step computes
     goes to the buffers passed in, not to the module's own."""

@@ -183,6 +183,7 @@ def decisions() -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+@fusing.outside_traces
 def exact(form: str = "int8") -> bool:
     """Whether this CPU's oneDNN conv of `form` returns exact sums in the worst cases the direct path admits,
     a 1x1 and a 3x3 geometry (different kernels) at K near the form's bound: codes at +-127 whose sums are

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..fusing import outside_traces
+
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "asimddp", "i8mm")
 PROBE_SHAPES = ((4096, 576, 64), (1024, 1152, 128), (256, 2304, 256), (256, 64, 64))  # (M, K, N) of conv GEMMs
 MARGIN = 1.1  # the int8 path must be this much faster to be picked
@@ -119,6 +121,7 @@ class FasterOf:
 
 
 @functools.lru_cache(maxsize=1)
+@outside_traces
 def cpu_choice() -> CpuChoice:
     """The measured choice for CPU tensors (cached for the process)."""
     from .reference import exact_int_bmm

@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..fusing import outside_traces
 from . import geometry as geo
 
 
@@ -33,6 +34,7 @@ EXACTNESS_SHAPES = ((256, 576, 64), (17, 64, 32), (3, 131, 5))
 
 
 @functools.lru_cache(maxsize=1)
+@outside_traces
 def cpu_int_mm_wrong() -> str:
     """"" where `torch._int_mm` computes exact int32 sums on this CPU, else what was wrong (checked once per
     process against int64 products). Why: on a CPU without int8 dot-product instructions (no AVX512-VNNI,
