@@ -312,8 +312,7 @@ _INPUTS = ("x", "weight", "bias", "act_clip", "state", "pending", "calls", "spec
 
 def _setup_context(ctx, inputs, output):
     a = dict(zip(_INPUTS, inputs))
-    y, x_q, s_x, w_q, s_w = output
-    ctx.out_shape, ctx.out_dtype = y.shape, y.dtype
+    _, x_q, s_x, w_q, s_w = output
     ctx.save_for_backward(x_q, s_x, w_q, s_w, a["calls"], *a["state"])
     # pending is written by backward, so it is not a saved tensor: a site called twice in one forward would
     # otherwise find it modified (by the other call's backward) when its own backward unpacks it
@@ -321,7 +320,8 @@ def _setup_context(ctx, inputs, output):
     ctx.n_state = len(a["state"])
     ctx.mark_non_differentiable(x_q, s_x, w_q, s_w)
     # the backward reads dY alone: no zero tensors for the other outputs' gradients (four allocations and fills
-    # per site and step otherwise, ~90 GPU launches of resnet18's step)
+    # per site and step otherwise, ~90 GPU launches of resnet18's step). dY itself is always defined: autograd
+    # calls this backward for y's gradient, the other outputs being non-differentiable
     ctx.set_materialize_grads(False)
     ctx.meta = {k: a[k] for k in ("spec", "policy", "state_names", "params", "stochastic", "key_base",
                                   "track_deviation", "backend")}
@@ -335,8 +335,6 @@ def _backward(ctx, dy, *unused, through_op: bool = True):
     """The autograd formula. Differentiable once: the gradients come from INT8 operands (straight-through
     quantizers, integer GEMMs), so a graph of this backward would carry none of the second-order terms and
     a gradient penalty would be silently wrong; under create_graph its results raise when differentiated."""
-    if dy is None:  # (y's gradient undefined: autograd calls this only for y's, the other outputs being constants)
-        dy = torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=ctx.saved_tensors[0].device)
     if not (torch.is_grad_enabled() and dy.requires_grad) or _functorch_level(dy):
         return _gradients(ctx, dy, through_op)
     with torch.no_grad():
