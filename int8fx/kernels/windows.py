@@ -10,7 +10,8 @@ strided view of the padded rows (`row_windows`), whose contiguous runs are windo
 timed against the gather once per shape (`ROWS`, a int8fx.kernels.probe.FasterOf: on an H200 the compiled
 gather copied a 3-channel stem's windows byte by byte, 15 ms for what a 64-channel layer's took 0.27 ms;
 benchmarks/RESULTS.md, 2026-12-04).
-The CUDA forms have not yet run on a GPU; tests/test_cpu_backend.py runs them on the CPU against the reference.
+The CUDA forms equal the reference bit for bit on an H200 (tests/test_kernels_cuda.py, third and fourth GPU
+leases); tests/test_cpu_backend.py runs them on the CPU against the reference too.
 """
 from __future__ import annotations
 
