@@ -533,6 +533,58 @@ def test_inspect_of_uninitialised_lazy_module():
     assert not row.converted and "lazy" in row.reason
 
 
+class _ScriptedParts(nn.Module):
+    """A TorchScript conv stack, a TorchScript module with a weight of its own, and a plain conv."""
+
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4) / 2)
+
+        def forward(self, x):
+            return F.linear(x.mean((2, 3)), self.w)
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = torch.jit.script(self.Mix())
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_torchscript_submodules_are_listed_in_full_precision_not_crashed():
+    """A scripted submodule's code cannot be traced or changed, and a scripted conv is no nn.Conv2d: convert
+    failed with "'_CachedForward' object has no attribute '__getattr__'". Now the scripted conv is a site
+    kept in full precision with the reason, the scripted module with its own weight is listed as opaque, the
+    rest converts, and the scripted parts compute as before and train: convert's copy makes their
+    parameters leaves again (torch's deepcopy of a ScriptModule gives clones, which got no gradient)."""
+    torch.manual_seed(0)
+    model = _ScriptedParts()
+    with pytest.warns(UserWarning, match=r"a\.0: a TorchScript module"):
+        qm = int8fx.convert(model)
+    by_name = {s.name: s for s in sites_of(qm)}
+    assert set(by_name) == {"a.0", "b"}
+    assert not by_name["a.0"].converted and "TorchScript" in by_name["a.0"].reason
+    assert by_name["b"].converted and isinstance(qm.b, Int8Layer)
+    rep = int8fx.inspect(qm)
+    assert [(o.name, o.type, o.weights) for o in rep.opaque] == [("c", "Mix", ("w",))]
+    assert torch.equal(qm.a(X), model.a(X))
+    qm(X).sum().backward()  # the copy's scripted parts train (torch's deepcopy makes their parameters clones)
+    assert all(p.is_leaf and p.grad is not None for p in qm.parameters())
+    before = model.a(X)
+    torch.optim.SGD(qm.parameters(), lr=0.1).step()  # the copy moves, the user's model does not
+    assert not torch.equal(qm.a(X), before) and torch.equal(model.a(X), before)
+    assert sum(isinstance(m, Int8Layer) for m in int8fx.to_float(qm).modules()) == 0
+
+
+@pytest.mark.parametrize("script", [torch.jit.script, lambda m: torch.jit.trace(m, X)], ids=["script", "trace"])
+def test_converting_a_torchscript_model_is_a_clear_error(script):
+    with pytest.raises(TypeError, match="TorchScript module .* convert the nn.Module before scripting it"):
+        int8fx.convert(script(nn.Sequential(nn.Conv2d(3, 4, 3))))
+
+
 def test_torch_jit_trace_of_a_converted_model_is_a_clear_error():
     """TorchScript tracing cannot record the INT8 op (it failed inside torch with "Expected bool, got
     Tensor"); the error names what to use instead, and int8fx's own export still traces its stand-ins."""

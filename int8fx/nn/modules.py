@@ -75,11 +75,16 @@ def make_spec(dims: int, kernel: tuple, stride, padding, dilation, groups: int) 
 def site_op(module: nn.Module) -> str | None:
     """"linear" / "conv1d" ... "conv3d" / "conv_transpose1d" ... "conv_transpose3d" for conv and linear
     modules (subclasses included), else None."""
-    if isinstance(module, nn.Linear):
+    return type_op(type(module))
+
+
+def type_op(cls: type) -> str | None:
+    """`site_op` of a module class."""
+    if issubclass(cls, nn.Linear):
         return "linear"
     for types, kind in ((CONV_TYPES, "conv"), (TRANSPOSED_TYPES, "conv_transpose")):
         for t, d in types.items():
-            if isinstance(module, t):
+            if issubclass(cls, t):
                 return f"{kind}{d}d"
     return None
 

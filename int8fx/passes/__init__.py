@@ -8,6 +8,7 @@ import fnmatch
 import warnings
 from dataclasses import replace
 
+import torch
 import torch.nn as nn
 
 from ..config import Int8Config
@@ -42,6 +43,9 @@ def convert(model: nn.Module, config: Int8Config | None = None, *, inplace: bool
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("convert() needs the model's Python code, and this is a TorchScript module "
+                        "(torch.jit.script / torch.jit.trace): convert the nn.Module before scripting it")
     config = Int8Config() if config is None else config
     if not isinstance(config, Int8Config):
         raise TypeError(f"config must be an Int8Config, got {type(config).__name__}")
@@ -89,11 +93,24 @@ def _copy(model: nn.Module, caller: str) -> nn.Module:
     """A deep copy of `model`, or an error that says how to go on where torch cannot copy it (a pruned
     module's weight is a computed tensor, which deepcopy refuses)."""
     try:
-        return copy.deepcopy(model)
+        work = copy.deepcopy(model)
     except RuntimeError as e:
         raise RuntimeError(f"int8fx.{caller} works on a copy of the model (inplace=False), and torch cannot copy "
                            f"this one ({str(e).splitlines()[0][:200]}); pass inplace=True to change the model "
                            "itself") from e
+    _scripted_parameters_as_leaves(work)
+    return work
+
+
+def _scripted_parameters_as_leaves(model: nn.Module) -> None:
+    """torch's deepcopy of a TorchScript submodule gives it its parameters as clones (non-leaf tensors, grad_fn
+    CloneBackward): they never get a .grad and an optimizer refuses them, so a copy would not train where the
+    user's model did. They become parameters again, with the same values and requires_grad."""
+    for m in model.modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            for name, p in list(m.named_parameters(recurse=False)):
+                if not p.is_leaf:
+                    setattr(m, name, nn.Parameter(p.detach(), requires_grad=p.requires_grad))
 
 
 def _warn_unintended_fp32(record: Conversion) -> None:

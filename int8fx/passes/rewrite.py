@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..config import Int8Config
 from ..nn.modules import (FUNCTIONS_BY_DIMS, SITE_TYPES, TRANSPOSED_BY_DIMS, Int8Function, Int8Layer, ModuleSite,
-                          int8_clashes, op_dims, out_channels_of, site_op)
+                          int8_clashes, op_dims, out_channels_of, site_op, type_op)
 from ..nn.scope import CONV_ARGS, TRANSPOSED_ARGS, call_routed
 from ..nn.twins import Rewritten, Routed, become, is_twin
 from .code_scan import function_may_call, may_call_site_ops
@@ -60,6 +60,7 @@ ROOT = "(root)"  # the name of a site that is the model itself (a bare nn.Conv2d
 # the reasons for keeping a site in FP32 that are the user's own choice (every other reason is worth a warning)
 EXCLUDED = "excluded by Int8Config.exclude"
 FILTERED = "filter_fn returned False"
+SCRIPTED = "a TorchScript module: its compiled code cannot be traced or changed"
 
 
 @dataclass
@@ -158,8 +159,6 @@ class Converter:
         reason = self._skip_reason(path, m)
         if not reason and isinstance(m.weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialised yet: run one forward before convert()"
-        if not reason and isinstance(m, torch.jit.ScriptModule):
-            reason = "a TorchScript module: its code cannot be changed"
         if not reason and int8_clashes(m):
             reason = f"has attributes of its own named {', '.join(int8_clashes(m))}, which INT8 state would overwrite"
         site = self._report(Site(path or ROOT, op, "module", not reason, reason, path))
@@ -176,7 +175,9 @@ class Converter:
             return self.route_attention(path, m)
         if isinstance(m, FUSED_FASTPATH_MODULES):
             return self._make_routed(m, {}, {})
-        if _library_code(m) or isinstance(m, torch.jit.ScriptModule):
+        if isinstance(m, torch.jit.ScriptModule):
+            return self.scripted(path, m)
+        if _library_code(m):
             return None
         code = trace_own_code(m)
         if isinstance(code, str):
@@ -220,6 +221,19 @@ class Converter:
         if isinstance(out, ModuleSite):
             routes["out_proj.weight"] = "out_proj"
         self._make_routed(m, routes, new)
+
+    def scripted(self, path: str, m: torch.jit.ScriptModule) -> None:
+        """A TorchScript module (torch.jit.script / trace) runs compiled code that fx can neither trace nor change,
+        and it is no instance of nn.Conv2d even when scripted from one: a scripted torch conv/linear (known by
+        its original class name) is listed as a site in full precision, any other module of the scripted tree
+        holding conv/linear-shaped weights as opaque code."""
+        op = next((type_op(t) for t in SITE_TYPES if t.__name__ == m.original_name), None)
+        if op is not None:
+            self._report(Site(path or ROOT, op, "module", False, SCRIPTED, path))
+            return
+        weights = tuple(n for n, w in m.named_parameters(recurse=False) if 2 <= w.dim() <= 5)
+        if weights:
+            self.opaque.append(OpaqueModule(path or "(root)", m.original_name, SCRIPTED, weights, True))
 
     def untraceable(self, path: str, m: nn.Module, reason: str) -> None:
         op = site_op(m)
