@@ -324,11 +324,12 @@ def _walker(of_tensor):
 
 
 def _tensor_signature(t: Tensor) -> tuple:
-    """What torch.compile specialises on for a tensor: its dtype, rank, which dims have size 1 (sizes 0 and 1
-    are always specialised), its stride order, whether it requires grad and whether it is a view (dynamo
+    """What torch.compile specialises on for a tensor: its dtype, rank, which dims have size 0 and which size
+    1 (both always specialised, each to its own value: a variant traced where a dim was 1 indexes out of
+    bounds on an empty tensor), its stride order, whether it requires grad and whether it is a view (dynamo
     also guards on requires_grad and, for a view, on its base's sizes and strides)."""
     order = () if t.is_contiguous() else tuple(sorted(range(t.dim()), key=t.stride().__getitem__))
-    return t.dtype, t.device.type, tuple(map(_AT_MOST_1, t.shape)), order, t.requires_grad, t._is_view()
+    return t.dtype, t.device.type, tuple(map(_SIZE_CLASS, t.shape)), order, t.requires_grad, t._is_view()
 
 
 def _tensor_exact(t: Tensor) -> tuple:
@@ -337,7 +338,7 @@ def _tensor_exact(t: Tensor) -> tuple:
     return t.dtype, t.device.type, t.shape, t.stride(), t.requires_grad, t._is_view()
 
 
-_AT_MOST_1 = (1).__ge__
+_SIZE_CLASS = functools.partial(min, 2)  # a size as 0, 1 or 2 (any size from 2 up)
 _VALUES = frozenset((bool, int, float, str, torch.dtype))
 _signature = _walker(_tensor_signature)  # a dynamic variant's key
 _exact_key = _walker(_tensor_exact)  # an exact-shape variant's key

@@ -585,6 +585,32 @@ def test_converting_a_torchscript_model_is_a_clear_error(script):
         int8fx.convert(script(nn.Sequential(nn.Conv2d(3, 4, 3))))
 
 
+_EMPTY_AFTER_ONE = """
+import torch, torch.nn as nn, int8fx
+torch.manual_seed(0)
+m = nn.Conv2d(32, 32, 3, padding=1)
+qm = int8fx.convert(m)
+for b in (2, 1, 0, 2):
+    x = torch.randn(b, 32, 16, 16, requires_grad=True)
+    y = qm(x)
+    y.sum().backward()
+    print(tuple(y.shape), tuple(x.grad.shape), bool(torch.isfinite(qm.weight.grad).all()), end="; ")
+"""
+
+
+def test_an_empty_batch_after_a_batch_of_one():
+    """A site called with batch 1, then with an empty batch, crashed the process (segfault): the fused passes'
+    dynamic variants were keyed on which dims are at most 1, so the empty batch ran the variant traced for
+    batch 1, which indexed past the empty tensor (detectors meet empty batches of boxes). In a subprocess,
+    as the crash would take the test run with it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _EMPTY_AFTER_ONE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split("; ")[:4] == [f"({b}, 32, 16, 16) ({b}, 32, 16, 16) True" for b in (2, 1, 0, 2)]
+
+
 def test_torch_jit_trace_of_a_converted_model_is_a_clear_error():
     """TorchScript tracing cannot record the INT8 op (it failed inside torch with "Expected bool, got
     Tensor"); the error names what to use instead, and int8fx's own export still traces its stand-ins."""
