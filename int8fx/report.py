@@ -365,6 +365,8 @@ def record_shapes(qmodel: nn.Module, example_inputs, sites) -> dict[str, dict]:
     stack: list = []  # path of each running module; None inside INT8 sites (observed by their own hook)
     handles = []
     for name, mod in qmodel.named_modules():
+        if isinstance(mod, torch.jit.ScriptModule):  # (cannot be hooked; its compiled calls are not seen either)
+            continue
         path = None if isinstance(mod, Int8Layer) else name
         handles.append(mod.register_forward_pre_hook(lambda m, a, path=path: stack.append(path)))
         handles.append(mod.register_forward_hook(lambda m, a, out: stack.pop() and None, always_call=True))

@@ -568,8 +568,9 @@ def test_torchscript_submodules_are_listed_in_full_precision_not_crashed():
     assert set(by_name) == {"a.0", "b"}
     assert not by_name["a.0"].converted and "TorchScript" in by_name["a.0"].reason
     assert by_name["b"].converted and isinstance(qm.b, Int8Layer)
-    rep = int8fx.inspect(qm)
+    rep = int8fx.inspect(qm, X)  # (with an example input: its shape hooks skip what cannot be hooked)
     assert [(o.name, o.type, o.weights) for o in rep.opaque] == [("c", "Mix", ("w",))]
+    assert {r.name: r.input_shape for r in rep.layers} == {"a.0": (), "b": (4, 4, 4, 4)}
     assert torch.equal(qm.a(X), model.a(X))
     qm(X).sum().backward()  # the copy's scripted parts train (torch's deepcopy makes their parameters clones)
     assert all(p.is_leaf and p.grad is not None for p in qm.parameters())
