@@ -527,6 +527,23 @@ def test_lazy_module_is_reported_not_crashed():
     assert not any(isinstance(m, Int8Layer) for m in qm.modules())
 
 
+@pytest.mark.parametrize("module, x", [(nn.Linear(0, 4), torch.randn(3, 0)), (nn.Linear(16, 0), torch.randn(3, 16)),
+                                       (nn.Conv2d(0, 4, 3), torch.randn(2, 0, 5, 5))], ids=["K=0", "O=0", "C=0"])
+def test_an_empty_weight_stays_in_full_precision(module, x):
+    """A layer whose weight has a dimension of size 0 has nothing to quantize: its first call failed with
+    "amax(): Expected reduction dim 1 to have non-zero size". It is listed with the reason and computes as
+    before, forward and backward."""
+    with pytest.warns(UserWarning, match="an empty weight"):
+        qm = int8fx.convert(module)
+    (site,) = sites_of(qm)
+    assert not site.converted and "empty weight" in site.reason
+    x.requires_grad_()
+    y = qm(x)
+    assert torch.equal(y, module(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_inspect_of_uninitialised_lazy_module():
     qm = int8fx.convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU()))
     row = int8fx.inspect(qm).layers[0]

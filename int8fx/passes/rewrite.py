@@ -159,6 +159,8 @@ class Converter:
         reason = self._skip_reason(path, m)
         if not reason and isinstance(m.weight, nn.parameter.UninitializedParameter):
             reason = "lazy module not initialised yet: run one forward before convert()"
+        if not reason and m.weight.numel() == 0:
+            reason = f"an empty weight {tuple(m.weight.shape)}: nothing to quantize"
         if not reason and int8_clashes(m):
             reason = f"has attributes of its own named {', '.join(int8_clashes(m))}, which INT8 state would overwrite"
         site = self._report(Site(path or ROOT, op, "module", not reason, reason, path))
