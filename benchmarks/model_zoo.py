@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument("--family", choices=("classification", "video", "detection", "segmentation", "optical_flow",
                                          "timm", "hf", "monai", "ultralytics", "pytorchvideo", "efficientnet_pytorch",
                                          "effdet", "pretrainedmodels", "facenet_pytorch", "diffusers", "open_clip",
-                                         "kornia", "pytorchcv", "nnunet", "spandrel"))
+                                         "kornia", "pytorchcv", "nnunet", "spandrel", "vit_pytorch"))
     ap.add_argument("--passthrough-only", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     ap.add_argument("--size", type=int, help="input size of timm/smp/hf/yolo models outside the lists (default 64)")

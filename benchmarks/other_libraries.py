@@ -3,7 +3,7 @@
 a name needs its package installed (`pip install segmentation-models-pytorch transformers monai ultralytics
 pytorchvideo efficientnet_pytorch effdet
 pretrainedmodels facenet-pytorch diffusers open_clip_torch ftfy kornia kornia-rs pytorchcv spandrel einops
-dynamic-network-architectures`), random init, nothing downloaded.
+dynamic-network-architectures vit-pytorch`), random init, nothing downloaded.
 
   smp:ARCH/ENCODER   segmentation_models_pytorch (Unet/resnet18, FPN/tu-efficientnet_b0, Segformer/mit_b0)
   hf:CLASS           transformers vision models from their default config (hf:ResNetForImageClassification)
@@ -24,6 +24,7 @@ dynamic-network-architectures`), random init, nothing downloaded.
   pcv:NAME           pytorchcv's networks (revnet38, sharesnet18, octresnet10_ad2, NAME_cifar10 at 32 px, ...)
   nnunet:NAME        dynamic_network_architectures' nnU-Net networks (NNUNET_MODELS: PlainConvUNet2d, ResEncUNet3d, ...)
   spandrel:NAME      spandrel's image-restoration networks, small widths (SPANDREL_MODELS: ESRGAN, SPAN, NAFNet, ...)
+  vitpt:NAME         vit-pytorch's vision transformers with convolutions (VITPT_MODELS: CvT, LeViT, MobileViT, ...)
 """
 from __future__ import annotations
 
@@ -331,11 +332,16 @@ def pcv_case(name: str, size: int | None = None) -> Case:
 
 
 
-def _spandrel(module: str, cls: str, **kwargs) -> Callable:
-    """A builder of the class `cls` of `spandrel.architectures.<module>` with `kwargs`."""
+def _class_in(module: str, cls: str, **kwargs) -> Callable:
+    """A builder (for `_listed`) of the class `cls` of the module `module` with `kwargs`."""
     import importlib
 
-    return lambda spandrel: getattr(importlib.import_module(f"spandrel.architectures.{module}"), cls)(**kwargs)
+    return lambda package: getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def _spandrel(module: str, cls: str, **kwargs) -> Callable:
+    """A builder of the class `cls` of `spandrel.architectures.<module>` with `kwargs`."""
+    return _class_in(f"spandrel.architectures.{module}", cls, **kwargs)
 
 
 # spandrel architectures: name -> (builder, input shape or shapes); 2x super-resolution where the network
@@ -391,7 +397,55 @@ def nnunet_case(name: str, size: int | None = None) -> Case:
                    "dynamic-network-architectures", name)
 
 
+def _vitpt(module: str, cls: str, **kwargs) -> Callable:
+    return _class_in(f"vit_pytorch.{module}", cls, **kwargs)
+
+
+# vit-pytorch's (lucidrains) vision transformers with convolutions (conv stems, token mixers, positional
+# convs, MBConv blocks), small widths and depths, 64 or 128 px
+VITPT_MODELS: dict[str, tuple[Callable, tuple]] = {
+    "CvT": (_vitpt("cvt", "CvT", num_classes=10, s1_emb_dim=16, s2_emb_dim=32, s3_emb_dim=64, s3_depth=1),
+            (2, 3, 64, 64)),
+    "LeViT": (_vitpt("levit", "LeViT", image_size=64, num_classes=10, stages=3, dim=(32, 48, 64), depth=1,
+                     heads=(2, 3, 4), mlp_mult=2, dropout=0.1), (2, 3, 64, 64)),
+    "PiT": (_vitpt("pit", "PiT", image_size=64, patch_size=8, dim=32, num_classes=10, depth=(1, 1, 1), heads=2,
+                   mlp_dim=64), (2, 3, 64, 64)),
+    "MobileViT": (_vitpt("mobile_vit", "MobileViT", image_size=(64, 64), dims=[32, 40, 48],
+                         channels=[8, 8, 16, 16, 24, 24, 32, 32, 40, 40, 96], num_classes=10), (2, 3, 64, 64)),
+    "MaxViT": (_vitpt("max_vit", "MaxViT", num_classes=10, dim_conv_stem=16, dim=16, dim_head=8, depth=(1, 1),
+                      window_size=4, mbconv_expansion_rate=2, mbconv_shrinkage_rate=0.25, dropout=0.1),
+               (2, 3, 64, 64)),
+    "CCT": (_vitpt("cct", "CCT", img_size=(64, 64), embedding_dim=32, n_conv_layers=2, kernel_size=7, stride=2,
+                   padding=3, pooling_kernel_size=3, pooling_stride=2, pooling_padding=1, num_layers=1, num_heads=2,
+                   mlp_ratio=2., num_classes=10, positional_embedding="learnable"), (2, 3, 64, 64)),
+    "CrossFormer": (_vitpt("crossformer", "CrossFormer", num_classes=10, dim=(32, 64, 128, 256), depth=(1, 1, 1, 1),
+                           global_window_size=(4, 2, 1, 1), local_window_size=2, ff_dropout=0.1), (2, 3, 128, 128)),
+    "RegionViT": (_vitpt("regionvit", "RegionViT", dim=(16, 32, 64, 128), depth=(1, 1, 1, 1), window_size=2,
+                         num_classes=10, tokenize_local_3_conv=False, use_peg=True), (2, 3, 64, 64)),
+    "TwinsSVT": (_vitpt("twins_svt", "TwinsSVT", num_classes=10, s1_emb_dim=16, s2_emb_dim=32, s3_emb_dim=64,
+                        s4_emb_dim=64, s3_depth=1, s4_depth=1, s1_local_patch_size=4, s2_local_patch_size=2,
+                        s3_local_patch_size=2, s4_local_patch_size=1, s1_global_k=4, s2_global_k=2, s3_global_k=2,
+                        s4_global_k=1), (2, 3, 128, 128)),
+    "ScalableViT": (_vitpt("scalable_vit", "ScalableViT", num_classes=10, dim=16, heads=(1, 2, 4, 8),
+                           depth=(1, 1, 1, 1), reduction_factor=(4, 2, 2, 1), window_size=(4, 4, None, None),
+                           dropout=0.1), (2, 3, 128, 128)),
+    "NesT": (_vitpt("nest", "NesT", image_size=64, patch_size=4, dim=16, heads=2, num_hierarchies=3,
+                    block_repeats=(1, 1, 1), num_classes=10), (2, 3, 64, 64)),
+    "RvT": (_vitpt("rvt", "RvT", image_size=64, patch_size=8, num_classes=10, dim=32, depth=1, heads=2, mlp_dim=64,
+                   use_rotary=True, use_ds_conv=True, use_glu=True), (2, 3, 64, 64)),
+    "SimpleViT": (_vitpt("simple_vit", "SimpleViT", image_size=64, patch_size=8, num_classes=10, dim=32, depth=1,
+                         heads=2, mlp_dim=64), (2, 3, 64, 64)),
+    "T2TViT": (_vitpt("t2t", "T2TViT", dim=32, image_size=64, depth=1, heads=2, mlp_dim=64, num_classes=10,
+                      t2t_layers=((7, 4), (3, 2), (3, 2))), (2, 3, 64, 64)),
+}
+
+
+def vitpt_case(name: str, size: int | None = None) -> Case:
+    """A vit-pytorch network of VITPT_MODELS (random init) at its listed input shape."""
+    return _listed("vitpt", "vit_pytorch", VITPT_MODELS, "vit_pytorch", "vit-pytorch einops", name)
+
+
 BY_PREFIX = {"smp:": smp_case, "hf:": hf_case, "monai:": monai_case, "yolo:": yolo_case, "ptv:": ptv_case,
              "effnet_pt:": effnet_pt_case, "effdet:": effdet_case, "pm:": pm_case, "facenet:": facenet_case,
              "diffusers:": diffusers_case, "openclip:": openclip_case, "kornia:": kornia_case,
-             "pcv:": pcv_case, "nnunet:": nnunet_case, "spandrel:": spandrel_case}
+             "pcv:": pcv_case, "nnunet:": nnunet_case, "spandrel:": spandrel_case, "vitpt:": vitpt_case}
