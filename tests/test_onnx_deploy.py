@@ -1606,3 +1606,31 @@ def test_layer_scales_stay_float_in_the_deploy_graph(tmp_path):
         emulated = qm(x).numpy()
     diff = np.abs(emulated - out) / np.abs(out).max()
     assert diff.max() <= 1e-3 and np.mean(diff <= 1e-6) >= 0.8, (diff.max(), np.mean(diff <= 1e-6))
+
+
+class _WithAnEmptyLayer(nn.Module):
+    """A conv site beside a layer whose weight is empty (kept in full precision: nothing to quantize)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.empty, self.head = nn.Conv2d(3, 8, 3), nn.Linear(0, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().mean((2, 3)) + self.empty(x.new_zeros(x.shape[0], 0)))
+
+
+def test_a_layer_with_an_empty_weight_exports_in_the_deploy_form(tmp_path):
+    """Naming the sites' nodes read every float weight's codes, and an empty one failed the deploy export
+    ("zero-size array to reduction operation maximum"). The file now has both sites in INT8 kernels and
+    computes what the model computes."""
+    import onnxruntime as ort
+
+    qm = _briefly_trained(_WithAnEmptyLayer)
+    x = torch.randn(2, 3, 32, 32)
+    int8fx.export_onnx(qm, x, tmp_path / "e.onnx", form="deploy")
+    ran = int8_sites(read_onnx_metadata(tmp_path / "e.onnx"), runtime_ops(str(tmp_path / "e.onnx")))
+    assert sorted(ran) == ["conv", "head"] and all(op in INT8_KERNELS for ops in ran.values() for op in ops), ran
+    out = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max(), np.abs(out - ref).max() / np.abs(ref).max()

@@ -191,7 +191,7 @@ def _name_site_nodes(model, statics: dict[str, StaticSite], calls: dict[str, int
         if n.op_type in COMPUTE_OPS and len(n.input) >= 2:
             src, transposed = weight_source(view, n)
             w = view.const(src)
-            if w is not None and w.dtype == np.float32 and w.ndim >= 2:
+            if w is not None and w.dtype == np.float32 and w.ndim >= 2 and w.size:  # (an empty one is no site's)
                 candidates.append((n, float_codes(out_major(w, transposed))))
     codes = site_codes(statics)
     found = assign_sites(candidates, codes, calls, up_to_sign=True)
