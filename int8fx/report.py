@@ -183,7 +183,8 @@ class Report:
             title += (f", {_macs(s['macs_int8'])} of {_macs(s['macs_total'])} MACs "
                       f"({s['int8_flop_percent']:.1f}% of conv/linear FLOPs)")
             if s["unobserved_sites"]:
-                title += f"; {len(s['unobserved_sites'])} sites not seen running on the example input (not reached, or inside TorchScript)"
+                title += (f"; {len(s['unobserved_sites'])} sites not seen running on the example input (not reached, "
+                          "or inside TorchScript)")
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), title_justify="left",
                       caption=("INT8 X/W: granularity of the forward quantizers (T per tensor, C per output channel); "
                                "dY clip: clip of the output gradient per channel at the last step, min/median/max; "
