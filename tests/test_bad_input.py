@@ -544,6 +544,27 @@ def test_an_empty_weight_stays_in_full_precision(module, x):
     assert x.grad.shape == x.shape
 
 
+def test_a_functional_site_with_an_empty_weight_computes_the_float_call():
+    """A weight only the forward's call shows (F.linear(x, self.w)) is not checked at convert time; an empty one
+    failed in the weight quantizer at the first call. It computes the float call (exact: nothing to round)."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(4, 0)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.linear(x, self.w, self.b)
+
+    model = Functional()
+    qm = int8fx.convert(model)
+    x = torch.randn(3, 0, requires_grad=True)
+    y = qm(x)
+    assert torch.equal(y, model(x))
+    y.sum().backward()
+    assert torch.equal(qm.b.grad, torch.full((4,), 3.0))
+
+
 def test_inspect_of_uninitialised_lazy_module():
     qm = int8fx.convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU()))
     row = int8fx.inspect(qm).layers[0]

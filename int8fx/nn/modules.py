@@ -217,8 +217,9 @@ class Int8Layer(Float32State):
                         dilation=1, groups=1, output_padding=0) -> Tensor:
         """`F.conv{dims}d(input, weight, bias, stride, padding, dilation, groups)` (or `F.linear(input, weight,
         bias)`, or for a transposed conv site `F.conv_transpose{dims}d` with `output_padding`) in INT8; with
-        `Int8Config.quantize=False`, that very call."""
-        if not self.config.quantize:
+        `Int8Config.quantize=False`, or an empty weight (nothing to quantize: a functional site's, which convert
+        cannot see), that very call."""
+        if not self.config.quantize or weight.numel() == 0:
             return float_call(self.dims, self.is_transposed, input, weight, bias, stride, padding, dilation, groups,
                               output_padding)
         if torch.jit.is_tracing():  # (it failed deep inside torch with "Expected bool, got Tensor")
